@@ -1,0 +1,5 @@
+import sys
+
+from vismech.cli import main
+
+sys.exit(main())

@@ -1,0 +1,198 @@
+"""The ``vismech`` command line. Every command has ``--help``; user errors exit with code 2 and one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _grid(s: str) -> tuple[int, int]:
+    try:
+        r, c = (int(x) for x in s.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"grid must look like 3x3, not {s!r}") from None
+    return r, c
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny:qwen2_5_vl",
+                   help="HF hub id or local checkpoint dir, tiny:FAMILY, random:PRESET, organism, organism-llava")
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto (multi-GPU)")
+    g.add_argument("--prompt-format", default="chat", choices=["chat", "plain"],
+                   help="the model's chat template with the sentence as the assistant's start, or plain completion")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
+    g.add_argument("--batch-size", type=int, default=16)
+
+
+def _load(args):
+    from vismech.models.load import load_vlm
+
+    return load_vlm(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                    prompt_format=args.prompt_format, trust_remote_code=args.trust_remote_code)
+
+
+def cmd_models(args) -> int:
+    from vismech.models.families import FAMILIES
+    from vismech.models.load import ORGANISMS
+    from vismech.models.presets import PRESETS
+
+    print("families (tiny:FAMILY builds a tiny random one):")
+    for name, fam in FAMILIES.items():
+        note = "" if fam.spatial_tokens else "  (no per-patch image tokens: object-token analyses unavailable)"
+        print(f"  {name:18s} {fam.class_name}{note}")
+    print("presets (random:PRESET, real-size architecture with random weights):")
+    for name, p in PRESETS.items():
+        print(f"  {name:22s} {p.family:16s} {p.published_params / 1e9:.2f}B params")
+    print("organisms (trained by vismech, shipped inside the package):")
+    for name, fam in ORGANISMS.items():
+        print(f"  {name:18s} {fam}")
+    return 0
+
+
+def cmd_stimuli(args) -> int:
+    from vismech.models.load import geometry_for
+    from vismech.scenes.stimuli import TASK_GENERATORS, generate, write_stimuli
+
+    if args.task not in TASK_GENERATORS:
+        raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(TASK_GENERATORS)}")
+    geometry = geometry_for(args.model)
+    items = generate(args.task, args.grid, args.n, args.seed)
+    write_stimuli(items, geometry, args.out)
+    print(f"wrote {len(items)} {args.task} items to {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tqdm import tqdm
+
+    from vismech.experiments import behaviour
+    from vismech.io import write_csv, write_json
+    from vismech.scenes.stimuli import generate
+
+    vlm = _load(args)
+    trials = []
+    for task in args.task:
+        trials += generate(task, args.grid, args.n, args.seed)
+    t0 = time.time()
+    with tqdm(total=len(trials), desc="eval", unit="trial") as bar:
+        rows = behaviour.evaluate(vlm, trials, args.batch_size, generate=not args.no_generate, progress=bar.update)
+    summary = behaviour.summarize(rows)
+    cells = behaviour.summarize(rows, by=("task", "grid", "entropy", "target_cell"))
+    out = Path(args.out)
+    write_csv(rows, out / "trials.csv")
+    write_csv(summary + cells, out / "accuracy.csv")
+    write_json({"model": args.model, "prompt_format": args.prompt_format, "dtype": args.dtype, "seed": args.seed,
+                "tasks": args.task, "n": args.n, "grid": list(args.grid), "seconds": time.time() - t0,
+                "accuracy": summary}, out / "summary.json")
+    for s in summary:
+        print(f"{s['task']:18s} {s['grid']} {s['entropy'] or '-':5s} {s['measure']:12s} "
+              f"{s['accuracy']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] n={s['n']}")
+    print(f"results in {out}")
+    return 0
+
+
+def _parse_sets(pairs: list[str]) -> dict:
+    import json
+
+    out = {}
+    for kv in pairs:
+        if "=" not in kv:
+            raise ValueError(f"--set takes KEY=VALUE, not {kv!r}")
+        k, v = kv.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def cmd_run(args) -> int:
+    from vismech.experiments import EXPERIMENTS
+    from vismech.runner import run_experiments
+
+    names = list(EXPERIMENTS) if args.experiments == ["all"] else args.experiments
+    for n in names:
+        if n not in EXPERIMENTS:
+            raise ValueError(f"unknown experiment {n!r}; choose from {', '.join(EXPERIMENTS)} or all")
+    overrides = _parse_sets(args.set or [])
+    if args.n is not None:
+        overrides.setdefault("n", args.n)
+    run_dir = run_experiments(names, args, overrides)
+    print(f"results in {run_dir}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    args.experiments = ["all"]
+    return cmd_run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vismech", description="Find, measure and edit the position-ID binding "
+                                "mechanisms of vision-language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("models", help="list supported families, presets and organisms")
+    s.set_defaults(fn=cmd_models)
+
+    s = sub.add_parser("stimuli", help="write a stimulus set (images + manifest.json)")
+    s.add_argument("task", help="scene_description, color_retrieval, spatial_relation, counting, pca, relabs, "
+                   "entropy-low, entropy-high, cma-id_retrieval, cma-id_selection, cma-feature_retrieval")
+    s.add_argument("--grid", type=_grid, default=(2, 2))
+    s.add_argument("--model", default="qwen2_5_vl",
+                   help="family (qwen2_vl, qwen2_5_vl, llava, llava_onevision, idefics2) or any --model value "
+                   "whose token geometry to render for")
+    s.add_argument("--n", type=int, default=10, help="trials (K per identity x cell for the K x N x N sets)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_stimuli)
+
+    s = sub.add_parser("eval", help="behavioural accuracy by task, grid, entropy and target cell")
+    _model_args(s)
+    s.add_argument("--task", nargs="+", default=["scene_description"])
+    s.add_argument("--grid", type=_grid, default=(2, 2))
+    s.add_argument("--n", type=int, default=20)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-generate", action="store_true", help="first-token accuracy only (faster)")
+    s.add_argument("--out", default="runs/eval")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("run", help="run experiments (names, or all) and write results, figures and a manifest")
+    s.add_argument("experiments", nargs="+", help="experiment names, or all")
+    _model_args(s)
+    s.add_argument("--out", default=None, help="run directory (default runs/<model>)")
+    s.add_argument("--n", type=int, default=None, help="trials per condition, passed to every experiment")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override an experiment option (JSON values), e.g. --set grid=[3,3]")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("demo", help="the README's first command: every experiment on a small model, quickly")
+    _model_args(s)
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--n", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        print(f"vismech: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vismech: interrupted; finished results are on disk", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""One short module per paper figure or table; the CLI and the report only ever call these.
+
+``EXPERIMENTS`` maps each experiment name to its module; ``get(name)`` imports it with a clear error for unknown
+names. The order of ``EXPERIMENTS`` is the order ``vismech run all`` runs them in.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+#: name -> module (relative to this package), in run order
+EXPERIMENTS: dict[str, str] = {
+    "behaviour": ".behaviour_experiment",
+}
+
+
+def get(name: str):
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)} or all")
+    return importlib.import_module(EXPERIMENTS[name], __name__)

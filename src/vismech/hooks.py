@@ -1,0 +1,196 @@
+"""Capture, replace and add to activations of the language model, with plain PyTorch hooks in context managers.
+
+Sites (TransformerLens' names), per decoder layer ``l`` of the language backbone:
+
+- ``z``: per-head attention outputs, the input of ``self_attn.o_proj``, viewed as [batch, pos, heads, head_dim];
+- ``q``: queries, the output of ``q_proj``, before rotary embedding, [batch, pos, heads, head_dim];
+- ``k``: keys, the output of ``k_proj``, before rotary embedding, [batch, pos, kv_heads, head_dim] (GQA: fewer
+  heads than ``q``; see ``kv_head_of``);
+- ``v``: values, the output of ``v_proj``, [batch, pos, kv_heads, head_dim];
+- ``resid``: the residual stream after the layer, [batch, pos, 1, hidden] (one "head" spanning the width).
+
+This is the only module in vismech that registers hooks. Every hook it registers is removed when its context
+exits, also on an exception. Edits never write into the model's own tensors: the hooked tensor is cloned first,
+so the same hooks work under autograd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+SITES = ("z", "q", "k", "v", "resid")
+
+
+def _module(vlm, site: str, layer: int) -> torch.nn.Module:
+    if not 0 <= layer < vlm.n_layers:
+        raise ValueError(f"layer {layer} is out of range: {vlm.name} has layers 0..{vlm.n_layers - 1}")
+    if site == "resid":
+        return vlm.layers[layer]
+    attn = vlm.attention(layer)
+    name = {"z": "o_proj", "q": "q_proj", "k": "k_proj", "v": "v_proj"}.get(site)
+    if name is None:
+        raise ValueError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
+    return getattr(attn, name)
+
+
+def n_heads_at(vlm, site: str) -> int:
+    return {"z": vlm.n_heads, "q": vlm.n_heads, "k": vlm.n_kv_heads, "v": vlm.n_kv_heads, "resid": 1}[site]
+
+
+def kv_head_of(vlm, head: int) -> int:
+    """The key/value head that query head ``head`` reads under grouped-query attention."""
+    return head // (vlm.n_heads // vlm.n_kv_heads)
+
+
+def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.view(*x.shape[:-1], heads, x.shape[-1] // heads)
+
+
+@contextlib.contextmanager
+def hooked(vlm, site: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """Call ``fn`` on the [batch, pos, heads, dim] view of ``site`` at ``layer`` during every forward.
+
+    ``fn`` may return a replacement tensor of the same shape (used downstream) or None (read only).
+    """
+    mod, heads = _module(vlm, site, layer), n_heads_at(vlm, site)
+
+    def apply(x: torch.Tensor) -> torch.Tensor | None:
+        y = fn(_split(x, heads))
+        return None if y is None else y.reshape(x.shape)
+
+    if site == "z":
+        def pre(module, args, kwargs):
+            y = apply(args[0])
+            return None if y is None else ((y,) + tuple(args[1:]), kwargs)
+
+        handle = mod.register_forward_pre_hook(pre, with_kwargs=True)
+    else:
+        def post(module, args, out):
+            x = out[0] if isinstance(out, tuple) else out
+            y = apply(x)
+            if y is None:
+                return None
+            return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
+
+        handle = mod.register_forward_hook(post)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def capture(vlm, sites: list[tuple[str, int]], positions: torch.Tensor | None = None,
+            heads: torch.Tensor | None = None, to_cpu: bool = False, dtype: torch.dtype | None = None
+            ) -> Iterator[dict[tuple[str, int], torch.Tensor]]:
+    """Record ``(site, layer)`` activations of the forwards run inside the context.
+
+    ``positions`` ([batch, P] long) keeps only those positions per row, giving [batch, P, heads, dim]; ``heads``
+    keeps only those heads. The dict is filled as forwards run (the last forward wins).
+    """
+    store: dict[tuple[str, int], torch.Tensor] = {}
+    with contextlib.ExitStack() as stack:
+        for site, layer in sites:
+            def fn(x, key=(site, layer)):
+                if positions is not None:
+                    idx = positions.to(x.device)
+                    x = x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
+                if heads is not None:
+                    x = x[..., heads.to(x.device), :]
+                x = x.detach()
+                if dtype is not None:
+                    x = x.to(dtype)
+                store[key] = x.cpu() if to_cpu else x.clone()
+
+            stack.enter_context(hooked(vlm, site, layer, fn))
+        yield store
+
+
+@dataclass
+class Edit:
+    """Set or add ``values`` at ``(rows[i], positions[i], heads[i])`` of ``site`` at ``layer``.
+
+    ``rows``, ``positions`` and ``heads`` are 1-D long tensors of one length N (or broadcastable to it) and
+    ``values`` is [N, dim] (or broadcastable). ``mode`` is ``"set"`` (patch) or ``"add"`` (additive
+    intervention).
+    """
+
+    site: str
+    layer: int
+    rows: torch.Tensor
+    positions: torch.Tensor
+    heads: torch.Tensor
+    values: torch.Tensor
+    mode: str = "set"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("set", "add"):
+            raise ValueError(f"edit mode must be 'set' or 'add', not {self.mode!r}")
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.device
+        r, p, h = (torch.as_tensor(t, device=d) for t in (self.rows, self.positions, self.heads))
+        v = self.values.to(device=d, dtype=x.dtype)
+        x = x.clone()
+        if self.mode == "set":
+            x[r, p, h] = v.expand_as(x[r, p, h])
+        else:
+            x[r, p, h] += v.expand_as(x[r, p, h])
+        return x
+
+
+@contextlib.contextmanager
+def intervene(vlm, edits: list[Edit]) -> Iterator[None]:
+    """Apply ``edits`` during every forward run inside the context (edits at one site run in list order)."""
+    groups: dict[tuple[str, int], list[Edit]] = {}
+    for e in edits:
+        groups.setdefault((e.site, e.layer), []).append(e)
+    with contextlib.ExitStack() as stack:
+        for (site, layer), es in groups.items():
+            def fn(x, es=es):
+                for e in es:
+                    x = e.apply(x)
+                return x
+
+            stack.enter_context(hooked(vlm, site, layer, fn))
+        yield
+
+
+def all_heads_edit(site: str, layer: int, n_rows: int, positions: torch.Tensor, n_heads: int,
+                   values: torch.Tensor, mode: str = "set") -> Edit:
+    """An Edit over every head of a layer at one position per row: ``values`` [rows, heads, dim]."""
+    rows = torch.arange(n_rows)[:, None].expand(n_rows, n_heads).reshape(-1)
+    heads = torch.arange(n_heads)[None, :].expand(n_rows, n_heads).reshape(-1)
+    pos = torch.as_tensor(positions).reshape(-1, 1).expand(n_rows, n_heads).reshape(-1)
+    return Edit(site, layer, rows, pos, heads, values.reshape(n_rows * n_heads, -1), mode)
+
+
+def language_model(vlm) -> torch.nn.Module:
+    """The module that owns the decoder layers (the text backbone)."""
+    for m in vlm.model.modules():
+        if any(c is vlm.layers for c in m.children()):
+            return m
+    raise ValueError("could not find the language model that holds the decoder layers")
+
+
+@contextlib.contextmanager
+def capture_lm_inputs(vlm) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the tensors the language model receives (embeddings with image features merged in, attention mask,
+    position ids): with them the text backbone can be rerun without the vision tower."""
+    store: dict[str, torch.Tensor] = {}
+
+    def pre(module, args, kwargs):
+        store.clear()
+        for k in ("inputs_embeds", "attention_mask", "position_ids"):
+            if torch.is_tensor(kwargs.get(k)):
+                store[k] = kwargs[k].detach()
+
+    handle = language_model(vlm).register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield store
+    finally:
+        handle.remove()

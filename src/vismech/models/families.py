@@ -1,0 +1,267 @@
+"""One small spec per supported VLM family: classes, prompt formats, image inputs and image-token layout.
+
+A spec answers, for its family: which transformers class to build, how an image becomes pixel inputs and how many
+image tokens it takes, where each grid cell's tokens lie inside that image-token run, and how a prompt is framed
+(the real model's chat template, or a plain completion). Adding a family means adding a spec here; the adapter
+(`vismech.models.vlm`) and the hooks never branch on the family.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import transformers as tf
+
+from vismech.scenes.core import Geometry, Layout
+
+#: The instruction given in chat mode to completion tasks, whose sentence prefix opens the assistant turn.
+COMPLETION_INSTRUCTION = "Complete the sentence that describes this image."
+
+
+def image_processor_class(name: str):
+    """The PIL backend of an image-processor class when it exists (no torchvision needed), else the class."""
+    return getattr(tf, name + "Pil", None) or getattr(tf, name)
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """Pixel inputs of a batch of images, and for each image its number of tokens and token-grid shape."""
+
+    tensors: dict[str, torch.Tensor]
+    n_tokens: list[int]
+    grid: list[tuple[int, int] | None]  # (rows, cols) of the base token grid, None where tokens are not spatial
+    extra: list[Any]  # family-specific per-image layout data
+
+
+class Family:
+    """Base spec. Subclasses set the class attributes and override the image methods."""
+
+    name: ClassVar[str]
+    class_name: ClassVar[str]
+    image_token: ClassVar[str]
+    image_open: ClassVar[str] = ""
+    image_close: ClassVar[str] = ""
+    chat_format: ClassVar[str]  # {image} {user} {assistant}
+    plain_format: ClassVar[str] = "{image}{text}"
+    spatial_tokens: ClassVar[bool] = True
+    #: suffixes of the decoder-layer ModuleList of the language model, tried in order
+    layer_paths: ClassVar[tuple[str, ...]] = ("model.language_model.layers",)
+
+    def model_class(self):
+        return getattr(tf, self.class_name)
+
+    # -- geometry and images -------------------------------------------------------------------------------
+    def geometry(self, config, image_processor) -> Geometry:
+        raise NotImplementedError
+
+    def image_processor_for(self, config):
+        """An image processor matching ``config`` (used for tiny and organism models, which ship none)."""
+        raise NotImplementedError
+
+    def process_images(self, image_processor, images) -> ImageInputs:
+        raise NotImplementedError
+
+    def cell_offsets(self, layout: Layout, cell, n_tokens: int, grid, extra) -> list[int]:
+        """Offsets, inside one image's token run, of the tokens that show the object at ``cell``."""
+        if not self.spatial_tokens:
+            raise ValueError(
+                f"{self.name} compresses each image into {n_tokens} resampled tokens with no per-patch "
+                "positions, so analyses of object image tokens (key interventions, object-token RSA) cannot run "
+                "on it; use a Qwen or LLaVA family model for those"
+            )
+        rows, cols = grid
+        if rows != layout.grid_tokens or cols != layout.grid_tokens:
+            raise ValueError(
+                f"the image was resized to a {rows}x{cols} token grid but the scene was laid out on "
+                f"{layout.grid_tokens}x{layout.grid_tokens}: render the scene with this model's geometry"
+            )
+        return layout.cell_tokens(cell)
+
+    def frame(self, image_text: str, prompt: str, question: bool, chat: bool) -> tuple[str, int]:
+        """The full text of a trial and the character offset at which ``prompt`` starts in it."""
+        if not chat:
+            text = prompt + ("\nAnswer:" if question else "")
+            full = self.plain_format.format(image=image_text, text="\x00")
+        else:
+            user, assistant = (prompt, "") if question else (COMPLETION_INSTRUCTION, prompt)
+            full = self.chat_format.format(image=image_text, user="\x00" if question else user,
+                                           assistant="" if question else "\x00")
+            text = prompt
+        start = full.index("\x00")
+        return full.replace("\x00", text), start
+
+    def image_text(self, n_tokens: int) -> str:
+        return self.image_open + self.image_token * n_tokens + self.image_close
+
+    def extra_inputs(self, input_ids: torch.Tensor, image_token_id: int) -> dict[str, torch.Tensor]:
+        return {}
+
+    def bind(self, config) -> "Family":
+        """Take the sizes this spec needs from a loaded config; returns self."""
+        return self
+
+
+class Qwen2VL(Family):
+    name = "qwen2_vl"
+    class_name = "Qwen2VLForConditionalGeneration"
+    image_token = "<|image_pad|>"
+    image_open, image_close = "<|vision_start|>", "<|vision_end|>"
+    chat_format = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{image}{user}"
+                   "<|im_end|>\n<|im_start|>assistant\n{assistant}")
+
+    def _vision(self, config):
+        return config.vision_config
+
+    def geometry(self, config, image_processor) -> Geometry:
+        v = self._vision(config)
+        return Geometry(token_px=v.patch_size * v.spatial_merge_size)
+
+    def image_processor_for(self, config):
+        v = self._vision(config)
+        px = v.patch_size * v.spatial_merge_size
+        return image_processor_class("Qwen2VLImageProcessor")(
+            patch_size=v.patch_size, merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
+            min_pixels=px * px, max_pixels=px * px * 4096)
+
+    def process_images(self, image_processor, images) -> ImageInputs:
+        out = image_processor(images=images, return_tensors="pt")
+        m = image_processor.merge_size
+        thw = out["image_grid_thw"]
+        grids = [(int(h) // m, int(w) // m) for _, h, w in thw.tolist()]
+        n = [int(t) * r * c for (t, _, _), (r, c) in zip(thw.tolist(), grids)]
+        return ImageInputs({"pixel_values": out["pixel_values"], "image_grid_thw": thw}, n, grids, [None] * len(n))
+
+    def extra_inputs(self, input_ids, image_token_id):
+        # transformers 5.x builds Qwen's 3-D M-RoPE positions from this; without it, it silently uses 1-D ones
+        return {"mm_token_type_ids": (input_ids == image_token_id).to(torch.int32)}
+
+
+class Qwen25VL(Qwen2VL):
+    name = "qwen2_5_vl"
+    class_name = "Qwen2_5_VLForConditionalGeneration"
+
+
+class Llava(Family):
+    name = "llava"
+    class_name = "LlavaForConditionalGeneration"
+    image_token = "<image>"
+    chat_format = "USER: {image}\n{user} ASSISTANT:{assistant}"
+    plain_format = "{image}\n{text}"
+
+    def geometry(self, config, image_processor) -> Geometry:
+        v = config.vision_config
+        return Geometry(token_px=v.patch_size, canvas_tokens=v.image_size // v.patch_size)
+
+    def image_processor_for(self, config):
+        s = config.vision_config.image_size
+        return image_processor_class("CLIPImageProcessor")(size={"shortest_edge": s},
+                                                           crop_size={"height": s, "width": s})
+
+    def process_images(self, image_processor, images) -> ImageInputs:
+        out = image_processor(images=images, return_tensors="pt")
+        pv = out["pixel_values"]
+        g = pv.shape[-1] // self._patch
+        return ImageInputs({"pixel_values": pv}, [g * g] * len(images), [(g, g)] * len(images), [None] * len(images))
+
+    _patch: int = 14
+
+    def bind(self, config):
+        self._patch = config.vision_config.patch_size
+        return self
+
+
+class LlavaOnevision(Llava):
+    name = "llava_onevision"
+    class_name = "LlavaOnevisionForConditionalGeneration"
+    chat_format = "<|im_start|>user {image}\n{user}<|im_end|><|im_start|>assistant\n{assistant}"
+
+    def image_processor_for(self, config):
+        s = config.vision_config.image_size
+        return image_processor_class("LlavaOnevisionImageProcessor")(
+            size={"height": s, "width": s}, image_grid_pinpoints=config.image_grid_pinpoints)
+
+    def process_images(self, image_processor, images) -> ImageInputs:
+        out = image_processor(images=images, return_tensors="pt")
+        pv = out["pixel_values"]
+        p = pv.shape[-1] // self._patch
+        tiles = pv.shape[1] - 1
+        scale = math.isqrt(tiles)
+        if scale * scale != tiles:
+            raise ValueError("vismech needs square canvases for LLaVA-OneVision (anyres tiles of a square grid)")
+        hi = p * scale
+        n = p * p + hi * (hi + 1)  # base grid, then the high-resolution grid with one newline token per row
+        return ImageInputs({"pixel_values": pv, "image_sizes": out["image_sizes"]}, [n] * len(images),
+                           [(p, p)] * len(images), [scale] * len(images))
+
+    def cell_offsets(self, layout, cell, n_tokens, grid, extra):
+        base = super().cell_offsets(layout, cell, n_tokens, grid, extra)
+        p, scale = grid[0], extra
+        hi = []
+        for b in base:
+            r, c = divmod(b, p)
+            for i in range(scale):
+                for j in range(scale):
+                    hr, hc = r * scale + i, c * scale + j
+                    hi.append(p * p + hr * (p * scale + 1) + hc)
+        return base + sorted(hi)
+
+
+class Idefics2(Family):
+    name = "idefics2"
+    class_name = "Idefics2ForConditionalGeneration"
+    image_token = "<image>"
+    image_open = image_close = "<fake_token_around_image>"
+    chat_format = "User:{image}{user}<end_of_utterance>\nAssistant:{assistant}"
+    plain_format = "{image}{text}"
+    spatial_tokens = False
+    layer_paths = ("model.text_model.layers",)
+
+    def geometry(self, config, image_processor) -> Geometry:
+        v = config.vision_config
+        return Geometry(token_px=v.patch_size, canvas_tokens=v.image_size // v.patch_size)
+
+    def image_processor_for(self, config):
+        s = config.vision_config.image_size
+        return image_processor_class("Idefics2ImageProcessor")(size={"shortest_edge": s, "longest_edge": s},
+                                                               do_image_splitting=False)
+
+    def process_images(self, image_processor, images) -> ImageInputs:
+        out = image_processor(images=[[im] for im in images], return_tensors="pt")
+        n = self._latents
+        return ImageInputs({"pixel_values": out["pixel_values"], "pixel_attention_mask": out["pixel_attention_mask"]},
+                           [n] * len(images), [None] * len(images), [None] * len(images))
+
+    _latents: int = 64
+
+    def bind(self, config):
+        self._latents = config.perceiver_config.resampler_n_latents
+        return self
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (Qwen2VL(), Qwen25VL(), Llava(), LlavaOnevision(), Idefics2())}
+
+#: The token geometry of the real checkpoints of each family (what ``vismech stimuli --model FAMILY`` renders for):
+#: Qwen: 14 px patches merged 2x2 into 28 px tokens, free canvas; LLaVA-1.5: 336 px CLIP with 14 px patches;
+#: LLaVA-OneVision: 384 px SigLIP with 14 px patches (27 tokens, 378 px used); Idefics2: 378 px SigLIP input.
+DEFAULT_GEOMETRY: dict[str, Geometry] = {
+    "qwen2_vl": Geometry(28), "qwen2_5_vl": Geometry(28), "llava": Geometry(14, canvas_tokens=24),
+    "llava_onevision": Geometry(14, canvas_tokens=27), "idefics2": Geometry(14, canvas_tokens=27),
+}
+
+#: model_type of a config -> family name
+MODEL_TYPES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "llava": "llava",
+               "llava_onevision": "llava_onevision", "idefics2": "idefics2"}
+
+
+def family_for_config(config) -> Family:
+    """The spec for a loaded config, bound to its sizes; a clear error for unsupported architectures."""
+    fam = MODEL_TYPES.get(getattr(config, "model_type", None))
+    if fam is None:
+        raise ValueError(
+            f"model type {getattr(config, 'model_type', None)!r} is not supported; vismech supports "
+            f"{', '.join(sorted(FAMILIES))} (see `vismech models`)"
+        )
+    return type(FAMILIES[fam])().bind(config)

@@ -1,0 +1,64 @@
+"""Parse a model's free-text answer into what the tasks score: a colour, a shape, or a count.
+
+The rule, documented because the paper gives none: lower-case the text, split it into words, and take the first
+colour word and the first shape word that occur (plural "squares" counts as "square"); a count is the first
+integer written in digits or as a word from zero to twenty. A scene-description answer is correct when both the
+parsed colour and shape equal the target's; a colour question when the parsed colour does; counting when the
+parsed number does.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .core import Trial
+from .vocab import COLORS, SHAPES
+
+NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+                "sixteen seventeen eighteen nineteen twenty").split()
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+|\d+", text.lower())
+
+
+def parse_color(text: str) -> str | None:
+    return next((w for w in words(text) if w in COLORS), None)
+
+
+def parse_shape(text: str) -> str | None:
+    for w in words(text):
+        if w in SHAPES:
+            return w
+        if w.endswith("s") and w[:-1] in SHAPES:
+            return w[:-1]
+    return None
+
+
+def parse_count(text: str) -> int | None:
+    for w in words(text):
+        if w.isdigit():
+            return int(w)
+        if w in NUMBER_WORDS:
+            return NUMBER_WORDS.index(w)
+    return None
+
+
+def parse(trial: Trial, text: str) -> str | None:
+    """The answer ``text`` reduced to the form of ``trial.answer`` (None when nothing parses)."""
+    if trial.task == "scene_description":
+        c, s = parse_color(text), parse_shape(text)
+        return None if c is None or s is None else f"{c} {s}"
+    if trial.task == "counting":
+        n = parse_count(text)
+        return None if n is None else str(n)
+    return parse_color(text)
+
+
+def is_correct(trial: Trial, text: str) -> bool:
+    return parse(trial, text) == trial.answer
+
+
+def max_answer_words(trial: Trial) -> int:
+    """How many words a correct answer takes (bounds generation length)."""
+    return len(trial.answer.split())

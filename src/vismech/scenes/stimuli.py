@@ -1,0 +1,165 @@
+"""One registry of every stimulus set, and saving/loading a set as PNG images plus a JSON manifest.
+
+``TASK_GENERATORS[name](grid, n, seed)`` returns a list of ``Trial`` (or of ``CounterfactualPair`` for the ``cma-*``
+names). ``grid=None`` picks the set's default grid. What ``n`` counts:
+
+- ``scene_description``, ``color_retrieval``, ``spatial_relation``, ``counting``: the number of trials;
+- ``pca``, ``relabs``, ``entropy-low``, ``entropy-high`` (K x N x N sets): K, the trials per (object identity,
+  target cell); the set has K*N*N trials (times 4 arrangements for relabs);
+- ``cma-id_retrieval``, ``cma-id_selection``, ``cma-feature_retrieval``: the number of pairs.
+
+``write_stimuli`` renders each distinct scene once (named ``000000.png``, ... in order of first use) and writes
+``manifest.json`` with sorted keys, so the same items give byte-identical files. Assumes every item's scene can be
+laid out by ``layout_for_grid`` (a ``Geometry`` or a function from a (rows, cols) grid to a ``Layout``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+from .core import CounterfactualPair, Geometry, Layout, Scene, Trial
+from .counterfactual import CONDITIONS, cma_pairs
+from .render import render
+from .sets import (color_retrieval_set, counting_set, entropy_set, pca_set, relabs_set, scene_description_set,
+                   spatial_relation_set)
+
+Item = Union[Trial, CounterfactualPair]
+Grid = Union[tuple[int, int], None]
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def _fixed(name: str, grid: Grid, fixed: tuple[int, int]) -> None:
+    if grid is not None and tuple(grid) != fixed:
+        raise ValueError(f"the {name} set is defined on a {fixed[0]}x{fixed[1]} grid only, got {tuple(grid)}")
+
+
+def _pca(grid: Grid, n: int, seed: int) -> list[Trial]:
+    _fixed("pca", grid, (3, 3))
+    return pca_set(k=n, seed=seed)
+
+
+def _relabs(grid: Grid, n: int, seed: int) -> list[Trial]:
+    _fixed("relabs", grid, (3, 3))
+    return relabs_set(k=n, seed=seed)
+
+
+def _entropy(condition: str) -> Callable[[Grid, int, int], list[Trial]]:
+    return lambda grid, n, seed: entropy_set(tuple(grid or (3, 3)), condition, k=n, seed=seed)
+
+
+def _cma(condition: str) -> Callable[[Grid, int, int], list[CounterfactualPair]]:
+    return lambda grid, n, seed: cma_pairs(condition, n, seed, grid=tuple(grid or (2, 2)))
+
+
+TASK_GENERATORS: dict[str, Callable[[Grid, int, int], list]] = {
+    "scene_description": lambda grid, n, seed: scene_description_set(n, tuple(grid or (2, 2)), seed=seed),
+    "color_retrieval": lambda grid, n, seed: color_retrieval_set(n, tuple(grid or (2, 2)), seed=seed),
+    "spatial_relation": lambda grid, n, seed: spatial_relation_set(n, seed=seed, grid=tuple(grid or (3, 3))),
+    "counting": lambda grid, n, seed: counting_set(n, seed=seed, grid=tuple(grid or (3, 3))),
+    "pca": _pca,
+    "relabs": _relabs,
+    "entropy-low": _entropy("low"),
+    "entropy-high": _entropy("high"),
+    **{f"cma-{c}": _cma(c) for c in CONDITIONS},
+}
+
+
+def generate(name: str, grid: Grid, n: int, seed: int) -> list:
+    """``TASK_GENERATORS[name](grid, n, seed)`` with a clear error for an unknown name."""
+    if name not in TASK_GENERATORS:
+        raise ValueError(f"unknown stimulus set {name!r}; sets are {', '.join(TASK_GENERATORS)}")
+    return TASK_GENERATORS[name](grid, n, seed)
+
+
+def _scene_key(scene: Scene) -> str:
+    """The same string for scenes that draw the same image, whatever the order of their objects."""
+    return json.dumps([list(scene.grid), sorted([*o.cell, o.color, o.shape] for o in scene.objects)])
+
+
+def write_stimuli(items: Sequence[Item], layout_for_grid: Union[Geometry, Callable[[tuple[int, int]], Layout]],
+                  out_dir: Union[str, Path]) -> Path:
+    """Render every distinct scene of ``items`` to ``out_dir`` and write ``manifest.json``; returns its path.
+
+    The manifest holds the geometry (if a ``Geometry`` was given), the layout of each grid, every trial's JSON with
+    its image file name, the pairs (condition, a1, a1*, indices of their clean and counterfactual trials) and the
+    order of the items.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(layout_for_grid, Geometry):
+        geometry = layout_for_grid
+        get_layout = lambda grid: geometry.layout(*grid)  # noqa: E731
+    else:
+        geometry, get_layout = None, layout_for_grid
+    layouts: dict[str, Layout] = {}
+    images: dict[str, str] = {}
+    trials, pairs, order = [], [], []
+
+    def add(trial: Trial, pair: int | None, role: str | None) -> int:
+        grid = tuple(trial.scene.grid)
+        gkey = f"{grid[0]}x{grid[1]}"
+        if gkey not in layouts:
+            layouts[gkey] = get_layout(grid)
+        key = gkey + _scene_key(trial.scene)
+        if key not in images:
+            images[key] = f"{len(images):06d}.png"
+            render(trial.scene, layouts[gkey]).save(out / images[key], format="PNG")
+        trials.append({"trial": trial.to_json(), "image": images[key], "layout": gkey, "pair": pair, "role": role})
+        return len(trials) - 1
+
+    for item in items:
+        if isinstance(item, CounterfactualPair):
+            j = len(pairs)
+            pairs.append({"condition": item.condition, "answer": item.answer, "answer_star": item.answer_star,
+                          "clean": add(item.clean, j, "clean"),
+                          "counterfactual": add(item.counterfactual, j, "counterfactual")})
+            order.append(["pair", j])
+        elif isinstance(item, Trial):
+            order.append(["trial", add(item, None, None)])
+        else:
+            raise TypeError(f"write_stimuli takes Trials and CounterfactualPairs, got {type(item).__name__}")
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "geometry": None if geometry is None else geometry.to_json(),
+        "layouts": {k: asdict(v) | {"canvas_px": v.canvas_px} for k, v in layouts.items()},
+        "trials": trials,
+        "pairs": pairs,
+        "items": order,
+    }
+    path = out / MANIFEST
+    path.write_text(json.dumps(manifest, sort_keys=True, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def load_stimuli(out_dir: Union[str, Path]) -> list[Item]:
+    """The items written by ``write_stimuli``, in their original order."""
+    path = Path(out_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"no {MANIFEST} in {out_dir}; write the stimuli with write_stimuli first")
+    m = json.loads(path.read_text(encoding="utf-8"))
+    if m.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{path} has manifest version {m.get('version')}, this vismech reads {MANIFEST_VERSION}")
+    trials = [Trial.from_json(t["trial"]) for t in m["trials"]]
+    items: list[Item] = []
+    for kind, i in m["items"]:
+        if kind == "trial":
+            items.append(trials[i])
+        else:
+            p = m["pairs"][i]
+            items.append(CounterfactualPair(p["condition"], trials[p["clean"]], trials[p["counterfactual"]],
+                                            p["answer"], p["answer_star"]))
+    return items
+
+
+def load_layouts(out_dir: Union[str, Path]) -> dict[tuple[int, int], Layout]:
+    """The layout of each grid recorded in a manifest, keyed by (rows, cols)."""
+    m = json.loads((Path(out_dir) / MANIFEST).read_text(encoding="utf-8"))
+    out = {}
+    for d in m["layouts"].values():
+        d = {k: v for k, v in d.items() if k != "canvas_px"}
+        out[(d["rows"], d["cols"])] = Layout(**d)
+    return out

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random models of every family, built once per test session."""
+
+import functools
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision", "idefics2"]
+SPATIAL = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision"]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(family: str, prompt_format: str = "chat"):
+    from vismech.models.load import load_vlm
+
+    return load_vlm(f"tiny:{family}", prompt_format=prompt_format)
+
+
+@pytest.fixture(params=FAMILIES)
+def vlm(request):
+    return tiny(request.param)
+
+
+@pytest.fixture(params=SPATIAL)
+def spatial_vlm(request):
+    return tiny(request.param)
+
+
+def two_object_trials():
+    from vismech.scenes import tasks
+    from vismech.scenes.core import Obj, Scene
+
+    a = Scene((Obj("red", "square", (0, 0)), Obj("blue", "circle", (1, 1))), (2, 2))
+    b = Scene((Obj("green", "triangle", (0, 1)), Obj("red", "star", (1, 0)), Obj("blue", "heart", (0, 0))), (2, 2))
+    return [tasks.scene_description(a, a.objects[1], a.objects[:1]),
+            tasks.scene_description(b, b.objects[2], b.objects[:2])]

@@ -1,0 +1,103 @@
+"""Golden tests of the hook layer on tiny random models of every family (bit-exact where the math allows)."""
+
+import pytest
+import torch
+
+from conftest import two_object_trials
+from vismech import hooks
+
+
+def _batch(vlm):
+    return vlm.encode(two_object_trials())
+
+
+def test_idle_hooks_change_nothing(vlm):
+    b = _batch(vlm)
+    ref = vlm.logits(b)
+    sites = [(s, l) for s in hooks.SITES for l in range(vlm.n_layers)]
+    with hooks.capture(vlm, sites) as got:
+        out = vlm.logits(b)
+    assert torch.equal(out, ref)
+    z = got[("z", 0)]
+    assert z.shape == (2, b.length, vlm.n_heads, vlm.head_dim)
+    assert got[("k", 1)].shape == (2, b.length, vlm.n_kv_heads, vlm.head_dim)
+    assert got[("resid", 2)].shape[-2:] == (1, vlm.text_config.hidden_size)
+
+
+def test_self_patch_changes_nothing(vlm):
+    b = _batch(vlm)
+    ref = vlm.logits(b)
+    sites = [("z", l) for l in range(vlm.n_layers)]
+    with hooks.capture(vlm, sites) as got:
+        vlm.logits(b)
+    edits = [hooks.Edit("z", l, torch.arange(2)[:, None, None], torch.arange(b.length)[None, :, None],
+                        torch.arange(vlm.n_heads)[None, None, :], got[("z", l)]) for l in range(vlm.n_layers)]
+    with hooks.intervene(vlm, edits):
+        assert torch.equal(vlm.logits(b), ref)
+    zero_add = [hooks.Edit("q", 1, torch.arange(2), torch.tensor(b.last), torch.tensor(0),
+                           torch.zeros(vlm.head_dim), mode="add")]
+    with hooks.intervene(vlm, zero_add):
+        assert torch.equal(vlm.logits(b), ref)
+
+
+def test_corrupted_upstream_patch_reproduces_corrupted_run(vlm):
+    """Run B negates v_proj at layer 1; patching all heads of layer 1 from B into the clean run gives B exactly."""
+    b, layer = _batch(vlm), 1
+    with hooks.hooked(vlm, "v", layer, lambda x: -x):
+        with hooks.capture(vlm, [("z", layer)]) as got:
+            corrupted = vlm.logits(b)
+    clean = vlm.logits(b)
+    assert not torch.allclose(clean, corrupted)
+    z = got[("z", layer)]
+    edit = hooks.Edit("z", layer, torch.arange(2)[:, None, None], torch.arange(b.length)[None, :, None],
+                      torch.arange(vlm.n_heads)[None, None, :], z)
+    with hooks.intervene(vlm, [edit]):
+        patched = vlm.logits(b)
+    assert torch.equal(patched, corrupted)
+
+
+def test_single_head_patch_moves_only_that_head(vlm):
+    b, layer, head = _batch(vlm), 1, 2
+    with hooks.capture(vlm, [("z", layer)]) as before:
+        vlm.logits(b)
+    value = torch.randn(vlm.head_dim)
+    edit = hooks.Edit("z", layer, torch.tensor([0]), torch.tensor([b.last]), torch.tensor([head]), value[None])
+    with hooks.intervene(vlm, [edit]):
+        # capture is registered after the edit, so it sees the edited tensor
+        with hooks.capture(vlm, [("z", layer), ("z", layer + 1)]) as after:
+            vlm.logits(b)
+    d = (after[("z", layer)] - before[("z", layer)]).abs()
+    assert torch.equal(after[("z", layer)][0, b.last, head], value)
+    d[0, b.last, head] = 0
+    assert d.max() == 0
+    # the change propagates downstream only in the edited row
+    nxt = vlm.logits(b)
+    assert torch.equal(nxt, vlm.logits(b))
+
+
+def test_no_hook_survives_its_context_even_after_an_exception(vlm):
+    def count():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in vlm.model.modules())
+
+    n0 = count()
+    with pytest.raises(RuntimeError):
+        with hooks.capture(vlm, [("z", 0), ("resid", 1)]):
+            with hooks.intervene(vlm, [hooks.Edit("q", 0, torch.tensor(0), torch.tensor(0), torch.tensor(0),
+                                                  torch.zeros(vlm.head_dim))]):
+                assert count() == n0 + 3
+                raise RuntimeError("boom")
+    assert count() == n0
+
+
+def test_bad_site_and_layer_are_clear_errors(vlm):
+    with pytest.raises(ValueError, match="unknown hook site"):
+        with hooks.capture(vlm, [("mlp", 0)]):
+            pass
+    with pytest.raises(ValueError, match="out of range"):
+        with hooks.capture(vlm, [("z", 99)]):
+            pass
+
+
+def test_kv_head_of_groups_query_heads(vlm):
+    g = vlm.n_heads // vlm.n_kv_heads
+    assert [hooks.kv_head_of(vlm, h) for h in range(vlm.n_heads)] == [h // g for h in range(vlm.n_heads)]
