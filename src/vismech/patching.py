@@ -1,13 +1,21 @@
 """The patching engine: run the text backbone many times on one batch with different head edits.
 
 Causal mediation patches one head at a time; running a full forward per head (the usual way) repeats the vision
-tower and leaves the GPU idle on small batches. Here the vision tower runs once per batch (the language model's
-inputs are captured and reused), and several patched heads are stacked as extra rows of one forward: row block j
-carries the edit of head j. ``naive_head_patch`` is the plain one-forward-per-head reference the tests compare to.
+tower, recomputes every position, and leaves the GPU idle on small batches. Here:
+
+- the vision tower runs once per batch: the language model's inputs are captured and reused;
+- several patched heads are stacked as extra rows of one forward: row block j carries the edit of head j;
+- positions before the first patched position p0 cannot change (causal attention), so their keys and values are
+  computed once (a prefix cache) and only positions p0..T-1 are recomputed for each head. For the last-token
+  conditions that is a single token per head;
+- on CUDA out-of-memory the number of stacked heads is halved and the chunk retried.
+
+``naive_head_patch`` is the plain one-full-forward-per-head reference the tests compare to.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,6 +31,11 @@ class LMInputs:
 
     tensors: dict[str, torch.Tensor]
     rows: int
+
+    def rows_slice(self, a: int, b: int) -> "LMInputs":
+        """Rows [a, b) of the batch."""
+        out = {k: (v[:, a:b] if (k == "position_ids" and v.dim() == 3) else v[a:b]) for k, v in self.tensors.items()}
+        return LMInputs(out, b - a)
 
     def repeat(self, r: int) -> "LMInputs":
         out = {}
@@ -41,11 +54,60 @@ def lm_inputs(vlm: VLM, batch: Batch) -> tuple[LMInputs, torch.Tensor]:
     return LMInputs(dict(got), len(batch)), logits
 
 
+def _slice(key: str, x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    if key == "attention_mask":
+        return x  # the mask always spans the whole sequence, cached prefix included
+    if key == "position_ids" and x.dim() == 3:
+        return x[:, :, a:b]
+    return x[:, a:b]
+
+
+@dataclass
+class PrefixCache:
+    """Keys and values of positions [0, p0) of every layer, computed once for a batch."""
+
+    p0: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def expand(self, r: int):
+        """A fresh HF cache holding the prefix for ``r`` stacked copies of the batch."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(self.kv):
+            cache.update(k.repeat(r, 1, 1, 1), v.repeat(r, 1, 1, 1), i)
+        return cache
+
+
+def _cache_kwarg(lm) -> str:
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
-def lm_logits(vlm: VLM, inp: LMInputs) -> torch.Tensor:
-    """Last-token logits [rows, vocab] (float32) from the text backbone alone."""
+def prefix_cache(vlm: VLM, inp: LMInputs, p0: int) -> PrefixCache:
+    """Run the text backbone on positions [0, p0) and keep their keys and values."""
     lm = hooks.language_model(vlm)
-    out = lm(**inp.tensors, use_cache=False)
+    pre = {k: (v[:, :p0] if k == "attention_mask" else _slice(k, v, 0, p0)) for k, v in inp.tensors.items()}
+    out = lm(**pre, use_cache=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if hasattr(cache, "layers"):
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+    else:  # older transformers
+        kv = list(zip(cache.key_cache, cache.value_cache))
+    return PrefixCache(p0, kv)
+
+
+@torch.no_grad()
+def lm_logits(vlm: VLM, inp: LMInputs, prefix: PrefixCache | None = None) -> torch.Tensor:
+    """Last-token logits [rows, vocab] (float32) from the text backbone alone, optionally after a cached prefix."""
+    lm = hooks.language_model(vlm)
+    if prefix is None:
+        out = lm(**inp.tensors, use_cache=False)
+    else:
+        T = inp.tensors["attention_mask"].shape[1]
+        suf = {k: _slice(k, v, prefix.p0, T) for k, v in inp.tensors.items()}
+        r = inp.rows // prefix.kv[0][0].shape[0]
+        out = lm(**suf, use_cache=True, **{_cache_kwarg(lm): prefix.expand(r)})
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return vlm.model.get_output_embeddings()(hidden[:, -1]).float()
 
@@ -56,44 +118,64 @@ def _row_positions(positions: list[list[int]]) -> tuple[torch.Tensor, torch.Tens
     return rows, pos
 
 
-def default_rows_per_forward(vlm: VLM, batch: Batch, budget_tokens: int = 1 << 15) -> int:
-    """How many heads to stack per forward so a forward holds about ``budget_tokens`` tokens."""
-    return max(1, budget_tokens // max(1, len(batch) * batch.length))
+def default_rows_per_forward(vlm: VLM, batch: Batch, recomputed: int, budget_tokens: int = 1 << 15,
+                             cache_bytes: float = 8e9) -> int:
+    """How many heads to stack per forward: about ``budget_tokens`` recomputed tokens, and a stacked prefix cache
+    of at most ``cache_bytes`` (keys and values of every layer, one copy per stacked row)."""
+    by_tokens = budget_tokens // max(1, len(batch) * recomputed)
+    per_row = batch.length * vlm.n_layers * 2 * vlm.n_kv_heads * vlm.head_dim * vlm.dtype.itemsize
+    by_cache = int(cache_bytes // max(1, per_row * len(batch)))
+    return max(1, min(by_tokens, by_cache))
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 def head_patch(vlm: VLM, clean: Batch, source_z: dict[int, torch.Tensor], positions: list[list[int]],
                token_ids: torch.Tensor, heads: list[tuple[int, int]] | None = None,
                rows_per_forward: int | None = None, progress: Callable[[int], None] | None = None,
-               mode: str = "set", scale: float = 1.0) -> torch.Tensor:
+               mode: str = "set", scale: float = 1.0, use_cache: bool = True) -> torch.Tensor:
     """Logits of ``token_ids`` [B, K] with each head in turn patched at ``positions``.
 
     ``source_z[layer]`` holds the values to write, [B, P, heads, dim], aligned with ``positions`` (P positions
     per row, the same count for every row). With ``mode="add"`` the values are added, times ``scale``.
+    ``use_cache=False`` recomputes every position (the "batched rows" engine without the prefix cache).
     Returns [n_heads, B, K] float32, heads in the order of ``heads`` (default: every (layer, head)).
     """
     heads = heads if heads is not None else [(l, h) for l in range(vlm.n_layers) for h in range(vlm.n_heads)]
-    inp, _ = lm_inputs(vlm, clean)
-    B = len(clean)
-    r = rows_per_forward or default_rows_per_forward(vlm, clean)
-    rows, pos = _row_positions(positions)
     per_row = len(positions[0])
     if any(len(p) != per_row for p in positions):
         raise ValueError("every row must patch the same number of positions")
+    inp, _ = lm_inputs(vlm, clean)
+    B = len(clean)
+    rows, pos = _row_positions(positions)
+    p0 = int(pos.min()) if use_cache else 0
+    prefix = prefix_cache(vlm, inp, p0) if p0 > 0 else None
+    r = rows_per_forward or default_rows_per_forward(vlm, clean, clean.length - p0)
     tid = token_ids.to(vlm.input_device)
     out = torch.empty(len(heads), B, token_ids.shape[1])
-    for start in range(0, len(heads), r):
+    start = 0
+    while start < len(heads):
         chunk = heads[start:start + r]
-        rep = inp.repeat(len(chunk))
         edits = []
         for j, (layer, head) in enumerate(chunk):
             vals = source_z[layer][:, :, head].reshape(B * per_row, -1) * scale
-            edits.append(hooks.Edit("z", layer, rows + j * B, pos, torch.full_like(rows, head), vals, mode))
-        with hooks.intervene(vlm, edits):
-            logits = lm_logits(vlm, rep)
+            edits.append(hooks.Edit("z", layer, rows + j * B, pos - p0, torch.full_like(rows, head), vals, mode))
+        try:
+            with hooks.intervene(vlm, edits):
+                logits = lm_logits(vlm, inp.repeat(len(chunk)), prefix)
+        except RuntimeError as e:
+            if not _is_oom(e) or r == 1:
+                raise
+            torch.cuda.empty_cache()
+            r = max(1, r // 2)
+            continue
         g = logits.view(len(chunk), B, -1).gather(2, tid[None].expand(len(chunk), -1, -1))
         out[start:start + len(chunk)] = g.cpu()
         if progress:
             progress(len(chunk))
+        start += len(chunk)
     return out
 
 
