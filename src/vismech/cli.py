@@ -122,14 +122,23 @@ def cmd_run(args) -> int:
     overrides = _parse_sets(args.set or [])
     if args.n is not None:
         overrides.setdefault("n", args.n)
-    run_dir = run_experiments(names, args, overrides)
+    run_dir = run_experiments(names, args, overrides, resume=args.resume)
     print(f"results in {run_dir}")
+    print(f"report: {run_dir / 'report.html'}")
     return 0
 
 
 def cmd_demo(args) -> int:
     args.experiments = ["all"]
     return cmd_run(args)
+
+
+def cmd_report(args) -> int:
+    from vismech.report import write_report
+
+    path = write_report(Path(args.run_dir))
+    print(f"report: {path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override an experiment option (JSON values), e.g. --set grid=[3,3]")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out, skipping "
+                   "finished work (refused if the options differ)")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("demo", help="the README's first command: every experiment on a small model, quickly")
@@ -178,7 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("--resume", action="store_true")
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("report", help="rebuild RUN_DIR/report.html from the stored results")
+    s.add_argument("run_dir")
+    s.set_defaults(fn=cmd_report)
     return p
 
 

@@ -29,7 +29,7 @@ def batches(trials: list[Trial], size: int) -> list[list[int]]:
 
 
 def evaluate(vlm: VLM, trials: list[Trial], batch_size: int = 16, generate: bool = True,
-             progress: Callable[[int], None] | None = None) -> list[dict]:
+             progress: Callable[[int], None] | None = None, max_new_tokens: int | None = None) -> list[dict]:
     """One tidy row per trial: labels, the answer, first-token and (optionally) generation correctness."""
     rows: list[dict] = [{} for _ in trials]
     for idx in batches(trials, batch_size):
@@ -38,7 +38,8 @@ def evaluate(vlm: VLM, trials: list[Trial], batch_size: int = 16, generate: bool
         logits = vlm.logits(b)
         want = vlm.answer_ids(b, [t.answer for t in chunk])
         top = logits.argmax(-1).cpu()
-        texts = vlm.generate(b, GEN_TOKENS.get(chunk[0].task, 4)) if generate else [None] * len(chunk)
+        n_new = max_new_tokens or GEN_TOKENS.get(chunk[0].task, 4)
+        texts = vlm.generate(b, n_new) if generate else [None] * len(chunk)
         for j, (i, t) in enumerate(zip(idx, chunk)):
             rows[i] = {
                 "trial": i, "task": t.task, "grid": f"{t.scene.grid[0]}x{t.scene.grid[1]}",

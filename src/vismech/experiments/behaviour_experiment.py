@@ -1,4 +1,10 @@
-"""``behaviour``: accuracy on every task of the paper, by task, grid, entropy condition and target cell."""
+"""``behaviour``: accuracy on every task of the paper, by task, grid, entropy condition and target cell.
+
+Each task is one resumable unit. Options: ``tasks``, ``grid`` (for scene description and colour retrieval; the
+spatial-relation and counting sets use their own 3x3 grids), ``n`` trials per task, ``generate`` (also decode and
+parse answers), ``max_new_tokens`` (None: the task's default; counting's default leaves room for the enumeration
+the App. C prompt asks for).
+"""
 
 from __future__ import annotations
 
@@ -8,18 +14,31 @@ from vismech.scenes.stimuli import generate
 
 NAME = "behaviour"
 DESCRIPTION = "Accuracy (first-token and generated) on scene description, colour retrieval, spatial relation, counting"
-DEFAULTS = {"tasks": ["scene_description", "color_retrieval", "spatial_relation", "counting"], "grid": (2, 2),
-            "n": 16, "generate": True}
+DEFAULTS = {"tasks": ["scene_description", "color_retrieval", "spatial_relation", "counting"], "grid": [2, 2],
+            "n": 16, "generate": True, "max_new_tokens": None}
+GRIDDED = ("scene_description", "color_retrieval")
 
 
 def run(ctx: Context) -> dict:
-    trials = []
+    rows = []
     for task in ctx.opt("tasks"):
-        trials += generate(task, tuple(ctx.opt("grid")) if task in ("scene_description", "color_retrieval")
-                           else None, ctx.opt("n"), ctx.seed)
-    with ctx.progress(len(trials), "behaviour") as update:
-        rows = behaviour.evaluate(ctx.vlm, trials, ctx.batch_size, generate=ctx.opt("generate"), progress=update)
+        grid = tuple(ctx.opt("grid")) if task in GRIDDED else None
+        trials = generate(task, grid, ctx.opt("n"), ctx.seed)
+
+        def compute(trials=trials, task=task):
+            with ctx.progress(len(trials), f"behaviour {task}") as update:
+                return behaviour.evaluate(ctx.vlm, trials, ctx.batch_size, generate=ctx.opt("generate"),
+                                          progress=update, max_new_tokens=ctx.opt("max_new_tokens"))
+
+        rows += ctx.unit(f"behaviour-{task}-n{ctx.opt('n')}", compute)
     summary = behaviour.summarize(rows)
     ctx.save_table("behaviour_trials", rows)
     ctx.save_table("behaviour", summary + behaviour.summarize(rows, by=("task", "grid", "entropy", "target_cell")))
     return {"accuracy": summary}
+
+
+def caption(summary: dict) -> str:
+    parts = [f"{r['task'].replace('_', ' ')} {r['grid']}: {100 * r['accuracy']:.0f}% "
+             f"[{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}] (n={r['n']})"
+             for r in summary["accuracy"] if r["measure"] == "first_token"]
+    return "First-token accuracy: " + "; ".join(parts) + "."

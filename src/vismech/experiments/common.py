@@ -8,11 +8,12 @@ and their default values) and ``run(ctx) -> dict`` (a JSON-able summary). It wri
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from vismech.io import write_csv, write_json
+from vismech.io import atomic_write, write_csv, write_json
 
 
 @dataclass
@@ -40,6 +41,23 @@ class Context:
     @property
     def figures_dir(self) -> Path:
         return self.out / "figures"
+
+    def unit(self, key: str, compute):
+        """A resumable unit of work: ``compute()`` once, its result stored atomically under ``units/``; a resumed
+        run loads the stored result instead of recomputing. ``key`` names the unit within this run (include every
+        option the result depends on that is not fixed for the run). Results may hold tensors, arrays, lists."""
+        import io as _io
+
+        import torch
+
+        path = self.out / "units" / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", key) + ".pt")
+        if path.exists():
+            return torch.load(path, weights_only=False)
+        value = compute()
+        buf = _io.BytesIO()
+        torch.save(value, buf)
+        atomic_write(path, buf.getvalue())
+        return value
 
     def save_table(self, name: str, rows: list[dict]) -> Path:
         """Write ``results/NAME.csv`` (long format: one row per measurement with its condition columns)."""

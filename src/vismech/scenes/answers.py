@@ -2,7 +2,8 @@
 
 The rule, documented because the paper gives none: lower-case the text, split it into words, and take the first
 colour word and the first shape word that occur (plural "squares" counts as "square"); a count is the first
-integer written in digits or as a word from zero to twenty. A scene-description answer is correct when both the
+integer written in digits or as a word from zero to twenty, taken after the last "Answer:" when the
+text has one (the counting prompt asks for that format). A scene-description answer is correct when both the
 parsed colour and shape equal the target's; a colour question when the parsed colour does; counting when the
 parsed number does.
 """
@@ -36,6 +37,10 @@ def parse_shape(text: str) -> str | None:
 
 
 def parse_count(text: str) -> int | None:
+    """The number after the last "Answer:" if the text has one (the App. C format), else the first number."""
+    m = re.findall(r"answer\s*:\s*(\w+)", text.lower())
+    if m:
+        text = m[-1]
     for w in words(text):
         if w.isdigit():
             return int(w)
