@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -141,6 +142,33 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_train_organism(args) -> int:
+    import json
+
+    from vismech.organism.config import SMALL_SIZES
+    from vismech.organism.train import train_organism
+
+    if args.sizes is None:
+        sizes = None
+    elif args.sizes == "small":
+        sizes = SMALL_SIZES[args.arch]
+    else:
+        try:
+            sizes = json.loads(args.sizes)
+        except json.JSONDecodeError:
+            raise ValueError(f"--sizes takes small or a JSON object like '{{\"text\": {{\"num_hidden_layers\": 4}}}}', "
+                             f"not {args.sizes!r}") from None
+    kw = {k: getattr(args, k) for k in ("eval_every", "eval_n", "workers", "max_minutes") if getattr(args, k) is not None}
+    res = train_organism(args.arch, args.out, steps=args.steps, seed=args.seed, device=args.device,
+                         batch_size=args.batch_size, lr=args.lr, resume=args.resume, sizes=sizes, **kw)
+    s = res.summary
+    accs = " ".join(f"{g}={a['accuracy']:.3f}" for g, a in s.get("final_accuracy", {}).items())
+    print(f"organism {s['arch']}: {s['steps']}/{s['planned_steps']} steps in {s['seconds'] / 60:.1f} min on "
+          f"{s['device']}, {s['params']:,} params ({s.get('bytes', 0) / 1e6:.2f} MB), final loss "
+          f"{s['loss'] if s['loss'] is None else round(s['loss'], 4)}; held-out first-token accuracy: {accs} -> {s['out']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vismech", description="Find, measure and edit the position-ID binding "
                                 "mechanisms of vision-language models.")
@@ -195,11 +223,35 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="rebuild RUN_DIR/report.html from the stored results")
     s.add_argument("run_dir")
     s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("train-organism", help="train a tiny VLM of a real architecture from scratch on vismech's "
+                       "scenes and save it as a checkpoint (see vismech.organism)")
+    s.add_argument("--arch", required=True, choices=["qwen2_5_vl", "llava"])
+    s.add_argument("--out", required=True, help="output directory (checkpoint, model card, logs, train state)")
+    s.add_argument("--steps", type=int, default=8000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warmup, then cosine decay)")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    s.add_argument("--workers", type=int, default=None, help="data worker processes (default: 0 on CPU, "
+                   "min(12, cores-2) on CUDA)")
+    s.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (500)")
+    s.add_argument("--eval-n", type=int, default=None, help="held-out trials per group (128)")
+    s.add_argument("--max-minutes", type=float, default=None, help="stop early after this long, still saving")
+    s.add_argument("--sizes", default=None, help="'small' (a toy organism for checks) or JSON overrides of "
+                   "vismech.organism.config sizes, e.g. '{\"text\": {\"num_hidden_layers\": 4}}'")
+    s.set_defaults(fn=cmd_train_organism)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vismech import distributed
+
     args = build_parser().parse_args(argv)
+    distributed.init()
+    if not distributed.is_main():  # data parallel: one process speaks
+        sys.stdout = open(os.devnull, "w")
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, PermissionError) as e:

@@ -11,8 +11,12 @@ from typing import Any
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename (atomic on POSIX)."""
+    """Write ``data`` to ``path`` through a temporary file and a rename (atomic on POSIX).
+
+    Under data parallelism only rank 0 writes (every rank holds the same results)."""
     path = Path(path)
+    if os.environ.get("RANK", "0") != "0":
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from . import hooks
+from . import distributed, hooks
 from .models.vlm import VLM, Batch
 
 
@@ -135,7 +135,7 @@ def _is_oom(e: BaseException) -> bool:
 def head_patch(vlm: VLM, clean: Batch, source_z: dict[int, torch.Tensor], positions: list[list[int]],
                token_ids: torch.Tensor, heads: list[tuple[int, int]] | None = None,
                rows_per_forward: int | None = None, progress: Callable[[int], None] | None = None,
-               mode: str = "set", scale: float = 1.0, use_cache: bool = True) -> torch.Tensor:
+               mode: str = "set", scale: float = 1.0, use_cache: bool = True, _local: bool = False) -> torch.Tensor:
     """Logits of ``token_ids`` [B, K] with each head in turn patched at ``positions``.
 
     ``source_z[layer]`` holds the values to write, [B, P, heads, dim], aligned with ``positions`` (P positions
@@ -147,13 +147,23 @@ def head_patch(vlm: VLM, clean: Batch, source_z: dict[int, torch.Tensor], positi
     per_row = len(positions[0])
     if any(len(p) != per_row for p in positions):
         raise ValueError("every row must patch the same number of positions")
+    if distributed.active() and not _local:  # data parallel: every process patches every world()-th head, then all gather
+        local = head_patch(vlm, clean, source_z, positions, token_ids, distributed.shard(heads), rows_per_forward,
+                           progress, mode, scale, use_cache, _local=True)
+        return distributed.unshard(local, len(heads))
+    return _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forward, progress, mode, scale,
+                       use_cache)
+
+
+def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forward, progress, mode, scale,
+                use_cache) -> torch.Tensor:
+    per_row = len(positions[0])
     inp, _ = lm_inputs(vlm, clean)
     B = len(clean)
     rows, pos = _row_positions(positions)
     p0 = int(pos.min()) if use_cache else 0
     prefix = prefix_cache(vlm, inp, p0) if p0 > 0 else None
     r = rows_per_forward or default_rows_per_forward(vlm, clean, clean.length - p0)
-    tid = token_ids.to(vlm.input_device)
     out = torch.empty(len(heads), B, token_ids.shape[1])
     start = 0
     while start < len(heads):
@@ -171,6 +181,7 @@ def head_patch(vlm: VLM, clean: Batch, source_z: dict[int, torch.Tensor], positi
             torch.cuda.empty_cache()
             r = max(1, r // 2)
             continue
+        tid = token_ids.to(logits.device)  # the lm head may sit on another GPU than the inputs (device_map)
         g = logits.view(len(chunk), B, -1).gather(2, tid[None].expand(len(chunk), -1, -1))
         out[start:start + len(chunk)] = g.cpu()
         if progress:

@@ -79,6 +79,11 @@ def run_experiments(names: list[str], args, overrides: dict, resume: bool = Fals
     identity = {"model": args.model, "dtype": args.dtype, "prompt_format": args.prompt_format, "seed": args.seed,
                 "batch_size": args.batch_size, "experiments": names, "options": options}
     mpath = out / "manifest.json"
+    from vismech import distributed
+
+    distributed.barrier()  # every process sees the same directory state before deciding to resume
+    if mpath.exists() and distributed.world() > 1 and not resume and not distributed.is_main():
+        resume = True  # rank 0 may already have written this run's manifest
     if mpath.exists():
         old = json.loads(mpath.read_text())
         if not resume:
@@ -98,6 +103,7 @@ def run_experiments(names: list[str], args, overrides: dict, resume: bool = Fals
     write_json(manifest, mpath)
     shared: dict = {}
     for m in mods:
+        distributed.barrier()
         done = out / "results" / f"{m.NAME}.json"
         if done.exists():
             print(f"[{m.NAME}] already done, skipped")

@@ -70,6 +70,11 @@ class Context:
         """Save a matplotlib figure as PNG and PDF under ``figures/`` and close it."""
         import matplotlib.pyplot as plt
 
+        from vismech import distributed
+
+        if not distributed.is_main():
+            plt.close(fig)
+            return []
         self.figures_dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for ext in ("png", "pdf"):
@@ -86,7 +91,10 @@ class Context:
         """A tqdm bar (counts and ETA); yields its ``update`` function."""
         from tqdm import tqdm
 
-        with tqdm(total=total, desc=desc, unit="it", disable=not self.show_progress, leave=False) as bar:
+        from vismech import distributed
+
+        show = self.show_progress and distributed.is_main()
+        with tqdm(total=total, desc=desc, unit="it", disable=not show, leave=False) as bar:
             yield bar.update
 
 

@@ -40,7 +40,9 @@ def load_vlm(name: str, dtype: str | torch.dtype | None = "fp32", device: str | 
     """Load ``name`` (see the module docstring) as a ``VLM`` in eval mode."""
     dt = resolve_dtype(dtype)
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from vismech.distributed import default_device
+
+        device = default_device()
     if name.startswith("tiny:"):
         from .tiny import build_tiny
 

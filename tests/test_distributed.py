@@ -1,0 +1,24 @@
+"""Data parallel on CPU: 2 processes (gloo) give the same per-head patching result as one process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+WORKER = str(Path(__file__).with_name("dp_worker.py"))
+
+
+def test_two_processes_equal_one(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    subprocess.run([sys.executable, WORKER, str(one)], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                    "29517", WORKER, str(two)], check=True, env=env, timeout=300,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    a, b = torch.load(one), torch.load(two)
+    assert a["world"] == 1 and b["world"] == 2
+    assert a["out"].shape == b["out"].shape == (12, 3, 2)
+    assert (a["out"] - b["out"]).abs().max() < 1e-5
