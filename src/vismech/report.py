@@ -74,6 +74,18 @@ def key_numbers(summary, prefix: str = "", depth: int = 0, limit: int = 40) -> l
     return rows[:limit]
 
 
+def _records(title: str, recs: list[dict], limit: int = 24) -> str:
+    """A list of flat records (e.g. accuracy per condition) as a small table."""
+    cols: list[str] = []
+    for r in recs[:limit]:
+        cols += [k for k, v in r.items() if k not in cols and not isinstance(v, (dict, list))]
+    head = "".join(f"<th>{_e(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{_e(_fmt(r.get(c, '')))}</td>" for c in cols) + "</tr>"
+                   for r in recs[:limit])
+    more = f"<p><small>{len(recs) - limit} more rows in the CSV</small></p>" if len(recs) > limit else ""
+    return f"<p><b>{_e(title)}</b></p><table><tr>{head}</tr>{body}</table>{more}"
+
+
 def _caption(name: str, summary: dict) -> str | None:
     from vismech.experiments import EXPERIMENTS, get
 
@@ -116,6 +128,9 @@ def build_html(run: Path) -> str:
             data = base64.b64encode(fig.read_bytes()).decode()
             parts.append(f"<figure><img alt='{_e(fig.stem)}' src='data:image/png;base64,{data}'>"
                          f"<figcaption>{_e(fig.name)}</figcaption></figure>")
+        for key, recs in summary.items() if isinstance(summary, dict) else []:
+            if isinstance(recs, list) and recs and all(isinstance(r, dict) for r in recs):
+                parts.append(_records(key, recs))
         rows = key_numbers(summary)
         if rows:
             parts.append("<table><tr><th>quantity</th><th>value</th></tr>" + "".join(
