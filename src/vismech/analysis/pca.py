@@ -15,6 +15,8 @@ feature-retrieval layers). This module gives that projection and turns "separate
 - ``probe_accuracy``: stratified k-fold accuracy of an L2-regularised multinomial logistic-regression probe, a
   stronger separability measure that does not depend on the top-2 PCs. The paper itself runs no probes
   (paper-notes §4.8); this is an addition. ``chance_accuracy`` is the majority-class rate to compare against.
+- ``fit_probe``: the same probe fitted on all of the data, returning a predictor, for applying it to trials of
+  another condition (e.g. fit on high-entropy, decode low-entropy trials).
 
 Assumptions: X is [n, d] (one row per trial) of finite floats, labels are [n] hashable values; arithmetic is
 float64; numpy and scipy only.
@@ -27,7 +29,7 @@ from scipy.optimize import minimize
 from scipy.spatial.distance import cdist
 from scipy.special import logsumexp
 
-__all__ = ["pca", "StreamingMoments", "silhouette", "probe_accuracy", "chance_accuracy"]
+__all__ = ["pca", "StreamingMoments", "silhouette", "probe_accuracy", "fit_probe", "chance_accuracy"]
 
 
 def _fix_signs(components):
@@ -215,3 +217,22 @@ def probe_accuracy(X, labels, folds: int = 5, seed: int = 0, l2: float = 1e-3, m
     accs = np.asarray(accs)
     se = accs.std(ddof=1) / np.sqrt(accs.size) if accs.size > 1 else np.nan
     return float(accs.mean()), float(se)
+
+
+def fit_probe(X, labels, l2: float = 1e-3, max_iter: int = 200):
+    """Fit the probe of ``probe_accuracy`` on all of X [n, d] (same standardisation and loss); returns
+    ``predict(X_new) -> labels`` for applying it to held-out data (e.g. another condition)."""
+    X = np.asarray(X, dtype=np.float64)
+    classes, y = np.unique(np.asarray(labels), return_inverse=True)
+    if X.ndim != 2 or X.shape[0] != y.size:
+        raise ValueError(f"fit_probe needs X [n, d] and labels [n]; got {X.shape} and {y.size} labels")
+    if classes.size < 2:
+        raise ValueError("fit_probe needs at least 2 distinct labels")
+    mu, sd = X.mean(0), X.std(0)
+    sd[sd == 0] = 1.0
+    W, b = _fit_logreg((X - mu) / sd, y, classes.size, l2, max_iter)
+
+    def predict(Xn):
+        return classes[np.argmax(((np.asarray(Xn, dtype=np.float64) - mu) / sd) @ W + b, axis=1)]
+
+    return predict

@@ -1,7 +1,8 @@
 """One short module per paper figure or table; the CLI and the report only ever call these.
 
 ``EXPERIMENTS`` maps each experiment name to its module; ``get(name)`` imports it with a clear error for unknown
-names. The order of ``EXPERIMENTS`` is the order ``vismech run all`` runs them in.
+names. The order of ``EXPERIMENTS`` is the order ``vismech run all`` runs them in (CMA before the experiments that
+use its head rankings).
 """
 
 from __future__ import annotations
@@ -11,6 +12,13 @@ import importlib
 #: name -> module (relative to this package), in run order
 EXPERIMENTS: dict[str, str] = {
     "behaviour": ".behaviour_experiment",
+    "cma": ".cma",
+    "id-intervention": ".id_intervention",
+    "key-intervention": ".key_intervention",
+    "reuse": ".reuse",
+    "relabs-patch": ".relabs_patch",
+    "binding-errors": ".binding_errors",
+    "counting-ablation": ".counting_ablation",
 }
 
 

@@ -1,0 +1,305 @@
+"""``cma``: head-level causal mediation analysis in the paper's three conditions (§3.4, App. A.3; Fig. 1d).
+
+For every condition (``scenes.counterfactual.cma_pairs``: ID retrieval, ID selection, feature retrieval) each
+pair's clean context c1 and counterfactual c2 are encoded (same prompt, same token layout: ``check_same_layout``),
+c2's per-head outputs (the o_proj input, site ``z``) are captured at the condition's positions and written, one head
+at a time, into the run on c1 (``patching.head_patch``). The score is the paper's logit-difference change on the
+first answer tokens ``[a1, a1*]`` (``analysis.cma.logit_diff_score``):
+
+    s = (M(c1*)[a1*] - M(c1*)[a1]) - (M(c1)[a1*] - M(c1)[a1]).
+
+The two ID conditions score the same pairs (as in the paper, they differ only in where they patch); feature
+retrieval has its own. Positions (``condition_positions``): ID retrieval patches every token of the described object's mention; ID
+selection and feature retrieval patch the last token. Mentions can span different token counts across pairs on a
+real tokenizer; shorter rows are padded by repeating their last mention token (its value is written twice, which a
+"set" patch makes harmless), so every row of a batch patches the same number of positions.
+
+**Head significance (not in the paper).** Null design: *re-paired counterfactuals*. For pair i, each head is also
+patched with the c2 values of another pair j (same condition, same positions of row i) whose condition variable
+differs from pair i's, and scored with pair i's own a1 and a1*. The condition variable is what the real
+counterfactual changes: for ID retrieval the cell c2's described object sits in, for ID selection the cell of c2's
+target, for feature retrieval the colour of c2's target (the first answer word). Such a patch replaces the head's
+output with a realistic activation of the same head at the same position that carries no information about pair
+i's a1*, so it measures the generic disruption a patch causes (a head whose removal lowers a1's logit raises s too),
+not mediation. Heads must beat it. One re-paired patch per (head, pair) gives null per-pair scores [L, H, n];
+``null_samples`` null *mean* scores are drawn from them by picking a random head and resampling n of its pairs
+with replacement (a head's mean under the null), and ``analysis.cma.head_significance`` tests every head's mean
+against this pooled null (one-sided, Benjamini-Hochberg at ``q``; the uncorrected count above the null's 1-q
+quantile is reported too, as in Yang et al. 2025). Cost: twice the patching of the scores alone.
+
+Options: ``n`` pairs per condition (50 as in the paper), ``grid`` (2x2), ``conditions``, ``null_samples`` (2,000),
+``q`` (0.05), ``top_k`` (heads listed in the summary, 10), ``engine`` ("fast": ``head_patch``, vision once and
+stacked rows; "naive": one full forward per head, the bit-exact reference). Other experiments call
+``cma_scores(ctx)``, which computes once per run and caches in ``ctx.shared["cma"]``; called from another experiment
+it takes this module's defaults, overridden by that experiment's ``cma_*`` options (e.g. ``cma_n``). Each
+condition's scores are one resumable unit (``ctx.unit``).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vismech import patching
+from vismech.analysis.cma import head_significance, logit_diff_score, stage_map, top_k_heads
+from vismech.analysis.stats import mean_se
+from vismech.experiments.common import Context
+from vismech.scenes.core import CounterfactualPair
+from vismech.scenes.counterfactual import CONDITIONS, cma_pairs
+
+NAME = "cma"
+DESCRIPTION = "Causal mediation over every attention head in 3 conditions, with a re-paired null (Fig. 1d)"
+DEFAULTS = {"n": 50, "grid": (2, 2), "conditions": list(CONDITIONS), "null_samples": 2000, "q": 0.05,
+            "top_k": 10, "engine": "fast"}
+LABELS = {"id_retrieval": "ID retrieval", "id_selection": "ID selection", "feature_retrieval": "Feature retrieval"}
+
+
+@dataclass
+class CMAResult:
+    """Per-head CMA scores of one model; arrays are [L, H] (mean, se) or [L, H, n_pairs] (scores, null)."""
+
+    conditions: tuple[str, ...]
+    mean: dict[str, np.ndarray]
+    se: dict[str, np.ndarray]
+    scores: dict[str, np.ndarray]
+    significance: dict[str, dict]
+    null_scores: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    null_means: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+
+    def top_k(self, condition: str, k: int) -> list[tuple[int, int]]:
+        """The paper's head selection: the k heads with the highest mean score, as (layer, head)."""
+        if condition not in self.mean:
+            raise ValueError(f"this run's CMA has no {condition!r} condition (it ran {', '.join(self.conditions)}); "
+                             "include it in the cma experiment's conditions")
+        return top_k_heads(self.mean[condition], k)
+
+    def max_score(self) -> np.ndarray:
+        """[L, H]: each head's highest mean score over the conditions (the App. C ranking)."""
+        return np.max(np.stack([self.mean[c] for c in self.conditions]), axis=0)
+
+
+def condition_positions(batch, condition: str) -> list[list[int]]:
+    """Where a condition patches, per row: the described object's mention tokens, or the last token."""
+    if condition == "id_retrieval":
+        return [list(m[0]) for m in batch.mentions]
+    if condition in ("id_selection", "feature_retrieval"):
+        return [[batch.last] for _ in range(len(batch))]
+    raise ValueError(f"unknown CMA condition {condition!r}; conditions are {', '.join(CONDITIONS)}")
+
+
+def condition_variable(pair: CounterfactualPair, condition: str):
+    """What the counterfactual changes in ``condition``: re-paired null sources must differ in it."""
+    cf = pair.counterfactual
+    if condition == "id_retrieval":
+        return tuple(cf.meta["described_cell"])
+    if condition == "id_selection":
+        return tuple(cf.meta["target_cell"])
+    return pair.answer_star.split()[0]
+
+
+def null_partners(pairs: list[CounterfactualPair], condition: str, seed: int) -> list[int]:
+    """For each pair, another pair whose condition variable differs (any other pair if none does)."""
+    if len(pairs) < 2:
+        raise ValueError("the re-paired null needs at least 2 pairs per condition; use n >= 2")
+    rng = random.Random(seed)
+    var = [condition_variable(p, condition) for p in pairs]
+    out = []
+    for i in range(len(pairs)):
+        cand = [j for j in range(len(pairs)) if var[j] != var[i]] or [j for j in range(len(pairs)) if j != i]
+        out.append(rng.choice(cand))
+    return out
+
+
+def _pad(positions: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    width = max(len(p) for p in positions)
+    return [p + [p[-1]] * (width - len(p)) for p in positions], [len(p) for p in positions]
+
+
+def _baseline(vlm, clean, src, pos, tid, engine: str) -> torch.Tensor:
+    """Clean logits [B, 2] of the two answer tokens, computed the way the engine computes patched ones."""
+    if engine == "naive":
+        return vlm.logits(clean).gather(1, tid.to(vlm.device)).cpu()
+    # the text-only path of head_patch with an exact no-op edit (adding 0), so its numerics match the patches
+    return patching.head_patch(vlm, clean, src, pos, tid, heads=[(0, 0)], mode="add", scale=0.0)[0]
+
+
+def _patched(vlm, clean, src, pos, tid, engine: str, progress) -> torch.Tensor:
+    """Patched logits [L*H, B, 2] of the two answer tokens, by the chosen engine."""
+    if engine == "naive":
+        out = patching.naive_head_patch(vlm, clean, src, pos, tid)
+        if progress:
+            progress(out.shape[0])
+        return out
+    return patching.head_patch(vlm, clean, src, pos, tid, progress=progress)
+
+
+def condition_scores(vlm, pairs: list[CounterfactualPair], condition: str, batch_size: int = 16,
+                     engine: str = "fast", seed: int = 0, null: bool = True, progress=None
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-pair CMA scores [L, H, n] of every head, and re-paired null scores [L, H, n] (None if ``null`` off)."""
+    if engine not in ("fast", "naive"):
+        raise ValueError(f"engine must be 'fast' or 'naive', not {engine!r}")
+    L, H, n = vlm.n_layers, vlm.n_heads, len(pairs)
+    chunks = []
+    for s in range(0, n, batch_size):
+        part = pairs[s:s + batch_size]
+        clean = vlm.encode([p.clean for p in part])
+        cf = vlm.encode([p.counterfactual for p in part])
+        patching.check_same_layout(clean, cf)
+        pos, lens = _pad(condition_positions(clean, condition))
+        a1, a1s = vlm.first_token_pairs(clean, [p.answer for p in part], [p.answer_star for p in part])
+        src = patching.capture_z(vlm, cf, pos)
+        chunks.append((list(range(s, s + len(part))), clean, pos, lens, torch.stack([a1, a1s], 1), src))
+    where = {i: (c, r) for c, ch in enumerate(chunks) for r, i in enumerate(ch[0])}
+    partner = null_partners(pairs, condition, seed) if null else None
+    scores = np.empty((L, H, n))
+    nulls = np.empty((L, H, n)) if null else None
+    for idx, clean, pos, lens, tid, src in chunks:
+        zero, one = np.zeros(len(idx), int), np.ones(len(idx), int)
+        base = _baseline(vlm, clean, src, pos, tid, engine).numpy()
+        out = _patched(vlm, clean, src, pos, tid, engine, progress)
+        scores[..., idx] = logit_diff_score(base, out.numpy(), zero, one).reshape(L, H, -1)
+        if null:
+            nsrc = {l: torch.empty_like(v) for l, v in src.items()}
+            for r, i in enumerate(idx):
+                c, rj = where[partner[i]]
+                jlens, jsrc = chunks[c][3][rj], chunks[c][5]
+                take = [min(k, lens[r] - 1, jlens - 1) for k in range(len(pos[0]))]
+                for l in nsrc:
+                    nsrc[l][r] = jsrc[l][rj, take]
+            out = _patched(vlm, clean, nsrc, pos, tid, engine, progress)
+            nulls[..., idx] = logit_diff_score(base, out.numpy(), zero, one).reshape(L, H, -1)
+    return scores, nulls
+
+
+def null_mean_scores(null: np.ndarray, samples: int, seed: int = 0) -> np.ndarray:
+    """``samples`` null mean scores: a random head's per-pair null scores, n resampled with replacement."""
+    L, H, n = null.shape
+    rng = np.random.default_rng(seed)
+    flat = null.reshape(L * H, n)
+    heads = rng.integers(L * H, size=samples)
+    idx = rng.integers(n, size=(samples, n))
+    return flat[heads[:, None], idx].mean(1)
+
+
+def _options(ctx: Context, options: dict | None) -> dict:
+    if options is not None:
+        return {**DEFAULTS, **options}
+    return {**DEFAULTS, **{k[4:]: v for k, v in ctx.options.items() if k.startswith("cma_") and k[4:] in DEFAULTS}}
+
+
+def cma_scores(ctx: Context, options: dict | None = None) -> CMAResult:
+    """The run's CMA result: computed on first call, then reused from ``ctx.shared["cma"]``."""
+    if "cma" in ctx.shared:
+        return ctx.shared["cma"]
+    o = _options(ctx, options)
+    vlm, conds = ctx.vlm, tuple(o["conditions"])
+    for c in conds:
+        if c not in CONDITIONS:
+            raise ValueError(f"unknown CMA condition {c!r}; conditions are {', '.join(CONDITIONS)}")
+    res = CMAResult(conds, {}, {}, {}, {})
+    total = len(conds) * 2 * vlm.n_layers * vlm.n_heads * -(-o["n"] // ctx.batch_size)
+    with ctx.progress(total, "cma") as update:
+        for c in conds:
+            # the two ID conditions patch the same pairs (as in the paper), feature retrieval has its own
+            pairs = cma_pairs(c, o["n"], ctx.seed + (c == "feature_retrieval"), tuple(o["grid"]))
+            key = f"cma-{c}-n{o['n']}-grid{o['grid'][0]}x{o['grid'][1]}-{o['engine']}-seed{ctx.seed}"
+            s, nl = ctx.unit(key, lambda pairs=pairs, c=c: condition_scores(
+                vlm, pairs, c, ctx.batch_size, o["engine"], ctx.seed, progress=update))
+            res.scores[c], res.null_scores[c] = s, nl
+            res.mean[c], res.se[c] = mean_se(s, axis=-1)
+            res.null_means[c] = null_mean_scores(nl, o["null_samples"], ctx.seed)
+            res.significance[c] = head_significance(s, res.null_means[c], q=o["q"], method="bh")
+    ctx.shared["cma"] = res
+    return res
+
+
+# -- the experiment -------------------------------------------------------------------------------------------
+def _layer_range(mask: np.ndarray) -> str:
+    layers = np.nonzero(mask)[0]
+    return "none" if layers.size == 0 else f"{layers.min()}-{layers.max()}" if layers.min() != layers.max() \
+        else str(layers.min())
+
+
+def _ticks(ax, L: int, H: int) -> None:
+    ax.set_xlabel("Head")
+    ax.set_ylabel("Layer")
+    if H <= 40:
+        ax.set_xticks(range(0, H, max(1, H // 10)))
+    if L <= 40:
+        ax.set_yticks(range(0, L, max(1, L // 10)))
+
+
+def _figures(ctx: Context, res: CMAResult) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    L, H = next(iter(res.mean.values())).shape
+    rgb = stage_map({c: res.mean[c] for c in res.conditions})
+    fig, ax = plt.subplots(figsize=(max(4, H * 0.25 + 2), max(3, L * 0.2 + 1.5)))
+    ax.imshow(rgb, origin="lower", aspect="auto", interpolation="nearest")
+    _ticks(ax, L, H)
+    ax.set_title(f"CMA heads by stage ({ctx.vlm.name})")
+    colours = ["red", "green", "blue"]
+    ax.legend(handles=[Patch(color=colours[i], label=LABELS[c]) for i, c in enumerate(res.conditions)],
+              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ctx.save_figure(fig, "cma_stage_map")
+    for c in res.conditions:
+        m, sig = res.mean[c], res.significance[c]["mask"]
+        lim = float(np.nanmax(np.abs(m))) or 1.0
+        fig, ax = plt.subplots(figsize=(max(4, H * 0.25 + 2), max(3, L * 0.2 + 1.5)))
+        im = ax.imshow(m, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        ys, xs = np.nonzero(sig)
+        ax.scatter(xs, ys, s=12, facecolors="none", edgecolors="black", linewidths=0.8,
+                   label=f"significant (BH q={res.significance[c]['q']})")
+        _ticks(ax, L, H)
+        ax.set_title(f"{LABELS[c]}: mean CMA score (n={res.scores[c].shape[-1]} pairs)")
+        fig.colorbar(im, ax=ax, label="CMA score s")
+        if ys.size:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.25, 1), fontsize=8)
+        ctx.save_figure(fig, f"cma_{c}")
+
+
+def run(ctx: Context) -> dict:
+    res = cma_scores(ctx, ctx.options)
+    rows, summary = [], {"conditions": {}, "null": "re-paired counterfactual (see module docstring)",
+                         "null_samples": ctx.opt("null_samples"), "q": ctx.opt("q"), "engine": ctx.opt("engine")}
+    for c in res.conditions:
+        sig, n = res.significance[c], res.scores[c].shape[-1]
+        L, H = res.mean[c].shape
+        for l in range(L):
+            for h in range(H):
+                rows.append({"condition": c, "layer": l, "head": h, "mean": float(res.mean[c][l, h]),
+                             "se": float(res.se[c][l, h]), "p": float(sig["pvalues"][l, h]),
+                             "p_adjusted": float(sig["p_adjusted"][l, h]), "significant": int(sig["mask"][l, h]),
+                             "n_pairs": n})
+        above = res.mean[c] > sig["threshold"]
+        top = res.top_k(c, ctx.opt("top_k"))
+        summary["conditions"][c] = {
+            "n_pairs": n, "n_significant": sig["count"], "significant_layers": _layer_range(sig["mask"]),
+            "null_threshold": sig["threshold"], "n_above_null_threshold": int(above.sum()),
+            "above_threshold_layers": _layer_range(above), "min_attainable_p": sig["min_pvalue"],
+            "max_mean": float(res.mean[c].max()),
+            "top_k": [{"layer": l, "head": h, "mean": float(res.mean[c][l, h]), "se": float(res.se[c][l, h]),
+                       "p_adjusted": float(sig["p_adjusted"][l, h])} for l, h in top],
+            "line": f"{LABELS[c]} heads: {sig['count']} significant, layers {_layer_range(sig['mask'])}",
+        }
+    ctx.save_table("cma_heads", rows)
+    ctx.results_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(ctx.results_dir / "cma_scores.npz",
+                        **{f"{k}_{c}": getattr(res, k)[c] for c in res.conditions
+                           for k in ("scores", "null_scores", "null_means")})
+    _figures(ctx, res)
+    return summary
+
+
+def caption(summary: dict) -> str:
+    conds = [c for c in CONDITIONS if c in summary["conditions"]]
+    return "; ".join(summary["conditions"][c]["line"] for c in conds) + \
+        f" (BH q={summary['q']} against the re-paired null)."

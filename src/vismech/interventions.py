@@ -1,0 +1,256 @@
+"""Position-ID vectors and the edits built from them (paper §4.2-4.4, App. C): model-running helpers shared by the
+intervention experiments (id-intervention, key-intervention, reuse, relabs-patch, binding-errors, counting).
+
+- ``id_vectors``: d_i = E[activation | the relevant object has ID i], the mean of one site's per-head activation
+  (``z`` head outputs, ``q`` queries, ``k`` keys before RoPE) over an estimation set, per ID label. Where a row
+  has several positions (e.g. the tokens of a mention) the row's activation is their mean.
+- ``key_id_vectors``: the same for keys over the image patches of objects: d_i = the mean key over the patches of
+  objects with ID i (every object of every trial contributes, labelled by its own ID).
+- ``additive_edits``: ``hooks.Edit(..., mode="add")`` lists adding alpha * (d_target - d_original) per row, at that
+  row's positions, on chosen heads; ``direction="random"`` gives the control: for every (head, original, target)
+  one random Gaussian direction, scaled to the norm of the real difference.
+- ``key_swap_edits``: swap two objects' IDs in the keys of their patches: K^{o0} += alpha (d1 - d0) and
+  K^{o1} += alpha (d0 - d1) (§4.3).
+- ``kv_heads_for``: query heads -> the (layer, kv head) pairs whose keys they read (GQA, ``hooks.kv_head_of``).
+- ``EditedRuns``: logits of one batch under many edit sets; the vision tower runs once, and the prefix before the
+  earliest edited position once (``patching.prefix_cache``). With alpha = 0 the logits are bit-equal to no edit.
+- ``zero_heads``: zero-ablate head outputs at every position (also during generation).
+
+Assumes labels are hashable (cells as tuples); vectors are float32 on the CPU, cast to the model's dtype when an
+edit is applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Callable, Hashable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import hooks, patching
+from .models.vlm import VLM, Batch
+from .scenes.core import Trial
+
+
+@dataclass
+class IDVectors:
+    """Mean activations per ID label: ``vectors[label_index, head_index]`` is d_label for ``heads[head_index]``."""
+
+    site: str
+    heads: list[tuple[int, int]]  # (layer, head), head indexed as at ``site`` (kv heads for k and v)
+    labels: list[Hashable]
+    vectors: torch.Tensor  # [n_labels, n_heads, dim] float32
+    counts: dict[Hashable, int]
+
+    def d(self, label: Hashable) -> torch.Tensor:
+        if label not in self.labels:
+            raise ValueError(f"no ID vector for label {label!r}: the estimation set had only {self.labels}")
+        return self.vectors[self.labels.index(label)]
+
+    def diff(self, target: Hashable, original: Hashable) -> torch.Tensor:
+        """d_target - d_original, [n_heads, dim]."""
+        return self.d(target) - self.d(original)
+
+    def subset(self, heads: Sequence[tuple[int, int]]) -> "IDVectors":
+        idx = [self.heads.index(tuple(h)) for h in heads]
+        return replace(self, heads=[self.heads[i] for i in idx], vectors=self.vectors[:, idx])
+
+
+def _batches(n: int, size: int) -> list[range]:
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _padded(p: list[int], width: int) -> list[int]:
+    return p + [p[-1]] * (width - len(p))
+
+
+def _mean_activations(vlm: VLM, trials: list[Trial], site: str, heads: list[tuple[int, int]],
+                      items: Callable[[Batch, range], list[tuple[int, Hashable, list[int]]]],
+                      batch_size: int) -> IDVectors:
+    """Average ``site`` activations of ``heads`` over the (row, label, positions) items ``items(batch, idx)`` gives
+    for every batch (``idx``: the batch's trial indices), per label."""
+    if not trials:
+        raise ValueError("no trials to estimate ID vectors from")
+    heads = [tuple(h) for h in heads]
+    layers = sorted({l for l, _ in heads})
+    sums: dict[Hashable, torch.Tensor] = {}
+    counts: dict[Hashable, int] = defaultdict(int)
+    for rng in _batches(len(trials), batch_size):
+        batch = vlm.encode([trials[i] for i in rng])
+        its = items(batch, rng)
+        row_pos: list[list[int]] = [[] for _ in range(len(batch))]
+        spans = []  # per item: (row, start, length) inside its row's captured positions
+        for r, _, p in its:
+            spans.append((r, len(row_pos[r]), len(p)))
+            row_pos[r] += list(p)
+        width = max(len(p) for p in row_pos)
+        pos = torch.tensor([_padded(p or [batch.last], width) for p in row_pos])
+        with hooks.capture(vlm, [(site, l) for l in layers], positions=pos) as got:
+            vlm.logits(batch)
+        acts = {l: got[(site, l)].float().cpu() for l in layers}  # [B, width, heads, dim]
+        for (r, start, n), (_, label, _) in zip(spans, its):
+            x = torch.stack([acts[l][r, start:start + n, h].mean(0) for l, h in heads])
+            sums[label] = sums[label] + x if label in sums else x.clone()
+            counts[label] += 1
+    labels = sorted(sums, key=repr)
+    return IDVectors(site, heads, labels, torch.stack([sums[lb] / counts[lb] for lb in labels]), dict(counts))
+
+
+def id_vectors(vlm: VLM, trials: list[Trial], labels: Sequence[Hashable], site: str,
+               layers_heads: Sequence[tuple[int, int]], positions_fn: Callable[[Batch], list[list[int]]],
+               batch_size: int = 16) -> IDVectors:
+    """d_i per ID label: the mean ``site`` activation of ``layers_heads`` at ``positions_fn(batch)`` (mean over a
+    row's positions), over the trials labelled i. ``labels`` has one label per trial."""
+    if len(labels) != len(trials):
+        raise ValueError(f"{len(labels)} labels for {len(trials)} trials: give one ID label per trial")
+    labels = [tuple(x) if isinstance(x, list) else x for x in labels]
+
+    def items(batch, idx):
+        pos = positions_fn(batch)
+        return [(r, labels[i], list(pos[r])) for r, i in enumerate(idx)]
+
+    return _mean_activations(vlm, list(trials), site, list(layers_heads), items, batch_size)
+
+
+def key_id_vectors(vlm: VLM, trials: list[Trial], layers_kv: Sequence[tuple[int, int]],
+                   batch_size: int = 16) -> IDVectors:
+    """d_i for keys (site ``k``, before RoPE): the mean key over the image patches of every object at cell i."""
+    def items(batch, idx):
+        return [(r, tuple(cell), list(batch.objects[r][cell])) for r in range(len(batch))
+                for cell in sorted(batch.objects[r])]
+
+    return _mean_activations(vlm, list(trials), "k", list(layers_kv), items, batch_size)
+
+
+def kv_heads_for(vlm: VLM, heads: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The distinct (layer, kv head) pairs read by the query heads ``heads``, in order of first use."""
+    out: list[tuple[int, int]] = []
+    for l, h in heads:
+        kv = (int(l), hooks.kv_head_of(vlm, int(h)))
+        if kv not in out:
+            out.append(kv)
+    return out
+
+
+def _random_like(delta: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    r = torch.randn(delta.shape, generator=gen)
+    return r / r.norm(dim=-1, keepdim=True) * delta.norm(dim=-1, keepdim=True)
+
+
+def _edits_from(site: str, vecs: IDVectors, entries: list[tuple[int, list[int], torch.Tensor]]) -> list[hooks.Edit]:
+    """Edits adding ``delta[j]`` (one row per head of ``vecs``) at (row, positions) for every entry."""
+    by_layer: dict[int, list] = defaultdict(list)
+    for row, positions, delta in entries:
+        for j, (l, h) in enumerate(vecs.heads):
+            for p in positions:
+                by_layer[l].append((row, p, h, delta[j]))
+    edits = []
+    for l, es in sorted(by_layer.items()):
+        rows, pos, hs, vals = zip(*es)
+        edits.append(hooks.Edit(site, l, torch.tensor(rows), torch.tensor(pos), torch.tensor(hs),
+                                torch.stack(vals), mode="add"))
+    return edits
+
+
+def additive_edits(vecs: IDVectors, original: Sequence[Hashable], target: Sequence[Hashable],
+                   positions: list[list[int]], alpha: float, heads: Sequence[tuple[int, int]] | None = None,
+                   direction: str = "id", seed: int = 0, rows: Sequence[int] | None = None) -> list[hooks.Edit]:
+    """Edits adding alpha * (d_target[i] - d_original[i]) at ``positions[i]`` of batch row ``rows[i]`` (default:
+    row i) on ``heads`` (default: all heads of ``vecs``), at ``vecs.site``. ``direction="random"``: the control,
+    random directions of equal norm (one direction per head and (original, target) pair)."""
+    if direction not in ("id", "random"):
+        raise ValueError(f"direction must be 'id' or 'random', not {direction!r}")
+    if not len(original) == len(target) == len(positions):
+        raise ValueError("original, target and positions need one entry per row")
+    vecs = vecs.subset(heads) if heads is not None else vecs
+    gen = torch.Generator().manual_seed(seed)
+    cache: dict[tuple, torch.Tensor] = {}
+    entries = []
+    for i, (o, t) in enumerate(zip(original, target)):
+        key = (tuple(o) if isinstance(o, list) else o, tuple(t) if isinstance(t, list) else t)
+        if key not in cache:
+            delta = vecs.diff(key[1], key[0])
+            cache[key] = _random_like(delta, gen) if direction == "random" else delta
+        entries.append((i if rows is None else int(rows[i]), sorted(set(positions[i])), alpha * cache[key]))
+    return _edits_from(vecs.site, vecs, entries)
+
+
+def key_swap_edits(vecs: IDVectors, batch: Batch, objects: Sequence[tuple[tuple, tuple]], alpha: float,
+                   direction: str = "id", seed: int = 0) -> list[hooks.Edit]:
+    """Swap the IDs of two objects per row in the keys of their image patches (before RoPE):
+    K^{o0} += alpha (d_{id1} - d_{id0}) and K^{o1} += alpha (d_{id0} - d_{id1}). ``objects[i]`` = (cell0, cell1),
+    the cells of row i's two objects, which are also their ID labels. ``vecs`` from ``key_id_vectors``."""
+    if vecs.site != "k":
+        raise ValueError(f"key edits need key ID vectors (site 'k'), got site {vecs.site!r}")
+    original, target, positions, rows = [], [], [], []
+    for i, (c0, c1) in enumerate(objects):
+        c0, c1 = tuple(c0), tuple(c1)
+        for a, b in ((c0, c1), (c1, c0)):
+            if a not in batch.objects[i]:
+                raise ValueError(f"row {i} has no object at cell {a}")
+            original.append(a)
+            target.append(b)
+            positions.append(batch.objects[i][a])
+            rows.append(i)
+    return additive_edits(vecs, original, target, positions, alpha, direction=direction, seed=seed, rows=rows)
+
+
+class EditedRuns:
+    """Last-token logits of one batch under many edit sets, running the vision tower once.
+
+    ``first_position``: the earliest position any edit will touch; positions before it are computed once and
+    cached (None: no cache). Edits are given with absolute positions.
+    """
+
+    def __init__(self, vlm: VLM, batch: Batch, first_position: int | None = None):
+        self.vlm, self.batch = vlm, batch
+        self.inp, _ = patching.lm_inputs(vlm, batch)
+        self.p0 = int(first_position) if first_position else 0
+        self.prefix = patching.prefix_cache(vlm, self.inp, self.p0) if self.p0 > 0 else None
+
+    def logits(self, edits: list[hooks.Edit] = ()) -> torch.Tensor:
+        """[B, vocab] float32 on the CPU."""
+        shifted = []
+        for e in edits:
+            pos = torch.as_tensor(e.positions) - self.p0
+            if (pos < 0).any():
+                raise ValueError(f"an edit touches position {int(pos.min()) + self.p0}, before the cached prefix "
+                                 f"ends at {self.p0}; pass a smaller first_position")
+            shifted.append(replace(e, positions=pos))
+        with hooks.intervene(self.vlm, shifted):
+            return patching.lm_logits(self.vlm, self.inp, self.prefix).cpu()
+
+
+@contextlib.contextmanager
+def zero_heads(vlm: VLM, heads: Sequence[tuple[int, int]]) -> Iterator[None]:
+    """Zero the outputs (site ``z``) of ``heads`` at every position of every forward inside the context."""
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for l, h in heads:
+        by_layer[int(l)].append(int(h))
+    with contextlib.ExitStack() as stack:
+        for l, hs in by_layer.items():
+            idx = torch.tensor(sorted(set(hs)))
+
+            def fn(x, idx=idx):
+                x = x.clone()
+                x[..., idx.to(x.device), :] = 0
+                return x
+
+            stack.enter_context(hooks.hooked(vlm, "z", l, fn))
+        yield
+
+
+def wilson_row(k: int, n: int) -> dict:
+    """rate, ci_low, ci_high and n of k successes out of n (Wilson 95%)."""
+    from .analysis.stats import wilson_ci
+
+    lo, hi = wilson_ci(k, n)
+    return {"rate": k / n, "ci_low": float(lo), "ci_high": float(hi), "n": n}
+
+
+def first_token_hits(logits: torch.Tensor, ids: torch.Tensor) -> np.ndarray:
+    """[B] bool: the arg-max token of each row is ``ids[row]``."""
+    return (logits.argmax(-1).cpu() == ids.cpu()).numpy()
