@@ -18,7 +18,7 @@ SPATIAL = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision"]
 def tiny(family: str, prompt_format: str = "chat"):
     from vismech.models.load import load_vlm
 
-    return load_vlm(f"tiny:{family}", prompt_format=prompt_format)
+    return load_vlm(f"tiny:{family}", prompt_format=prompt_format, device="cpu")
 
 
 @pytest.fixture(params=FAMILIES)

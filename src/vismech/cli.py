@@ -156,16 +156,19 @@ def cmd_train_organism(args) -> int:
         try:
             sizes = json.loads(args.sizes)
         except json.JSONDecodeError:
-            raise ValueError(f"--sizes takes small or a JSON object like '{{\"text\": {{\"num_hidden_layers\": 4}}}}', "
+            raise ValueError("--sizes takes small or a JSON object like '{\"text\": {\"num_hidden_layers\": 4}}', "
                              f"not {args.sizes!r}") from None
-    kw = {k: getattr(args, k) for k in ("eval_every", "eval_n", "workers", "max_minutes") if getattr(args, k) is not None}
+    kw = {k: getattr(args, k) for k in ("eval_every", "eval_n", "workers", "max_minutes")
+          if getattr(args, k) is not None}
     res = train_organism(args.arch, args.out, steps=args.steps, seed=args.seed, device=args.device,
-                         batch_size=args.batch_size, lr=args.lr, resume=args.resume, sizes=sizes, **kw)
+                         batch_size=args.batch_size, lr=args.lr, resume=args.resume, sizes=sizes,
+                         label_mentions=args.label_mentions, **kw)
     s = res.summary
     accs = " ".join(f"{g}={a['accuracy']:.3f}" for g, a in s.get("final_accuracy", {}).items())
     print(f"organism {s['arch']}: {s['steps']}/{s['planned_steps']} steps in {s['seconds'] / 60:.1f} min on "
           f"{s['device']}, {s['params']:,} params ({s.get('bytes', 0) / 1e6:.2f} MB), final loss "
-          f"{s['loss'] if s['loss'] is None else round(s['loss'], 4)}; held-out first-token accuracy: {accs} -> {s['out']}")
+          f"{s['loss'] if s['loss'] is None else round(s['loss'], 4)}; held-out first-token accuracy: {accs} "
+          f"-> {s['out']}")
     return 0
 
 
@@ -235,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warmup, then cosine decay)")
     s.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     s.add_argument("--workers", type=int, default=None, help="data worker processes (default: 0 on CPU, "
-                   "min(12, cores-2) on CUDA)")
+                   "cores-2 on CUDA)")
+    s.add_argument("--label-mentions", action="store_true", help="also train on the described objects' words of "
+                   "scene-description prompts (denser supervision; default: the answer only)")
     s.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (500)")
     s.add_argument("--eval-n", type=int, default=None, help="held-out trials per group (128)")
     s.add_argument("--max-minutes", type=float, default=None, help="stop early after this long, still saving")

@@ -1,0 +1,111 @@
+"""The model card (README.md) written beside a trained organism's checkpoint.
+
+It says what the organism is (class, sizes, token geometry, parameter count and bytes in bf16), what it was trained
+on (the mixture with its weights), how (steps, batch, schedule, seed, device, time), how well it does (held-out
+first-token accuracy per task, grid and entropy condition, with Wilson 95% intervals and n), how to load it, and
+the exact command that reproduces it. ``info`` is the dict ``train._finish`` assembles.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vismech.models.families import family_for_config
+
+from .data import MIXTURE, TARGET_GROUPS
+
+VISION_KEYS = ("depth", "num_hidden_layers", "hidden_size", "intermediate_size", "num_heads", "num_attention_heads",
+               "image_size", "patch_size", "spatial_merge_size", "window_size", "fullatt_block_indexes")
+
+
+def _param_split(model) -> dict[str, int]:
+    split: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        key = parts[1] if parts[0] == "model" and len(parts) > 1 else parts[0]
+        split[key] = split.get(key, 0) + p.numel()
+    return split
+
+
+def reproduce_command(info: dict) -> str:
+    """The ``vismech train-organism`` command line that retrains this organism."""
+    if info.get("command"):
+        return info["command"]
+    cmd = (f"vismech train-organism --arch {info['arch']} --out {info['out']} --steps {info['planned_steps']} "
+           f"--seed {info['seed']} --batch-size {info['batch_size']} --lr {info['lr']}")
+    if info.get("label_mentions"):
+        cmd += " --label-mentions"
+    if info.get("sizes") not in (None, "{}", {}):
+        cmd += f" --sizes '{info['sizes']}'"
+    return cmd + (" --device cuda" if str(info.get("device", "")).startswith("cuda") else " --device cpu")
+
+
+def card_text(info: dict, model=None) -> str:
+    arch = info["arch"]
+    lines = [f"# vismech model organism: {arch}", "",
+             "A tiny vision-language model of a real Hugging Face architecture, trained from scratch by vismech on "
+             "its own synthetic scenes (coloured shapes on a grid) to do the four tasks of Assouel et al. "
+             "(arXiv 2506.15871): scene description, colour retrieval, spatial relation and counting. It exists to "
+             "study how binding mechanisms (position IDs) emerge; it knows nothing but these scenes and prompts.", ""]
+    lines += ["## Architecture", ""]
+    if model is not None:
+        cfg = model.config
+        t, v = cfg.get_text_config(), cfg.vision_config
+        lines += [f"- class: `{cfg.architectures[0]}` (model_type `{cfg.model_type}`)",
+                  f"- language model: {t.num_hidden_layers} layers, {t.num_attention_heads} heads of head_dim "
+                  f"{getattr(t, 'head_dim', t.hidden_size // t.num_attention_heads)}, {t.num_key_value_heads} "
+                  f"key/value heads, hidden {t.hidden_size}, MLP {t.intermediate_size}, vocabulary {t.vocab_size} "
+                  f"(vismech's word-level tokenizer), rope {t.rope_parameters}",
+                  "- vision tower: " + ", ".join(f"{k} {getattr(v, k)}" for k in VISION_KEYS if hasattr(v, k))]
+        spec = family_for_config(cfg)
+        geo = spec.geometry(cfg, spec.image_processor_for(cfg))
+        lines.append(f"- image tokens of {geo.token_px} px; objects of {geo.layout(2, 2).obj_tokens}x"
+                     f"{geo.layout(2, 2).obj_tokens} tokens; canvas {geo.layout(2, 2).canvas_px} px (2x2 grid), "
+                     f"{geo.layout(3, 3).canvas_px} px (3x3 grid)")
+        split = _param_split(model)
+        lines.append("- parameters: " + ", ".join(f"{k} {n:,}" for k, n in split.items()))
+    lines += [f"- total parameters: {info['params']:,} ({2 * info['params'] / 1e6:.2f} MB in bf16); weights, configs "
+              f"and tokenizer on disk: {info.get('bytes', 0) / 1e6:.2f} MB", ""]
+    lines += ["## Training data", "",
+              "Drawn on the fly by `vismech.scenes.sets` (the generator every analysis uses), rendered on this "
+              "model's token grid and framed by its chat format through `VLM.encode`; the answer (the target's "
+              "\"colour shape\", a colour, or the count) and the end token are the only labelled tokens.", "",
+              "| component | task | grid | entropy | objects | weight |", "|---|---|---|---|---|---|"]
+    for c in info.get("mixture", MIXTURE):
+        obj = f"{c.objects[0]}-{c.objects[1]}" if c.objects else "all cells"
+        lines.append(f"| {c.name} | {c.task} | {c.grid[0]}x{c.grid[1]} | {c.entropy or '-'} | {obj} | {c.weight} |")
+    lines += ["", "## Training", "",
+              f"- steps: {info['steps']} of {info['planned_steps']} planned"
+              + (" (stopped early by the time limit)" if info.get("stopped_early") else ""),
+              f"- batch {info['batch_size']}, AdamW (0.9, 0.95), peak lr {info['lr']}, warmup {info['warmup']} "
+              f"steps, cosine to {info['min_lr_ratio']} x peak, weight decay {info['weight_decay']} (matrices), "
+              f"gradient clip {info['grad_clip']}, seed {info['seed']}",
+              "- labelled tokens: the answer and the end token"
+              + (", and the described objects' words in scene-description prompts" if info.get("label_mentions")
+                 else ""),
+              f"- device {info['device']}; training loop {info['train_seconds'] / 60:.1f} min (all sessions), "
+              f"wall time of the last session {info['seconds'] / 60:.1f} min; final training loss "
+              f"{info['loss'] if info['loss'] is None else round(info['loss'], 4)}", ""]
+    lines += ["## Held-out accuracy (first token, saved bf16 checkpoint)", "",
+              "An independent draw (seed offset from training); the scene-description groups are the paper's "
+              "entropy sets. Accuracy = the arg-max next token equals the answer's first token. "
+              f"Target groups (>= 95% wanted): {', '.join(TARGET_GROUPS)}.", "",
+              "| group | accuracy | 95% CI | n |", "|---|---|---|---|"]
+    for g, a in info["final_accuracy"].items():
+        lines.append(f"| {g} | {a['accuracy']:.3f} | [{a['ci_low']:.3f}, {a['ci_high']:.3f}] | {a['n']} |")
+    lines += ["", "## Use", "", "```python", "from vismech.models.load import load_vlm",
+              f"vlm = load_vlm({info['out']!r})  # offline, through the same adapter as any real model", "```", "",
+              "## Reproduce", "", "```", reproduce_command(info), "```", "",
+              "The training log is `train_log.jsonl`; per-step emergence snapshots are in `emergence.jsonl`.", ""]
+    return "\n".join(lines)
+
+
+def write_card(out: str | Path, info: dict, model=None) -> Path:
+    """Write ``README.md`` into ``out``; ``model`` (optional) adds the per-module parameter split."""
+    if model is None:
+        from vismech.models.load import load_vlm
+
+        model = load_vlm(str(out), dtype="bf16", device="cpu").model
+    path = Path(out) / "README.md"
+    path.write_text(card_text(info, model))
+    return path

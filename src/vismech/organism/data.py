@@ -1,0 +1,278 @@
+"""Training data for the model organisms: the paper's four tasks, drawn on the fly from vismech's own scene code.
+
+Every training trial comes from ``vismech.scenes.sets`` (one call with ``n=1`` and its own seed), so the organisms
+see exactly the prompts, scenes and renderings the analyses use; there is no second generator. A trial becomes
+model inputs through the same adapter as in every analysis: ``VLM.encode`` (chat prompt format) renders it on the
+organism's token grid and frames it; the answer is then appended for teacher forcing, tokenized exactly as
+``VLM.answer_ids`` continues the text (a space before it unless the text ends in whitespace), followed by the
+architecture's end token (``config.END_TOKEN``). Labels are -100 everywhere except on the answer tokens and the end
+token; the whole prompt+answer row is left-padded, as ``encode`` pads prompts. Option ``label_mentions`` (off by
+default) also labels the described objects' words of scene-description prompts, for denser supervision.
+
+The mixture (``MIXTURE``; the weights are this package's choice, the paper trains nothing), by weight:
+
+- scene description, paper form ("In this image there is a ..., a ... and a"), 0.55 in all: 2x2 grid with 2-4
+  objects (1-3 described) high/low/any entropy .10/.05/.05; 3x3 with 2-9 objects (1-8 described) .15/.10/.05;
+  the 3-row, 2-column grid with 2-6 objects, high entropy .05;
+- colour retrieval, 0.20: 2x2 with 1-4 objects .10, 3x3 with 1-9 objects .10, all colours and shapes distinct
+  (the 1-object trials, about 1 in 6, give the untrained vision pathway an easy first signal);
+- spatial relation, 0.15: 3x3 .10, 2x2 .05, every cell filled, colours distinct;
+- counting, 0.10: 3x3, 3-8 objects; the answer is the number only (no enumeration).
+
+"high" = every colour and every shape distinct, "low" = conjunctions of m colours x m shapes (objects share
+features), "any" = unique conjunctions with no constraint (``sets.scene_description_set``'s ``entropy``). Objects
+sit on random cells, so the 3x3 components include the paper's PCA layout (6 objects in the outer columns of a
+3x3 grid) and relative/absolute 2x2 sub-arrangements among their configurations. Colour retrieval and scene
+description use all 11 colours and 9 shapes, a superset of every analysis set's vocabulary.
+
+Determinism: the trials of training step ``s`` depend only on (seed, s) (``step_trials``), never on which process
+draws them or on earlier steps, so a resumed run sees the same data as a straight one. The held-out sets
+(``heldout_sets``) are fixed draws with seeds offset by ``HELDOUT_SEED``; the trial space is small (e.g. 576
+distinct 2x2 high-entropy trials), so "held out" means an independent draw, not scenes never seen in training.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from vismech.models.vlm import VLM
+from vismech.scenes import sets
+from vismech.scenes.core import Trial
+
+HELDOUT_SEED = 1_000_003
+
+
+@dataclass(frozen=True)
+class Component:
+    """One kind of training trial: a task on a grid, an entropy condition and a range of object counts."""
+
+    name: str
+    task: str
+    grid: tuple[int, int]
+    weight: float
+    entropy: str | None = None
+    objects: tuple[int, int] | None = None  # (min, max) objects; None = the set's own rule
+
+
+MIXTURE: tuple[Component, ...] = (
+    Component("sd_2x2_high", "scene_description", (2, 2), 0.10, "high", (2, 4)),
+    Component("sd_2x2_low", "scene_description", (2, 2), 0.05, "low", (2, 4)),
+    Component("sd_2x2_any", "scene_description", (2, 2), 0.05, None, (2, 4)),
+    Component("sd_3x3_high", "scene_description", (3, 3), 0.15, "high", (2, 9)),
+    Component("sd_3x3_low", "scene_description", (3, 3), 0.10, "low", (2, 9)),
+    Component("sd_3x3_any", "scene_description", (3, 3), 0.05, None, (2, 9)),
+    Component("sd_3x2_high", "scene_description", (3, 2), 0.05, "high", (2, 6)),
+    Component("color_2x2", "color_retrieval", (2, 2), 0.10, None, (1, 4)),
+    Component("color_3x3", "color_retrieval", (3, 3), 0.10, None, (1, 9)),
+    Component("relation_3x3", "spatial_relation", (3, 3), 0.10),
+    Component("relation_2x2", "spatial_relation", (2, 2), 0.05),
+    Component("counting_3x3", "counting", (3, 3), 0.10, None, (3, 8)),
+)
+
+ALL_COLORS = tuple(sets.COLORS)
+ALL_SHAPES = tuple(sets.SHAPES)
+
+
+def draw(c: Component, seed: int) -> Trial:
+    """One trial of component ``c``, a pure function of ``seed``."""
+    rng = random.Random(seed)
+    n = rng.randint(*c.objects) if c.objects else None
+    s = rng.getrandbits(62)
+    if c.task == "scene_description":
+        t = sets.scene_description_set(1, c.grid, n_objects=n, seed=s, entropy=c.entropy)[0]
+    elif c.task == "color_retrieval":
+        t = sets.color_retrieval_set(1, c.grid, seed=s, n_objects=n, colors=ALL_COLORS, shapes=ALL_SHAPES)[0]
+    elif c.task == "spatial_relation":
+        t = sets.spatial_relation_set(1, seed=s, grid=c.grid)[0]
+    elif c.task == "counting":
+        t = sets.counting_set(1, seed=s, grid=c.grid, min_objects=c.objects[0], max_objects=c.objects[1])[0]
+    else:
+        raise ValueError(f"unknown task {c.task!r} in mixture component {c.name!r}")
+    t.meta["component"] = c.name
+    return t
+
+
+def step_trials(seed: int, step: int, n: int, mixture: tuple[Component, ...] = MIXTURE) -> list[Trial]:
+    """The ``n`` training trials of ``step`` of the run with ``seed``: components drawn by weight."""
+    rng = random.Random(seed * 1_000_000_007 + step)
+    comps = rng.choices(mixture, weights=[c.weight for c in mixture], k=n)
+    return [draw(c, rng.getrandbits(62)) for c in comps]
+
+
+def answer_tokens(vlm: VLM, text: str, answer: str, end_token: str,
+                  prefix: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids + end id): ``answer`` continuing ``text`` as ``VLM.answer_ids`` tokenizes it (a
+    space first unless ``text`` ends in whitespace), then ``end_token``. ``prefix``: ``text``'s ids if known."""
+    tok = vlm.tokenizer
+    sep = "" if (not text or text[-1].isspace()) else " "
+    prefix = tok(text)["input_ids"] if prefix is None else list(prefix)
+    full = tok(text + sep + answer)["input_ids"]
+    if full[:len(prefix)] != prefix or len(full) == len(prefix):
+        raise ValueError(f"the answer {answer!r} does not continue the prompt's tokens with this tokenizer, so it "
+                         "cannot be appended for teacher forcing")
+    end = tok.convert_tokens_to_ids(end_token)
+    if end is None or end == tok.unk_token_id:
+        raise ValueError(f"the tokenizer has no end token {end_token!r}")
+    return prefix, full[len(prefix):] + [end]
+
+
+def teacher_forcing(vlm: VLM, trials: list[Trial], end_token: str, images=None,
+                    label_mentions: bool = False) -> dict[str, torch.Tensor]:
+    """Model inputs of prompt+answer rows, left-padded, with ``labels`` (-100 except answer and end tokens).
+
+    Images, pixel tensors and prompt tokens come from ``vlm.encode(trials)``; only the text rows are rebuilt.
+    ``label_mentions`` (off by default) also labels the described objects' words in scene-description prompts, so
+    every "a" of "there is a X, a Y and a" is trained to name an object not yet mentioned (denser supervision)."""
+    b = vlm.encode(trials, images)
+    rows = []
+    for i, (t, text) in enumerate(zip(trials, b.texts)):
+        prompt = b.inputs["input_ids"][i, b.inputs["attention_mask"][i].bool()].tolist()
+        rows.append(answer_tokens(vlm, text, t.answer, end_token, prefix=prompt))
+    length = max(len(p) + len(a) for p, a in rows)
+    pad = vlm.tokenizer.pad_token_id or 0
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (p, a) in enumerate(rows):
+        off = length - len(p) - len(a)
+        ids[i, off:] = torch.tensor(p + a)
+        mask[i, off:] = 1
+        labels[i, length - len(a):] = torch.tensor(a)
+        if label_mentions and trials[i].task == "scene_description":
+            shift = off - (b.length - len(p))
+            pos = torch.tensor([x + shift for m in b.mentions[i] for x in m], dtype=torch.long)
+            labels[i, pos] = ids[i, pos]
+    out = dict(b.inputs)
+    out.update(input_ids=ids, attention_mask=mask, labels=labels,
+               **vlm.family.extra_inputs(ids, vlm.image_token_id))
+    return out
+
+
+# -- held-out sets --------------------------------------------------------------------------------------------------
+def _subsample(trials: list[Trial], n: int, seed: int) -> list[Trial]:
+    if len(trials) <= n:
+        return trials
+    keep = sorted(random.Random(seed).sample(range(len(trials)), n))
+    return [trials[i] for i in keep]
+
+
+def _entropy(grid, condition, n, seed):
+    k = math.ceil(n / (grid[0] * grid[1]) ** 2)
+    return _subsample(sets.entropy_set(grid, condition, k=k, seed=seed), n, seed)
+
+
+HELDOUT_GROUPS = {
+    "scene_description/2x2/high": lambda n, s: _entropy((2, 2), "high", n, s),
+    "scene_description/2x2/low": lambda n, s: _entropy((2, 2), "low", n, s),
+    "scene_description/3x3/high": lambda n, s: _entropy((3, 3), "high", n, s),
+    "scene_description/3x3/low": lambda n, s: _entropy((3, 3), "low", n, s),
+    "scene_description/2x2/2obj": lambda n, s: sets.scene_description_set(n, (2, 2), n_objects=2, seed=s),
+    "color_retrieval/2x2": lambda n, s: sets.color_retrieval_set(n, (2, 2), seed=s),
+    "spatial_relation/3x3": lambda n, s: sets.spatial_relation_set(n, seed=s, grid=(3, 3)),
+    "counting/3x3": lambda n, s: sets.counting_set(n, seed=s, grid=(3, 3)),
+}
+
+#: The groups the 95% target is stated for (high-entropy scene description and colour retrieval).
+TARGET_GROUPS = ("scene_description/2x2/high", "scene_description/3x3/high", "color_retrieval/2x2")
+
+
+def heldout_sets(n: int, seed: int, groups=None) -> dict[str, list[Trial]]:
+    """The fixed held-out draw: ``n`` trials per group (the paper's entropy sets, subsampled, for the scene
+    description groups; the default analysis sets otherwise), seeds offset from training by ``HELDOUT_SEED``."""
+    names = list(groups or HELDOUT_GROUPS)
+    return {g: HELDOUT_GROUPS[g](n, HELDOUT_SEED + 7919 * seed + k) for k, g in enumerate(names)}
+
+
+# -- feeding a GPU --------------------------------------------------------------------------------------------------
+def adapter_without_weights(arch: str, sizes: dict | None = None) -> VLM:
+    """A ``VLM`` of the ``arch`` organism on the meta device: tokenizer, processor and layout, no weights (what
+    ``encode`` needs, built in a worker process in milliseconds)."""
+    from vismech.models.families import family_for_config
+    from vismech.models.wordtok import build_word_tokenizer
+
+    from .config import organism_config
+
+    tok = build_word_tokenizer()
+    cfg = organism_config(arch, tok, **(sizes or {}))
+    spec = family_for_config(cfg)
+    with torch.device("meta"):
+        model = spec.model_class()(cfg)
+    return VLM(model, tok, spec.image_processor_for(cfg), spec, f"organism:{arch}", "chat")
+
+
+class _Maker:
+    """Builds the batch of a step; one per worker process (or one in the training process)."""
+
+    def __init__(self, arch, sizes, seed, batch_size, end_token, pixel_dtype, mixture, label_mentions=False):
+        self.vlm = adapter_without_weights(arch, sizes)
+        self.seed, self.n, self.end, self.dtype, self.mixture = seed, batch_size, end_token, pixel_dtype, mixture
+        self.label_mentions = label_mentions
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        batch = teacher_forcing(self.vlm, step_trials(self.seed, step, self.n, self.mixture), self.end,
+                                label_mentions=self.label_mentions)
+        if self.dtype is not None:
+            batch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
+        return batch
+
+
+_MAKER: list[_Maker] = []  # the worker process's maker
+
+
+def _init_worker(*args) -> None:
+    torch.set_num_threads(1)
+    _MAKER.append(_Maker(*args))
+
+
+def _make(step: int) -> dict[str, torch.Tensor]:
+    return _MAKER[-1](step)
+
+
+class Feeder:
+    """Training batches for steps ``start, start+1, ...`` in order, built by ``workers`` processes (0: in this
+    process), at most ``prefetch`` batches ahead. ``pixel_dtype`` bf16 halves what crosses processes; it changes
+    nothing under bf16 autocast, whose first vision op casts the pixels to bf16 anyway."""
+
+    def __init__(self, arch: str, seed: int, batch_size: int, end_token: str, start: int = 0, workers: int = 0,
+                 prefetch: int | None = None, pixel_dtype: torch.dtype | None = None, sizes: dict | None = None,
+                 mixture: tuple[Component, ...] = MIXTURE, label_mentions: bool = False):
+        self.step = start
+        args = (arch, sizes, seed, batch_size, end_token, pixel_dtype, mixture, label_mentions)
+        self.pool = None
+        if workers > 0:
+            import multiprocessing as mp
+
+            self.pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=args)
+            self.prefetch = prefetch or 2 * workers
+            self.pending: list = []
+        else:
+            self.maker = _Maker(*args)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.pool is None:
+            batch = self.maker(self.step)
+        else:
+            while len(self.pending) < self.prefetch:
+                self.pending.append(self.pool.apply_async(_make, (self.step + len(self.pending),)))
+            batch = self.pending.pop(0).get()
+        self.step += 1
+        return batch
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

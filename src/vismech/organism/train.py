@@ -1,0 +1,362 @@
+"""Train a model organism from scratch on vismech's scenes and save it as an ordinary HF checkpoint.
+
+``train_organism`` builds the ``arch`` organism (``config``), feeds it the task mixture (``data``) and trains it:
+AdamW (betas 0.9/0.95, weight decay on matrices only), linear warmup then cosine decay to ``min_lr_ratio`` x lr,
+gradient clipping, bf16 autocast on CUDA with fp32 master weights, fixed seeds (python, numpy, torch). Every
+``eval_every`` steps, and at the emergence snapshots, it measures first-token accuracy on a fixed held-out draw per
+task, grid and entropy condition (``data.heldout_sets``; the same computation as ``experiments.behaviour``: the
+arg-max of the last-token logits equals the first token of the answer), with Wilson 95% intervals.
+
+Files written in ``out``: ``train_log.jsonl`` (step, loss, lr, grad norm, seconds, accuracies), ``emergence.jsonl``
+(the ``snapshot(vlm, step) -> dict`` callback's output at >= ``snapshots`` log-spaced steps, step 0 included;
+default: the held-out accuracies), ``train_state.pt`` (weights, optimizer and RNG states, step; every
+``save_every`` steps; ``resume=True`` continues from it and truncates the logs to its step), and at the end the
+checkpoint in bf16 (config, safetensors, tokenizer, image processor) plus ``README.md`` (``card``). The final
+accuracies are measured on the checkpoint as ``load_vlm(out)`` loads it, through the same adapter as any model.
+
+Choices the paper leaves open (it trains nothing): every hyper-parameter here; the data for step s depends only on
+(seed, s), so resuming sees the same data. Speed: on CUDA the Qwen2.5-VL vision tower uses
+``packed_vision_attention`` during training (all windows of one length in one SDPA call instead of HF's one call
+per window; same numbers, tested), and batches are built by worker processes (``data.Feeder``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vismech.analysis.stats import wilson_ci
+from vismech.models.families import family_for_config
+from vismech.models.vlm import VLM
+
+from . import data
+from .config import END_TOKEN, MAX_BYTES, build_organism, check_arch
+
+STATE = "train_state.pt"
+LOG = "train_log.jsonl"
+EMERGENCE = "emergence.jsonl"
+DEFAULTS = dict(steps=8000, batch_size=128, lr=1e-3, seed=0)
+WEIGHT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json", "README.md")
+
+
+# -- packed attention for the Qwen2.5-VL vision tower -----------------------------------------------------------
+def _packed_sdpa(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, is_causal=False,
+                 cu_seq_lens_q=None, **kwargs):
+    """Block-diagonal attention over the packed windows/images given by ``cu_seq_lens_q``: chunks of one length
+    are batched into one SDPA call. query/key/value: [1, heads, total, head_dim]; returns [1, total, heads, d]."""
+    cu = cu_seq_lens_q.tolist()
+    starts, lengths = np.array(cu[:-1]), np.diff(cu)
+    outs, order = [], []
+    for n in sorted(set(lengths.tolist())):
+        if n == 0:
+            continue
+        idx = torch.as_tensor(starts[lengths == n][:, None] + np.arange(n)[None], device=query.device)
+        q, k, v = (x[0][:, idx].transpose(0, 1) for x in (query, key, value))  # [chunks, heads, n, d]
+        o = F.scaled_dot_product_attention(q, k, v, scale=scaling)
+        outs.append(o.permute(0, 2, 1, 3).reshape(-1, o.shape[1], o.shape[3]))  # [chunks*n, heads, d]
+        order.append(idx.reshape(-1))
+    out = torch.cat(outs)[torch.argsort(torch.cat(order))]
+    return out.unsqueeze(0), None
+
+
+PACKED = "flash_vismech_packed_sdpa"  # "flash" in the name routes HF's vision attention to its packed branch
+
+
+@contextlib.contextmanager
+def packed_vision_attention(model, enabled: bool = True):
+    """Within the block, a Qwen2.5-VL vision tower attends with ``_packed_sdpa``; other models are unchanged."""
+    vc = getattr(model.config, "vision_config", None)
+    if not enabled or getattr(model.config, "model_type", "") != "qwen2_5_vl" or vc is None:
+        yield
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED, _packed_sdpa)
+    old = vc._attn_implementation
+    vc._attn_implementation = PACKED
+    try:
+        yield
+    finally:
+        vc._attn_implementation = old
+
+
+# -- schedule, seeds, evaluation --------------------------------------------------------------------------------
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from ``peak`` to ``min_ratio * peak`` at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def snapshot_steps(total: int, n: int = 16) -> list[int]:
+    """Step 0 and at least ``n - 1`` distinct log-spaced steps in [1, total] (fewer only if total is smaller)."""
+    k, out = n - 1, set()
+    while len(out) < min(n - 1, total) and k <= 4 * total + n:
+        out = {int(round(x)) for x in np.geomspace(1, max(total, 1), k)}
+        k += 1
+    return sorted({0} | out)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class HeldOut:
+    """The held-out draw, encoded once through ``vlm.encode`` (groups mixed in batches of ``batch_size``);
+    ``accuracy(vlm)`` gives first-token accuracy per group. Pixels are kept in bf16 when ``compact`` (lossless for
+    a bf16 model or under bf16 autocast)."""
+
+    def __init__(self, vlm: VLM, n: int, seed: int, batch_size: int, compact: bool = False):
+        self.sets = data.heldout_sets(n, seed)
+        rows = [(g, t) for g, trials in self.sets.items() for t in trials]
+        self.batches = []
+        for s in range(0, len(rows), batch_size):
+            groups, chunk = zip(*rows[s:s + batch_size])
+            b = vlm.encode(list(chunk))
+            want = vlm.answer_ids(b, [t.answer for t in chunk])
+            inputs = {k: v.bfloat16() if compact and v.is_floating_point() else v for k, v in b.inputs.items()}
+            self.batches.append((groups, inputs, want))
+
+    @torch.no_grad()
+    def accuracy(self, vlm: VLM) -> dict[str, dict]:
+        hits: dict[str, list[int]] = {g: [0, 0] for g in self.sets}
+        with _autocast(vlm.device):
+            for groups, inputs, want in self.batches:
+                right = (vlm.logits(inputs).argmax(-1).cpu() == want).tolist()
+                for g, r in zip(groups, right):
+                    hits[g][0] += int(r)
+                    hits[g][1] += 1
+        out = {}
+        for g, (k, n) in hits.items():
+            lo, hi = wilson_ci(k, n)
+            out[g] = {"accuracy": k / n, "n": n, "ci_low": float(lo), "ci_high": float(hi)}
+        return out
+
+
+def _flat(acc: dict[str, dict]) -> dict[str, float]:
+    return {g: round(a["accuracy"], 4) for g, a in acc.items()}
+
+
+# -- state ----------------------------------------------------------------------------------------------------
+def _save_state(path: Path, model, opt, step: int, run: dict, seconds: float) -> None:
+    rng = {"torch": torch.get_rng_state(), "python": repr(random.getstate()),
+           "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
+    state = {"step": step, "run": run, "seconds": seconds, "model": model.state_dict(),
+             "optimizer": opt.state_dict(), "rng": rng}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, model, opt, run: dict) -> tuple[int, float]:
+    import ast
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = state["run"]
+    for key in ("arch", "seed", "batch_size", "lr", "sizes", "label_mentions"):
+        if saved.get(key) != run.get(key):
+            raise ValueError(f"{path} was trained with {key}={saved.get(key)!r}, not {run.get(key)!r}; resume with "
+                             "the same settings or choose another --out")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(ast.literal_eval(state["rng"]["python"]))
+    kind, keys, *rest = state["rng"]["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    return int(state["step"]), float(state.get("seconds", 0.0))
+
+
+def _truncate(path: Path, step: int) -> None:
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def organism_files_bytes(out: str | Path) -> int:
+    """Bytes of the saved organism itself (weights, configs, tokenizer, card), without logs and train state."""
+    out = Path(out)
+    return sum(f.stat().st_size for f in out.iterdir() if f.name in WEIGHT_FILES)
+
+
+# -- training -------------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    out: Path
+    vlm: VLM  # the in-memory model (fp32 weights), eval mode
+    summary: dict = field(default_factory=dict)
+
+
+def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], seed: int = DEFAULTS["seed"],
+                   device: str | None = None, batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
+                   *, warmup: int | None = None, min_lr_ratio: float = 0.1, weight_decay: float = 0.05,
+                   grad_clip: float = 1.0, eval_every: int = 500, eval_n: int = 128, log_every: int = 25,
+                   save_every: int = 500, snapshots: int = 16,
+                   snapshot: Callable[[VLM, int], dict] | None = None, workers: int | None = None,
+                   resume: bool = False, stop_at: int | None = None, max_minutes: float | None = None,
+                   progress: bool = True, sizes: dict | None = None, packed_attention: bool | None = None,
+                   mixture: tuple = data.MIXTURE, label_mentions: bool = False,
+                   command: str | None = None) -> TrainResult:
+    """Train the ``arch`` organism for ``steps`` steps into ``out`` (see the module docstring).
+
+    ``stop_at`` ends the run after that step as if interrupted (state saved, no checkpoint); ``max_minutes`` ends
+    it early but still saves the checkpoint and card. ``label_mentions``: see ``data.teacher_forcing``.
+    ``workers`` defaults to 0 on CPU and cores - 2 (at most 30) on CUDA. ``sizes`` (``text=``/``vision=``
+    overrides) changes the architecture; ``command`` goes into the card."""
+    check_arch(arch)
+    t_start = time.time()
+    out = Path(out)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    state_path = out / STATE
+    if (state_path.exists() or (out / "config.json").exists()) and not resume:
+        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = sizes or {}
+    run = {"arch": arch, "seed": seed, "batch_size": batch_size, "lr": lr, "sizes": json.dumps(sizes, sort_keys=True),
+           "steps": steps, "label_mentions": label_mentions}
+    warmup = min(500, max(1, steps // 20)) if warmup is None else warmup
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    seed_everything(seed)
+    model, tok, proc = build_organism(arch, seed, **sizes)
+    model.to(dev)
+    spec = family_for_config(model.config)
+    vlm = VLM(model, tok, proc, spec, f"organism:{arch}", "chat")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=dev.type == "cuda")
+    start, before = 0, 0.0
+    if resume and state_path.exists():
+        start, before = _load_state(state_path, model, opt, run)
+        for f in (LOG, EMERGENCE):
+            _truncate(out / f, start)
+    elif resume:
+        print(f"vismech: no {STATE} in {out}; starting from step 0")
+    heldout = HeldOut(vlm, eval_n, seed, max(batch_size, 32), compact=dev.type == "cuda")
+    snaps = set(snapshot_steps(steps, snapshots))
+    packed = dev.type == "cuda" if packed_attention is None else packed_attention
+    workers = (0 if dev.type == "cpu" else max(1, min(30, (os.cpu_count() or 4) - 2))) if workers is None else workers
+    end = min(steps, stop_at) if stop_at is not None else steps
+    t0, done, acc, last_loss = time.time() - before, start, None, None  # log seconds count earlier sessions
+    logged_loss = torch.zeros((), device=dev)
+    n_logged = 0
+
+    def evaluate(step: int) -> dict:
+        model.eval()
+        with packed_vision_attention(model, packed):
+            result = heldout.accuracy(vlm)
+            if step in snaps:
+                with _autocast(dev), torch.no_grad():
+                    extra = snapshot(vlm, step) if snapshot is not None else {"accuracy": _flat(result)}
+                _append(out / EMERGENCE, {"step": step, **extra})
+        model.train()
+        return result
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, initial=start, desc=f"train {arch}", unit="step", disable=not progress)
+    if start == 0 and 0 in snaps:
+        acc = evaluate(0)
+        _append(out / LOG, {"step": 0, "loss": None, "lr": 0.0, "seconds": 0.0, "accuracy": _flat(acc)})
+    feeder = data.Feeder(arch, seed, batch_size, END_TOKEN[arch], start=start, workers=workers,
+                         pixel_dtype=torch.bfloat16 if dev.type == "cuda" else None, sizes=sizes, mixture=mixture,
+                         label_mentions=label_mentions)
+    model.train()
+    stopped_early = False
+    try:
+        with feeder, packed_vision_attention(model, packed):
+            for step in range(start, end):
+                cur_lr = lr_at(step, steps, lr, warmup, min_lr_ratio)
+                for g in opt.param_groups:
+                    g["lr"] = cur_lr
+                batch = {k: v.to(dev, non_blocking=True) for k, v in next(feeder).items()}
+                with _autocast(dev):
+                    loss = model(**batch, use_cache=False).loss
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                logged_loss += loss.detach()
+                n_logged += 1
+                done = step + 1
+                is_eval = done in snaps or done % eval_every == 0 or done == steps
+                if done % log_every == 0 or is_eval or done == end:
+                    last_loss = float(logged_loss) / n_logged
+                    row = {"step": done, "loss": round(last_loss, 5), "lr": cur_lr, "grad_norm": round(float(gnorm), 4),
+                           "seconds": round(time.time() - t0, 2)}
+                    logged_loss.zero_()
+                    n_logged = 0
+                    if is_eval:
+                        acc = evaluate(done)
+                        row["accuracy"] = _flat(acc)
+                    _append(out / LOG, row)
+                    bar.set_postfix(loss=f"{last_loss:.3f}")
+                bar.update(1)
+                if done % save_every == 0 or done == end:
+                    _save_state(state_path, model, opt, done, run, time.time() - t0)
+                if max_minutes is not None and time.time() - t_start > 60 * max_minutes and done < end:
+                    stopped_early = True
+                    _save_state(state_path, model, opt, done, run, time.time() - t0)
+                    break
+    finally:
+        bar.close()
+    model.eval()
+    summary = {"arch": arch, "out": str(out), "steps": done, "planned_steps": steps,
+               "train_seconds": time.time() - t0, "seconds": time.time() - t_start,
+               "params": sum(p.numel() for p in model.parameters()), "loss": last_loss, "device": str(dev)}
+    if done < steps and not stopped_early:
+        summary["stopped_at"] = done
+        return TrainResult(out, vlm, summary)
+    summary.update(_finish(vlm, out, dev, heldout, summary, run, dict(
+        warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
+        eval_n=eval_n, mixture=mixture, command=command, stopped_early=stopped_early)))
+    return TrainResult(out, vlm, summary)
+
+
+def _finish(vlm: VLM, out: Path, dev: torch.device, heldout: HeldOut, summary: dict, run: dict, extra: dict) -> dict:
+    """Save the bf16 checkpoint, reload it as any model is loaded, measure it and write the model card."""
+    from vismech.models.load import load_vlm
+
+    from .card import write_card
+
+    model = copy.deepcopy(vlm.model).to(torch.bfloat16)
+    model.save_pretrained(out)
+    vlm.tokenizer.save_pretrained(out)
+    vlm.image_processor.save_pretrained(out)
+    del model
+    loaded = load_vlm(str(out), dtype="bf16", device=str(dev))
+    acc = heldout.accuracy(loaded)
+    size = organism_files_bytes(out)
+    write_card(out, {**summary, **run, **extra, "final_accuracy": acc, "bytes": size}, loaded.model)
+    size = organism_files_bytes(out)
+    if size > MAX_BYTES:
+        raise ValueError(f"the saved organism takes {size / 1e6:.2f} MB, over the {MAX_BYTES / 1e6:.0f} MB budget; "
+                         "choose smaller sizes")
+    return {"final_accuracy": acc, "bytes": size}

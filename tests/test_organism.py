@@ -1,0 +1,215 @@
+"""The model-organism trainer: labels, determinism, sizes, checkpoints that load like any model, exact resume."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vismech.models.vlm import VLM
+from vismech.organism import data
+from vismech.organism.config import (ARCHS, END_TOKEN, MAX_BYTES, SMALL_SIZES, count_params, organism_bytes,
+                                     organism_config)
+from vismech.organism.train import (_packed_sdpa, lr_at, organism_files_bytes, packed_vision_attention,
+                                    snapshot_steps, train_organism)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run much faster on one thread than on two contended ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(arch, out, steps=3, **kw):
+    kw = dict(dict(batch_size=2, eval_n=1, progress=False, device="cpu", sizes=SMALL_SIZES[arch]), **kw)
+    return train_organism(arch, out, steps=steps, **kw)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_labels_are_exactly_the_answer_tokens_then_the_end_token(arch):
+    vlm = data.adapter_without_weights(arch)
+    trials = data.step_trials(seed=3, step=0, n=12)
+    assert {t.task for t in trials} >= {"scene_description", "color_retrieval"}
+    b = data.teacher_forcing(vlm, trials, END_TOKEN[arch])
+    prompt = vlm.encode(trials)
+    first = vlm.answer_ids(prompt, [t.answer for t in trials])
+    ids, labels, mask = b["input_ids"], b["labels"], b["attention_mask"]
+    for i, t in enumerate(trials):
+        lab = labels[i][labels[i] != -100]
+        words = vlm.tokenizer.convert_ids_to_tokens(lab.tolist())
+        assert words == t.answer.split() + [END_TOKEN[arch]]
+        n = len(lab)
+        assert torch.equal(ids[i, -n:], lab)  # labels sit on the last n tokens, which are those tokens
+        assert lab[0] == first[i]  # the first answer token is the one analyses score
+        p_ids = prompt.inputs["input_ids"][i][prompt.inputs["attention_mask"][i].bool()]
+        assert torch.equal(ids[i][mask[i].bool()][:-n], p_ids)  # the prompt is encode's, unchanged
+        assert int(mask[i].sum()) == len(p_ids) + n
+    if arch == "qwen2_5_vl":
+        assert torch.equal(b["mm_token_type_ids"], (ids == vlm.image_token_id).int())
+    assert b["pixel_values"].shape[0] == prompt.inputs["pixel_values"].shape[0]
+    dense = data.teacher_forcing(vlm, trials, END_TOKEN[arch], label_mentions=True)
+    assert torch.equal(dense["input_ids"], ids)
+    for i, t in enumerate(trials):
+        lab = dense["labels"][i][dense["labels"][i] != -100]
+        named = [w for o in t.mentioned for w in o.name.split()] if t.task == "scene_description" else []
+        assert vlm.tokenizer.convert_ids_to_tokens(lab.tolist()) == named + t.answer.split() + [END_TOKEN[arch]]
+
+
+def test_data_is_deterministic_under_a_seed():
+    a, b = data.step_trials(5, 7, 16), data.step_trials(5, 7, 16)
+    assert [t.to_json() for t in a] == [t.to_json() for t in b]
+    assert [t.to_json() for t in a] != [t.to_json() for t in data.step_trials(5, 8, 16)]
+    assert [t.to_json() for t in a] != [t.to_json() for t in data.step_trials(6, 7, 16)]
+    # the batch of step 2 is the same whether the feeder starts at 0 or resumes at 2
+    f0 = data.Feeder("llava", 5, 4, END_TOKEN["llava"], sizes=SMALL_SIZES["llava"])
+    batches = [next(f0) for _ in range(3)]
+    f2 = data.Feeder("llava", 5, 4, END_TOKEN["llava"], start=2, sizes=SMALL_SIZES["llava"])
+    third = next(f2)
+    assert all(torch.equal(third[k], batches[2][k]) for k in third)
+    assert not torch.equal(batches[0]["pixel_values"], batches[1]["pixel_values"])
+    h1, h2 = data.heldout_sets(3, 0), data.heldout_sets(3, 0)
+    assert {g: [t.to_json() for t in ts] for g, ts in h1.items()} == {g: [t.to_json() for t in ts]
+                                                                       for g, ts in h2.items()}
+    assert all(len(ts) == 3 for ts in h1.values()) and set(h1) == set(data.HELDOUT_GROUPS)
+    assert {t.meta["entropy"] for t in h1["scene_description/3x3/high"]} == {"high"}
+
+
+def test_mixture_weights_sum_to_one_and_are_drawn_in_proportion():
+    assert abs(sum(c.weight for c in data.MIXTURE) - 1) < 1e-9
+    trials = data.step_trials(0, 0, 2000)
+    counts = {c.name: 0 for c in data.MIXTURE}
+    for t in trials:
+        counts[t.meta["component"]] += 1
+    for c in data.MIXTURE:  # binomial, 4.5 standard errors
+        assert abs(counts[c.name] / 2000 - c.weight) < 4.5 * np.sqrt(c.weight * (1 - c.weight) / 2000)
+    described = [len(t.mentioned) for t in trials if t.task == "scene_description"]
+    assert min(described) == 1 and max(described) == 8
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_organism_fits_twelve_megabytes_in_bf16(arch):
+    cfg = organism_config(arch)
+    t = cfg.get_text_config()
+    assert (t.num_hidden_layers, t.num_attention_heads, t.hidden_size, t.head_dim, t.num_key_value_heads) == (
+        8, 8, 256, 32, 4)
+    # golden count of one Llama-style decoder layer: q, o 256x256; k, v 256x128; gated MLP 3x256x512; two norms
+    layer = 2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 512 + 2 * 256
+    bias = (256 + 2 * 128) * 8 if arch == "qwen2_5_vl" else 0  # Qwen's q/k/v biases
+    text = 8 * layer + bias + 2 * t.vocab_size * 256 + 256  # + untied embeddings and head, final norm
+    n = count_params(arch)
+    assert text < n < text + 1.2e6  # the vision tower and projector add under 1.2M
+    assert organism_bytes(arch) == 2 * n + 100_000 <= MAX_BYTES
+    from vismech.models.families import family_for_config
+
+    spec = family_for_config(cfg)
+    geo = spec.geometry(cfg, spec.image_processor_for(cfg))
+    assert geo.layout(3, 3).obj_tokens == geo.layout(2, 2).obj_tokens == 2
+    assert geo.layout(3, 3).canvas_px == (224 if arch == "qwen2_5_vl" else 112)
+
+
+def test_packed_vision_attention_equals_hf_sdpa_values_and_gradients():
+    from vismech.organism.config import build_organism
+
+    model, _, _ = build_organism("qwen2_5_vl", seed=1, **SMALL_SIZES["qwen2_5_vl"])
+    vlm = data.adapter_without_weights("qwen2_5_vl", SMALL_SIZES["qwen2_5_vl"])
+    trials = data.step_trials(0, 1, 4)
+    b = vlm.encode(trials).inputs
+    assert len({tuple(g) for g in b["image_grid_thw"].tolist()}) == 2  # two image sizes in the batch
+    vis = model.model.visual
+    outs, grads = [], []
+    for packed in (False, True):
+        vis.zero_grad()
+        with packed_vision_attention(model, packed):
+            o = vis(b["pixel_values"], grid_thw=b["image_grid_thw"]).pooler_output
+        o.pow(2).sum().backward()
+        outs.append(o.detach())
+        grads.append(vis.blocks[0].attn.qkv.weight.grad.clone())
+    assert model.config.vision_config._attn_implementation == "sdpa"  # restored
+    assert torch.allclose(outs[0], outs[1], atol=1e-5) and torch.allclose(grads[0], grads[1], atol=1e-4)
+    # a direct check on unequal chunks against per-chunk attention
+    q, k, v = (torch.randn(1, 2, 10, 4) for _ in range(3))
+    cu = torch.tensor([0, 3, 7, 10])
+    got = _packed_sdpa(None, q, k, v, cu_seq_lens_q=cu, scaling=0.5)[0][0]
+    for a, z in zip(cu[:-1], cu[1:]):
+        ref = torch.nn.functional.scaled_dot_product_attention(q[..., a:z, :], k[..., a:z, :], v[..., a:z, :],
+                                                               scale=0.5)
+        assert torch.allclose(got[a:z], ref[0].transpose(0, 1), atol=1e-6)
+
+
+def test_schedule_and_snapshot_steps():
+    assert lr_at(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert lr_at(55, 100, 1.0, 10, 0.1) == pytest.approx(0.55)
+    assert lr_at(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    s = snapshot_steps(8000, 16)
+    assert s[0] == 0 and s[-1] == 8000 and len(s) >= 16 and len(set(s)) == len(s)
+    ratios = np.diff(np.log(s[4:]))
+    assert ratios.max() < 2.5 * ratios.min()  # log-spaced once past the first integers
+    assert snapshot_steps(3) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_smoke_run_saves_a_checkpoint_that_loads_with_identical_logits(arch, tmp_path):
+    from vismech.models.load import load_vlm
+
+    res = _run(arch, tmp_path / "org")
+    out = res.out
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "README.md",
+              "train_log.jsonl", "emergence.jsonl", "train_state.pt"):
+        assert (out / f).exists(), f
+    loaded = load_vlm(str(out), dtype="bf16", device="cpu")
+    assert loaded.model.config.architectures == organism_config(arch).architectures
+    trials = data.heldout_sets(2, 9)["scene_description/2x2/high"] + data.heldout_sets(2, 9)["counting/3x3"]
+    mem = copy.deepcopy(res.vlm.model)
+    for prm in mem.parameters():  # the weights' bf16 cast; buffers (rotary inv_freq) stay fp32 as when loading
+        prm.data = prm.data.to(torch.bfloat16)
+    batch = loaded.encode(trials)
+    assert torch.equal(batch.inputs["input_ids"], res.vlm.encode(trials).inputs["input_ids"])
+    in_memory = VLM(mem, res.vlm.tokenizer, res.vlm.image_processor, res.vlm.family, "in-memory")
+    assert torch.equal(loaded.logits(batch), in_memory.logits(batch))
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2, 3] and all(r["loss"] > 0 for r in log[1:])
+    assert all(set(r["accuracy"]) == set(data.HELDOUT_GROUPS) for r in log)
+    snaps = [json.loads(x) for x in (out / "emergence.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in snaps] == [0, 1, 2, 3]
+    card = (out / "README.md").read_text()
+    assert f"vismech train-organism --arch {arch} --out {out} --steps 3" in card
+    assert "| color_retrieval/2x2 |" in card and "sd_3x3_low" in card
+    assert res.summary["bytes"] == organism_files_bytes(out) < 2 * res.summary["params"] + 100_000
+
+
+def test_resume_after_two_steps_then_one_equals_three_straight_steps(tmp_path):
+    seen = []
+
+    def snap(vlm, step):
+        seen.append(step)
+        return {"norm": float(sum(p.float().norm() for p in vlm.model.parameters()))}
+
+    straight = _run("qwen2_5_vl", tmp_path / "a", snapshot=snap)
+    cut = _run("qwen2_5_vl", tmp_path / "b", snapshot=snap, stop_at=2)
+    assert cut.summary["stopped_at"] == 2 and not (tmp_path / "b" / "config.json").exists()
+    with pytest.raises(ValueError, match="--resume"):
+        _run("qwen2_5_vl", tmp_path / "b")
+    resumed = _run("qwen2_5_vl", tmp_path / "b", snapshot=snap, resume=True)
+    a, b = straight.vlm.model.state_dict(), resumed.vlm.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [[json.loads(x) for x in (tmp_path / d / "train_log.jsonl").read_text().splitlines()] for d in "ab"]
+    assert [r["step"] for r in logs[1]] == [0, 1, 2, 3]
+    assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
+    em = [(tmp_path / d / "emergence.jsonl").read_text() for d in "ab"]
+    assert em[0] == em[1] and seen == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
+def test_cli_train_organism_prints_a_summary(tmp_path, capsys):
+    from vismech.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["train-organism", "--arch", "llava", "--out", str(out), "--steps", "1", "--batch-size", "2",
+                 "--eval-n", "1", "--sizes", "small", "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("organism llava: 1/1 steps") and "color_retrieval/2x2=" in line
+    assert main(["train-organism", "--arch", "llava", "--out", str(out), "--sizes", "{bad"]) == 2
