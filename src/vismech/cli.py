@@ -129,8 +129,18 @@ def cmd_run(args) -> int:
     return 0
 
 
+#: Trial counts of the demo, sized so every experiment on the shipped organism finishes in minutes on 2 CPU cores.
+DEMO_OPTIONS = {"n": 8, "cma_n": 8, "null_samples": 1000, "max_new_tokens": 4}
+
+
 def cmd_demo(args) -> int:
+    import json
+
     args.experiments = ["all"]
+    given = args.set or []
+    keys = {kv.split("=", 1)[0] for kv in given}
+    args.set = [f"{k}={json.dumps(v)}" for k, v in DEMO_OPTIONS.items() if k not in keys and
+                not (k == "n" and args.n is not None)] + given
     return cmd_run(args)
 
 
@@ -214,14 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "finished work (refused if the options differ)")
     s.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("demo", help="the README's first command: every experiment on a small model, quickly")
+    s = sub.add_parser("demo", help="the README's first command: every experiment on the shipped organism, quickly")
     _model_args(s)
+    s.set_defaults(model="organism")
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--n", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
-    s.add_argument("--resume", action="store_true")
-    s.set_defaults(fn=cmd_demo)
+    s.add_argument("--fresh", dest="resume", action="store_false",
+                   help="refuse an existing --out instead of continuing it (by default a demo continues)")
+    s.set_defaults(fn=cmd_demo, resume=True)
 
     s = sub.add_parser("report", help="rebuild RUN_DIR/report.html from the stored results")
     s.add_argument("run_dir")
