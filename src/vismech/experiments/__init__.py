@@ -12,6 +12,10 @@ import importlib
 #: name -> module (relative to this package), in run order
 EXPERIMENTS: dict[str, str] = {
     "behaviour": ".behaviour_experiment",
+    "pca": ".pca",
+    "rsa": ".rsa",
+    "rsa-relative": ".rsa_relative",
+    "entropy": ".entropy",
     "cma": ".cma",
     "id-intervention": ".id_intervention",
     "key-intervention": ".key_intervention",

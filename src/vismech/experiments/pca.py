@@ -1,0 +1,214 @@
+"""``pca`` (Fig. 1b): at which layer does the last-token state separate by target position, and where by features?
+
+Stimuli: the paper's PCA set (``scenes.sets.pca_set``): 6 conjunctions on the 3x2 layout (left and right columns
+of a 3x3 grid), K trials per (object, target cell) combination (option ``n`` = K; the paper's 200 gives 7,200
+trials, the default 4 gives 144 for a quick run). Representation: the residual stream at the last token after every
+layer (``activations``; memmapped under ``<run>/cache`` when large, read one layer at a time).
+
+Per layer: the top-2 principal components (``analysis.pca.pca``) and two separability scores for each label
+(target position = its cell, 6 classes; target features = its colour-shape conjunction, 6 classes):
+
+- ``silhouette``: mean silhouette coefficient of the trials in the 2-D PC space (what the paper's scatter shows);
+- ``probe_accuracy``: stratified ``folds``-fold accuracy of an L2-regularised multinomial logistic-regression probe
+  on the full state, with its standard error over folds and the chance (majority-class) rate. The paper runs no
+  probes; this is an addition that does not depend on the top-2 PCs.
+
+The "position layer" and "feature layer" are the arg-max over layers of the position and feature scores of the
+measure ``select_by`` (default ``silhouette``, which matches the scatter; ``probe`` saturates at 1.0 on real
+models, so its arg-max is the first saturated layer). Both measures' arg-maxes are in the summary. Qwen2-VL in the
+paper: position at layer 19, features at layer 27.
+
+Speed: the probe makes thousands of small matrix products, which a multi-threaded OpenBLAS runs many times slower
+than one thread does (a 5-fold probe of 288 x 3,584 states: 8 s with 16 threads on the GPU host, 0.4 s on one
+thread here). While probing (only), the OpenBLAS libraries numpy and scipy loaded are set to ``blas_threads``
+threads (default 1; ``null`` leaves them), through their own ``*_set_num_threads`` symbols, and restored after;
+results are unchanged.
+
+Outputs: ``pca.csv`` (one row per layer x label x measure), ``pca_scores.csv`` (PC1/PC2 of every trial at the two
+selected layers), figure ``pca`` (scatter at the position layer coloured by target position, scatter at the
+feature layer coloured and marked by target object, separability by layer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+
+import numpy as np
+
+from vismech import activations
+from vismech.analysis.pca import chance_accuracy, pca, probe_accuracy, silhouette
+from vismech.experiments import figures_rsa as F
+from vismech.experiments.common import Context
+from vismech.experiments.rsa import accuracy_summary
+from vismech.scenes.sets import pca_set
+from vismech.scenes.vocab import COLORS
+
+NAME = "pca"
+DESCRIPTION = "Fig. 1b: last-token PCA on the 3x2 set; separability of target position and features by layer"
+DEFAULTS = {"n": 4, "folds": 5, "select_by": "silhouette", "blas_threads": 1, "act_dtype": "float32",
+            "memmap_mb": 512}
+
+LABELS = ("position", "features")
+MEASURES = ("silhouette", "probe_accuracy")
+MARKERS = {"circle": "o", "triangle": "^", "square": "s", "star": "*", "heart": "v", "cross": "X",
+           "diamond": "D", "pentagon": "p", "hexagon": "h"}
+
+
+def _openblas_libs():
+    """(set, get) thread-count functions of every OpenBLAS library loaded in this process (Linux; else none)."""
+    names = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads")
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower() and ".so" in ln})
+    except OSError:
+        return []
+    out = []
+    for p in paths:
+        try:
+            lib = ctypes.CDLL(p)
+        except OSError:
+            continue
+        for name in names:
+            if hasattr(lib, name) and hasattr(lib, name.replace("set_", "get_")):
+                out.append((getattr(lib, name), getattr(lib, name.replace("set_", "get_"))))
+                break
+    return out
+
+
+@contextlib.contextmanager
+def blas_threads(n: int | None):
+    """Run the block with ``n`` OpenBLAS threads (None: unchanged); the old counts are restored after."""
+    libs = [] if n is None else _openblas_libs()
+    old = [get() for _, get in libs]
+    for set_, _ in libs:
+        set_(int(n))
+    try:
+        yield
+    finally:
+        for (set_, _), k in zip(libs, old):
+            set_(k)
+
+
+def labels_of(trials) -> dict[str, np.ndarray]:
+    return {"position": np.array([f"{t.target.cell[0]},{t.target.cell[1]}" for t in trials]),
+            "features": np.array([t.target.name for t in trials])}
+
+
+def layer_scores(X, labels: dict, folds: int, seed: int, threads: int | None = 1
+                 ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """PC scores [n, 2], explained-variance ratios [2] and {(label, measure): (value, se, chance)} of one layer."""
+    X = np.asarray(X, dtype=np.float64)
+    scores, _, ratio = pca(X, 2)
+    out = {}
+    for name, y in labels.items():
+        out[(name, "silhouette")] = (silhouette(scores, y), np.nan, np.nan)
+        with blas_threads(threads):
+            acc, se = probe_accuracy(X, y, folds=min(folds, len(y)), seed=seed)
+        out[(name, "probe_accuracy")] = (acc, se, chance_accuracy(y))
+    return scores, ratio, out
+
+
+def _f(x):
+    x = float(x)
+    return None if not np.isfinite(x) else x
+
+
+@F.paper_style
+def _figure(trials, labels, scores_pos, scores_feat, lp, lf, table, n_layers):
+    fig, axes = F.figure(3, 1, w=2.6, h=2.5)
+    ax = axes[0, 0]
+    cells = sorted(set(labels["position"]))
+    cmap = [f"C{i}" for i in range(10)]
+    for i, c in enumerate(cells):
+        m = labels["position"] == c
+        ax.scatter(scores_pos[m, 0], scores_pos[m, 1], s=6, alpha=0.7, color=cmap[i % 10], label=f"({c})", lw=0)
+    ax.set_title(f"Layer {lp}: target position")
+    F.legend_below(ax, ncol=3, drop=0.3, markerscale=1.5, handletextpad=0.1, columnspacing=0.8, title="target cell (row, col)",
+                   title_fontsize=7)
+    ax = axes[0, 1]
+    for obj in sorted({(t.target.color, t.target.shape) for t in trials}):
+        m = labels["features"] == f"{obj[0]} {obj[1]}"
+        rgb = np.array(COLORS.get(obj[0], (80, 80, 80))) / 255
+        ax.scatter(scores_feat[m, 0], scores_feat[m, 1], s=9, alpha=0.7, color=rgb, marker=MARKERS.get(obj[1], "o"),
+                   label=f"{obj[0]} {obj[1]}", lw=0)
+    ax.set_title(f"Layer {lf}: target features")
+    F.legend_below(ax, ncol=2, drop=0.3, markerscale=1.5, handletextpad=0.1, columnspacing=0.8, title="target object",
+                   title_fontsize=7)
+    for a in axes[0, :2]:
+        a.set_xlabel("PC1")
+        a.set_ylabel("PC2")
+        a.set_xticks([])
+        a.set_yticks([])
+    ax = axes[0, 2]
+    x = np.arange(n_layers)
+    for name, color in zip(LABELS, ("#d62728", "#2ca02c")):
+        sil = np.array([table[layer][(name, "silhouette")][0] for layer in x])
+        acc = np.array([table[layer][(name, "probe_accuracy")] for layer in x])
+        ax.plot(x, sil, color=color, label=f"{name}: silhouette (PC1-2)")
+        F.interval_line(ax, x, acc[:, 0], acc[:, 0] - acc[:, 1], acc[:, 0] + acc[:, 1], color=color, ls="--",
+                        lw=1.0, label=f"{name}: probe accuracy")
+    ax.axhline(table[0][("position", "probe_accuracy")][2], color="0.5", lw=0.7, ls=":", label="probe chance")
+    ax.set_xlabel("Layer")
+    ax.set_ylabel("Separability")
+    ax.set_title("Separability by layer")
+    if n_layers <= 12:
+        ax.set_xticks(x)
+    F.legend_below(ax, ncol=1)
+    fig.tight_layout()
+    return fig
+
+
+def run(ctx: Context) -> dict:
+    k, folds, select = int(ctx.opt("n")), int(ctx.opt("folds")), ctx.opt("select_by")
+    if select not in ("silhouette", "probe"):
+        raise ValueError(f"select_by must be 'silhouette' or 'probe', not {select!r}")
+    trials = pca_set(k=k, seed=ctx.seed)
+    acts = activations.for_context(ctx, trials, commas=False, z=False, desc="pca capture")
+    labels = labels_of(trials)
+    last = acts.last()
+    L = acts.n_layers
+    table, ratios, scores = [], [], []
+    with ctx.progress(L, "pca layers") as update:
+        for layer in range(L):
+            s, ratio, out = layer_scores(last[layer], labels, folds, ctx.seed, ctx.opt("blas_threads"))
+            table.append(out)
+            ratios.append(ratio)
+            scores.append(s.astype(np.float32))  # [n, 2] per layer: small
+            update(1)
+    rows = []
+    for layer, out in enumerate(table):
+        for (label, measure), (v, se, chance) in out.items():
+            rows.append({"layer": layer, "label": label, "measure": measure, "value": _f(v), "se": _f(se),
+                         "chance": _f(chance), "n_trials": len(trials), "folds": folds if "probe" in measure else "",
+                         "explained_pc1": _f(ratios[layer][0]), "explained_pc2": _f(ratios[layer][1])})
+    ctx.save_table("pca", rows)
+    measure = "silhouette" if select == "silhouette" else "probe_accuracy"
+
+    def argmax(label, m):
+        v = np.array([t[(label, m)][0] for t in table], dtype=float)
+        return int(np.nanargmax(v)) if np.isfinite(v).any() else 0
+
+    lp, lf = argmax("position", measure), argmax("features", measure)
+    ctx.save_table("pca_scores", [
+        {"trial": i, "layer": layer, "selected_for": sel, "pc1": float(scores[layer][i, 0]),
+         "pc2": float(scores[layer][i, 1]), "target_position": labels["position"][i],
+         "target_features": labels["features"][i]}
+        for sel, layer in (("position", lp), ("features", lf)) for i in range(len(trials))])
+    fig = _figure(trials, labels, scores[lp], scores[lf], lp, lf, table, L)
+    figs = ctx.save_figure(fig, "pca")
+
+    def at(layer):
+        return {f"{label}_{m}": _f(table[layer][(label, m)][0]) for label in LABELS for m in MEASURES}
+
+    return {"k": k, "n_trials": len(trials), "n_layers": L, "folds": folds, "select_by": select,
+            "position_layer": lp, "feature_layer": lf,
+            "position_layer_by": {m: argmax("position", m) for m in MEASURES},
+            "feature_layer_by": {m: argmax("features", m) for m in MEASURES},
+            "at_position_layer": at(lp), "at_feature_layer": at(lf),
+            "probe_chance": {label: _f(table[0][(label, "probe_accuracy")][2]) for label in LABELS},
+            "explained_variance": {"position_layer": [_f(x) for x in ratios[lp]],
+                                   "feature_layer": [_f(x) for x in ratios[lf]]},
+            "first_token_accuracy": accuracy_summary(acts.correct),
+            "paper_qwen2_vl": {"position_layer": 19, "feature_layer": 27},
+            "figures": [str(p) for p in figs]}

@@ -1,0 +1,218 @@
+"""``rsa`` (Fig. 1c): is the residual stream organised by object position or by object features, layer by layer?
+
+Stimuli: the K x N x N scene-description protocol on an N-cell grid (option ``grid``, default 2x2; ``n`` = K).
+Model RSMs are cosine similarities across trials per layer (``analysis.rsa``), at
+
+- the **comma tokens** after each described object: one RSM per described-object slot, compared with the target
+  RSMs of *that* object (its cell, colour, shape); lower triangles are concatenated over slots;
+- the **last token**: compared with the target object's RSMs.
+
+Target RSMs: position = 1 - D / max D on (row, col) grid coordinates, colour and shape = 1[equal], features = the
+mean of colour and shape. Score: Pearson r on the strictly lower triangle. Curves (one row per layer each):
+``position_prompt``, ``position_last``, ``features_last`` (the three Fig. 1c lines), plus ``features_prompt``,
+``color_last`` and ``shape_last``.
+
+Uncertainty: a percentile bootstrap over trials (``analysis.rsa.rsa_bootstrap``, ``n_boot`` resamples, the same
+resamples for every layer and curve) and a permutation null: the same RSA with the target labels permuted across
+trials (``n_null`` permutations; mean and central ``ci`` range), which shows what r reaches by chance.
+
+Per-head RSA: the per-head attention outputs ("z", the o_proj input) at the last token, against position and
+features, give [L, H] maps (no intervals; they are descriptive).
+
+Choices where the paper is silent (options): the object vocabulary (``vocab``): ``"high"`` (default) uses the
+entropy sets' high-entropy objects, every object with its own colour and its own shape, as in the paper's examples;
+then colour, shape and features RSMs coincide at the last token. ``"low"`` uses every conjunction of
+sqrt(N) colours x sqrt(N) shapes (colour and shape then differ), or give a list of N [colour, shape] pairs.
+With ``vocab="high"`` the trial set is the same as the entropy experiment's high-entropy set for the same grid,
+``n`` and seed, so one capture serves both (``activations.for_context``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vismech import activations
+from vismech.analysis.rsa import _pearson, cosine_rsm, feature_rsm, identity_rsm, layerwise_rsa, position_rsm, \
+    rsa_bootstrap
+from vismech.analysis.stats import wilson_ci
+from vismech.experiments import figures_rsa as F
+from vismech.experiments.common import Context
+from vismech.scenes.core import Obj, Trial
+from vismech.scenes.sets import all_cells, entropy_set, knn_protocol
+
+NAME = "rsa"
+DESCRIPTION = ("Fig. 1c: RSA of the residual stream by layer (position at prompt tokens, position and features at "
+               "the last token) with bootstrap intervals, a permutation null, and per-head maps")
+DEFAULTS = {"grid": (2, 2), "n": 3, "vocab": "high", "n_boot": 200, "n_null": 20, "ci": 0.95, "heads": True,
+            "act_dtype": "float32", "memmap_mb": 512}
+
+# (curve, token, target)
+CURVES = (("position_prompt", "prompt", "position"), ("position_last", "last", "position"),
+          ("features_last", "last", "features"), ("features_prompt", "prompt", "features"),
+          ("color_last", "last", "color"), ("shape_last", "last", "shape"))
+
+
+# ------------------------------------------------------------------------------------------------ stimuli/targets
+def rsa_trials(grid, k: int, vocab, seed: int) -> list[Trial]:
+    grid = tuple(grid)
+    if isinstance(vocab, str):
+        return entropy_set(grid, vocab, k=k, seed=seed)
+    conj = [tuple(c) for c in vocab]
+    return knn_protocol(conj, all_cells(grid), grid, k, seed)
+
+
+def object_targets(objs: list[Obj], coords=None) -> dict[str, np.ndarray]:
+    """Target RSMs of one object per trial: position (from ``coords``, default the cells), colour, shape, features."""
+    colors, shapes = [o.color for o in objs], [o.shape for o in objs]
+    return {"position": position_rsm(coords if coords is not None else [o.cell for o in objs]),
+            "color": identity_rsm(colors), "shape": identity_rsm(shapes), "features": feature_rsm(colors, shapes)}
+
+
+def prompt_targets(trials: list[Trial], names=("position", "features")) -> dict[str, list[np.ndarray]]:
+    """Per described-object slot (prompt order), the target RSMs of the object described there."""
+    S = activations.n_slots_of(trials)
+    per = [object_targets([t.mentioned[s] for t in trials]) for s in range(S)]
+    return {k: [p[k] for p in per] for k in names}
+
+
+def last_targets(trials: list[Trial], names=("position", "features", "color", "shape")) -> dict[str, np.ndarray]:
+    t = object_targets([tr.target for tr in trials])
+    return {k: t[k] for k in names}
+
+
+# ------------------------------------------------------------------------------------------------ scores
+def permutation_null(X, targets: dict, n_perm: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """RSA with trial labels permuted: dict name -> [n_perm, L]. The model RSMs are built once per layer."""
+    groups = X if isinstance(X, (list, tuple)) else [X]
+    tg = {k: (v if isinstance(v, (list, tuple)) else [v]) for k, v in targets.items()}
+    L, n = groups[0].shape[0], groups[0].shape[-2]
+    rng = np.random.default_rng(seed)
+    perms = [rng.permutation(n) for _ in range(n_perm)]
+    a, b = np.tril_indices(n, -1)
+    out = {k: np.empty((n_perm, L)) for k in tg}
+    for layer in range(L):  # permuted targets are gathered pair by pair: never n_perm x n x n in memory
+        x = np.concatenate([cosine_rsm(g[layer])[a, b] for g in groups])
+        for k, ts in tg.items():
+            for i, p in enumerate(perms):
+                y = np.concatenate([np.asarray(t, dtype=np.float64)[p[a], p[b]] for t in ts])
+                out[k][i, layer] = _pearson(x, y)
+    return out
+
+
+def rsa_by_layer(X, targets: dict, n_boot: int, seed: int, ci: float = 0.95, n_null: int = 0,
+                 samples: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """Per named target: r, lo, hi [L] (bootstrap over trials), null_mean/null_lo/null_hi [L] (``n_null`` > 0) and,
+    with ``samples``, the bootstrap values [L, n_boot] (paired across layers and targets)."""
+    boot = rsa_bootstrap(X, targets, n_boot=n_boot, seed=seed, ci=ci, return_samples=samples)
+    out = {k: {"r": np.atleast_1d(v[0]), "lo": np.atleast_1d(v[1]), "hi": np.atleast_1d(v[2])}
+           for k, v in boot.items()}
+    if samples:
+        for k, v in boot.items():
+            out[k]["samples"] = v[3]
+    if n_null > 0:
+        for k, v in permutation_null(X, targets, n_null, seed + 1).items():
+            out[k]["null_mean"] = np.nanmean(v, 0)
+            out[k]["null_lo"], out[k]["null_hi"] = np.nanquantile(v, [(1 - ci) / 2, (1 + ci) / 2], axis=0)
+    return out
+
+
+def peak(r) -> tuple[int | None, float | None]:
+    r = np.asarray(r, dtype=float)
+    if not np.isfinite(r).any():
+        return None, None
+    i = int(np.nanargmax(r))
+    return i, float(r[i])
+
+
+def _f(x):
+    x = float(x)
+    return None if not np.isfinite(x) else x
+
+
+def curve_summary(res: dict) -> dict:
+    layer, value = peak(res["r"])
+    out = {"peak_layer": layer, "peak_r": value}
+    if layer is not None:
+        out["peak_ci"] = [_f(res["lo"][layer]), _f(res["hi"][layer])]
+        if "null_lo" in res:
+            out["null_range_at_peak"] = [_f(res["null_lo"][layer]), _f(res["null_hi"][layer])]
+    return out
+
+
+def accuracy_summary(correct) -> dict:
+    k, n = int(np.sum(correct)), int(len(correct))
+    lo, hi = wilson_ci(k, n)
+    return {"n": n, "correct": k, "accuracy": k / n, "ci_low": float(lo), "ci_high": float(hi)}
+
+
+def curve_rows(name: str, token: str, target: str, res: dict, extra: dict) -> list[dict]:
+    rows = []
+    for layer in range(len(res["r"])):
+        row = {**extra, "curve": name, "token": token, "target": target, "layer": layer,
+               "r": _f(res["r"][layer]), "ci_low": _f(res["lo"][layer]), "ci_high": _f(res["hi"][layer])}
+        if "null_mean" in res:
+            row.update(null_mean=_f(res["null_mean"][layer]), null_low=_f(res["null_lo"][layer]),
+                       null_high=_f(res["null_hi"][layer]))
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ figures
+@F.paper_style
+def _figure(results: dict, n_layers: int, title: str):
+    fig, axes = F.figure(2, 1)
+    x = np.arange(n_layers)
+    lo = np.nanmin([results[c]["null_lo"] for c, _, _ in CURVES if "null_lo" in results[c]] or [[np.nan]], 0)
+    hi = np.nanmax([results[c]["null_hi"] for c, _, _ in CURVES if "null_hi" in results[c]] or [[np.nan]], 0)
+    for ax, names, sub in ((axes[0, 0], CURVES[:3], title), (axes[0, 1], CURVES[2:], "features in detail")):
+        if np.isfinite(lo).any():
+            F.null_band(ax, x, lo * np.ones(n_layers), hi * np.ones(n_layers))
+        for c, _, _ in names:
+            res = results[c]
+            st = F.CURVE_STYLE[c]
+            F.interval_line(ax, x, res["r"], res["lo"], res["hi"], label=st["label"], color=st["color"],
+                            ls=st.get("ls", "-"), lw=st.get("lw", 1.4))
+        F.rsa_axes(ax, n_layers, sub)
+        F.legend_below(ax)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------ run
+def run(ctx: Context) -> dict:
+    grid, k, seed = tuple(ctx.opt("grid")), int(ctx.opt("n")), ctx.seed
+    n_boot, n_null, ci = int(ctx.opt("n_boot")), int(ctx.opt("n_null")), float(ctx.opt("ci"))
+    trials = rsa_trials(grid, k, ctx.opt("vocab"), seed)
+    acts = activations.for_context(ctx, trials, commas=True, z=bool(ctx.opt("heads")), desc="rsa capture")
+    prompt = rsa_by_layer(acts.commas(), prompt_targets(trials), n_boot, seed, ci, n_null)
+    last = rsa_by_layer(acts.last(), last_targets(trials), n_boot, seed, ci, n_null)
+    results = {c: (prompt if tok == "prompt" else last)[tgt] for c, tok, tgt in CURVES}
+    extra = {"grid": f"{grid[0]}x{grid[1]}", "n_trials": len(trials), "n_boot": n_boot, "n_null": n_null}
+    rows = [r for c, tok, tgt in CURVES for r in curve_rows(c, tok, tgt, results[c], extra)]
+    ctx.save_table("rsa", rows)
+    L = acts.n_layers
+    summary = {"grid": list(grid), "k": k, "n_trials": len(trials), "n_layers": L, "n_boot": n_boot,
+               "n_null": n_null, "ci": ci, "vocab": ctx.opt("vocab"),
+               "first_token_accuracy": accuracy_summary(acts.correct),
+               "curves": {c: curve_summary(results[c]) for c, _, _ in CURVES}, "figures": []}
+    if ctx.opt("vocab") == "high":
+        summary["note"] = ("every object has its own colour and shape (vocab='high'), so colour, shape and features "
+                           "RSMs coincide at the last token; use vocab='low' to separate them")
+    summary["figures"] += [str(p) for p in ctx.save_figure(_figure(results, L, f"RSA, {grid[0]}x{grid[1]} grid, "
+                                                                              f"n={len(trials)}"), "rsa")]
+    if ctx.opt("heads"):
+        z = acts.last("z")
+        tg = last_targets(trials, ("position", "features"))
+        maps = {t: np.stack([layerwise_rsa(z[layer], tg)[t] for layer in range(L)]) for t in tg}
+        ctx.save_table("rsa_heads", [{"target": t, "layer": layer, "head": h, "r": _f(m[layer, h]),
+                                      "n_trials": len(trials)} for t, m in maps.items()
+                                     for layer in range(L) for h in range(m.shape[1])])
+        top = {}
+        for t, m in maps.items():
+            flat = np.where(np.isfinite(m), m, -np.inf).ravel()
+            order = np.argsort(-flat)[:5]
+            top[t] = [{"layer": int(i // m.shape[1]), "head": int(i % m.shape[1]), "r": _f(flat[i])} for i in order]
+        summary["heads_top5"] = top
+        fig = F.head_maps(maps, {"position": "Position (Last Token)", "features": "Feature (Last Token)"})
+        summary["figures"] += [str(p) for p in ctx.save_figure(fig, "rsa_heads")]
+    return summary
