@@ -171,7 +171,8 @@ def _figure(ctx: Context, table: list[dict], trace: dict, k: int) -> None:
         err = np.array([[got[m]["value"] - got[m]["ci_low"] for m in measures],
                         [got[m]["ci_high"] - got[m]["value"] for m in measures]])
         label = {"low+patch": "low + ID patch", "low+control": "low + wrong-cell patch"}.get(cond, f"{cond} entropy")
-        ax.bar(np.arange(len(measures)) + (j - 1.5) * w, v, w, yerr=err, capsize=3, color=colours[cond], label=label)
+        ax.bar(np.arange(len(measures)) + (j - 1.5) * w, v, w, yerr=np.clip(np.nan_to_num(err), 0, None), capsize=3,
+               color=colours[cond], label=label)
     ax.set_xticks(np.arange(len(measures)), [m.replace("_", "-") for m in measures])
     ax.set_ylabel("Accuracy")
     ax.set_ylim(0, 1)
@@ -183,7 +184,9 @@ def _figure(ctx: Context, table: list[dict], trace: dict, k: int) -> None:
     vals = [trace["fraction"], trace["chance"], trace["null_mean"]]
     err = [[trace["fraction"] - trace["ci_low"], 0, trace["null_mean"] - trace["null_low"]],
            [trace["ci_high"] - trace["fraction"], 0, trace["null_high"] - trace["null_mean"]]]
-    ax.bar(range(3), np.nan_to_num(vals), yerr=np.nan_to_num(err), capsize=3, color=["#d62728", "#999999", "#bbbbbb"])
+    # a percentile interval of a discrete null need not contain its mean: draw only the part on each side
+    ax.bar(range(3), np.nan_to_num(vals), yerr=np.clip(np.nan_to_num(err), 0, None), capsize=3,
+           color=["#d62728", "#999999", "#bbbbbb"])
     ax.set_xticks(range(3), names, fontsize=8)
     ax.set_ylabel("Fraction of error trials")
     ax.set_ylim(0, 1)

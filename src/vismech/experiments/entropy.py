@@ -171,3 +171,16 @@ def run(ctx: Context) -> dict:
             "high_minus_low_layer_mean": {t: {k_: _f(v) for k_, v in o["diff"][t]["mean"].items()} for t in TOKENS},
         }
     return summary
+
+
+def caption(summary: dict) -> str:
+    """Accuracy and layer-averaged position RSA, low vs high entropy, per grid."""
+    parts = []
+    for grid, g in summary["grids"].items():
+        acc = {c: g["accuracy"][c]["first_token"]["accuracy"] for c in ("high", "low")}
+        d = g["high_minus_low_layer_mean"]
+        parts.append(f"{grid}: accuracy high {100 * acc['high']:.0f}% vs low {100 * acc['low']:.0f}%; "
+                     f"position RSA high - low {d['prompt']['r']:+.3f} [{d['prompt']['lo']:+.3f}, "
+                     f"{d['prompt']['hi']:+.3f}] at prompt tokens, {d['last']['r']:+.3f} [{d['last']['lo']:+.3f}, "
+                     f"{d['last']['hi']:+.3f}] at the last token (n={g['n_trials']['high']} per condition)")
+    return "; ".join(parts) + "."

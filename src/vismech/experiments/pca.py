@@ -212,3 +212,14 @@ def run(ctx: Context) -> dict:
             "first_token_accuracy": accuracy_summary(acts.correct),
             "paper_qwen2_vl": {"position_layer": 19, "feature_layer": 27},
             "figures": [str(p) for p in figs]}
+
+
+def caption(summary: dict) -> str:
+    """One sentence of what this model shows, from the stored summary."""
+    at_p, at_f = summary["at_position_layer"], summary["at_feature_layer"]
+    ch = summary["probe_chance"]
+    return (f"Target position separates best at layer {summary['position_layer']} (silhouette "
+            f"{at_p['position_silhouette']:.2f}, probe {100 * at_p['position_probe_accuracy']:.0f}% vs chance "
+            f"{100 * ch['position']:.0f}%) and target features at layer {summary['feature_layer']} (silhouette "
+            f"{at_f['features_silhouette']:.2f}, probe {100 * at_f['features_probe_accuracy']:.0f}% vs "
+            f"{100 * ch['features']:.0f}%); n={summary['n_trials']} trials.")

@@ -216,3 +216,18 @@ def run(ctx: Context) -> dict:
         fig = F.head_maps(maps, {"position": "Position (Last Token)", "features": "Feature (Last Token)"})
         summary["figures"] += [str(p) for p in ctx.save_figure(fig, "rsa_heads")]
     return summary
+
+
+def caption(summary: dict) -> str:
+    """Peak layer and value of the three Fig. 1c curves, with intervals and the permutation-null range."""
+    names = {"position_prompt": "position at prompt tokens", "position_last": "position at last token",
+             "features_last": "features at last token"}
+    parts = []
+    for key, label in names.items():
+        c = summary["curves"].get(key)
+        if c:
+            lo, hi = c["peak_ci"]
+            n0, n1 = c["null_range_at_peak"]
+            parts.append(f"{label} peaks at layer {c['peak_layer']} (r={c['peak_r']:.2f} [{lo:.2f}, {hi:.2f}]; "
+                         f"null {n0:.2f} to {n1:.2f})")
+    return "; ".join(parts) + f"; n={summary['n_trials']} trials."

@@ -102,3 +102,12 @@ def run(ctx: Context) -> dict:
     fig = _figure(res, diff, L, f"Relative vs absolute, n={len(trials)}")
     summary["figures"] = [str(p) for p in ctx.save_figure(fig, "rsa_relative")]
     return summary
+
+
+def caption(summary: dict) -> str:
+    """Which position code wins at the peak layer, with the paired interval of the difference."""
+    c = summary["comparison"]
+    lo, hi = c["ci"]
+    return (f"At layer {c['layer']}: relative r={c['relative_r']:.2f}, absolute r={c['absolute_r']:.2f}, "
+            f"relative - absolute {c['relative_minus_absolute']:+.3f} [{lo:+.3f}, {hi:+.3f}]: winner "
+            f"{c['winner']} (n={summary['n_trials']} trials).")
