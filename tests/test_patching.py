@@ -114,3 +114,43 @@ def test_attribution_is_exact_for_a_linear_readout_and_ranks_like_exact_patching
     s_full = logit_diff_score(base.numpy(), full.numpy(), [0, 0], [1, 1]).mean(1)
     est_full = attribution_scores(vlm, clean, src, pos, a1, a1s).reshape(-1, 2).numpy().mean(1)
     assert spearmanr(s_full, est_full).statistic > 0.5
+
+
+def test_out_of_memory_halves_the_stacked_heads_and_gives_the_same_result(monkeypatch):
+    from conftest import tiny
+
+    vlm = tiny("llava")
+    clean, pos, src, tid = _setup(vlm)
+    ref = patching.head_patch(vlm, clean, src, pos, tid, rows_per_forward=12)
+    real, sizes = patching.lm_logits, []
+
+    def flaky(vlm_, inp, prefix=None):
+        sizes.append(inp.rows)
+        if inp.rows > 4 * len(clean):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(vlm_, inp, prefix)
+
+    monkeypatch.setattr(patching, "lm_logits", flaky)
+    out = patching.head_patch(vlm, clean, src, pos, tid, rows_per_forward=12)
+    assert sizes[:3] == [24, 12, 6] and max(sizes[3:]) <= 6
+    assert torch.equal(out, ref) or (out - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("condition", ["id_retrieval", "id_selection", "feature_retrieval"])
+def test_fast_engine_equals_naive_on_the_organism(condition):
+    """The shipped organism, every CMA condition, a spread of heads: fast == naive within 1e-4."""
+    from vismech.experiments.cma import condition_positions
+    from vismech.models.load import load_vlm
+    from vismech.scenes.counterfactual import cma_pairs
+
+    vlm = load_vlm("organism", device="cpu")
+    pairs = cma_pairs(condition, 4, seed=3)
+    clean = vlm.encode([p.clean for p in pairs])
+    cf = vlm.encode([p.counterfactual for p in pairs])
+    pos = condition_positions(clean, condition)
+    src = patching.capture_z(vlm, cf, pos)
+    tid = torch.stack(vlm.first_token_pairs(clean, [p.answer for p in pairs], [p.answer_star for p in pairs]), 1)
+    heads = [(l, (3 * l + 1) % vlm.n_heads) for l in range(vlm.n_layers)]
+    fast = patching.head_patch(vlm, clean, src, pos, tid, heads=heads)
+    slow = patching.naive_head_patch(vlm, clean, src, pos, tid, heads=heads)
+    assert (fast - slow).abs().max() < 1e-4

@@ -58,6 +58,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert main(["run", "behaviour", "--model", "tiny:llava", "--set", "nope=1", "--out", str(tmp_path / "x")]) == 2
     assert "not taken by any" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing half-written
+    assert main(["run", "behaviour", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "y")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 def test_report_embeds_figures_and_escapes_user_strings(tmp_path):

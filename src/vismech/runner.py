@@ -95,9 +95,15 @@ def run_experiments(names: list[str], args, overrides: dict, resume: bool = Fals
         manifest = old
     else:
         manifest = {**identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_seconds": {}}
+    created = not out.exists()
     _check_writable(out)
-    vlm = load_vlm(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
-                   prompt_format=args.prompt_format, trust_remote_code=args.trust_remote_code, seed=args.seed)
+    try:
+        vlm = load_vlm(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                       prompt_format=args.prompt_format, trust_remote_code=args.trust_remote_code, seed=args.seed)
+    except BaseException:
+        if created and out.exists() and not any(out.iterdir()):
+            out.rmdir()  # leave nothing behind for a model that could not be loaded
+        raise
     manifest.update(device=str(vlm.device), versions=_versions(), git_revision=_git_revision())
     manifest.pop("finished", None)
     write_json(manifest, mpath)
