@@ -43,7 +43,7 @@ def evaluate(vlm: VLM, trials: list[Trial], batch_size: int = 16, generate: bool
         for j, (i, t) in enumerate(zip(idx, chunk)):
             rows[i] = {
                 "trial": i, "task": t.task, "grid": f"{t.scene.grid[0]}x{t.scene.grid[1]}",
-                "entropy": t.meta.get("entropy", ""), "n_objects": len(t.scene.objects),
+                "entropy": t.meta.get("entropy") or "", "n_objects": len(t.scene.objects),
                 "target_cell": "" if t.target is None else f"{t.target.cell[0]},{t.target.cell[1]}",
                 "answer": t.answer, "first_token_correct": int(top[j] == want[j]),
                 "generated": texts[j] if texts[j] is not None else "",
