@@ -209,11 +209,8 @@ def probe_accuracy(X, labels, folds: int = 5, seed: int = 0, l2: float = 1e-3, m
         tr, te = fold != f, fold == f
         if not te.any():
             continue
-        mu, sd = X[tr].mean(0), X[tr].std(0)
-        sd[sd == 0] = 1.0
-        W, b = _fit_logreg((X[tr] - mu) / sd, y[tr], classes.size, l2, max_iter)
-        pred = np.argmax(((X[te] - mu) / sd) @ W + b, axis=1)
-        accs.append(np.mean(pred == y[te]))
+        predict = fit_probe(X[tr], y[tr], l2, max_iter)
+        accs.append(np.mean(predict(X[te]) == y[te]))
     accs = np.asarray(accs)
     se = accs.std(ddof=1) / np.sqrt(accs.size) if accs.size > 1 else np.nan
     return float(accs.mean()), float(se)
