@@ -189,18 +189,24 @@ def _fit_logreg(X, y, K, l2, max_iter):
     return res.x[: d * K].reshape(d, K), res.x[d * K:]
 
 
+def _probe_inputs(X, labels, who: str):
+    """X as float64 [n, d], the sorted classes and each label's class index; clear errors for bad shapes."""
+    X = np.asarray(X, dtype=np.float64)
+    classes, y = np.unique(np.asarray(labels), return_inverse=True)
+    if X.ndim != 2 or X.shape[0] != y.size:
+        raise ValueError(f"{who} needs X [n, d] and labels [n]; got {X.shape} and {y.size} labels")
+    if classes.size < 2:
+        raise ValueError(f"{who} needs at least 2 distinct labels")
+    return X, classes, y
+
+
 def probe_accuracy(X, labels, folds: int = 5, seed: int = 0, l2: float = 1e-3, max_iter: int = 200):
     """Stratified k-fold accuracy of a linear probe (multinomial logistic regression) on X [n, d].
 
     Features are standardised with training-fold statistics. Returns (mean accuracy, standard error over folds).
     Compare with ``chance_accuracy(labels)``.
     """
-    X = np.asarray(X, dtype=np.float64)
-    classes, y = np.unique(np.asarray(labels), return_inverse=True)
-    if X.ndim != 2 or X.shape[0] != y.size:
-        raise ValueError(f"probe_accuracy needs X [n, d] and labels [n]; got {X.shape} and {y.size} labels")
-    if classes.size < 2:
-        raise ValueError("probe_accuracy needs at least 2 distinct labels")
+    X, classes, y = _probe_inputs(X, labels, "probe_accuracy")
     if not 2 <= folds <= y.size:
         raise ValueError(f"folds must be between 2 and n = {y.size}, got {folds}")
     fold = _stratified_folds(y, folds, np.random.default_rng(seed))
@@ -219,12 +225,7 @@ def probe_accuracy(X, labels, folds: int = 5, seed: int = 0, l2: float = 1e-3, m
 def fit_probe(X, labels, l2: float = 1e-3, max_iter: int = 200):
     """Fit the probe of ``probe_accuracy`` on all of X [n, d] (same standardisation and loss); returns
     ``predict(X_new) -> labels`` for applying it to held-out data (e.g. another condition)."""
-    X = np.asarray(X, dtype=np.float64)
-    classes, y = np.unique(np.asarray(labels), return_inverse=True)
-    if X.ndim != 2 or X.shape[0] != y.size:
-        raise ValueError(f"fit_probe needs X [n, d] and labels [n]; got {X.shape} and {y.size} labels")
-    if classes.size < 2:
-        raise ValueError("fit_probe needs at least 2 distinct labels")
+    X, classes, y = _probe_inputs(X, labels, "fit_probe")
     mu, sd = X.mean(0), X.std(0)
     sd[sd == 0] = 1.0
     W, b = _fit_logreg((X - mu) / sd, y, classes.size, l2, max_iter)
