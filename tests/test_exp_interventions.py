@@ -35,6 +35,17 @@ def _capture_plain(vlm, batch, module, rows_pos, head, d, post=False):
     return torch.stack([got["x"][r, p, head * d:(head + 1) * d] for r, p in rows_pos])
 
 
+def _logits_with_plain_hooks(vlm, batch, pre=(), post=()):
+    """Logits of ``batch`` with hand-written hooks registered here: ``pre`` (module, fn) forward-pre hooks and
+    ``post`` (module, fn) forward hooks, all removed afterwards (the independent reference for vismech's edits)."""
+    handles = [m.register_forward_pre_hook(fn) for m, fn in pre] + [m.register_forward_hook(fn) for m, fn in post]
+    try:
+        return vlm.logits(batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @pytest.mark.parametrize("family", TWO)
 def test_id_vectors_are_label_means_of_plain_captures(family):
     vlm = tiny(family)
@@ -77,7 +88,7 @@ def test_additive_edits_equal_a_hand_written_hook_and_alpha_zero_is_bit_equal(fa
 
     alpha, d = 7.0, vlm.head_dim
     fast = runs.logits(iv.additive_edits(vec, orig, tgt, pos, alpha))
-    handles = []
+    hooks_ = []
     for layer in {l for l, _ in heads}:
         def pre(m, a, layer=layer):
             x = a[0].clone()
@@ -86,12 +97,8 @@ def test_additive_edits_equal_a_hand_written_hook_and_alpha_zero_is_bit_equal(fa
                     for i in range(len(b)):
                         x[i, b.last, h * d:(h + 1) * d] += alpha * (vec.d(tgt[i])[j] - vec.d(orig[i])[j])
             return (x,)
-        handles.append(vlm.attention(layer).o_proj.register_forward_pre_hook(pre))
-    try:
-        hand = vlm.logits(b)
-    finally:
-        for h in handles:
-            h.remove()
+        hooks_.append((vlm.attention(layer).o_proj, pre))
+    hand = _logits_with_plain_hooks(vlm, b, pre=hooks_)
     torch.testing.assert_close(fast, hand, atol=2e-5, rtol=0)
     assert (fast - clean).abs().max() > 1e-4  # the edit did something
 
@@ -128,7 +135,7 @@ def test_key_swap_edits_equal_a_hand_written_key_hook(family):
     assert torch.equal(runs.logits(iv.key_swap_edits(vec, b, pairs, 0.0)), runs.logits())
     alpha, d = 2.0, vlm.head_dim
     fast = runs.logits(iv.key_swap_edits(vec, b, pairs, alpha))
-    handles = []
+    hooks_ = []
     for layer in {l for l, _ in kv}:
         def post(m, a, out, layer=layer):
             y = out.clone()
@@ -140,12 +147,8 @@ def test_key_swap_edits_equal_a_hand_written_key_hook(family):
                         for p in b.objects[i][a_]:
                             y[i, p, h * d:(h + 1) * d] += alpha * (vec.d(b_)[j] - vec.d(a_)[j])
             return y
-        handles.append(vlm.attention(layer).k_proj.register_forward_hook(post))
-    try:
-        hand = vlm.logits(b)
-    finally:
-        for h in handles:
-            h.remove()
+        hooks_.append((vlm.attention(layer).k_proj, post))
+    hand = _logits_with_plain_hooks(vlm, b, post=hooks_)
     torch.testing.assert_close(fast, hand, atol=2e-5, rtol=0)
     assert (fast - runs.logits()).abs().max() > 1e-5
 
@@ -157,7 +160,7 @@ def test_zero_heads_equals_a_hand_written_zeroing_hook_and_runs_under_generation
     with iv.zero_heads(vlm, heads):
         fast = vlm.logits(b)
         vlm.generate(b, 3)
-    handles = []
+    hooks_ = []
     for layer in (0, 2):
         def pre(m, a, layer=layer):
             x = a[0].clone()
@@ -165,12 +168,8 @@ def test_zero_heads_equals_a_hand_written_zeroing_hook_and_runs_under_generation
                 if l == layer:
                     x[..., h * d:(h + 1) * d] = 0
             return (x,)
-        handles.append(vlm.attention(layer).o_proj.register_forward_pre_hook(pre))
-    try:
-        hand = vlm.logits(b)
-    finally:
-        for h in handles:
-            h.remove()
+        hooks_.append((vlm.attention(layer).o_proj, pre))
+    hand = _logits_with_plain_hooks(vlm, b, pre=hooks_)
     assert torch.equal(fast, hand)
     assert not torch.equal(fast, vlm.logits(b))
 
