@@ -160,15 +160,6 @@ def intervene(vlm, edits: list[Edit]) -> Iterator[None]:
         yield
 
 
-def all_heads_edit(site: str, layer: int, n_rows: int, positions: torch.Tensor, n_heads: int,
-                   values: torch.Tensor, mode: str = "set") -> Edit:
-    """An Edit over every head of a layer at one position per row: ``values`` [rows, heads, dim]."""
-    rows = torch.arange(n_rows)[:, None].expand(n_rows, n_heads).reshape(-1)
-    heads = torch.arange(n_heads)[None, :].expand(n_rows, n_heads).reshape(-1)
-    pos = torch.as_tensor(positions).reshape(-1, 1).expand(n_rows, n_heads).reshape(-1)
-    return Edit(site, layer, rows, pos, heads, values.reshape(n_rows * n_heads, -1), mode)
-
-
 def language_model(vlm) -> torch.nn.Module:
     """The module that owns the decoder layers (the text backbone)."""
     for m in vlm.model.modules():

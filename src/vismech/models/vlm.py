@@ -44,11 +44,6 @@ class Batch:
     def __len__(self) -> int:
         return len(self.trials)
 
-    def layout_key(self, row: int) -> tuple:
-        """What must match between two rows for activations to be patched position by position."""
-        ids = self.inputs["input_ids"][row]
-        return (self.length, tuple(ids.tolist()) if "input_ids" in self.inputs else None)
-
 
 class VLM:
     """A loaded VLM with its tokenizer, image processor and family spec."""

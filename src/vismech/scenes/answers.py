@@ -62,8 +62,3 @@ def parse(trial: Trial, text: str) -> str | None:
 
 def is_correct(trial: Trial, text: str) -> bool:
     return parse(trial, text) == trial.answer
-
-
-def max_answer_words(trial: Trial) -> int:
-    """How many words a correct answer takes (bounds generation length)."""
-    return len(trial.answer.split())
