@@ -171,6 +171,10 @@ def cmd_train_organism(args) -> int:
                              f"not {args.sizes!r}") from None
     kw = {k: getattr(args, k) for k in ("eval_every", "eval_n", "workers", "max_minutes")
           if getattr(args, k) is not None}
+    if args.snapshots == "analysis":
+        from vismech.organism.snapshot import AnalysisSnapshot
+
+        kw["snapshot"] = AnalysisSnapshot()
     res = train_organism(args.arch, args.out, steps=args.steps, seed=args.seed, device=args.device,
                          batch_size=args.batch_size, lr=args.lr, resume=args.resume, sizes=sizes,
                          label_mentions=args.label_mentions, **kw)
@@ -257,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (500)")
     s.add_argument("--eval-n", type=int, default=None, help="held-out trials per group (128)")
     s.add_argument("--max-minutes", type=float, default=None, help="stop early after this long, still saving")
+    s.add_argument("--snapshots", choices=["analysis", "accuracy"], default="analysis",
+                   help="what the emergence snapshots hold besides held-out accuracy: 'analysis' adds the RSA "
+                   "peaks and CMA significant-head counts (vismech.organism.snapshot; default), 'accuracy' nothing")
     s.add_argument("--sizes", default=None, help="'small' (a toy organism for checks) or JSON overrides of "
                    "vismech.organism.config sizes, e.g. '{\"text\": {\"num_hidden_layers\": 4}}'")
     s.set_defaults(fn=cmd_train_organism)

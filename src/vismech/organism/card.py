@@ -69,7 +69,9 @@ def card_text(info: dict, model=None) -> str:
     lines += ["## Training data", "",
               "Drawn on the fly by `vismech.scenes.sets` (the generator every analysis uses), rendered on this "
               "model's token grid and framed by its chat format through `VLM.encode`; the answer (the target's "
-              "\"colour shape\", a colour, or the count) and the end token are the only labelled tokens.", "",
+              "\"colour shape\", a colour, or the count) and the end token are labelled"
+              + (", and so are the described objects' words of scene-description prompts." if info.get("label_mentions")
+                 else " (no other token)."), "",
               "| component | task | grid | entropy | objects | weight |", "|---|---|---|---|---|---|"]
     for c in info.get("mixture", MIXTURE):
         obj = f"{c.objects[0]}-{c.objects[1]}" if c.objects else "all cells"

@@ -11,12 +11,14 @@ default) also labels the described objects' words of scene-description prompts, 
 
 The mixture (``MIXTURE``; the weights are this package's choice, the paper trains nothing), by weight:
 
-- scene description, paper form ("In this image there is a ..., a ... and a"), 0.55 in all: 2x2 grid with 2-4
-  objects (1-3 described) high/low/any entropy .10/.05/.05; 3x3 with 2-9 objects (1-8 described) .15/.10/.05;
+- scene description, paper form ("In this image there is a ..., a ... and a"), 0.50 in all: 2x2 grid with 2-4
+  objects (1-3 described) high/low/any entropy .10/.05/.03; 3x3 with 2-9 objects (1-8 described) .15/.08/.04;
   the 3-row, 2-column grid with 2-6 objects, high entropy .05;
-- colour retrieval, 0.20: 2x2 with 1-4 objects .10, 3x3 with 1-9 objects .10, all colours and shapes distinct
-  (the 1-object trials, about 1 in 6, give the untrained vision pathway an easy first signal);
-- spatial relation, 0.15: 3x3 .10, 2x2 .05, every cell filled, colours distinct;
+- colour retrieval, 0.30: 2x2 with 1-4 objects .15, 3x3 with 1-9 objects .15, all colours and shapes distinct
+  (the 1-object trials, about 1 in 6, give the untrained vision pathway an easy first signal). It has the most
+  weight because it is the task scene description does not teach: the first word of a description can be found
+  by elimination among the colours present, without binding a colour to a shape;
+- spatial relation, 0.10: 3x3 .07, 2x2 .03, every cell filled, colours distinct;
 - counting, 0.10: 3x3, 3-8 objects; the answer is the number only (no enumeration).
 
 "high" = every colour and every shape distinct, "low" = conjunctions of m colours x m shapes (objects share
@@ -61,15 +63,15 @@ class Component:
 MIXTURE: tuple[Component, ...] = (
     Component("sd_2x2_high", "scene_description", (2, 2), 0.10, "high", (2, 4)),
     Component("sd_2x2_low", "scene_description", (2, 2), 0.05, "low", (2, 4)),
-    Component("sd_2x2_any", "scene_description", (2, 2), 0.05, None, (2, 4)),
+    Component("sd_2x2_any", "scene_description", (2, 2), 0.03, None, (2, 4)),
     Component("sd_3x3_high", "scene_description", (3, 3), 0.15, "high", (2, 9)),
-    Component("sd_3x3_low", "scene_description", (3, 3), 0.10, "low", (2, 9)),
-    Component("sd_3x3_any", "scene_description", (3, 3), 0.05, None, (2, 9)),
+    Component("sd_3x3_low", "scene_description", (3, 3), 0.08, "low", (2, 9)),
+    Component("sd_3x3_any", "scene_description", (3, 3), 0.04, None, (2, 9)),
     Component("sd_3x2_high", "scene_description", (3, 2), 0.05, "high", (2, 6)),
-    Component("color_2x2", "color_retrieval", (2, 2), 0.10, None, (1, 4)),
-    Component("color_3x3", "color_retrieval", (3, 3), 0.10, None, (1, 9)),
-    Component("relation_3x3", "spatial_relation", (3, 3), 0.10),
-    Component("relation_2x2", "spatial_relation", (2, 2), 0.05),
+    Component("color_2x2", "color_retrieval", (2, 2), 0.15, None, (1, 4)),
+    Component("color_3x3", "color_retrieval", (3, 3), 0.15, None, (1, 9)),
+    Component("relation_3x3", "spatial_relation", (3, 3), 0.07),
+    Component("relation_2x2", "spatial_relation", (2, 2), 0.03),
     Component("counting_3x3", "counting", (3, 3), 0.10, None, (3, 8)),
 )
 

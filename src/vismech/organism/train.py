@@ -8,8 +8,9 @@ task, grid and entropy condition (``data.heldout_sets``; the same computation as
 arg-max of the last-token logits equals the first token of the answer), with Wilson 95% intervals.
 
 Files written in ``out``: ``train_log.jsonl`` (step, loss, lr, grad norm, seconds, accuracies), ``emergence.jsonl``
-(the ``snapshot(vlm, step) -> dict`` callback's output at >= ``snapshots`` log-spaced steps, step 0 included;
-default: the held-out accuracies), ``train_state.pt`` (weights, optimizer and RNG states, step; every
+(the held-out accuracies, plus what the ``snapshot(vlm, step) -> dict`` callback returns, e.g.
+``snapshot.AnalysisSnapshot``'s RSA peaks and CMA head counts, at >= ``snapshots`` log-spaced steps, step 0
+included), ``train_state.pt`` (weights, optimizer and RNG states, step; every
 ``save_every`` steps; ``resume=True`` continues from it and truncates the logs to its step), and at the end the
 checkpoint in bf16 (config, safetensors, tokenizer, image processor) plus ``README.md`` (``card``). The final
 accuracies are measured on the checkpoint as ``load_vlm(out)`` loads it, through the same adapter as any model.
@@ -274,8 +275,8 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
             result = heldout.accuracy(vlm)
             if step in snaps:
                 with _autocast(dev), torch.no_grad():
-                    extra = snapshot(vlm, step) if snapshot is not None else {"accuracy": _flat(result)}
-                _append(out / EMERGENCE, {"step": step, **extra})
+                    extra = snapshot(vlm, step) if snapshot is not None else {}
+                _append(out / EMERGENCE, {"step": step, "accuracy": _flat(result), **extra})
         model.train()
         return result
 

@@ -11,6 +11,7 @@ the same scene gives the same bytes. Assumes square object boxes of at least 3 p
 
 from __future__ import annotations
 
+import functools
 import math
 
 from PIL import Image, ImageDraw, ImageOps
@@ -59,7 +60,13 @@ _STAR_INNER = (3 - math.sqrt(5)) / 2  # inner/outer radius of a regular pentagra
 
 
 def shape_mask(shape: str, size: int) -> Image.Image:
-    """A ``size`` x ``size`` 1-bit-like ("L", 0 or 255) mask of ``shape`` filling the square as far as it can."""
+    """A ``size`` x ``size`` 1-bit-like ("L", 0 or 255) mask of ``shape`` filling the square as far as it can (a new
+    image the caller may change; drawn once per shape and size)."""
+    return _mask(shape, size).copy()
+
+
+@functools.lru_cache(maxsize=256)
+def _mask(shape: str, size: int) -> Image.Image:
     check_shape(shape)
     if size < 3:
         raise ValueError(f"objects must be at least 3 px wide to be drawn, got {size} px; use a larger geometry")
@@ -108,5 +115,5 @@ def render(scene: Scene, layout: Layout, background: tuple[int, int, int] = (255
         x0, y0, x1, y1 = layout.cell_box(obj.cell)
         if x1 - x0 != y1 - y0:
             raise ValueError(f"object box {(x0, y0, x1, y1)} is not square")
-        img.paste(rgb, (x0, y0, x1, y1), shape_mask(obj.shape, x1 - x0))
+        img.paste(rgb, (x0, y0, x1, y1), _mask(obj.shape, x1 - x0))
     return img
