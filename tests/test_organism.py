@@ -213,3 +213,21 @@ def test_cli_train_organism_prints_a_summary(tmp_path, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("organism llava: 1/1 steps") and "color_retrieval/2x2=" in line
     assert main(["train-organism", "--arch", "llava", "--out", str(out), "--sizes", "{bad"]) == 2
+
+
+def test_precomputed_rope_positions_give_the_same_loss():
+    from vismech.organism.config import END_TOKEN, SMALL_SIZES, build_organism
+
+    for arch in ("qwen2_5_vl", "llava"):
+        maker = data._Maker(arch, SMALL_SIZES[arch], 0, 6, END_TOKEN[arch], None, data.MIXTURE, True)
+        batch = maker(3)
+        assert ("position_ids" in batch) == (arch == "qwen2_5_vl")
+        model, _, _ = build_organism(arch, 0, **SMALL_SIZES[arch])
+        plain = {k: v for k, v in batch.items() if k != "position_ids"}
+        with torch.no_grad():
+            a, b = model(**batch, use_cache=False).loss, model(**plain, use_cache=False).loss
+        assert torch.equal(a, b) and a > 0
+        if arch == "qwen2_5_vl":  # left padding: rows start at different offsets, positions follow the mask
+            pos = batch["position_ids"]
+            assert pos.shape == (3,) + tuple(batch["input_ids"].shape)
+            assert not torch.equal(pos[1], pos[2])  # image rows and columns differ

@@ -217,9 +217,26 @@ class _Maker:
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
         batch = teacher_forcing(self.vlm, step_trials(self.seed, step, self.n, self.mixture), self.end,
                                 label_mentions=self.label_mentions)
+        batch.update(rope_positions(self.vlm.model, batch))
         if self.dtype is not None:
             batch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
         return batch
+
+
+def rope_positions(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{"position_ids": ...}`` for a model with multimodal rotary positions (Qwen2-VL family), else ``{}``.
+
+    HF's Qwen2.5-VL computes these 3-D positions in its forward with a Python loop over the batch rows (a few
+    dozen small GPU ops and host syncs per row), which dominates a training step of a model this small; the worker
+    processes compute them on the CPU with the model's own ``get_rope_index`` (it reads the config only, so the
+    weightless model of ``adapter_without_weights`` serves), and the forward uses them as given."""
+    inner = getattr(model, "model", None)
+    if not hasattr(inner, "get_rope_index") or "mm_token_type_ids" not in batch:
+        return {}
+    positions, _ = inner.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                        image_grid_thw=batch.get("image_grid_thw"),
+                                        attention_mask=batch["attention_mask"])
+    return {"position_ids": positions}
 
 
 _MAKER: list[_Maker] = []  # the worker process's maker

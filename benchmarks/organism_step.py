@@ -1,0 +1,95 @@
+"""Benchmark: one training step of each organism, split into data wait, forward and backward, with and without the
+packed vision attention, and the CUDA ops that take the time (torch.profiler).
+
+    PYTHONPATH=src python benchmarks/organism_step.py --arch qwen2_5_vl --steps 12 --workers 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from vismech.models.families import family_for_config
+from vismech.organism import data
+from vismech.organism.config import END_TOKEN, build_organism
+from vismech.organism.train import _autocast, packed_vision_attention
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="qwen2_5_vl")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    import transformers
+
+    dev = torch.device(a.device)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {dev}, "
+          f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}")
+    model, tok, proc = build_organism(a.arch, 0)
+    model.to(dev).train()
+    print("family", family_for_config(model.config).name)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    pix = torch.bfloat16 if dev.type == "cuda" else None
+    with data.Feeder(a.arch, 0, a.batch_size, END_TOKEN[a.arch], workers=a.workers, pixel_dtype=pix,
+                     label_mentions=True) as feeder:
+        batches = [next(feeder) for _ in range(a.steps)]  # prefetch: data time measured apart
+        t = time.perf_counter()
+        for _ in range(a.steps):
+            next(feeder)
+        data_s = (time.perf_counter() - t) / a.steps
+    print(f"data: {data_s * 1000:.0f} ms a batch with {a.workers} workers; shapes "
+          + str({k: tuple(v.shape) for k, v in batches[0].items()}))
+    for packed in (True, False):
+        times = {"fwd": 0.0, "bwd": 0.0, "opt": 0.0}
+        with packed_vision_attention(model, packed):
+            for i, b in enumerate(batches):
+                b = {k: v.to(dev) for k, v in b.items()}
+                sync(dev)
+                t0 = time.perf_counter()
+                with _autocast(dev):
+                    loss = model(**b, use_cache=False).loss
+                sync(dev)
+                t1 = time.perf_counter()
+                loss.backward()
+                sync(dev)
+                t2 = time.perf_counter()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync(dev)
+                t3 = time.perf_counter()
+                if i >= 2:
+                    times["fwd"] += t1 - t0
+                    times["bwd"] += t2 - t1
+                    times["opt"] += t3 - t2
+        n = len(batches) - 2
+        print(f"packed={packed}: " + ", ".join(f"{k} {v / n * 1000:.0f} ms" for k, v in times.items())
+              + f"; {n / sum(times.values()):.2f} steps/s")
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with packed_vision_attention(model, True), profile(activities=acts) as prof:
+            for b in batches[:3]:
+                b = {k: v.to(dev) for k, v in b.items()}
+                with _autocast(dev):
+                    loss = model(**b, use_cache=False).loss
+                loss.backward()
+                sync(dev)
+        key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
