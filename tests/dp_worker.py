@@ -19,3 +19,10 @@ tid = torch.stack(vlm.first_token_pairs(clean, [p.answer for p in pairs], [p.ans
 out = patching.head_patch(vlm, clean, src, pos, tid, rows_per_forward=3)
 if distributed.is_main():
     torch.save({"out": out, "world": distributed.world()}, sys.argv[1])
+
+# the CMA sweep with its null: 3 chunks of 2 pairs, so 2 processes split the chunks (not the heads)
+from vismech.experiments.cma import condition_scores  # noqa: E402
+
+scores, nulls = condition_scores(vlm, cma_pairs("id_retrieval", 6, seed=2), "id_retrieval", batch_size=2, seed=0)
+if distributed.is_main():
+    torch.save({"out": out, "world": distributed.world(), "scores": scores, "nulls": nulls}, sys.argv[1])

@@ -1,4 +1,5 @@
-"""Data parallel on CPU: 2 processes (gloo) give the same per-head patching result as one process."""
+"""Data parallel on CPU: 2 processes (gloo) give the same per-head patching result, and the same CMA scores and
+null scores (pairs split by chunks), as one process."""
 
 import os
 import subprocess
@@ -18,7 +19,11 @@ def test_two_processes_equal_one(tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                     "29517", WORKER, str(two)], check=True, env=env, timeout=300,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    a, b = torch.load(one), torch.load(two)
+    a, b = torch.load(one, weights_only=False), torch.load(two, weights_only=False)
     assert a["world"] == 1 and b["world"] == 2
     assert a["out"].shape == b["out"].shape == (12, 3, 2)
     assert (a["out"] - b["out"]).abs().max() < 1e-5
+    # the CMA sweep split by chunks of pairs: the same scores and null scores, every pair filled
+    assert a["scores"].shape == b["scores"].shape == a["nulls"].shape == (3, 4, 6)
+    assert abs(a["scores"]).max() > 0 and (abs(a["scores"]).sum((0, 1)) > 0).all()
+    assert abs(a["scores"] - b["scores"]).max() < 1e-6 and abs(a["nulls"] - b["nulls"]).max() < 1e-6

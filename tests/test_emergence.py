@@ -16,6 +16,24 @@ def test_seed_table_by_hand(tmp_path):
     (row,) = seed_table(paths)
     assert row["values"] == [0.5, 0.7, 0.9] and row["steps"] == [10, 11, 12]
     assert abs(row["mean"] - 0.7) < 1e-12 and abs(row["sd"] - 0.2) < 1e-12
+    (row,) = seed_table(paths[:2], step=0)
+    assert row["values"] == [0.0, 0.0] and row["steps"] == [0, 0]
+
+
+def test_seed_table_reads_analysis_summaries_and_skips_undefined(tmp_path):
+    paths = []
+    for i, (n, layer) in enumerate([(0, None), (2, 3.0), (4, 5.0)]):
+        p = tmp_path / f"s{i}.jsonl"
+        snap = {"step": 5, "accuracy": {"a": 1.0},
+                "cma": {"id_selection": {"n_significant": n, "mean_layer": layer}},
+                "rsa": {"position_prompt": {"peak_r": 0.1 * i, "peak_layer": i}}}
+        p.write_text(json.dumps(snap) + "\n")
+        paths.append(p)
+    rows = {r["group"]: r for r in seed_table(paths)}
+    assert rows["cma/id_selection/n_significant"]["mean"] == 2.0
+    assert rows["cma/id_selection/mean_layer"]["mean"] == 4.0  # the run with no significant head has no layer
+    assert abs(rows["cma/id_selection/mean_layer"]["sd"] - 2 ** 0.5) < 1e-12
+    assert abs(rows["rsa/position_prompt/peak_r"]["mean"] - 0.1) < 1e-12
 
 
 def test_shipped_organisms_have_log_spaced_snapshots_and_a_figure():
@@ -23,5 +41,8 @@ def test_shipped_organisms_have_log_spaced_snapshots_and_a_figure():
         snaps = read(organism_dir(name) / "emergence.jsonl")
         steps = [s["step"] for s in snaps]
         assert len(steps) >= 10 and steps == sorted(steps) and steps[0] == 0
+        assert {"accuracy", "rsa", "cma"} <= set(snaps[-1])  # the shipped runs carry the analysis summaries
+        assert set(snaps[-1]["cma"]) == {"id_retrieval", "id_selection", "feature_retrieval"}
     fig = plot_emergence({"organism": organism_dir("organism") / "emergence.jsonl"})
-    assert len(fig.axes[0].lines) == len(snaps[-1]["accuracy"])
+    assert len(fig.axes) == 3  # accuracy, RSA peaks, CMA head counts
+    assert len(fig.axes[0].lines) == len(snaps[-1]["accuracy"]) and len(fig.axes[1].lines) == 3 + 1  # + the zero line

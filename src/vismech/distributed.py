@@ -27,16 +27,36 @@ def init() -> None:
         dist.init_process_group(backend)
 
 
+_SOLO = [False]
+
+
 def active() -> bool:
+    """True in a data-parallel run (several processes), except inside ``solo()``."""
+    return not _SOLO[0] and _group()
+
+
+class solo:
+    """Within the block this process works alone: ``active()`` is False, so the patching engine does not split its
+    heads across processes (the caller has already split the work another way, e.g. by pairs)."""
+
+    def __enter__(self):
+        self.old = _SOLO[0]
+        _SOLO[0] = True
+
+    def __exit__(self, *exc):
+        _SOLO[0] = self.old
+
+
+def _group() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    return dist.get_rank() if _group() else 0
 
 
 def world() -> int:
-    return dist.get_world_size() if active() else 1
+    return dist.get_world_size() if _group() else 1
 
 
 def local_rank() -> int:
@@ -51,6 +71,25 @@ def default_device() -> str:
     if torch.cuda.is_available():
         return f"cuda:{local_rank()}" if launched() else "cuda"
     return "cpu"
+
+
+def process_gpus() -> list[int]:
+    """The GPUs this process may use: all of them alone, or its own equal share (GPUs LOCAL_RANK*k .. +k-1,
+    k = GPUs // LOCAL_WORLD_SIZE) when torchrun starts several processes on the host, so that data and model
+    parallelism combine (each process a model sharded over its k GPUs)."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if n == 0:
+        return []
+    k = n // procs
+    if k == 0:
+        raise ValueError(f"{procs} processes on this host but only {n} GPUs; start at most {n} with torchrun")
+    return list(range(local_rank() * k, (local_rank() + 1) * k)) if procs > 1 else list(range(n))
+
+
+def max_memory(fraction: float = 0.9) -> dict:
+    """``{gpu: bytes}`` for ``process_gpus()`` (``fraction`` of each card), the budget of a ``device_map``."""
+    return {i: int(torch.cuda.get_device_properties(i).total_memory * fraction) for i in process_gpus()}
 
 
 def shard(items: list) -> list:
@@ -68,6 +107,15 @@ def unshard(local: torch.Tensor, n: int) -> torch.Tensor:
     for r, part in enumerate(parts):
         out[r::world()] = part
     return out
+
+
+def gather(obj) -> list:
+    """Every process's ``obj`` (picklable; tensors travel on the CPU), in rank order, on every process."""
+    if not _group():
+        return [obj]
+    parts: list = [None] * world()
+    dist.all_gather_object(parts, obj)
+    return parts
 
 
 def barrier() -> None:

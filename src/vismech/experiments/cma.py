@@ -37,13 +37,14 @@ condition's scores are one resumable unit (``ctx.unit``).
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from vismech import patching
+from vismech import distributed, patching
 from vismech.analysis.cma import head_significance, logit_diff_score, stage_map, top_k_heads
 from vismech.analysis.stats import mean_se
 from vismech.experiments.common import Context
@@ -139,12 +140,20 @@ def _patched(vlm, clean, src, pos, tid, engine: str, progress) -> torch.Tensor:
 def condition_scores(vlm, pairs: list[CounterfactualPair], condition: str, batch_size: int = 16,
                      engine: str = "fast", seed: int = 0, null: bool = True, progress=None
                      ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per-pair CMA scores [L, H, n] of every head, and re-paired null scores [L, H, n] (None if ``null`` off)."""
+    """Per-pair CMA scores [L, H, n] of every head, and re-paired null scores [L, H, n] (None if ``null`` off).
+
+    Pairs are processed in chunks of ``batch_size``. Data parallel (``torchrun``): with at least as many chunks
+    as processes, each process takes every world()-th chunk whole (encoding, captures, prefix cache and every head;
+    nothing is repeated across processes), the counterfactual values the null needs are exchanged, and the scores
+    gathered; with fewer chunks the engine splits the heads instead. Either way every process returns the full
+    arrays, equal to a one-process run (same chunks, same numbers)."""
     if engine not in ("fast", "naive"):
         raise ValueError(f"engine must be 'fast' or 'naive', not {engine!r}")
     L, H, n = vlm.n_layers, vlm.n_heads, len(pairs)
+    starts = list(range(0, n, batch_size))
+    by_chunk = distributed.active() and len(starts) >= distributed.world()
     chunks = []
-    for s in range(0, n, batch_size):
+    for s in (distributed.shard(starts) if by_chunk else starts):
         part = pairs[s:s + batch_size]
         clean = vlm.encode([p.clean for p in part])
         cf = vlm.encode([p.counterfactual for p in part])
@@ -153,25 +162,33 @@ def condition_scores(vlm, pairs: list[CounterfactualPair], condition: str, batch
         a1, a1s = vlm.first_token_pairs(clean, [p.answer for p in part], [p.answer_star for p in part])
         src = patching.capture_z(vlm, cf, pos)
         chunks.append((list(range(s, s + len(part))), clean, pos, lens, torch.stack([a1, a1s], 1), src))
-    where = {i: (c, r) for c, ch in enumerate(chunks) for r, i in enumerate(ch[0])}
     partner = null_partners(pairs, condition, seed) if null else None
-    scores = np.empty((L, H, n))
-    nulls = np.empty((L, H, n)) if null else None
-    for idx, clean, pos, lens, tid, src in chunks:
-        zero, one = np.zeros(len(idx), int), np.ones(len(idx), int)
-        base = _baseline(vlm, clean, src, pos, tid, engine).numpy()
-        out = _patched(vlm, clean, src, pos, tid, engine, progress)
-        scores[..., idx] = logit_diff_score(base, out.numpy(), zero, one).reshape(L, H, -1)
-        if null:
-            nsrc = {l: torch.empty_like(v) for l, v in src.items()}
-            for r, i in enumerate(idx):
-                c, rj = where[partner[i]]
-                jlens, jsrc = chunks[c][3][rj], chunks[c][5]
-                take = [min(k, lens[r] - 1, jlens - 1) for k in range(len(pos[0]))]
-                for l in nsrc:
-                    nsrc[l][r] = jsrc[l][rj, take]
-            out = _patched(vlm, clean, nsrc, pos, tid, engine, progress)
-            nulls[..., idx] = logit_diff_score(base, out.numpy(), zero, one).reshape(L, H, -1)
+    if null:  # pair i's null patches pair partner[i]'s counterfactual values: every process needs all of them
+        shared = [(idx, lens, src) for idx, _, _, lens, _, src in chunks]
+        if by_chunk:
+            mine = [(idx, lens, {l: v.cpu() for l, v in src.items()}) for idx, lens, src in shared]
+            shared = [c for got in distributed.gather(mine) for c in got]
+        where = {i: (lens, src, r) for idx, lens, src in shared for r, i in enumerate(idx)}
+    scores = np.zeros((L, H, n))
+    nulls = np.zeros((L, H, n)) if null else None
+    with distributed.solo() if by_chunk else contextlib.nullcontext():
+        for idx, clean, pos, lens, tid, src in chunks:
+            zero, one = np.zeros(len(idx), int), np.ones(len(idx), int)
+            base = _baseline(vlm, clean, src, pos, tid, engine).numpy()
+            out = _patched(vlm, clean, src, pos, tid, engine, progress)
+            scores[..., idx] = logit_diff_score(base, out.numpy(), zero, one).reshape(L, H, -1)
+            if null:
+                nsrc = {l: torch.empty_like(v) for l, v in src.items()}
+                for r, i in enumerate(idx):
+                    jlens, jsrc, rj = where[partner[i]]
+                    take = [min(k, lens[r] - 1, jlens[rj] - 1) for k in range(len(pos[0]))]
+                    for l in nsrc:
+                        nsrc[l][r] = jsrc[l][rj, take].to(nsrc[l].device)
+                out = _patched(vlm, clean, nsrc, pos, tid, engine, progress)
+                nulls[..., idx] = logit_diff_score(base, out.numpy(), zero, one).reshape(L, H, -1)
+    if by_chunk:  # each process filled its own pairs' columns; the others are zero
+        scores = sum(distributed.gather(scores))
+        nulls = sum(distributed.gather(nulls)) if null else None
     return scores, nulls
 
 

@@ -54,7 +54,7 @@ def load_vlm(name: str, dtype: str | torch.dtype | None = "fp32", device: str | 
         spec = family_for_config(model.config)
         return VLM(model, tok, spec.image_processor_for(model.config), spec, name, prompt_format)
     if name.startswith("random:"):
-        from .presets import PRESETS
+        from .presets import PRESETS, random_model
         from .wordtok import build_word_tokenizer
 
         preset = name.split(":", 1)[1]
@@ -64,10 +64,8 @@ def load_vlm(name: str, dtype: str | torch.dtype | None = "fp32", device: str | 
         config = PRESETS[preset].config()
         _use_tokenizer(config, tok)
         spec = family_for_config(config)
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = spec.model_class()._from_config(config, dtype=dt)
-        return VLM(model.eval(), tok, spec.image_processor_for(config), spec, name, prompt_format)
+        model = random_model(config, dt, device, device_map, seed)
+        return VLM(model, tok, spec.image_processor_for(config), spec, name, prompt_format)
     path = organism_dir(name) if name in ORGANISMS else name
     if name in ORGANISMS and not (Path(path) / "config.json").exists():
         raise ValueError(f"the {name} checkpoint is missing from this install ({path}); reinstall vismech")
@@ -134,7 +132,11 @@ def _load_pretrained(path, name, dtype, device, device_map, prompt_format, trust
                          "files into it")
     kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None)
     if device_map is not None:
+        from vismech.distributed import max_memory
+
         kw["device_map"] = device_map
+        if isinstance(device_map, str) and max_memory():
+            kw["max_memory"] = max_memory()  # this process's GPUs only when torchrun starts several
     try:
         model = spec.model_class().from_pretrained(path, **kw)
     except OSError as e:

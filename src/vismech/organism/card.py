@@ -35,6 +35,8 @@ def reproduce_command(info: dict) -> str:
            f"--seed {info['seed']} --batch-size {info['batch_size']} --lr {info['lr']}")
     if info.get("label_mentions"):
         cmd += " --label-mentions"
+    if info.get("stopped_early") and info.get("max_minutes"):
+        cmd += f" --max-minutes {info['max_minutes']}"
     if info.get("sizes") not in (None, "{}", {}):
         cmd += f" --sizes '{info['sizes']}'"
     return cmd + (" --device cuda" if str(info.get("device", "")).startswith("cuda") else " --device cpu")

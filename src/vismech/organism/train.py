@@ -337,7 +337,7 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
         return TrainResult(out, vlm, summary)
     summary.update(_finish(vlm, out, dev, heldout, summary, run, dict(
         warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
-        eval_n=eval_n, mixture=mixture, command=command, stopped_early=stopped_early)))
+        eval_n=eval_n, mixture=mixture, command=command, stopped_early=stopped_early, max_minutes=max_minutes)))
     return TrainResult(out, vlm, summary)
 
 
@@ -355,7 +355,7 @@ def _finish(vlm: VLM, out: Path, dev: torch.device, heldout: HeldOut, summary: d
     loaded = load_vlm(str(out), dtype="bf16", device=str(dev))
     acc = heldout.accuracy(loaded)
     size = organism_files_bytes(out)
-    write_card(out, {**summary, **run, **extra, "final_accuracy": acc, "bytes": size}, loaded.model)
+    write_card(out, {**run, **summary, **extra, "final_accuracy": acc, "bytes": size}, loaded.model)
     size = organism_files_bytes(out)
     if size > MAX_BYTES:
         raise ValueError(f"the saved organism takes {size / 1e6:.2f} MB, over the {MAX_BYTES / 1e6:.0f} MB budget; "
