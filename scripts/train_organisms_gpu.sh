@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# Train the shipped organisms side by side on one GPU (and, with SEEDS=1, two extra seeds of the Qwen-style one for
-# the seed comparison). Each run stops after MINUTES and saves; RESUME=--resume continues runs in runs/org/;
-# ARGS adds train-organism options to every run (e.g. ARGS=--label-mentions).
-#   OUT=/tmp/out bash scripts/train_organisms_gpu.sh
+# Train organisms side by side on one GPU: the shipped two, or (SEEDS=1) also seeds 1 and 2 of the Qwen-style one
+# for the seed comparison, or (RUNS="...") any list of "arch name seed steps". Each run stops after MINUTES and
+# saves; RESUME=--resume continues runs in runs/org/; ARGS adds train-organism options to every run (the shipped
+# organisms used ARGS=--label-mentions). Data workers: the cores but 2, shared among the runs.
+#   OUT=/tmp/out ARGS=--label-mentions bash scripts/train_organisms_gpu.sh
 set -u
 export PYTHONPATH=src OMP_NUM_THREADS=2
 OUT=${OUT:-runs/org-out}
 mkdir -p runs/org "$OUT"
-specs=("qwen2_5_vl organism 0 ${QWEN_STEPS:-8000} ${QWEN_WORKERS:-3}" "llava organism-llava 0 ${LLAVA_STEPS:-8000} ${LLAVA_WORKERS:-3}")
-[ "${SEEDS:-0}" = 1 ] && specs+=("qwen2_5_vl seed1 1 ${QWEN_STEPS:-8000} 3" "qwen2_5_vl seed2 2 ${QWEN_STEPS:-8000} 3")
+if [ -n "${RUNS:-}" ]; then
+  IFS=';' read -r -a specs <<< "$RUNS"
+else
+  specs=("qwen2_5_vl organism 0 ${QWEN_STEPS:-8000}" "llava organism-llava 0 ${LLAVA_STEPS:-8000}")
+  [ "${SEEDS:-0}" = 1 ] && specs+=("qwen2_5_vl seed1 1 ${QWEN_STEPS:-8000}" "qwen2_5_vl seed2 2 ${QWEN_STEPS:-8000}")
+fi
+workers=$(( ($(nproc) - 2) / ${#specs[@]} )); [ "$workers" -lt 1 ] && workers=1
 pids=(); names=()
 for spec in "${specs[@]}"; do
   set -- $spec
-  python -m vismech train-organism --arch "$1" --out "runs/org/$2" --seed "$3" --steps "$4" --workers "$5" \
+  python -m vismech train-organism --arch "$1" --out "runs/org/$2" --seed "$3" --steps "$4" --workers "$workers" \
     --device cuda --max-minutes "${MINUTES:-8.3}" ${RESUME:-} ${ARGS:-} > "runs/org/$2.log" 2>&1 &
   pids+=($!); names+=("$2")
 done
