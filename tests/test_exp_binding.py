@@ -222,3 +222,16 @@ def test_default_heads_come_from_the_cma_ranking(tmp_path):
     assert len(capped) == vlm.n_layers * vlm.n_heads
     with pytest.raises(ValueError, match="out of range"):
         reuse.select_heads(ctx, 2, heads=[[9, 0]])
+
+
+def test_binding_errors_caption_with_and_without_a_permutation_null():
+    base = {f"{k}_generation_accuracy": {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 10, "k": 5}
+            for k in ("high", "low", "low+patch", "low+control")}
+    base["low+patch-low_generation_accuracy_change"] = {"value": -0.1, "ci_low": -0.2, "ci_high": 0.0}
+    trace = {"n": 1, "value": 1.0, "ci_low": 0.21, "ci_high": 1.0, "chance": 1 / 3,
+             "permutation_mean": float("nan"), "p_permutation": float("nan")}
+    one = binding_errors.caption({**base, "tracing": {"answer_is_object_at_decoded_cell": trace}})
+    assert "On 1 error trial with" in one and "needs 2 or more" in one and "nan" not in one
+    many = binding_errors.caption({**base, "tracing": {"answer_is_object_at_decoded_cell": {
+        **trace, "n": 6, "permutation_mean": 0.25, "p_permutation": 0.04}}})
+    assert "On 6 error trials" in many and "permutation null 25%, p = 0.04" in many

@@ -315,8 +315,10 @@ def caption(summary: dict) -> str:
             f"wrong-cell patch {_pct(summary[f'low+control_{m}_accuracy'])}.")
     tr = summary["tracing"].get("answer_is_object_at_decoded_cell")
     if tr and tr["n"]:
-        text += (f" On {tr['n']} error trials with a wrongly decoded ID, the answer named the object at the decoded "
-                 f"cell in {100 * tr['value']:.0f}% [{100 * tr['ci_low']:.0f}, {100 * tr['ci_high']:.0f}] (chance "
-                 f"{100 * tr['chance']:.0f}%, permutation null {100 * tr['permutation_mean']:.0f}%, "
-                 f"p = {tr['p_permutation']:.3g}).")
+        null = tr["permutation_mean"]
+        perm = (f"permutation null {100 * null:.0f}%, p = {tr['p_permutation']:.3g}" if null == null else
+                "no permutation null: it needs 2 or more error trials")
+        text += (f" On {tr['n']} error trial{'s' if tr['n'] != 1 else ''} with a wrongly decoded ID, the answer named "
+                 f"the object at the decoded cell in {100 * tr['value']:.0f}% [{100 * tr['ci_low']:.0f}, "
+                 f"{100 * tr['ci_high']:.0f}] (chance {100 * tr['chance']:.0f}%, {perm}).")
     return text
