@@ -7,7 +7,7 @@ import torch
 
 from vismech.experiments import cma
 from vismech.models.families import family_for_config
-from vismech.models.presets import random_model
+from vismech.models.random_weights import random_model
 from vismech.models.tiny import tiny_config
 from vismech.models.vlm import VLM
 from vismech.models.wordtok import build_word_tokenizer

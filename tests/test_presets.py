@@ -10,7 +10,8 @@ import pytest
 import torch
 import transformers
 
-from vismech.models.presets import PRESETS, Preset, build_random, preset_names
+from vismech.models.presets import PRESETS, Preset, preset_names
+from vismech.models.random_weights import build_random
 
 EXPECTED_NAMES = [
     "Qwen2-VL-7B",

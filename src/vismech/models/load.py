@@ -54,7 +54,8 @@ def load_vlm(name: str, dtype: str | torch.dtype | None = "fp32", device: str | 
         spec = family_for_config(model.config)
         return VLM(model, tok, spec.image_processor_for(model.config), spec, name, prompt_format)
     if name.startswith("random:"):
-        from .presets import PRESETS, random_model
+        from .presets import PRESETS
+        from .random_weights import random_model
         from .wordtok import build_word_tokenizer
 
         preset = name.split(":", 1)[1]
