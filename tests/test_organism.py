@@ -212,6 +212,12 @@ def test_cli_train_organism_prints_a_summary(tmp_path, capsys):
                  "--eval-n", "1", "--sizes", "small", "--device", "cpu"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("organism llava: 1/1 steps") and "color_retrieval/2x2=" in line
+    snaps = [json.loads(x) for x in (out / "emergence.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in snaps] == [0, 1]  # the CLI's default snapshots carry the analysis summaries
+    for s in snaps:
+        assert set(s["rsa"]) == {"position_prompt", "position_last", "features_last"}
+        assert set(s["cma"]) == {"id_retrieval", "id_selection", "feature_retrieval"}
+        assert all(0 <= c["n_significant"] <= 2 * 4 for c in s["cma"].values())  # small organism: 2 x 4 heads
     assert main(["train-organism", "--arch", "llava", "--out", str(out), "--sizes", "{bad"]) == 2
 
 

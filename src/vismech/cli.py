@@ -130,7 +130,7 @@ def cmd_run(args) -> int:
 
 
 #: Trial counts of the demo, sized so every experiment on the shipped organism finishes in minutes on 2 CPU cores.
-DEMO_OPTIONS = {"n": 4, "cma_n": 8, "null_samples": 1000, "max_new_tokens": 4, "n_boot": 100,
+DEMO_OPTIONS = {"n": 4, "cma_n": 8, "null_samples": 2000, "max_new_tokens": 4, "n_boot": 100,
                 "grids": [[2, 2]]}
 
 

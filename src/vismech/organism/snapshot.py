@@ -9,7 +9,8 @@
   re-paired-counterfactual null (Benjamini-Hochberg at ``q``; ``experiments.cma``), their mean layer (None when
   there are none), and the largest mean score.
 
-The stimuli are drawn once (fixed seed), so every snapshot of a run, and every seed's run, sees the same trials
+``null_samples`` null means bound the smallest p-value at 1/(null_samples+1); 5000 lets a single head pass
+Benjamini-Hochberg over the organism's 64 heads (it needs p <= q/64). The stimuli are drawn once (fixed seed), so every snapshot of a run, and every seed's run, sees the same trials
 and pairs. The trainer adds the held-out accuracies itself. Cost on the organism: one capture of ``rsa_k`` x 16
 trials and 2 x 3 x L x H patched rows per pair batch; a few seconds on a GPU.
 """
@@ -37,7 +38,7 @@ def _num(x):
 class AnalysisSnapshot:
     """Callable ``(vlm, step) -> dict`` with the RSA peaks and CMA head counts described in the module docstring."""
 
-    def __init__(self, rsa_k: int = 3, cma_n: int = 16, grid=(2, 2), null_samples: int = 1000, q: float = 0.05,
+    def __init__(self, rsa_k: int = 3, cma_n: int = 16, grid=(2, 2), null_samples: int = 5000, q: float = 0.05,
                  seed: int = 0, batch_size: int = 16):
         self.grid, self.seed, self.q, self.batch_size = tuple(grid), seed, q, batch_size
         self.null_samples = null_samples
