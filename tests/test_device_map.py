@@ -65,3 +65,33 @@ def test_auto_map_without_gpus_is_the_cpu_and_bad_maps_are_clear():
         assert {p.device.type for p in m.parameters()} == {"cpu"}
     with pytest.raises(ValueError, match="device_map must be"):
         random_model(cfg, torch.float32, device_map="everywhere")
+
+
+def test_each_torchrun_process_gets_its_own_share_of_the_gpus(monkeypatch):
+    from vismech import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert distributed.process_gpus() == [0, 1, 2, 3]  # one process: every GPU
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for rank, share in ((0, [0, 1]), (1, [2, 3])):
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        assert distributed.process_gpus() == share
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.process_gpus() == [3]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(ValueError, match="only 4 GPUs"):
+        distributed.process_gpus()
+
+
+def test_a_parameter_goes_where_its_longest_mapped_prefix_says():
+    from vismech.models.random_weights import _device_of
+
+    placement = {"model.language_model.layers.1": 1, "model.language_model.layers.10": "cpu", "model": 0}
+    assert _device_of("model.language_model.layers.1.mlp.up_proj.weight", placement) == "cuda:1"
+    assert _device_of("model.language_model.layers.10.mlp.up_proj.weight", placement) == "cpu"
+    assert _device_of("model.visual.patch_embed.proj.weight", placement) == "cuda:0"
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        _device_of("lm_head.weight", placement)
