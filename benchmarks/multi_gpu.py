@@ -213,10 +213,11 @@ def main():
     ap.add_argument("--big-model", default="random:Qwen2.5-VL-32B")
     ap.add_argument("--big-pairs", type=int, default=4)
     ap.add_argument("--dp-model", default="random:Qwen2.5-VL-7B")
-    ap.add_argument("--dp-pairs", type=int, default=32)
+    ap.add_argument("--dp-pairs", type=int, default=64)
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--batch-size", type=int, default=8, help="pairs per chunk; data parallel splits chunks, so "
-                    "--dp-pairs / --batch-size should be a multiple of the largest --procs")
+    ap.add_argument("--batch-size", type=int, default=16, help="pairs per chunk, the same in every run (the one-GPU "
+                    "baseline included); data parallel splits chunks, so --dp-pairs / --batch-size should be a "
+                    "multiple of the largest --procs (64 / 16 = 4)")
     args = ap.parse_args()
     if args.cmd == "sweep":
         sweep(args)
