@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Train organisms side by side on one GPU: the shipped two, or (SEEDS=1) also seeds 1 and 2 of the Qwen-style one
-# for the seed comparison, or (RUNS="...") any list of "arch name seed steps". Each run stops after MINUTES and
-# saves; RESUME=--resume continues runs in runs/org/; ARGS adds train-organism options to every run (the shipped
-# organisms used ARGS=--label-mentions). Data workers: the cores but 2, shared among the runs.
+# Train organisms side by side: the shipped two, or (SEEDS=1) also seeds 1 and 2 of the Qwen-style one for the seed
+# comparison, or (RUNS="...;...") any list of "arch name seed steps [more train-organism options]". Runs go to the
+# host's GPUs in turn (run i on GPU i mod GPUs). Each run stops after MINUTES and saves; RESUME=--resume continues
+# runs in runs/org/; ARGS adds options to every run (the shipped organisms used ARGS=--label-mentions). Data
+# workers: the cores but 2, shared among the runs.
 #   OUT=/tmp/out ARGS=--label-mentions bash scripts/train_organisms_gpu.sh
 set -u
 export PYTHONPATH=src OMP_NUM_THREADS=2
@@ -15,12 +16,14 @@ else
   [ "${SEEDS:-0}" = 1 ] && specs+=("qwen2_5_vl seed1 1 ${QWEN_STEPS:-8000}" "qwen2_5_vl seed2 2 ${QWEN_STEPS:-8000}")
 fi
 workers=$(( ($(nproc) - 2) / ${#specs[@]} )); [ "$workers" -lt 1 ] && workers=1
-pids=(); names=()
+gpus=$(nvidia-smi -L | wc -l); [ "$gpus" -lt 1 ] && gpus=1
+pids=(); names=(); i=0
 for spec in "${specs[@]}"; do
   set -- $spec
-  python -m vismech train-organism --arch "$1" --out "runs/org/$2" --seed "$3" --steps "$4" --workers "$workers" \
-    --device cuda --max-minutes "${MINUTES:-8.3}" ${RESUME:-} ${ARGS:-} > "runs/org/$2.log" 2>&1 &
-  pids+=($!); names+=("$2")
+  CUDA_VISIBLE_DEVICES=$(( i % gpus )) python -m vismech train-organism --arch "$1" --out "runs/org/$2" --seed "$3" \
+    --steps "$4" --workers "$workers" --device cuda --max-minutes "${MINUTES:-8.3}" ${RESUME:-} ${ARGS:-} "${@:5}" \
+    > "runs/org/$2.log" 2>&1 &
+  pids+=($!); names+=("$2"); i=$((i + 1))
 done
 sleep 45; nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv; uptime
 wait "${pids[@]}"

@@ -219,6 +219,11 @@ def test_cli_train_organism_prints_a_summary(tmp_path, capsys):
         assert set(s["cma"]) == {"id_retrieval", "id_selection", "feature_retrieval"}
         assert all(0 <= c["n_significant"] <= 2 * 4 for c in s["cma"].values())  # small organism: 2 x 4 heads
     assert main(["train-organism", "--arch", "llava", "--out", str(out), "--sizes", "{bad"]) == 2
+    capsys.readouterr()
+    assert main(["train-organism", "--arch", "llava", "--out", str(tmp_path / "w"), "--weight", "color_2x2"]) == 2
+    assert "--weight takes COMPONENT=NUMBER" in capsys.readouterr().err
+    assert main(["train-organism", "--arch", "llava", "--out", str(tmp_path / "w"), "--weight", "nope=1"]) == 2
+    assert "unknown mixture component(s) nope" in capsys.readouterr().err
 
 
 def test_precomputed_rope_positions_give_the_same_loss():
@@ -237,3 +242,23 @@ def test_precomputed_rope_positions_give_the_same_loss():
             pos = batch["position_ids"]
             assert pos.shape == (3,) + tuple(batch["input_ids"].shape)
             assert not torch.equal(pos[1], pos[2])  # image rows and columns differ
+
+
+def test_mixture_weights_can_be_changed_and_the_card_says_how():
+    from vismech.organism.card import reproduce_command
+
+    mix = data.reweighted({"color_2x2": 0.5, "relation_2x2": 0})
+    assert [c.name for c in mix] == [c.name for c in data.MIXTURE if c.name != "relation_2x2"]
+    assert dict((c.name, c.weight) for c in mix)["color_2x2"] == 0.5
+    counts = {c.name: 0 for c in mix}
+    for step in range(40):
+        for t in data.step_trials(0, step, 64, mix):
+            counts[t.meta["component"]] += 1
+    share = counts["color_2x2"] / sum(counts.values())
+    total = sum(c.weight for c in mix)
+    assert abs(share - 0.5 / total) < 4.5 * (0.5 / total * (1 - 0.5 / total) / 2560) ** 0.5
+    with pytest.raises(ValueError, match="unknown mixture component"):
+        data.reweighted({"colour_2x2": 0.5})
+    cmd = reproduce_command({"arch": "llava", "out": "o", "planned_steps": 5, "seed": 0, "batch_size": 8, "lr": 1e-3,
+                             "mixture": mix})
+    assert "--weight color_2x2=0.5" in cmd and "--weight relation_2x2=0" in cmd and "sd_2x2_high" not in cmd

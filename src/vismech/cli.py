@@ -171,6 +171,17 @@ def cmd_train_organism(args) -> int:
                              f"not {args.sizes!r}") from None
     kw = {k: getattr(args, k) for k in ("eval_every", "eval_n", "workers", "max_minutes")
           if getattr(args, k) is not None}
+    if args.weight:
+        from vismech.organism.data import reweighted
+
+        weights = {}
+        for item in args.weight:
+            name, _, value = item.partition("=")
+            try:
+                weights[name] = float(value)
+            except ValueError:
+                raise ValueError(f"--weight takes COMPONENT=NUMBER, e.g. color_2x2=0.3, not {item!r}") from None
+        kw["mixture"] = reweighted(weights)
     if args.snapshots == "analysis":
         from vismech.organism.snapshot import AnalysisSnapshot
 
@@ -261,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (500)")
     s.add_argument("--eval-n", type=int, default=None, help="held-out trials per group (128)")
     s.add_argument("--max-minutes", type=float, default=None, help="stop early after this long, still saving")
+    s.add_argument("--weight", action="append", metavar="COMPONENT=W", help="change a training-mixture weight "
+                   "(vismech.organism.data.MIXTURE names, e.g. color_2x2=0.3; 0 drops it); repeatable")
     s.add_argument("--snapshots", choices=["analysis", "accuracy"], default="analysis",
                    help="what the emergence snapshots hold besides held-out accuracy: 'analysis' adds the RSA "
                    "peaks and CMA significant-head counts (vismech.organism.snapshot; default), 'accuracy' nothing")

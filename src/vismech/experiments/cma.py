@@ -122,7 +122,8 @@ def _pad(positions: list[list[int]]) -> tuple[list[list[int]], list[int]]:
 def _baseline(vlm, clean, src, pos, tid, engine: str) -> torch.Tensor:
     """Clean logits [B, 2] of the two answer tokens, computed the way the engine computes patched ones."""
     if engine == "naive":
-        return vlm.logits(clean).gather(1, tid.to(vlm.device)).cpu()
+        logits = vlm.logits(clean)
+        return logits.gather(1, tid.to(logits.device)).cpu()  # the lm head may sit on another GPU (device_map)
     # the text-only path of head_patch with an exact no-op edit (adding 0), so its numerics match the patches
     return patching.head_patch(vlm, clean, src, pos, tid, heads=[(0, 0)], mode="add", scale=0.0)[0]
 

@@ -37,6 +37,10 @@ def reproduce_command(info: dict) -> str:
         cmd += " --label-mentions"
     if info.get("stopped_early") and info.get("max_minutes"):
         cmd += f" --max-minutes {info['max_minutes']}"
+    used = {c.name: c.weight for c in info.get("mixture", MIXTURE)}
+    for c in MIXTURE:
+        if used.get(c.name, 0.0) != c.weight:
+            cmd += f" --weight {c.name}={used.get(c.name, 0.0):g}"
     if info.get("sizes") not in (None, "{}", {}):
         cmd += f" --sizes '{info['sizes']}'"
     return cmd + (" --device cuda" if str(info.get("device", "")).startswith("cuda") else " --device cpu")

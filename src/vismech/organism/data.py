@@ -75,6 +75,24 @@ MIXTURE: tuple[Component, ...] = (
     Component("counting_3x3", "counting", (3, 3), 0.10, None, (3, 8)),
 )
 
+def reweighted(weights: dict[str, float], mixture: tuple[Component, ...] = MIXTURE) -> tuple[Component, ...]:
+    """``mixture`` with the named components' weights replaced (``{"color_2x2": 0.3}``); 0 drops a component.
+    Weights need not sum to 1 (components are drawn in proportion)."""
+    from dataclasses import replace
+
+    names = [c.name for c in mixture]
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"unknown mixture component(s) {', '.join(unknown)}; components are {', '.join(names)}")
+    if any(w < 0 for w in weights.values()):
+        raise ValueError("mixture weights must be >= 0")
+    out = tuple(replace(c, weight=float(weights.get(c.name, c.weight))) for c in mixture)
+    out = tuple(c for c in out if c.weight > 0)
+    if not out:
+        raise ValueError("every mixture component has weight 0")
+    return out
+
+
 ALL_COLORS = tuple(sets.COLORS)
 ALL_SHAPES = tuple(sets.SHAPES)
 

@@ -176,8 +176,8 @@ def _load_state(path: Path, model, opt, run: dict) -> tuple[int, float]:
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state["run"]
-    for key in ("arch", "seed", "batch_size", "lr", "sizes", "label_mentions"):
-        if saved.get(key) != run.get(key):
+    for key in ("arch", "seed", "batch_size", "lr", "sizes", "label_mentions", "mixture"):
+        if key in saved and saved.get(key) != run.get(key):
             raise ValueError(f"{path} was trained with {key}={saved.get(key)!r}, not {run.get(key)!r}; resume with "
                              "the same settings or choose another --out")
     model.load_state_dict(state["model"])
@@ -240,7 +240,8 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
     out.mkdir(parents=True, exist_ok=True)
     sizes = sizes or {}
     run = {"arch": arch, "seed": seed, "batch_size": batch_size, "lr": lr, "sizes": json.dumps(sizes, sort_keys=True),
-           "steps": steps, "label_mentions": label_mentions}
+           "steps": steps, "label_mentions": label_mentions,
+           "mixture": json.dumps({c.name: c.weight for c in mixture}, sort_keys=True)}
     warmup = min(500, max(1, steps // 20)) if warmup is None else warmup
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
