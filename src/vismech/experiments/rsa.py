@@ -24,7 +24,10 @@ entropy sets' high-entropy objects, every object with its own colour and its own
 then colour, shape and features RSMs coincide at the last token. ``"low"`` uses every conjunction of
 sqrt(N) colours x sqrt(N) shapes (colour and shape then differ), or give a list of N [colour, shape] pairs.
 With ``vocab="high"`` the trial set is the same as the entropy experiment's high-entropy set for the same grid,
-``n`` and seed, so one capture serves both (``activations.for_context``).
+``n`` and seed, so one capture serves both (``activations.for_context``). Caveat: on such a set the described
+objects fix the target (the one left out), so the prompt's words alone carry the target's features, and
+``features_last`` is high even with random weights (0.92-0.97 for the untrained organisms); the permutation null
+does not remove this. Compare with the same architecture untrained before reading a high value as the model's own.
 """
 
 from __future__ import annotations
