@@ -101,8 +101,7 @@ def unshard(local: torch.Tensor, n: int) -> torch.Tensor:
     """Reassemble [n, ...] from every process's ``shard`` result (its local rows); same on every process."""
     if not active():
         return local
-    parts: list = [None] * world()
-    dist.all_gather_object(parts, local.cpu())
+    parts = gather(local.cpu())
     out = torch.empty((n,) + tuple(parts[0].shape[1:]), dtype=parts[0].dtype)
     for r, part in enumerate(parts):
         out[r::world()] = part
@@ -116,6 +115,14 @@ def gather(obj) -> list:
     parts: list = [None] * world()
     dist.all_gather_object(parts, obj)
     return parts
+
+
+def shutdown() -> None:
+    """Leave the process group (after a last barrier) so that every process exits cleanly; idempotent."""
+    if dist.is_available() and dist.is_initialized():
+        if _group():
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

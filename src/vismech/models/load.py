@@ -136,8 +136,9 @@ def _load_pretrained(path, name, dtype, device, device_map, prompt_format, trust
         from vismech.distributed import max_memory
 
         kw["device_map"] = device_map
-        if isinstance(device_map, str) and max_memory():
-            kw["max_memory"] = max_memory()  # this process's GPUs only when torchrun starts several
+        budget = max_memory() if isinstance(device_map, str) else None
+        if budget:
+            kw["max_memory"] = budget  # this process's GPUs only when torchrun starts several
     try:
         model = spec.model_class().from_pretrained(path, **kw)
     except OSError as e:
