@@ -176,8 +176,10 @@ def _load_state(path: Path, model, opt, run: dict) -> tuple[int, float]:
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state["run"]
-    for key in ("arch", "seed", "batch_size", "lr", "sizes", "label_mentions", "mixture"):
-        if key in saved and saved.get(key) != run.get(key):
+    keys = ("arch", "seed", "batch_size", "lr", "sizes", "label_mentions")
+    keys += ("mixture",) if "mixture" in saved else ()  # states saved before it was recorded have none
+    for key in keys:
+        if saved.get(key) != run.get(key):
             raise ValueError(f"{path} was trained with {key}={saved.get(key)!r}, not {run.get(key)!r}; resume with "
                              "the same settings or choose another --out")
     model.load_state_dict(state["model"])
