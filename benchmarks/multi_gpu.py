@@ -81,6 +81,7 @@ def sweep(args) -> None:
         np.savez_compressed(args.save, **out)
         Path(args.save).with_suffix(".json").write_text(json.dumps(meta))
         print(json.dumps(meta), flush=True)
+    distributed.shutdown()
 
 
 # -- the driver ----------------------------------------------------------------------------------------------------

@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vismech: interrupted; finished results are on disk", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":
