@@ -1,13 +1,16 @@
 """Benchmark: one training step of each organism, split into data wait, forward and backward, with and without the
-packed vision attention, and the CUDA ops that take the time (torch.profiler).
+packed vision attention, and the CUDA ops that take the time (torch.profiler); then the training loop as it runs
+(data workers producing while the model trains) for each worker count of ``--loop-workers``.
 
-    PYTHONPATH=src python benchmarks/organism_step.py --arch qwen2_5_vl --steps 12 --workers 12
+    PYTHONPATH=src python benchmarks/organism_step.py --arch qwen2_5_vl --steps 12 --workers 12 --loop-workers 3 15
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,6 +25,33 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
+def _cpu_max() -> str:
+    try:
+        return Path("/sys/fs/cgroup/cpu.max").read_text().strip()
+    except OSError:
+        return "n/a"
+
+
+def loop(a, model, opt, dev, workers: int) -> float:
+    """Steps per second of the training loop as ``train_organism`` runs it, with ``workers`` data workers."""
+    pix = torch.bfloat16 if dev.type == "cuda" else None
+    with data.Feeder(a.arch, 1, a.batch_size, END_TOKEN[a.arch], workers=workers, pixel_dtype=pix,
+                     label_mentions=True) as feeder, packed_vision_attention(model, dev.type == "cuda"):
+        for i in range(5 + a.loop_steps):
+            if i == 5:
+                sync(dev)
+                t = time.perf_counter()
+            b = {k: v.to(dev, non_blocking=True) for k, v in next(feeder).items()}
+            with _autocast(dev):
+                loss = model(**b, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync(dev)
+        return a.loop_steps / (time.perf_counter() - t)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="qwen2_5_vl")
@@ -30,12 +60,16 @@ def main():
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--loop-workers", type=int, nargs="*", default=[], help="time the interleaved training loop "
+                    "(batches drawn while the model trains) with each of these worker counts")
+    ap.add_argument("--loop-steps", type=int, default=40)
     a = ap.parse_args()
     import transformers
 
     dev = torch.device(a.device)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {dev}, "
-          f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}")
+          f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}, {os.cpu_count()} cores, "
+          f"{len(os.sched_getaffinity(0))} usable, cgroup cpu.max {_cpu_max()}")
     model, tok, proc = build_organism(a.arch, 0)
     model.to(dev).train()
     print("family", family_for_config(model.config).name)
@@ -75,6 +109,8 @@ def main():
         n = len(batches) - 2
         print(f"packed={packed}: " + ", ".join(f"{k} {v / n * 1000:.0f} ms" for k, v in times.items())
               + f"; {n / sum(times.values()):.2f} steps/s")
+    for w in a.loop_workers:
+        print(f"training loop with {w} data workers: {loop(a, model, opt, dev, w):.2f} steps/s", flush=True)
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -2,8 +2,9 @@
 # Train organisms side by side: the shipped two, or (SEEDS=1) also seeds 1 and 2 of the Qwen-style one for the seed
 # comparison, or (RUNS="...;...") any list of "arch name seed steps [more train-organism options]". Runs go to the
 # host's GPUs in turn (run i on GPU i mod GPUs). Each run stops after MINUTES and saves; RESUME=--resume continues
-# runs in runs/org/; ARGS adds options to every run (the shipped organisms used ARGS=--label-mentions). Data
-# workers: the cores but 2, shared among the runs.
+# runs in runs/org/; ARGS adds options to every run (the shipped organisms used ARGS=--label-mentions). WORKERS
+# data workers a run (default 4; at 7-15 a run the Qwen organism ran 3-4x slower than with 3, see
+# benchmarks/organism_step.py --loop-workers). Two Qwen runs sharing a GPU (7 workers each) ran at 1.5 steps/s each.
 #   OUT=/tmp/out ARGS=--label-mentions bash scripts/train_organisms_gpu.sh
 set -u
 export PYTHONPATH=src OMP_NUM_THREADS=2
@@ -15,7 +16,7 @@ else
   specs=("qwen2_5_vl organism 0 ${QWEN_STEPS:-8000}" "llava organism-llava 0 ${LLAVA_STEPS:-8000}")
   [ "${SEEDS:-0}" = 1 ] && specs+=("qwen2_5_vl seed1 1 ${QWEN_STEPS:-8000}" "qwen2_5_vl seed2 2 ${QWEN_STEPS:-8000}")
 fi
-workers=$(( ($(nproc) - 2) / ${#specs[@]} )); [ "$workers" -lt 1 ] && workers=1
+workers=${WORKERS:-4}
 gpus=$(nvidia-smi -L | wc -l); [ "$gpus" -lt 1 ] && gpus=1
 pids=(); names=(); i=0
 for spec in "${specs[@]}"; do

@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from vismech.models.load import organism_dir
 from vismech.organism.emergence import plot_emergence, read, seed_table
 
@@ -34,6 +36,8 @@ def test_seed_table_reads_analysis_summaries_and_skips_undefined(tmp_path):
     assert rows["cma/id_selection/mean_layer"]["mean"] == 4.0  # the run with no significant head has no layer
     assert abs(rows["cma/id_selection/mean_layer"]["sd"] - 2 ** 0.5) < 1e-12
     assert abs(rows["rsa/position_prompt/peak_r"]["mean"] - 0.1) < 1e-12
+    one = {r["group"]: r for r in seed_table(paths[1:2])}  # one run: a mean, no spread
+    assert one["cma/id_selection/mean_layer"]["mean"] == 3.0 and np.isnan(one["cma/id_selection/mean_layer"]["sd"])
 
 
 def test_shipped_organisms_have_log_spaced_snapshots_and_a_figure():

@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warmup, then cosine decay)")
     s.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     s.add_argument("--workers", type=int, default=None, help="data worker processes (default: 0 on CPU, "
-                   "cores-2 on CUDA)")
+                   "4 on CUDA)")
     s.add_argument("--label-mentions", action="store_true", help="also train on the described objects' words of "
                    "scene-description prompts (denser supervision; default: the answer only)")
     s.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (500)")

@@ -88,7 +88,8 @@ def flat_summary(snap: dict) -> dict[str, float]:
 
 def seed_table(paths: list[str | Path], step: int | None = None) -> list[dict]:
     """Per summary (``flat_summary``): each run's value at its last snapshot (or at ``step``, which every run must
-    have), their mean and standard deviation (ddof=1) over the runs where it is defined."""
+    have), their mean and standard deviation (ddof=1) over the runs where it is defined (NaN where fewer than two
+    runs define it)."""
     snaps = []
     for p in paths:
         runs = read(p)
@@ -103,5 +104,5 @@ def seed_table(paths: list[str | Path], step: int | None = None) -> list[dict]:
         ok = vals[np.isfinite(vals)]
         rows.append({"group": g, "runs": len(vals), "steps": [s["step"] for s in snaps],
                      "values": vals.round(3).tolist(), "mean": float(ok.mean()) if ok.size else float("nan"),
-                     "sd": float(ok.std(ddof=1)) if ok.size > 1 else 0.0})
+                     "sd": float(ok.std(ddof=1)) if ok.size > 1 else float("nan")})
     return rows

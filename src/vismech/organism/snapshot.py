@@ -10,8 +10,8 @@
   there are none), and the largest mean score.
 
 ``null_samples`` null means bound the smallest p-value at 1/(null_samples+1); 5000 lets a single head pass
-Benjamini-Hochberg over the organism's 64 heads (it needs p <= q/64). The stimuli are drawn once (fixed seed), so every snapshot of a run, and every seed's run, sees the same trials
-and pairs. The trainer adds the held-out accuracies itself. Cost on the organism: one capture of ``rsa_k`` x 16
+Benjamini-Hochberg over the organism's 64 heads (it needs p <= q/64). The stimuli are drawn once (fixed seed), so
+every snapshot of a run, and every seed's run, sees the same trials and pairs. The trainer adds the held-out accuracies itself. Cost on the organism: one capture of ``rsa_k`` x 16
 trials and 2 x 3 x L x H patched rows per pair batch; a few seconds on a GPU.
 """
 

@@ -230,8 +230,11 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
 
     ``stop_at`` ends the run after that step as if interrupted (state saved, no checkpoint); ``max_minutes`` ends
     it early but still saves the checkpoint and card. ``label_mentions``: see ``data.teacher_forcing``.
-    ``workers`` defaults to 0 on CPU and cores - 2 (at most 30) on CUDA. ``sizes`` (``text=``/``vision=``
-    overrides) changes the architecture; ``command`` goes into the card."""
+    ``workers`` defaults to 0 on CPU and to 4 (fewer on small hosts) on CUDA: on lent H200 hosts the Qwen organism
+    trained at 7 steps/s with 3 workers and at 2 steps/s with 15 (one run a GPU, the cause not isolated; see
+    ``benchmarks/organism_step.py --loop-workers``); 4 workers draw about 10 Qwen batches (of 128) a second on
+    the development CPU (0.41 s a batch a worker), more than the fastest run used. ``sizes`` (``text=``/
+    ``vision=`` overrides) changes the architecture; ``command`` goes into the card."""
     check_arch(arch)
     t_start = time.time()
     out = Path(out)
@@ -266,7 +269,7 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
     heldout = HeldOut(vlm, eval_n, seed, max(batch_size, 32), compact=dev.type == "cuda")
     snaps = set(snapshot_steps(steps, snapshots))
     packed = dev.type == "cuda" if packed_attention is None else packed_attention
-    workers = (0 if dev.type == "cpu" else max(1, min(30, (os.cpu_count() or 4) - 2))) if workers is None else workers
+    workers = (0 if dev.type == "cpu" else max(1, min(4, (os.cpu_count() or 4) - 2))) if workers is None else workers
     end = min(steps, stop_at) if stop_at is not None else steps
     t0, done, acc, last_loss = time.time() - before, start, None, None  # log seconds count earlier sessions
     logged_loss = torch.zeros((), device=dev)
