@@ -25,8 +25,12 @@ if distributed.is_main():
 from vismech.experiments.cma import condition_scores  # noqa: E402
 
 scores, nulls = condition_scores(vlm, cma_pairs("id_retrieval", 6, seed=2), "id_retrieval", batch_size=2, seed=0)
+# and in bf16, where any change in how rows are grouped would move the rounding: 2 chunks, one a process
+half = load_vlm("tiny:qwen2_5_vl", device="cpu", dtype="bf16")
+bf16, bf16_null = condition_scores(half, cma_pairs("id_selection", 4, seed=3), "id_selection", batch_size=2, seed=0)
 if distributed.is_main():
-    torch.save({"out": out, "world": distributed.world(), "scores": scores, "nulls": nulls}, sys.argv[1])
+    torch.save({"out": out, "world": distributed.world(), "scores": scores, "nulls": nulls, "bf16": bf16,
+                "bf16_null": bf16_null}, sys.argv[1])
 distributed.shutdown()
 # Skip the interpreter's teardown: gloo's threads occasionally abort there ("terminate called without an active
 # exception", about 1 run in 15 under pytest) after every result has been computed, saved and the group destroyed.

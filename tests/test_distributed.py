@@ -27,3 +27,5 @@ def test_two_processes_equal_one(tmp_path):
     assert a["scores"].shape == b["scores"].shape == a["nulls"].shape == (3, 4, 6)
     assert abs(a["scores"]).max() > 0 and (abs(a["scores"]).sum((0, 1)) > 0).all()
     assert abs(a["scores"] - b["scores"]).max() < 1e-6 and abs(a["nulls"] - b["nulls"]).max() < 1e-6
+    # bf16: the same chunks give the same numbers to the last bit
+    assert abs(a["bf16"]).max() > 0 and (a["bf16"] == b["bf16"]).all() and (a["bf16_null"] == b["bf16_null"]).all()
