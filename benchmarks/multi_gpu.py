@@ -132,6 +132,10 @@ def main_driver(args) -> None:
 PY = [sys.executable]
 
 
+def _torchrun(n: int) -> list[str]:
+    return PY + ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+
+
 def _equality(args, out, report):
     print(f"sharding equality: {args.eq_model} ({args.eq_dtype}), {args.eq_pairs} pairs x 3 conditions", flush=True)
     one, two = out / "eq_1gpu.npz", out / "eq_2gpu.npz"
@@ -165,8 +169,7 @@ def _combo(args, out, report):
         return
     print("both: 2 processes x a model sharded over 2 GPUs each (4 GPUs), the equality sweep", flush=True)
     save = out / "combo.npz"
-    cmd = PY + ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] + \
-        _child(args, args.eq_model, args.eq_pairs, "auto", False, save, args.eq_dtype)
+    cmd = _torchrun(2) + _child(args, args.eq_model, args.eq_pairs, "auto", False, save, args.eq_dtype)
     if _run(cmd, "0,1,2,3", out / "combo.log") == 0:
         (a, _), (b, mb) = _load(out / "eq_1gpu.npz"), _load(save)
         report["combo"] = {**mb, "max_abs_diff_vs_1gpu": _max_diff(a, b)}
@@ -178,8 +181,7 @@ def _data_parallel(args, out, report):
     runs = {}
     for n in args.procs:
         save = out / f"dp_{n}.npz"
-        cmd = PY + ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"] + \
-            _child(args, args.dp_model, args.dp_pairs, None, True, save)
+        cmd = _torchrun(n) + _child(args, args.dp_model, args.dp_pairs, None, True, save)
         if _run(cmd, ",".join(str(i) for i in range(n)), out / f"dp_{n}.log") == 0:
             runs[n] = _load(save)
     if 1 in runs:
@@ -201,8 +203,7 @@ def _dp_equality(args, out, report):
     runs = {}
     for n in (1, 2):
         save = out / f"dpeq_{n}.npz"
-        cmd = PY + ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"] + \
-            _child(args, args.eq_model, args.eq_pairs, None, True, save, args.eq_dtype, half)
+        cmd = _torchrun(n) + _child(args, args.eq_model, args.eq_pairs, None, True, save, args.eq_dtype, half)
         if _run(cmd, ",".join(str(i) for i in range(n)), out / f"dpeq_{n}.log") == 0:
             runs[n] = _load(save)[0]
     if len(runs) == 2:
