@@ -3,8 +3,9 @@
 # comparison, or (RUNS="...;...") any list of "arch name seed steps [more train-organism options]". Runs go to the
 # host's GPUs in turn (run i on GPU i mod GPUs). Each run stops after MINUTES and saves; RESUME=--resume continues
 # runs in runs/org/; ARGS adds options to every run (the shipped organisms used ARGS=--label-mentions). WORKERS
-# data workers a run (default 4; at 7-15 a run the Qwen organism ran 3-4x slower than with 3, see
-# benchmarks/organism_step.py --loop-workers). Two Qwen runs sharing a GPU (7 workers each) ran at 1.5 steps/s each.
+# data workers a run (default 4: one Qwen run a GPU made 2 steps/s with 15 workers on a 2-GPU host, 7 with 3 on a
+# 1-GPU host, cause not isolated; benchmarks/organism_step.py --loop-workers times it). One run a GPU: two Qwen runs
+# sharing a GPU (7 workers each) made 1.5 steps/s each.
 #   OUT=/tmp/out ARGS=--label-mentions bash scripts/train_organisms_gpu.sh
 set -u
 export PYTHONPATH=src OMP_NUM_THREADS=2
