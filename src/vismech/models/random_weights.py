@@ -48,7 +48,7 @@ def random_model(config, dtype: torch.dtype = torch.bfloat16, device: str | torc
     for pname, param in list(model.named_parameters()):
         dev = torch.device(_device_of(pname, placement) if placement is not None else device)
         owner, attr = _owner(model, pname)
-        if attr == "bias" or pname.endswith(".bias"):
+        if attr == "bias":
             value = torch.zeros(param.shape, dtype=dtype, device=dev)
         elif param.ndim == 1:
             value = torch.ones(param.shape, dtype=dtype, device=dev)
@@ -132,7 +132,7 @@ def _placement(model, dtype: torch.dtype, device_map: str | dict) -> dict:
     if not budget:
         return {"": "cpu"}
     no_split = list(getattr(model, "_no_split_modules", None) or [])
-    if device_map != "sequential" and len([k for k in budget if k != "cpu"]) > 1:
+    if device_map != "sequential" and len(budget) > 1:
         budget = get_balanced_memory(model, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
     placement = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
     if any(d in ("cpu", "disk") for d in placement.values()):

@@ -75,6 +75,7 @@ MIXTURE: tuple[Component, ...] = (
     Component("counting_3x3", "counting", (3, 3), 0.10, None, (3, 8)),
 )
 
+
 def reweighted(weights: dict[str, float], mixture: tuple[Component, ...] = MIXTURE) -> tuple[Component, ...]:
     """``mixture`` with the named components' weights replaced (``{"color_2x2": 0.3}``); 0 drops a component.
     Weights need not sum to 1 (components are drawn in proportion)."""

@@ -11,8 +11,9 @@
 
 ``null_samples`` null means bound the smallest p-value at 1/(null_samples+1); 5000 lets a single head pass
 Benjamini-Hochberg over the organism's 64 heads (it needs p <= q/64). The stimuli are drawn once (fixed seed), so
-every snapshot of a run, and every seed's run, sees the same trials and pairs. The trainer adds the held-out accuracies itself. Cost on the organism: one capture of ``rsa_k`` x 16
-trials and 2 x 3 x L x H patched rows per pair batch; a few seconds on a GPU.
+every snapshot of a run, and every seed's run, sees the same trials and pairs. The trainer adds the held-out
+accuracies itself. Cost on the organism: one capture of ``rsa_k`` x 16 trials and 2 x 3 x L x H patched rows per
+pair batch; a few seconds on a GPU.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ RSA_CURVES = rsa_exp.CURVES[:3]
 
 
 def _num(x):
-    x = float(x)
-    return round(x, 4) if np.isfinite(x) else None
+    """``x`` rounded for the log, or None where it is undefined (None or not finite)."""
+    if x is None or not np.isfinite(float(x)):
+        return None
+    return round(float(x), 4)
 
 
 class AnalysisSnapshot:
@@ -52,7 +55,7 @@ class AnalysisSnapshot:
         out = {}
         for curve, token, target in RSA_CURVES:
             layer, value = rsa_exp.peak((prompt if token == "prompt" else last)[target])
-            out[curve] = {"peak_r": None if value is None else round(value, 4), "peak_layer": layer}
+            out[curve] = {"peak_r": _num(value), "peak_layer": layer}
         return out
 
     def cma(self, vlm) -> dict:
