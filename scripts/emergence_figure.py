@@ -22,8 +22,10 @@ fig.savefig(root / "docs" / "emergence.png", dpi=110, bbox_inches="tight")
 seeds = sorted((root / "docs" / "organism-seeds").glob("seed*-emergence.jsonl"))
 common = max(set.intersection(*({s["step"] for s in read(p)} for p in seeds)))
 rows = seed_table(seeds, step=common)
-lines = [f"Qwen-style organism, seeds 0-2, same settings (`--steps 4000 --label-mentions`, batch 128, lr 1e-3, the "
-         "shipped mixture), stopped by the time limit after 719-735 steps (four runs sharing two H200s, 8.8 min); "
+lines = [f"Qwen-style organism, seeds 0-2, same settings (`--steps 5000 --label-mentions`, batch 128, lr 1e-3, the "
+         "shipped mixture), stopped by the time limit after 3450-3488 steps (one run a GPU on a 4 x H100 host, "
+         "4 data workers each, 13.6 min of training loop in two calls; the summary files give the last call's "
+         "minutes); "
          f"summaries at step {common}, the last snapshot all three have. Accuracy: held-out first-token accuracy "
          "(128 trials a group); rsa: peak value and layer of the three Fig. 1c curves (48 trials, 2x2 high entropy); cma: heads significant against the "
          "re-paired null (16 pairs a condition, BH q=0.05), their mean layer and the largest mean score.", "",

@@ -3,9 +3,9 @@
 # comparison, or (RUNS="...;...") any list of "arch name seed steps [more train-organism options]". Runs go to the
 # host's GPUs in turn (run i on GPU i mod GPUs). Each run stops after MINUTES and saves; RESUME=--resume continues
 # runs in runs/org/; ARGS adds options to every run (the shipped organisms used ARGS=--label-mentions). WORKERS
-# data workers a run (default 4: one Qwen run a GPU made 2 steps/s with 15 workers on a 2-GPU host, 7 with 3 on a
-# 1-GPU host, cause not isolated; benchmarks/organism_step.py --loop-workers times it). One run a GPU: two Qwen runs
-# sharing a GPU (7 workers each) made 1.5 steps/s each.
+# data workers a run (default 4). Qwen runs, one a GPU, made 3.9-4.5 steps/s with 4 workers each (4 x H100 host),
+# 2 with 15 workers (2 x H200), 5.6 alone with 3 (1 x H200); two sharing a GPU made 1.5 each; the cause of the
+# spread is not isolated (benchmarks/organism_step.py --loop-workers times one host's loop per worker count).
 #   OUT=/tmp/out ARGS=--label-mentions bash scripts/train_organisms_gpu.sh
 set -u
 export PYTHONPATH=src OMP_NUM_THREADS=2
