@@ -262,3 +262,14 @@ def test_mixture_weights_can_be_changed_and_the_card_says_how():
     cmd = reproduce_command({"arch": "llava", "out": "o", "planned_steps": 5, "seed": 0, "batch_size": 8, "lr": 1e-3,
                              "mixture": mix})
     assert "--weight color_2x2=0.5" in cmd and "--weight relation_2x2=0" in cmd and "sd_2x2_high" not in cmd
+
+
+def test_rope_settings_of_the_qwen_organism_can_be_changed():
+    cfg = organism_config("qwen2_5_vl", text={"rope_theta": 100.0, "mrope_section": [2, 7, 7]})
+    assert cfg.get_text_config().rope_parameters == {"rope_type": "default", "mrope_section": [2, 7, 7],
+                                                     "rope_theta": 100.0}
+    assert organism_config("qwen2_5_vl").get_text_config().rope_parameters["mrope_section"] == [4, 6, 6]
+    with pytest.raises(ValueError, match="summing to head_dim / 2 = 16"):
+        organism_config("qwen2_5_vl", text={"mrope_section": [4, 6, 5]})
+    with pytest.raises(ValueError, match="1-D RoPE"):
+        organism_config("llava", text={"mrope_section": [4, 6, 6]})

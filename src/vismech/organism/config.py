@@ -19,7 +19,12 @@ Both language models: 8 layers x 8 heads of head_dim 32 (hidden 256), 4 key/valu
 input and output embeddings (as in the 7B models). ``organism_bytes`` counts what a bf16 checkpoint takes (2 bytes a
 parameter plus the tokenizer and config files); ``MAX_BYTES`` (12 MB) is the budget every organism must fit.
 Every size is a keyword of ``organism_config`` so an experiment can change it (``SMALL_SIZES``: a toy
-version of the same geometry for tests).
+version of the same geometry for tests), as are ``rope_theta`` and, for ``qwen2_5_vl``, ``mrope_section``.
+
+M-RoPE gives each section a contiguous band of the rotary frequencies ``rope_theta ** (-2j / head_dim)``, highest
+first: with the defaults (theta 1e4, head_dim 32) the height section turns 0.1-0.006 rad a row and the width section
+at most 0.003 rad a column, so the language model's rotary positions barely tell image columns apart (the real
+Qwen2.5-VL, theta 1e6 and head_dim 128, is alike); a smaller ``rope_theta`` spreads all three bands wider.
 """
 
 from __future__ import annotations
@@ -73,11 +78,18 @@ def organism_config(arch: str, tok=None, text: dict | None = None, vision: dict 
     ids = tok.convert_tokens_to_ids
     t = {**TEXT, **(text or {})}
     theta = t.pop("rope_theta")
+    section = t.pop("mrope_section", None)
+    if section is not None and arch != "qwen2_5_vl":
+        raise ValueError(f"mrope_section is a setting of the qwen2_5_vl organism's M-RoPE; {arch} has 1-D RoPE")
     common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                   eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **t)
     if arch == "qwen2_5_vl":
         half = t["head_dim"] // 2
-        section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+        if section is None:
+            section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+        elif len(section) != 3 or sum(section) != half or min(section) < 0:
+            raise ValueError(f"mrope_section must be 3 non-negative sizes (temporal, height, width) summing to "
+                             f"head_dim / 2 = {half}, not {section!r}")
         text_cfg = dict(common, rope_parameters={"rope_type": "default", "mrope_section": section,
                                                  "rope_theta": theta})
         v = {**QWEN_VISION, **(vision or {})}
