@@ -35,7 +35,7 @@ from vismech.models.vlm import VLM
 from vismech.scenes import sets
 
 from . import data
-from .config import build_organism
+from .config import build_organism, check_arch
 
 FEATURES = ("frozen", "synthetic")
 POSITIONS = ("own", "1d")
@@ -173,6 +173,7 @@ def run(model: str = "organism", features: str = "synthetic", positions: str = "
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vlm = load_vlm(model, device=str(dev))
+    arch = check_arch(vlm.model.config.model_type)
     frozen = features == "frozen"
     kw = dict(colors=data.ALL_COLORS, shapes=data.ALL_SHAPES)
     train = [t for k in (1, 2, 3, 4) for t in sets.color_retrieval_set(pool_size // 4, (2, 2), seed=seed * 10 + k,
@@ -180,7 +181,6 @@ def run(model: str = "organism", features: str = "synthetic", positions: str = "
     held = sets.color_retrieval_set(heldout, (2, 2), seed=10_000 + seed, n_objects=2, **kw)
     start = time.time()
     tr, ho = build_pool(vlm, train, frozen).to(dev), build_pool(vlm, held, frozen).to(dev)
-    arch = "qwen2_5_vl" if tr.positions.dim() == 3 else "llava"
     built = time.time() - start
     del vlm
     torch.manual_seed(seed)
