@@ -273,3 +273,38 @@ def test_rope_settings_of_the_qwen_organism_can_be_changed():
         organism_config("qwen2_5_vl", text={"mrope_section": [4, 6, 5]})
     with pytest.raises(ValueError, match="1-D RoPE"):
         organism_config("llava", text={"mrope_section": [4, 6, 6]})
+
+
+def test_an_early_mixture_feeds_the_first_steps_and_the_card_and_resume_know_it(tmp_path, capsys):
+    from vismech.cli import main
+    from vismech.organism.card import reproduce_command
+    from vismech.organism.config import END_TOKEN, SMALL_SIZES
+
+    only = {c.name: 0 for c in data.MIXTURE if c.task != "color_retrieval"}
+    early = (3, data.reweighted(only))
+    maker = data._Maker("llava", SMALL_SIZES["llava"], 0, 8, END_TOKEN["llava"], None, data.MIXTURE, False, early)
+    drawn = {s: [t.meta["component"] for t in data.step_trials(0, s, 8, maker.early[1] if s < 3 else data.MIXTURE)]
+             for s in (2, 3)}
+    assert set(drawn[2]) <= {"color_2x2", "color_3x3"} and set(drawn[3]) - {"color_2x2", "color_3x3"}
+    for s in (2, 3):  # the maker builds exactly those trials: same prompts, in order
+        ids = maker(s)["input_ids"]
+        ref = data.teacher_forcing(maker.vlm, data.step_trials(0, s, 8, early[1] if s < 3 else data.MIXTURE),
+                                   END_TOKEN["llava"])["input_ids"]
+        assert torch.equal(ids, ref)
+    cmd = reproduce_command({"arch": "llava", "out": "o", "planned_steps": 5, "seed": 0, "batch_size": 8, "lr": 1e-3,
+                             "early": early})
+    assert "--early-steps 3" in cmd and "--early-weight sd_2x2_high=0" in cmd and "color_2x2" not in cmd
+    out = tmp_path / "cur"
+    args = ["train-organism", "--arch", "llava", "--out", str(out), "--steps", "2", "--batch-size", "2", "--eval-n",
+            "1", "--sizes", "small", "--device", "cpu", "--snapshots", "accuracy", "--early-steps", "1",
+            "--early-weight", "counting_3x3=1"]
+    assert main(args) == 0
+    card = (out / "README.md").read_text()
+    assert "- curriculum: before step 1 the mixture's weights were" in card and "relation_2x2 0.03, counting_3x3 1\n" in card
+    assert "--early-steps 1 --early-weight counting_3x3=1" in card
+    capsys.readouterr()
+    assert main(["train-organism", "--arch", "llava", "--out", str(tmp_path / "x"), "--early-weight", "sd_2x2_high=0"]) == 2
+    assert "--early-weight needs --early-steps" in capsys.readouterr().err
+    _run("llava", tmp_path / "r", early=early, stop_at=1)
+    with pytest.raises(ValueError, match="early="):  # resuming must keep the curriculum
+        _run("llava", tmp_path / "r", early=(2, early[1]), resume=True)

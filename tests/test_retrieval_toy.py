@@ -51,3 +51,27 @@ def test_run_trains_and_reports_each_evaluation():
     assert all(0 <= e["accuracy"] <= 1 and 0 <= e["other_colour"] <= 1 for e in r["evals"])
     with pytest.raises(ValueError, match="features must be one of"):
         rt.ToyLM("llava", 4, "pixels", False, "own")
+
+
+def test_single_head_reads_the_colour_of_the_token_whose_shape_matches():
+    # features: one-hot shape in dims 0-9, one-hot colour in dims 10-19; keys read the shape, values the colour
+    n_s, n_c = len(data.ALL_SHAPES), len(data.ALL_COLORS)
+    d = n_s + n_c
+    head = rt.SingleHead(d, k=d)
+    with torch.no_grad():
+        for lin in (head.key, head.value, head.out):
+            lin.bias.zero_()
+        head.key.weight.copy_(torch.diag(torch.cat([torch.full((n_s,), 50.0), torch.zeros(n_c)])))
+        head.value.weight.copy_(torch.diag(torch.cat([torch.zeros(n_s), torch.ones(n_c)])))
+        head.out.weight.copy_(torch.cat([torch.zeros(n_c, n_s), torch.eye(n_c)], 1))
+        head.query.weight.copy_(torch.cat([torch.eye(n_s), torch.zeros(n_s, n_c)], 1)[:, :d])
+        feats = torch.zeros(2, 3, d)
+        objects = [[(0, 4), (1, 7), (2, 1)], [(3, 0), (0, 2), (4, 5)]]  # (shape, colour) of three tokens a row
+        for r, objs in enumerate(objects):
+            for i, (s, c) in enumerate(objs):
+                feats[r, i, s] = feats[r, i, n_s + c] = 1.0
+        logits = head(feats, torch.tensor([1, 4]))
+    assert logits.argmax(-1).tolist() == [7, 5]
+    # RMS normalisation makes each feature entry 1 / 0.1^0.5; the matching token's attention logit is 50 x that /
+    # 20^0.5 = 35 against 0 for the others, so the output is its colour entry
+    assert torch.allclose(logits[0, 7], torch.tensor(1 / (1 / 20 * 2) ** 0.5), atol=1e-4)

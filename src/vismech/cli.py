@@ -171,17 +171,25 @@ def cmd_train_organism(args) -> int:
                              f"not {args.sizes!r}") from None
     kw = {k: getattr(args, k) for k in ("eval_every", "eval_n", "workers", "max_minutes")
           if getattr(args, k) is not None}
-    if args.weight:
-        from vismech.organism.data import reweighted
+    from vismech.organism.data import MIXTURE, reweighted
 
-        weights = {}
-        for item in args.weight:
+    def weights(items, flag):
+        out = {}
+        for item in items or []:
             name, _, value = item.partition("=")
             try:
-                weights[name] = float(value)
+                out[name] = float(value)
             except ValueError:
-                raise ValueError(f"--weight takes COMPONENT=NUMBER, e.g. color_2x2=0.3, not {item!r}") from None
-        kw["mixture"] = reweighted(weights)
+                raise ValueError(f"{flag} takes COMPONENT=NUMBER, e.g. color_2x2=0.3, not {item!r}") from None
+        return out
+
+    kw["mixture"] = reweighted(weights(args.weight, "--weight"))
+    if args.early_weight and not args.early_steps:
+        raise ValueError("--early-weight needs --early-steps N: the step before which those weights apply")
+    if args.early_steps:
+        kw["early"] = (args.early_steps, reweighted(weights(args.early_weight, "--early-weight"), kw["mixture"]))
+    if kw["mixture"] == MIXTURE:
+        del kw["mixture"]
     if args.snapshots == "analysis":
         from vismech.organism.snapshot import AnalysisSnapshot
 
@@ -272,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (500)")
     s.add_argument("--eval-n", type=int, default=None, help="held-out trials per group (128)")
     s.add_argument("--max-minutes", type=float, default=None, help="stop early after this long, still saving")
+    s.add_argument("--early-steps", type=int, default=None, help="a curriculum: before this step, train on the "
+                   "mixture changed by --early-weight")
+    s.add_argument("--early-weight", action="append", metavar="COMPONENT=W", help="a mixture weight before "
+                   "--early-steps (on top of --weight), e.g. sd_3x3_high=0; repeat for several")
     s.add_argument("--weight", action="append", metavar="COMPONENT=W", help="change a training-mixture weight "
                    "(vismech.organism.data.MIXTURE names, e.g. color_2x2=0.3; 0 drops it); repeatable")
     s.add_argument("--snapshots", choices=["analysis", "accuracy"], default="analysis",

@@ -41,6 +41,13 @@ def reproduce_command(info: dict) -> str:
     for c in MIXTURE:
         if used.get(c.name, 0.0) != c.weight:
             cmd += f" --weight {c.name}={used.get(c.name, 0.0):g}"
+    if info.get("early"):
+        steps, early = info["early"]
+        cmd += f" --early-steps {steps}"
+        first = {c.name: c.weight for c in early}
+        for name, weight in used.items():
+            if first.get(name, 0.0) != weight:
+                cmd += f" --early-weight {name}={first.get(name, 0.0):g}"
     if info.get("sizes") not in (None, "{}", {}):
         cmd += f" --sizes '{info['sizes']}'"
     return cmd + (" --device cuda" if str(info.get("device", "")).startswith("cuda") else " --device cpu")
@@ -85,6 +92,8 @@ def card_text(info: dict, model=None) -> str:
     lines += ["", "## Training", "",
               f"- steps: {info['steps']} of {info['planned_steps']} planned"
               + (" (stopped early by the time limit)" if info.get("stopped_early") else ""),
+              *([f"- curriculum: before step {info['early'][0]} the mixture's weights were "
+                 + ", ".join(f"{c.name} {c.weight:g}" for c in info["early"][1])] if info.get("early") else []),
               f"- batch {info['batch_size']}, AdamW (0.9, 0.95), peak lr {info['lr']}, warmup {info['warmup']} "
               f"steps, cosine to {info['min_lr_ratio']} x peak, weight decay {info['weight_decay']} (matrices), "
               f"gradient clip {info['grad_clip']}, seed {info['seed']}",

@@ -228,13 +228,15 @@ def adapter_without_weights(arch: str, sizes: dict | None = None) -> VLM:
 class _Maker:
     """Builds the batch of a step; one per worker process (or one in the training process)."""
 
-    def __init__(self, arch, sizes, seed, batch_size, end_token, pixel_dtype, mixture, label_mentions=False):
+    def __init__(self, arch, sizes, seed, batch_size, end_token, pixel_dtype, mixture, label_mentions=False,
+                 early=None):
         self.vlm = adapter_without_weights(arch, sizes)
         self.seed, self.n, self.end, self.dtype, self.mixture = seed, batch_size, end_token, pixel_dtype, mixture
-        self.label_mentions = label_mentions
+        self.label_mentions, self.early = label_mentions, early
 
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
-        batch = teacher_forcing(self.vlm, step_trials(self.seed, step, self.n, self.mixture), self.end,
+        mixture = self.early[1] if self.early and step < self.early[0] else self.mixture
+        batch = teacher_forcing(self.vlm, step_trials(self.seed, step, self.n, mixture), self.end,
                                 label_mentions=self.label_mentions)
         batch.update(rope_positions(self.vlm.model, batch))
         if self.dtype is not None:
@@ -272,14 +274,15 @@ def _make(step: int) -> dict[str, torch.Tensor]:
 
 class Feeder:
     """Training batches for steps ``start, start+1, ...`` in order, built by ``workers`` processes (0: in this
-    process), at most ``prefetch`` batches ahead. ``pixel_dtype`` bf16 halves what crosses processes; it changes
+    process), at most ``prefetch`` batches ahead; ``early`` = (steps, mixture): that mixture before that step. ``pixel_dtype`` bf16 halves what crosses processes; it changes
     nothing under bf16 autocast, whose first vision op casts the pixels to bf16 anyway."""
 
     def __init__(self, arch: str, seed: int, batch_size: int, end_token: str, start: int = 0, workers: int = 0,
                  prefetch: int | None = None, pixel_dtype: torch.dtype | None = None, sizes: dict | None = None,
-                 mixture: tuple[Component, ...] = MIXTURE, label_mentions: bool = False):
+                 mixture: tuple[Component, ...] = MIXTURE, label_mentions: bool = False,
+                 early: tuple[int, tuple[Component, ...]] | None = None):
         self.step = start
-        args = (arch, sizes, seed, batch_size, end_token, pixel_dtype, mixture, label_mentions)
+        args = (arch, sizes, seed, batch_size, end_token, pixel_dtype, mixture, label_mentions, early)
         self.pool = None
         if workers > 0:
             import multiprocessing as mp

@@ -148,6 +148,53 @@ class ToyLM(nn.Module):
         return self.head(hidden[:, -1]).float()
 
 
+class SingleHead(nn.Module):
+    """The smallest reader of frozen features: one attention head whose query is a learned vector per shape word
+    and whose keys and values are linear maps of the (RMS-normalised) image-token features, then a colour
+    classifier. If it names the target's colour, one attention head can pick the object by its shape from these
+    features."""
+
+    def __init__(self, d: int, k: int = 64, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.query, self.key = nn.Embedding(len(data.ALL_SHAPES), k), nn.Linear(d, k)
+        self.value, self.out = nn.Linear(d, k), nn.Linear(k, len(data.ALL_COLORS))
+
+    def forward(self, feats: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+        f = feats / feats.pow(2).mean(-1, keepdim=True).sqrt()
+        k = self.key(f)
+        weights = torch.einsum("bk,bnk->bn", self.query(shape), k).div(k.shape[-1] ** 0.5).softmax(-1)
+        return self.out(torch.einsum("bn,bnk->bk", weights, self.value(f)))
+
+
+def _targets(pool: Pool, trials) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shape index of each trial's target, colour index of its answer)."""
+    shapes, colors = list(data.ALL_SHAPES), list(data.ALL_COLORS)
+    return (torch.tensor([shapes.index(t.target.shape) for t in trials]),
+            torch.tensor([colors.index(t.answer) for t in trials]))
+
+
+def single_head(train: Pool, train_trials, held: Pool, held_trials, steps: int = 500, batch: int = 128,
+                lr: float = 3e-3, eval_every: int = 100, seed: int = 0) -> list[dict]:
+    """Train ``SingleHead`` on ``train``'s frozen features (Adam); held-out accuracy every ``eval_every`` steps."""
+    (q, a), (qh, ah) = _targets(train, train_trials), _targets(held, held_trials)
+    head = SingleHead(train.feats.shape[-1], seed=seed)
+    opt = torch.optim.Adam(head.parameters(), lr)
+    g = torch.Generator().manual_seed(seed + 1)
+    evals = []
+    for step in range(1, steps + 1):
+        rows = torch.randint(len(a), (batch,), generator=g)
+        loss = F.cross_entropy(head(train.feats[rows], q[rows]), a[rows])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % eval_every == 0 or step == steps:
+            with torch.no_grad():
+                acc = (head(held.feats, qh).argmax(-1) == ah).float().mean().item()
+            evals.append(dict(step=step, loss=round(loss.item(), 4), accuracy=acc))
+    return evals
+
+
 @torch.no_grad()
 def evaluate(model: ToyLM, pool: Pool, batch: int = 128) -> tuple[float, float]:
     """(accuracy, share naming another object's colour) of ``model`` on ``pool``."""
@@ -175,10 +222,7 @@ def run(model: str = "organism", features: str = "synthetic", positions: str = "
     vlm = load_vlm(model, device=str(dev))
     arch = check_arch(vlm.model.config.model_type)
     frozen = features == "frozen"
-    kw = dict(colors=data.ALL_COLORS, shapes=data.ALL_SHAPES)
-    train = [t for k in (1, 2, 3, 4) for t in sets.color_retrieval_set(pool_size // 4, (2, 2), seed=seed * 10 + k,
-                                                                        n_objects=k, **kw)]
-    held = sets.color_retrieval_set(heldout, (2, 2), seed=10_000 + seed, n_objects=2, **kw)
+    train, held = _trials(pool_size, heldout, seed)
     start = time.time()
     tr, ho = build_pool(vlm, train, frozen).to(dev), build_pool(vlm, held, frozen).to(dev)
     built = time.time() - start
@@ -218,6 +262,27 @@ def run(model: str = "organism", features: str = "synthetic", positions: str = "
     return out
 
 
+def _trials(pool_size: int, heldout: int, seed: int):
+    """Training trials (2x2 grid, 1-4 objects, ``pool_size`` in all) and held-out ones (2 objects)."""
+    kw = dict(colors=data.ALL_COLORS, shapes=data.ALL_SHAPES)
+    train = [t for k in (1, 2, 3, 4) for t in sets.color_retrieval_set(pool_size // 4, (2, 2), seed=seed * 10 + k,
+                                                                        n_objects=k, **kw)]
+    return train, sets.color_retrieval_set(heldout, (2, 2), seed=10_000 + seed, n_objects=2, **kw)
+
+
+def run_single_head(model: str = "organism", steps: int = 1500, batch: int = 128, seed: int = 0,
+                    pool_size: int = 2000, heldout: int = 256, eval_every: int = 250,
+                    device: str | None = None) -> dict:
+    """``single_head`` on ``model``'s frozen features (computed on ``device``, the head trained on the CPU)."""
+    from vismech.models.load import load_vlm
+
+    vlm = load_vlm(model, device=device)
+    train, held = _trials(pool_size, heldout, seed)
+    tr, ho = build_pool(vlm, train, True), build_pool(vlm, held, True)
+    evals = single_head(tr, train, ho, held, steps, batch, eval_every=eval_every, seed=seed)
+    return dict(model=model, reader="single_head", seed=seed, pool=len(tr), evals=evals)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m vismech.organism.retrieval_toy", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="organism", help="organism name, folder or hub id (its features, "
@@ -235,9 +300,15 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=None, help="append the result as one JSON line to this file")
+    ap.add_argument("--single-head", action="store_true", help="instead: train one attention head (SingleHead) "
+                    "on the model's frozen features (Adam, lr 3e-3; --steps, --batch-size, --pool, --eval-every)")
     a = ap.parse_args(argv)
-    res = run(a.model, a.features, a.positions, a.abs_pos, json.loads(a.text) if a.text else None, a.steps,
-              a.batch_size, a.lr, a.seed, a.pool, eval_every=a.eval_every, device=a.device)
+    if a.single_head:
+        res = run_single_head(a.model, a.steps, a.batch_size, a.seed, a.pool, eval_every=a.eval_every,
+                              device=a.device)
+    else:
+        res = run(a.model, a.features, a.positions, a.abs_pos, json.loads(a.text) if a.text else None, a.steps,
+                  a.batch_size, a.lr, a.seed, a.pool, eval_every=a.eval_every, device=a.device)
     print(json.dumps(res))
     if a.out:
         with open(a.out, "a") as f:

@@ -176,7 +176,7 @@ def _load_state(path: Path, model, opt, run: dict) -> tuple[int, float]:
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state["run"]
-    keys = ("arch", "seed", "batch_size", "lr", "sizes", "label_mentions")
+    keys = ("arch", "seed", "batch_size", "lr", "sizes", "label_mentions", "early")
     keys += ("mixture",) if "mixture" in saved else ()  # states saved before it was recorded have none
     for key in keys:
         if saved.get(key) != run.get(key):
@@ -225,11 +225,12 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
                    resume: bool = False, stop_at: int | None = None, max_minutes: float | None = None,
                    progress: bool = True, sizes: dict | None = None, packed_attention: bool | None = None,
                    mixture: tuple = data.MIXTURE, label_mentions: bool = False,
-                   command: str | None = None) -> TrainResult:
+                   early: tuple[int, tuple] | None = None, command: str | None = None) -> TrainResult:
     """Train the ``arch`` organism for ``steps`` steps into ``out`` (see the module docstring).
 
     ``stop_at`` ends the run after that step as if interrupted (state saved, no checkpoint); ``max_minutes`` ends
     it early but still saves the checkpoint and card. ``label_mentions``: see ``data.teacher_forcing``.
+    ``early`` = (steps, mixture): train on that mixture before that step, on ``mixture`` from then on (a curriculum).
     ``workers`` defaults to 0 on CPU and to 4 (fewer on small hosts) on CUDA: on lent H200 hosts the Qwen organism
     trained at 7 steps/s with 3 workers and at 2 steps/s with 15 (one run a GPU, the cause not isolated; see
     ``benchmarks/organism_step.py --loop-workers``); 4 workers draw about 10 Qwen batches (of 128) a second on
@@ -247,6 +248,8 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
     run = {"arch": arch, "seed": seed, "batch_size": batch_size, "lr": lr, "sizes": json.dumps(sizes, sort_keys=True),
            "steps": steps, "label_mentions": label_mentions,
            "mixture": json.dumps({c.name: c.weight for c in mixture}, sort_keys=True)}
+    if early:
+        run["early"] = json.dumps({"steps": early[0], "mixture": {c.name: c.weight for c in early[1]}}, sort_keys=True)
     warmup = min(500, max(1, steps // 20)) if warmup is None else warmup
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -294,7 +297,7 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
         _append(out / LOG, {"step": 0, "loss": None, "lr": 0.0, "seconds": 0.0, "accuracy": _flat(acc)})
     feeder = data.Feeder(arch, seed, batch_size, END_TOKEN[arch], start=start, workers=workers,
                          pixel_dtype=torch.bfloat16 if dev.type == "cuda" else None, sizes=sizes, mixture=mixture,
-                         label_mentions=label_mentions)
+                         label_mentions=label_mentions, early=early)
     model.train()
     stopped_early = False
     try:
@@ -343,7 +346,8 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
         return TrainResult(out, vlm, summary)
     summary.update(_finish(vlm, out, dev, heldout, summary, run, dict(
         warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
-        eval_n=eval_n, mixture=mixture, command=command, stopped_early=stopped_early, max_minutes=max_minutes)))
+        eval_n=eval_n, mixture=mixture, early=early, command=command, stopped_early=stopped_early,
+        max_minutes=max_minutes)))
     return TrainResult(out, vlm, summary)
 
 
