@@ -171,7 +171,7 @@ def cmd_train_organism(args) -> int:
                              f"not {args.sizes!r}") from None
     kw = {k: getattr(args, k) for k in ("eval_every", "eval_n", "workers", "max_minutes")
           if getattr(args, k) is not None}
-    from vismech.organism.data import MIXTURE, reweighted
+    from vismech.organism.data import reweighted
 
     def weights(items, flag):
         out = {}
@@ -188,8 +188,6 @@ def cmd_train_organism(args) -> int:
         raise ValueError("--early-weight needs --early-steps N: the step before which those weights apply")
     if args.early_steps:
         kw["early"] = (args.early_steps, reweighted(weights(args.early_weight, "--early-weight"), kw["mixture"]))
-    if kw["mixture"] == MIXTURE:
-        del kw["mixture"]
     if args.snapshots == "analysis":
         from vismech.organism.snapshot import AnalysisSnapshot
 
