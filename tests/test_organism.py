@@ -300,10 +300,12 @@ def test_an_early_mixture_feeds_the_first_steps_and_the_card_and_resume_know_it(
             "--early-weight", "counting_3x3=1"]
     assert main(args) == 0
     card = (out / "README.md").read_text()
-    assert "- curriculum: before step 1 the mixture's weights were" in card and "relation_2x2 0.03, counting_3x3 1\n" in card
+    assert "- curriculum: before step 1 the mixture's weights were" in card
+    assert "relation_2x2 0.03, counting_3x3 1\n" in card
     assert "--early-steps 1 --early-weight counting_3x3=1" in card
     capsys.readouterr()
-    assert main(["train-organism", "--arch", "llava", "--out", str(tmp_path / "x"), "--early-weight", "sd_2x2_high=0"]) == 2
+    assert main(["train-organism", "--arch", "llava", "--out", str(tmp_path / "x"),
+                 "--early-weight", "sd_2x2_high=0"]) == 2
     assert "--early-weight needs --early-steps" in capsys.readouterr().err
     _run("llava", tmp_path / "r", early=early, stop_at=1)
     with pytest.raises(ValueError, match="early="):  # resuming must keep the curriculum

@@ -274,8 +274,9 @@ def _make(step: int) -> dict[str, torch.Tensor]:
 
 class Feeder:
     """Training batches for steps ``start, start+1, ...`` in order, built by ``workers`` processes (0: in this
-    process), at most ``prefetch`` batches ahead; ``early`` = (steps, mixture): that mixture before that step. ``pixel_dtype`` bf16 halves what crosses processes; it changes
-    nothing under bf16 autocast, whose first vision op casts the pixels to bf16 anyway."""
+    process), at most ``prefetch`` batches ahead; ``early`` = (steps, mixture): that mixture before that step.
+    ``pixel_dtype`` bf16 halves what crosses processes; it changes nothing under bf16 autocast, whose first vision
+    op casts the pixels to bf16 anyway."""
 
     def __init__(self, arch: str, seed: int, batch_size: int, end_token: str, start: int = 0, workers: int = 0,
                  prefetch: int | None = None, pixel_dtype: torch.dtype | None = None, sizes: dict | None = None,

@@ -167,7 +167,7 @@ class SingleHead(nn.Module):
         return self.out(torch.einsum("bn,bnk->bk", weights, self.value(f)))
 
 
-def _targets(pool: Pool, trials) -> tuple[torch.Tensor, torch.Tensor]:
+def _targets(trials) -> tuple[torch.Tensor, torch.Tensor]:
     """(shape index of each trial's target, colour index of its answer)."""
     shapes, colors = list(data.ALL_SHAPES), list(data.ALL_COLORS)
     return (torch.tensor([shapes.index(t.target.shape) for t in trials]),
@@ -177,7 +177,7 @@ def _targets(pool: Pool, trials) -> tuple[torch.Tensor, torch.Tensor]:
 def single_head(train: Pool, train_trials, held: Pool, held_trials, steps: int = 500, batch: int = 128,
                 lr: float = 3e-3, eval_every: int = 100, seed: int = 0) -> list[dict]:
     """Train ``SingleHead`` on ``train``'s frozen features (Adam); held-out accuracy every ``eval_every`` steps."""
-    (q, a), (qh, ah) = _targets(train, train_trials), _targets(held, held_trials)
+    (q, a), (qh, ah) = _targets(train_trials), _targets(held_trials)
     head = SingleHead(train.feats.shape[-1], seed=seed)
     opt = torch.optim.Adam(head.parameters(), lr)
     g = torch.Generator().manual_seed(seed + 1)
@@ -227,7 +227,6 @@ def run(model: str = "organism", features: str = "synthetic", positions: str = "
     tr, ho = build_pool(vlm, train, frozen).to(dev), build_pool(vlm, held, frozen).to(dev)
     built = time.time() - start
     del vlm
-    torch.manual_seed(seed)
     toy = ToyLM(arch, len(tr.image), features, abs_pos, positions, text, seed).to(dev)
     decay = [p for p in toy.parameters() if p.ndim >= 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
