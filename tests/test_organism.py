@@ -310,3 +310,70 @@ def test_an_early_mixture_feeds_the_first_steps_and_the_card_and_resume_know_it(
     _run("llava", tmp_path / "r", early=early, stop_at=1)
     with pytest.raises(ValueError, match="early="):  # resuming must keep the curriculum
         _run("llava", tmp_path / "r", early=(2, early[1]), resume=True)
+
+
+def test_a_second_stage_starts_from_a_trained_tower_keeps_it_frozen_and_its_card_chains_the_commands(tmp_path,
+                                                                                                    capsys):
+    from vismech.cli import main
+    from vismech.models.load import load_vlm
+    from vismech.organism.train import is_vision, reproduce_of
+
+    first = tmp_path / "stage1"
+    _run("qwen2_5_vl", first, steps=1)
+    card1 = (first / "README.md").read_text()
+    assert reproduce_of(str(first)) == [card1.split("## Reproduce")[1].split("```")[1].strip()]
+    stage1 = load_vlm(str(first), dtype="fp32", device="cpu").model.state_dict()
+    second = tmp_path / "stage2"
+    args = ["train-organism", "--arch", "qwen2_5_vl", "--out", str(second), "--steps", "2", "--batch-size", "2",
+            "--eval-n", "1", "--sizes", "small", "--device", "cpu", "--snapshots", "accuracy", "--seed", "1",
+            "--vision-from", str(first), "--freeze-vision"]
+    assert main(args) == 0
+    got = load_vlm(str(second), dtype="fp32", device="cpu").model.state_dict()
+    vision = [n for n in got if is_vision(n, "qwen2_5_vl")]
+    assert vision and len(vision) < len(got)
+    # the frozen tower is stage 1's (bf16 on disk both times); the language model is a fresh one, trained
+    assert all(torch.equal(got[n], stage1[n]) for n in vision)
+    assert not any(torch.equal(got[n], stage1[n]) for n in got if n not in vision and got[n].ndim == 2)
+    card = (second / "README.md").read_text()
+    assert f"- vision tower and projector: started from the trained organism `{first}`; vision tower and " \
+           "projector frozen (only the language model trained)" in card
+    blocks = card.split("## Reproduce")[1].split("```")
+    assert blocks[1].strip() == reproduce_of(str(first))[0]  # stage 1's command first, then this one's
+    assert f"--vision-from {first} --freeze-vision" in blocks[3] and "--seed 1" in blocks[3]
+    # a third stage continues every weight of stage 2 and lists the whole chain
+    third = tmp_path / "stage3"
+    assert main(args[:4] + [str(third)] + args[5:-3] + ["--init-from", str(second), "--freeze-vision"]) == 0
+    assert reproduce_of(str(third))[:2] == [blocks[1].strip(), blocks[3].strip()]
+    assert f"--init-from {second} --freeze-vision" in reproduce_of(str(third))[2]
+    capsys.readouterr()
+    assert main(args[:4] + [str(tmp_path / "x"), "--freeze-vision"]) == 2
+    assert "--freeze-vision needs --vision-from or --init-from" in capsys.readouterr().err
+    assert main(args[:4] + [str(tmp_path / "x"), "--vision-from", str(first), "--init-from", str(first)]) == 2
+    assert "not both" in capsys.readouterr().err
+    llava = tmp_path / "llava"
+    _run("llava", llava, steps=1)
+    with pytest.raises(ValueError, match=f"--vision-from {llava}: no qwen2_5_vl vision tower"):
+        _run("qwen2_5_vl", tmp_path / "y", vision_from=str(llava))
+    with pytest.raises(ValueError, match="its weights differ from this organism's"):
+        _run("qwen2_5_vl", tmp_path / "z", init_from=str(first), sizes={"text": {"num_hidden_layers": 1},
+                                                                        "vision": SMALL_SIZES["qwen2_5_vl"]["vision"]})
+    _run("qwen2_5_vl", tmp_path / "r", vision_from=str(first), stop_at=1)
+    with pytest.raises(ValueError, match="vision_from="):  # resuming must keep the starting point
+        _run("qwen2_5_vl", tmp_path / "r", vision_from=str(second), resume=True)
+
+
+def test_cli_can_turn_packed_vision_attention_off(tmp_path, monkeypatch):
+    from vismech import cli
+    from vismech.organism import train
+
+    seen = {}
+
+    def fake(arch, out, **kw):
+        seen.update(kw)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train, "train_organism", fake)
+    for flag, want in (([], None), (["--no-packed-attention"], False)):
+        with pytest.raises(SystemExit):
+            cli.main(["train-organism", "--arch", "qwen2_5_vl", "--out", str(tmp_path / "p"), *flag])
+        assert seen["packed_attention"] is want

@@ -75,3 +75,14 @@ def test_single_head_reads_the_colour_of_the_token_whose_shape_matches():
     # RMS normalisation makes each feature entry 1 / 0.1^0.5; the matching token's attention logit is 50 x that /
     # 20^0.5 = 35 against 0 for the others, so the output is its colour entry
     assert torch.allclose(logits[0, 7], torch.tensor(1 / (1 / 20 * 2) ** 0.5), atol=1e-4)
+
+
+def test_trials_fill_one_to_every_cell_of_the_grid_equally():
+    from vismech.organism.retrieval_toy import _trials
+
+    for grid, cells in (((2, 2), 4), ((3, 3), 9)):
+        train, held = _trials(2 * cells, 5, 0, grid)
+        counts = [len(t.scene.objects) for t in train]
+        assert sorted(counts) == sorted(list(range(1, cells + 1)) * 2)
+        assert all(t.scene.grid == grid for t in train + held)
+        assert [len(t.scene.objects) for t in held] == [2] * 5

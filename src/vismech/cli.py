@@ -194,7 +194,9 @@ def cmd_train_organism(args) -> int:
         kw["snapshot"] = AnalysisSnapshot()
     res = train_organism(args.arch, args.out, steps=args.steps, seed=args.seed, device=args.device,
                          batch_size=args.batch_size, lr=args.lr, resume=args.resume, sizes=sizes,
-                         label_mentions=args.label_mentions, **kw)
+                         label_mentions=args.label_mentions, vision_from=args.vision_from,
+                         init_from=args.init_from, freeze_vision=args.freeze_vision,
+                         packed_attention=False if args.no_packed_attention else None, **kw)
     s = res.summary
     accs = " ".join(f"{g}={a['accuracy']:.3f}" for g, a in s.get("final_accuracy", {}).items())
     print(f"organism {s['arch']}: {s['steps']}/{s['planned_steps']} steps in {s['seconds'] / 60:.1f} min on "
@@ -282,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "mixture changed by --early-weight")
     s.add_argument("--early-weight", action="append", metavar="COMPONENT=W", help="a mixture weight before "
                    "--early-steps (on top of --weight), e.g. sd_3x3_high=0; repeat for several")
+    s.add_argument("--vision-from", default=None, metavar="ORGANISM", help="start the vision tower and projector "
+                   "from this trained organism (name or folder) of the same --arch and --sizes")
+    s.add_argument("--init-from", default=None, metavar="ORGANISM", help="start every weight from this trained "
+                   "organism (a continuation with a fresh optimizer and schedule)")
+    s.add_argument("--freeze-vision", action="store_true", help="with --vision-from or --init-from: train the "
+                   "language model only (a second stage on a tower trained before)")
+    s.add_argument("--no-packed-attention", action="store_true", help="on CUDA, run the Qwen2.5-VL vision "
+                   "tower with HF's own attention instead of vismech's packed one (slower; a check)")
     s.add_argument("--weight", action="append", metavar="COMPONENT=W", help="change a training-mixture weight "
                    "(vismech.organism.data.MIXTURE names, e.g. color_2x2=0.3; 0 drops it); repeatable")
     s.add_argument("--snapshots", choices=["analysis", "accuracy"], default="analysis",

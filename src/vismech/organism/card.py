@@ -48,9 +48,21 @@ def reproduce_command(info: dict) -> str:
         for name, weight in used.items():
             if first.get(name, 0.0) != weight:
                 cmd += f" --early-weight {name}={first.get(name, 0.0):g}"
+    for flag in ("vision_from", "init_from"):
+        if info.get(flag):
+            cmd += f" --{flag.replace('_', '-')} {_source_out(info)}"
+    if info.get("freeze_vision"):
+        cmd += " --freeze-vision"
     if info.get("sizes") not in (None, "{}", {}):
         cmd += f" --sizes '{info['sizes']}'"
     return cmd + (" --device cuda" if str(info.get("device", "")).startswith("cuda") else " --device cpu")
+
+
+def _source_out(info: dict) -> str:
+    """Where the organism this one started from is written by its own command (else its name as given)."""
+    words = ((info.get("source_commands") or [""])[-1]).split()
+    given = info.get("vision_from") or info.get("init_from")
+    return words[words.index("--out") + 1] if "--out" in words[:-1] else str(given)
 
 
 def card_text(info: dict, model=None) -> str:
@@ -94,6 +106,12 @@ def card_text(info: dict, model=None) -> str:
               + (" (stopped early by the time limit)" if info.get("stopped_early") else ""),
               *([f"- curriculum: before step {info['early'][0]} the mixture's weights were "
                  + ", ".join(f"{c.name} {c.weight:g}" for c in info["early"][1])] if info.get("early") else []),
+              *([(f"- vision tower and projector: started from the trained organism `{info['vision_from']}`"
+                  if info.get("vision_from") else
+                  f"- every weight: started from the trained organism `{info['init_from']}`")
+                 + ("; vision tower and projector frozen (only the language model trained)"
+                    if info.get("freeze_vision") else "")]
+                if info.get("vision_from") or info.get("init_from") else []),
               f"- batch {info['batch_size']}, AdamW (0.9, 0.95), peak lr {info['lr']}, warmup {info['warmup']} "
               f"steps, cosine to {info['min_lr_ratio']} x peak, weight decay {info['weight_decay']} (matrices), "
               f"gradient clip {info['grad_clip']}, seed {info['seed']}",
@@ -112,7 +130,11 @@ def card_text(info: dict, model=None) -> str:
         lines.append(f"| {g} | {a['accuracy']:.3f} | [{a['ci_low']:.3f}, {a['ci_high']:.3f}] | {a['n']} |")
     lines += ["", "## Use", "", "```python", "from vismech.models.load import load_vlm",
               f"vlm = load_vlm({info['out']!r})  # offline, through the same adapter as any real model", "```", "",
-              "## Reproduce", "", "```", reproduce_command(info), "```", "",
+              "## Reproduce", "",
+              *(["First the organism this one starts from, as its card gives it,", ""]
+                + [x for c in info["source_commands"] for x in ("```", c, "```", "")] + ["then this one:", ""]
+                if info.get("source_commands") else []),
+              "```", reproduce_command(info), "```", "",
               "The training log is `train_log.jsonl`; per-step emergence snapshots are in `emergence.jsonl`.", ""]
     return "\n".join(lines)
 

@@ -1,9 +1,10 @@
 """Can a fresh language model learn colour retrieval from given image-token features? A diagnostic for organisms.
 
-The Qwen-style organism learns scene description but answers "what is the color of the {SHAPE}" at chance (the
-colour of a random object of the scene). This separates the language model from the vision tower: a freshly
-initialised language model of the organism's architecture is trained on colour retrieval alone (2x2 grid, 1-4
-objects; held out: 2 objects) with image-token features that are either
+Trained jointly, the Qwen-style organism learns scene description but answers "what is the color of the {SHAPE}"
+at chance (the colour of a random object of the scene; docs/organism-colour-retrieval.md). This separates the
+language model from the vision tower: a freshly initialised language model of the organism's architecture is
+trained on colour retrieval alone (``grid``: 2x2 by default, 1 object to every cell filled; held out: 2 objects)
+with image-token features that are either
 
 - ``"frozen"``: what a trained organism's vision tower (and projector) gives, computed once and not trained; or
 - ``"synthetic"``: clean, learned ones, a vector for the object's colour plus one for its shape on each of the
@@ -213,7 +214,7 @@ def evaluate(model: ToyLM, pool: Pool, batch: int = 128) -> tuple[float, float]:
 def run(model: str = "organism", features: str = "synthetic", positions: str = "own", abs_pos: bool = False,
         text: dict | None = None, steps: int = 2000, batch: int = 128, lr: float = 1e-3, seed: int = 0,
         pool_size: int = 4000, heldout: int = 256, eval_every: int = 250, target: float = 0.95,
-        device: str | None = None, progress: bool = True) -> dict:
+        device: str | None = None, progress: bool = True, grid: tuple[int, int] = (2, 2)) -> dict:
     """Train a fresh language model on colour retrieval with ``model``'s image features (see the module text);
     stops at ``steps`` or once held-out accuracy reaches ``target``. Returns the settings and the evaluations."""
     from vismech.models.load import load_vlm
@@ -222,7 +223,7 @@ def run(model: str = "organism", features: str = "synthetic", positions: str = "
     vlm = load_vlm(model, device=str(dev))
     arch = check_arch(vlm.model.config.model_type)
     frozen = features == "frozen"
-    train, held = _trials(pool_size, heldout, seed)
+    train, held = _trials(pool_size, heldout, seed, grid)
     start = time.time()
     tr, ho = build_pool(vlm, train, frozen).to(dev), build_pool(vlm, held, frozen).to(dev)
     built = time.time() - start
@@ -235,7 +236,8 @@ def run(model: str = "organism", features: str = "synthetic", positions: str = "
     warm = max(1, min(50, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     g = torch.Generator().manual_seed(seed + 1)
-    out = dict(model=model, arch=arch, features=features, positions=positions, abs_pos=abs_pos, text=text or {},
+    out = dict(model=model, arch=arch, grid=list(grid), features=features, positions=positions, abs_pos=abs_pos,
+               text=text or {},
                batch=batch, lr=lr, seed=seed, pool=len(tr), build_seconds=round(built, 1), evals=[])
     start, step = time.time(), 0
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
@@ -261,12 +263,14 @@ def run(model: str = "organism", features: str = "synthetic", positions: str = "
     return out
 
 
-def _trials(pool_size: int, heldout: int, seed: int):
-    """Training trials (2x2 grid, 1-4 objects, ``pool_size`` in all) and held-out ones (2 objects)."""
+def _trials(pool_size: int, heldout: int, seed: int, grid: tuple[int, int] = (2, 2)):
+    """Training trials (``grid``, 1 to every cell filled, equally many of each count, ``pool_size`` in all) and
+    held-out ones (2 objects)."""
     kw = dict(colors=data.ALL_COLORS, shapes=data.ALL_SHAPES)
-    train = [t for k in (1, 2, 3, 4) for t in sets.color_retrieval_set(pool_size // 4, (2, 2), seed=seed * 10 + k,
-                                                                        n_objects=k, **kw)]
-    return train, sets.color_retrieval_set(heldout, (2, 2), seed=10_000 + seed, n_objects=2, **kw)
+    counts = range(1, grid[0] * grid[1] + 1)
+    train = [t for k in counts for t in sets.color_retrieval_set(pool_size // len(counts), grid,
+                                                                  seed=seed * 10 + k, n_objects=k, **kw)]
+    return train, sets.color_retrieval_set(heldout, grid, seed=10_000 + seed, n_objects=2, **kw)
 
 
 def run_single_head(model: str = "organism", steps: int = 1500, batch: int = 128, seed: int = 0,
@@ -298,6 +302,7 @@ def main(argv=None) -> None:
     ap.add_argument("--pool", type=int, default=4000, help="training trials (cycled)")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--grid", default="2x2", choices=["2x2", "3x3"], help="the scenes' grid (default 2x2)")
     ap.add_argument("--out", default=None, help="append the result as one JSON line to this file")
     ap.add_argument("--single-head", action="store_true", help="instead: train one attention head (SingleHead) "
                     "on the model's frozen features (Adam, lr 3e-3; --steps, --batch-size, --pool, --eval-every)")
@@ -307,7 +312,8 @@ def main(argv=None) -> None:
                               device=a.device)
     else:
         res = run(a.model, a.features, a.positions, a.abs_pos, json.loads(a.text) if a.text else None, a.steps,
-                  a.batch_size, a.lr, a.seed, a.pool, eval_every=a.eval_every, device=a.device)
+                  a.batch_size, a.lr, a.seed, a.pool, eval_every=a.eval_every, device=a.device,
+                  grid=tuple(int(x) for x in a.grid.split("x")))
     print(json.dumps(res))
     if a.out:
         with open(a.out, "a") as f:

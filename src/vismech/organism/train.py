@@ -160,6 +160,53 @@ def _flat(acc: dict[str, dict]) -> dict[str, float]:
     return {g: round(a["accuracy"], 4) for g, a in acc.items()}
 
 
+# -- vision tower from a trained organism ----------------------------------------------------------------------
+#: The modules of each architecture that turn pixels into the language model's image-token inputs.
+VISION_MODULES = {"qwen2_5_vl": ("visual",), "llava": ("vision_tower", "multi_modal_projector")}
+
+
+def is_vision(name: str, arch: str) -> bool:
+    """Whether parameter ``name`` belongs to the vision tower or projector of an ``arch`` organism."""
+    return any(name.startswith(f"model.{m}.") for m in VISION_MODULES[arch])
+
+
+def load_weights(model, arch: str, source: str, everything: bool = False) -> int:
+    """Copy the vision tower and projector (``everything``: all weights) of the trained organism ``source`` (a name
+    such as ``organism`` or a checkpoint folder) into ``model``; returns the number of tensors copied. The
+    architectures must match."""
+    from vismech.models.load import load_vlm
+
+    flag = "--init-from" if everything else "--vision-from"
+    keep = (lambda n: True) if everything else (lambda n: is_vision(n, arch))  # noqa: E731
+    other = load_vlm(source, dtype="fp32", device="cpu").model
+    theirs = {n: t for n, t in other.state_dict().items() if keep(n)}
+    mine = {n: t for n, t in model.state_dict().items() if keep(n)}
+    if not any(is_vision(n, arch) for n in theirs):
+        raise ValueError(f"{flag} {source}: no {arch} vision tower in it (an organism of another "
+                         "architecture?); give a checkpoint of the same --arch")
+    bad = sorted(n for n in mine if n not in theirs or theirs[n].shape != mine[n].shape)
+    if bad or len(theirs) != len(mine):
+        raise ValueError(f"{flag} {source}: its weights differ from this organism's ({len(bad)} tensors missing or "
+                         f"of another shape, e.g. {(bad or sorted(set(theirs) - set(mine)))[0]}); train with the "
+                         "same --sizes as that organism")
+    with torch.no_grad():
+        for n, t in model.state_dict().items():
+            if n in theirs:
+                t.copy_(theirs[n])
+    return len(theirs)
+
+
+def reproduce_of(source: str) -> list[str]:
+    """The training commands in the model card of organism ``source`` (name or folder), earlier stages first."""
+    from vismech.models.load import ORGANISMS, organism_dir
+
+    card = (organism_dir(source) if source in ORGANISMS else Path(source)) / "README.md"
+    if not card.exists() or "## Reproduce" not in (text := card.read_text()):
+        return []
+    blocks = text.split("## Reproduce", 1)[1].split("```")
+    return [b.strip() for b in blocks[1:-1:2] if b.strip()]
+
+
 # -- state ----------------------------------------------------------------------------------------------------
 def _save_state(path: Path, model, opt, step: int, run: dict, seconds: float) -> None:
     rng = {"torch": torch.get_rng_state(), "python": repr(random.getstate()),
@@ -176,7 +223,8 @@ def _load_state(path: Path, model, opt, run: dict) -> tuple[int, float]:
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state["run"]
-    keys = ("arch", "seed", "batch_size", "lr", "sizes", "label_mentions", "early")
+    keys = ("arch", "seed", "batch_size", "lr", "sizes", "label_mentions", "early", "vision_from", "init_from",
+            "freeze_vision")
     keys += ("mixture",) if "mixture" in saved else ()  # states saved before it was recorded have none
     for key in keys:
         if saved.get(key) != run.get(key):
@@ -225,7 +273,9 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
                    resume: bool = False, stop_at: int | None = None, max_minutes: float | None = None,
                    progress: bool = True, sizes: dict | None = None, packed_attention: bool | None = None,
                    mixture: tuple = data.MIXTURE, label_mentions: bool = False,
-                   early: tuple[int, tuple] | None = None, command: str | None = None) -> TrainResult:
+                   early: tuple[int, tuple] | None = None, vision_from: str | None = None,
+                   init_from: str | None = None, freeze_vision: bool = False,
+                   command: str | None = None) -> TrainResult:
     """Train the ``arch`` organism for ``steps`` steps into ``out`` (see the module docstring).
 
     ``stop_at`` ends the run after that step as if interrupted (state saved, no checkpoint); ``max_minutes`` ends
@@ -235,7 +285,11 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
     trained at 7 steps/s with 3 workers and at 2 steps/s with 15 (one run a GPU, the cause not isolated; see
     ``benchmarks/organism_step.py --loop-workers``); 4 workers draw about 10 Qwen batches (of 128) a second on
     the development CPU (0.41 s a batch a worker), more than the fastest run used. ``sizes`` (``text=``/
-    ``vision=`` overrides) changes the architecture; ``command`` goes into the card."""
+    ``vision=`` overrides) changes the architecture; ``command`` goes into the card. ``vision_from`` (an organism
+    name or folder) starts the vision tower and projector from that trained organism's, and ``freeze_vision`` keeps
+    them fixed: a second stage that trains a fresh language model on a tower trained before, as real VLMs are built
+    on a pretrained image encoder. ``init_from`` starts every weight from that organism's (a continuation with a
+    fresh optimizer and schedule)."""
     check_arch(arch)
     t_start = time.time()
     out = Path(out)
@@ -248,6 +302,18 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
     run = {"arch": arch, "seed": seed, "batch_size": batch_size, "lr": lr, "sizes": json.dumps(sizes, sort_keys=True),
            "steps": steps, "label_mentions": label_mentions,
            "mixture": json.dumps({c.name: c.weight for c in mixture}, sort_keys=True)}
+    if vision_from is not None and init_from is not None:
+        raise ValueError("give --vision-from (the vision tower) or --init-from (every weight), not both")
+    source = vision_from if vision_from is not None else init_from
+    if vision_from is not None:
+        run["vision_from"] = str(vision_from)
+    if init_from is not None:
+        run["init_from"] = str(init_from)
+    if freeze_vision:
+        if source is None:
+            raise ValueError("--freeze-vision needs --vision-from or --init-from: freezing a random vision tower "
+                             "trains nothing useful")
+        run["freeze_vision"] = True
     if early:
         run["early"] = json.dumps({"steps": early[0], "mixture": {c.name: c.weight for c in early[1]}}, sort_keys=True)
     warmup = min(500, max(1, steps // 20)) if warmup is None else warmup
@@ -255,11 +321,17 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
         torch.backends.cuda.matmul.allow_tf32 = True
     seed_everything(seed)
     model, tok, proc = build_organism(arch, seed, **sizes)
+    if source is not None:
+        load_weights(model, arch, str(source), everything=init_from is not None)
+    source_commands = reproduce_of(str(source)) if source is not None else []
+    for n, p in model.named_parameters():
+        p.requires_grad_(not (freeze_vision and is_vision(n, arch)))
     model.to(dev)
     spec = family_for_config(model.config)
     vlm = VLM(model, tok, proc, spec, f"organism:{arch}", "chat")
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in trained if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=dev.type == "cuda")
     start, before = 0, 0.0
@@ -346,7 +418,8 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
         return TrainResult(out, vlm, summary)
     summary.update(_finish(vlm, out, dev, heldout, summary, run, dict(
         warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
-        eval_n=eval_n, mixture=mixture, early=early, command=command, stopped_early=stopped_early,
+        eval_n=eval_n, mixture=mixture, early=early, command=command, vision_from=vision_from,
+        init_from=init_from, freeze_vision=freeze_vision, source_commands=source_commands, stopped_early=stopped_early,
         max_minutes=max_minutes)))
     return TrainResult(out, vlm, summary)
 
