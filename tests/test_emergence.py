@@ -1,6 +1,7 @@
 """The emergence summaries: seed table numbers by hand, and the figure drawn from the shipped organisms' logs."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -41,12 +42,20 @@ def test_seed_table_reads_analysis_summaries_and_skips_undefined(tmp_path):
 
 
 def test_shipped_organisms_have_log_spaced_snapshots_and_a_figure():
-    for name in ("organism", "organism-llava"):
-        snaps = read(organism_dir(name) / "emergence.jsonl")
+    stages = Path(__file__).resolve().parent.parent / "docs" / "organism-stages"
+    shipped = {name: organism_dir(name) / "emergence.jsonl" for name in ("organism", "organism-llava")}
+    # the organism's last stage (a short continuation) logged accuracy only; its first two stages and organism-llava
+    # carry the analysis summaries
+    analysed = [shipped["organism-llava"], stages / "stage1" / "emergence.jsonl", stages / "stage2" / "emergence.jsonl"]
+    for path in [*shipped.values(), *analysed]:
+        snaps = read(path)
         steps = [s["step"] for s in snaps]
         assert len(steps) >= 10 and steps == sorted(steps) and steps[0] == 0
-        assert {"accuracy", "rsa", "cma"} <= set(snaps[-1])  # the shipped runs carry the analysis summaries
+        assert "accuracy" in snaps[-1]
+    for path in analysed:
+        snaps = read(path)
+        assert {"accuracy", "rsa", "cma"} <= set(snaps[-1])
         assert set(snaps[-1]["cma"]) == {"id_retrieval", "id_selection", "feature_retrieval"}
-    fig = plot_emergence({"organism": organism_dir("organism") / "emergence.jsonl"})
+    fig = plot_emergence({"organism stage 2": analysed[-1]})
     assert len(fig.axes) == 3  # accuracy, RSA peaks, CMA head counts
     assert len(fig.axes[0].lines) == len(snaps[-1]["accuracy"]) and len(fig.axes[1].lines) == 3 + 1  # + the zero line
