@@ -44,6 +44,7 @@ from vismech.models.vlm import VLM
 
 from . import data
 from .config import END_TOKEN, MAX_BYTES, build_organism, check_arch
+from .stages import is_vision, load_weights, reproduce_of
 
 STATE = "train_state.pt"
 LOG = "train_log.jsonl"
@@ -158,53 +159,6 @@ class HeldOut:
 
 def _flat(acc: dict[str, dict]) -> dict[str, float]:
     return {g: round(a["accuracy"], 4) for g, a in acc.items()}
-
-
-# -- vision tower from a trained organism ----------------------------------------------------------------------
-#: The modules of each architecture that turn pixels into the language model's image-token inputs.
-VISION_MODULES = {"qwen2_5_vl": ("visual",), "llava": ("vision_tower", "multi_modal_projector")}
-
-
-def is_vision(name: str, arch: str) -> bool:
-    """Whether parameter ``name`` belongs to the vision tower or projector of an ``arch`` organism."""
-    return any(name.startswith(f"model.{m}.") for m in VISION_MODULES[arch])
-
-
-def load_weights(model, arch: str, source: str, everything: bool = False) -> int:
-    """Copy the vision tower and projector (``everything``: all weights) of the trained organism ``source`` (a name
-    such as ``organism`` or a checkpoint folder) into ``model``; returns the number of tensors copied. The
-    architectures must match."""
-    from vismech.models.load import load_vlm
-
-    flag = "--init-from" if everything else "--vision-from"
-    keep = (lambda n: True) if everything else (lambda n: is_vision(n, arch))  # noqa: E731
-    other = load_vlm(source, dtype="fp32", device="cpu").model
-    theirs = {n: t for n, t in other.state_dict().items() if keep(n)}
-    mine = {n: t for n, t in model.state_dict().items() if keep(n)}
-    if not any(is_vision(n, arch) for n in theirs):
-        raise ValueError(f"{flag} {source}: no {arch} vision tower in it (an organism of another "
-                         "architecture?); give a checkpoint of the same --arch")
-    bad = sorted(n for n in mine if n not in theirs or theirs[n].shape != mine[n].shape)
-    if bad or len(theirs) != len(mine):
-        raise ValueError(f"{flag} {source}: its weights differ from this organism's ({len(bad)} tensors missing or "
-                         f"of another shape, e.g. {(bad or sorted(set(theirs) - set(mine)))[0]}); train with the "
-                         "same --sizes as that organism")
-    with torch.no_grad():
-        for n, t in model.state_dict().items():
-            if n in theirs:
-                t.copy_(theirs[n])
-    return len(theirs)
-
-
-def reproduce_of(source: str) -> list[str]:
-    """The training commands in the model card of organism ``source`` (name or folder), earlier stages first."""
-    from vismech.models.load import ORGANISMS, organism_dir
-
-    card = (organism_dir(source) if source in ORGANISMS else Path(source)) / "README.md"
-    if not card.exists() or "## Reproduce" not in (text := card.read_text()):
-        return []
-    blocks = text.split("## Reproduce", 1)[1].split("```")
-    return [b.strip() for b in blocks[1:-1:2] if b.strip()]
 
 
 # -- state ----------------------------------------------------------------------------------------------------
