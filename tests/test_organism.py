@@ -316,7 +316,8 @@ def test_a_second_stage_starts_from_a_trained_tower_keeps_it_frozen_and_its_card
                                                                                                     capsys):
     from vismech.cli import main
     from vismech.models.load import load_vlm
-    from vismech.organism.stages import is_vision, reproduce_of
+    from vismech.organism.card import reproduce_of
+    from vismech.organism.stages import is_vision
 
     first = tmp_path / "stage1"
     _run("qwen2_5_vl", first, steps=1)

@@ -58,6 +58,18 @@ def reproduce_command(info: dict) -> str:
     return cmd + (" --device cuda" if str(info.get("device", "")).startswith("cuda") else " --device cpu")
 
 
+def reproduce_of(source: str) -> list[str]:
+    """The training commands in the model card of organism ``source`` (name or folder), earlier stages first: the
+    code blocks of the Reproduce section ``card_text`` writes."""
+    from vismech.models.load import ORGANISMS, organism_dir
+
+    card = (organism_dir(source) if source in ORGANISMS else Path(source)) / "README.md"
+    if not card.exists() or "## Reproduce" not in (text := card.read_text()):
+        return []
+    blocks = text.split("## Reproduce", 1)[1].split("```")
+    return [b.strip() for b in blocks[1:-1:2] if b.strip()]
+
+
 def _source_out(info: dict) -> str:
     """Where the organism this one started from is written by its own command (else its name as given)."""
     words = ((info.get("source_commands") or [""])[-1]).split()

@@ -1,9 +1,7 @@
 """Organisms trained in stages: weights taken from a trained organism (its vision tower and projector, or every
-weight) and the training commands its model card lists, so a later stage's card can name the whole chain."""
+weight); ``card.reproduce_of`` reads the commands of the stages before from its model card."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
@@ -41,13 +39,3 @@ def load_weights(model, arch: str, source: str, everything: bool = False) -> int
                 t.copy_(theirs[n])
     return len(theirs)
 
-
-def reproduce_of(source: str) -> list[str]:
-    """The training commands in the model card of organism ``source`` (name or folder), earlier stages first."""
-    from vismech.models.load import ORGANISMS, organism_dir
-
-    card = (organism_dir(source) if source in ORGANISMS else Path(source)) / "README.md"
-    if not card.exists() or "## Reproduce" not in (text := card.read_text()):
-        return []
-    blocks = text.split("## Reproduce", 1)[1].split("```")
-    return [b.strip() for b in blocks[1:-1:2] if b.strip()]

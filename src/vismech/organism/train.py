@@ -44,7 +44,8 @@ from vismech.models.vlm import VLM
 
 from . import data
 from .config import END_TOKEN, MAX_BYTES, build_organism, check_arch
-from .stages import is_vision, load_weights, reproduce_of
+from .card import reproduce_of
+from .stages import is_vision, load_weights
 
 STATE = "train_state.pt"
 LOG = "train_log.jsonl"
