@@ -52,11 +52,12 @@ lines += table(sorted(seeds.glob("seed*-emergence.jsonl")),
 lines += ["## Stage 2: a fresh language model on stage 1's frozen tower", ""]
 lines += table(sorted(seeds.glob("stage2-*-emergence.jsonl")),
                "`--vision-from runs/org/organism-stage1 --freeze-vision --steps 1600 --label-mentions`, colour "
-               "retrieval on the 2x2 grid alone before step 500 (`--early-steps 500`, every other component at 0), then the shipped "
-               "mixture; seeds 0 and 1, and seed 0 again with HF's own vision attention (`--no-packed-attention`: "
-               "the same data and initial weights, other rounding; it ran slower and the time limit stopped it at "
-               "step 1,275). One run a GPU on a 4 x H100 host; summaries at each run's last snapshot. Seed 1 learned colour retrieval by step 500 and is stage 2 of the shipped `organism`; seed 0 "
-               "stayed at chance; seed 0 with the other rounding left chance late (0.68 at step 500, 0.83 at its "
+               "retrieval on the 2x2 grid alone before step 500 (`--early-steps 500`, every other component at 0), "
+               "then the shipped mixture; seeds 0 and 1, and seed 0 again with HF's own vision attention "
+               "(`--no-packed-attention`: the same data and initial weights, other rounding; it ran slower and the "
+               "time limit stopped it at step 1,275). One run a GPU on a 4 x H100 host; summaries at each run's last "
+               "snapshot. Seed 1 learned colour retrieval by step 500 and is stage 2 of the shipped `organism`; seed "
+               "0 stayed at chance; seed 0 with the other rounding left chance late (0.68 at step 500, 0.83 at its "
                "end).", last=True)
 (seeds / "seeds.md").write_text("\n".join(lines))
 print("\n".join(lines))
