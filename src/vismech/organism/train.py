@@ -17,8 +17,8 @@ accuracies are measured on the checkpoint as ``load_vlm(out)`` loads it, through
 
 Choices the paper leaves open (it trains nothing): every hyper-parameter here; the data for step s depends only on
 (seed, s), so resuming sees the same data. Speed: on CUDA the Qwen2.5-VL vision tower uses
-``packed_vision_attention`` during training (all windows of one length in one SDPA call instead of HF's one call
-per window; same numbers, tested), and batches are built by worker processes (``data.Feeder``).
+``packed_attention.packed_vision_attention`` during training (all windows of one length in one SDPA call instead of
+HF's one call per window; same numbers, tested), and batches are built by worker processes (``data.Feeder``).
 """
 
 from __future__ import annotations
@@ -36,15 +36,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vismech.analysis.stats import wilson_ci
 from vismech.models.families import family_for_config
 from vismech.models.vlm import VLM
 
 from . import data
-from .config import END_TOKEN, MAX_BYTES, build_organism, check_arch
 from .card import reproduce_of
+from .config import END_TOKEN, MAX_BYTES, build_organism, check_arch
+from .packed_attention import packed_vision_attention
 from .stages import is_vision, load_weights
 
 STATE = "train_state.pt"
@@ -53,47 +53,6 @@ EMERGENCE = "emergence.jsonl"
 DEFAULTS = dict(steps=8000, batch_size=128, lr=1e-3, seed=0)
 WEIGHT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json", "README.md")
-
-
-# -- packed attention for the Qwen2.5-VL vision tower -----------------------------------------------------------
-def _packed_sdpa(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, is_causal=False,
-                 cu_seq_lens_q=None, **kwargs):
-    """Block-diagonal attention over the packed windows/images given by ``cu_seq_lens_q``: chunks of one length
-    are batched into one SDPA call. query/key/value: [1, heads, total, head_dim]; returns [1, total, heads, d]."""
-    cu = cu_seq_lens_q.tolist()
-    starts, lengths = np.array(cu[:-1]), np.diff(cu)
-    outs, order = [], []
-    for n in sorted(set(lengths.tolist())):
-        if n == 0:
-            continue
-        idx = torch.as_tensor(starts[lengths == n][:, None] + np.arange(n)[None], device=query.device)
-        q, k, v = (x[0][:, idx].transpose(0, 1) for x in (query, key, value))  # [chunks, heads, n, d]
-        o = F.scaled_dot_product_attention(q, k, v, scale=scaling)
-        outs.append(o.permute(0, 2, 1, 3).reshape(-1, o.shape[1], o.shape[3]))  # [chunks*n, heads, d]
-        order.append(idx.reshape(-1))
-    out = torch.cat(outs)[torch.argsort(torch.cat(order))]
-    return out.unsqueeze(0), None
-
-
-PACKED = "flash_vismech_packed_sdpa"  # "flash" in the name routes HF's vision attention to its packed branch
-
-
-@contextlib.contextmanager
-def packed_vision_attention(model, enabled: bool = True):
-    """Within the block, a Qwen2.5-VL vision tower attends with ``_packed_sdpa``; other models are unchanged."""
-    vc = getattr(model.config, "vision_config", None)
-    if not enabled or getattr(model.config, "model_type", "") != "qwen2_5_vl" or vc is None:
-        yield
-        return
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(PACKED, _packed_sdpa)
-    old = vc._attn_implementation
-    vc._attn_implementation = PACKED
-    try:
-        yield
-    finally:
-        vc._attn_implementation = old
 
 
 # -- schedule, seeds, evaluation --------------------------------------------------------------------------------
