@@ -26,6 +26,11 @@ def organism_dir(name: str) -> Path:
     return Path(__file__).resolve().parent.parent / "organisms" / name
 
 
+def checkpoint_path(name: str) -> str:
+    """The shipped folder of organism ``name``, else ``name`` as given (a folder or hub id)."""
+    return str(organism_dir(name)) if name in ORGANISMS else name
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype or torch.float32
@@ -67,10 +72,10 @@ def load_vlm(name: str, dtype: str | torch.dtype | None = "fp32", device: str | 
         spec = family_for_config(config)
         model = random_model(config, dt, device, device_map, seed)
         return VLM(model, tok, spec.image_processor_for(config), spec, name, prompt_format)
-    path = organism_dir(name) if name in ORGANISMS else name
+    path = checkpoint_path(name)
     if name in ORGANISMS and not (Path(path) / "config.json").exists():
         raise ValueError(f"the {name} checkpoint is missing from this install ({path}); reinstall vismech")
-    return _load_pretrained(str(path), name, dt, device, device_map, prompt_format, trust_remote_code)
+    return _load_pretrained(path, name, dt, device, device_map, prompt_format, trust_remote_code)
 
 
 def _use_tokenizer(config, tok) -> None:
@@ -101,9 +106,9 @@ def geometry_for(name: str):
 
         cfg = PRESETS[name.split(":", 1)[1]].config()
     else:
-        path = organism_dir(name) if name in ORGANISMS else name
+        path = checkpoint_path(name)
         try:
-            cfg = AutoConfig.from_pretrained(str(path))
+            cfg = AutoConfig.from_pretrained(path)
         except OSError as e:
             raise ValueError(f"cannot read the config of {name!r}; pass a family name ({', '.join(FAMILIES)}), "
                              "tiny:FAMILY, or a local checkpoint directory") from e

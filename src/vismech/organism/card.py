@@ -61,9 +61,9 @@ def reproduce_command(info: dict) -> str:
 def reproduce_of(source: str) -> list[str]:
     """The training commands in the model card of organism ``source`` (name or folder), earlier stages first: the
     code blocks of the Reproduce section ``card_text`` writes."""
-    from vismech.models.load import ORGANISMS, organism_dir
+    from vismech.models.load import checkpoint_path
 
-    card = (organism_dir(source) if source in ORGANISMS else Path(source)) / "README.md"
+    card = Path(checkpoint_path(source)) / "README.md"
     if not card.exists() or "## Reproduce" not in (text := card.read_text()):
         return []
     blocks = text.split("## Reproduce", 1)[1].split("```")

@@ -237,8 +237,7 @@ def run(model: str = "organism", features: str = "synthetic", positions: str = "
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     g = torch.Generator().manual_seed(seed + 1)
     out = dict(model=model, arch=arch, grid=list(grid), features=features, positions=positions, abs_pos=abs_pos,
-               text=text or {},
-               batch=batch, lr=lr, seed=seed, pool=len(tr), build_seconds=round(built, 1), evals=[])
+               text=text or {}, batch=batch, lr=lr, seed=seed, pool=len(tr), build_seconds=round(built, 1), evals=[])
     start, step = time.time(), 0
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
     for step in range(1, steps + 1):

@@ -38,4 +38,3 @@ def load_weights(model, arch: str, source: str, everything: bool = False) -> int
             if n in theirs:
                 t.copy_(theirs[n])
     return len(theirs)
-
