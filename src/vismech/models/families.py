@@ -2,8 +2,9 @@
 
 A spec answers, for its family: which transformers class to build, how an image becomes pixel inputs and how many
 image tokens it takes, where each grid cell's tokens lie inside that image-token run, and how a prompt is framed
-(the real model's chat template, or a plain completion). Adding a family means adding a spec here; the adapter
-(`vismech.models.vlm`) and the hooks never branch on the family.
+(its published chat format, vismech's own format for the models vismech builds, how its processor expands the image
+placeholder, and the plain completion format; ``vismech.models.framing`` applies them). Adding a family means adding a
+spec here; the adapter (`vismech.models.vlm`) and the hooks never branch on the family.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import transformers as tf
 
 from vismech.scenes.core import Geometry, Layout
 
-#: The instruction given in chat mode to completion tasks, whose sentence prefix opens the assistant turn.
-COMPLETION_INSTRUCTION = "Complete the sentence that describes this image."
+from .framing import ChatFormat
+
+QWEN_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
 
 def image_processor_class(name: str):
@@ -44,7 +46,12 @@ class Family:
     image_token: ClassVar[str]
     image_open: ClassVar[str] = ""
     image_close: ClassVar[str] = ""
-    chat_format: ClassVar[str]  # {image} {user} {assistant}
+    #: the family's published chat format (used for a real checkpoint that ships no chat template)
+    chat: ClassVar[ChatFormat]
+    #: the chat format vismech's own models (tiny, presets, organisms) were built and trained with
+    vismech_chat: ClassVar[ChatFormat]
+    #: what a chat template writes for one image, before the processor expands it
+    placeholder: ClassVar[str]
     plain_format: ClassVar[str] = "{image}{text}"
     spatial_tokens: ClassVar[bool] = True
     #: suffixes of the decoder-layer ModuleList of the language model, tried in order
@@ -80,18 +87,14 @@ class Family:
             )
         return layout.cell_tokens(cell)
 
-    def frame(self, image_text: str, prompt: str, question: bool, chat: bool) -> tuple[str, int]:
-        """The full text of a trial and the character offset at which ``prompt`` starts in it."""
-        if not chat:
-            text = prompt + ("\nAnswer:" if question else "")
-            full = self.plain_format.format(image=image_text, text="\x00")
-        else:
-            user, assistant = (prompt, "") if question else (COMPLETION_INSTRUCTION, prompt)
-            full = self.chat_format.format(image=image_text, user="\x00" if question else user,
-                                           assistant="" if question else "\x00")
-            text = prompt
-        start = full.index("\x00")
-        return full.replace("\x00", text), start
+    def expand_placeholder(self, text: str, at: int, n_tokens: int, extra, processor: bool = True
+                           ) -> tuple[str, int]:
+        """Expand the image token at ``at`` into the image's run of ``n_tokens``: as the family's processor does
+        (``processor``), or as vismech's own models were built (the token repeated). Returns the text and the number
+        of characters added."""
+        run = self.image_token * n_tokens
+        end = at + len(self.image_token)
+        return text[:at] + run + text[end:], len(run) - len(self.image_token)
 
     def image_text(self, n_tokens: int) -> str:
         return self.image_open + self.image_token * n_tokens + self.image_close
@@ -109,8 +112,9 @@ class Qwen2VL(Family):
     class_name = "Qwen2VLForConditionalGeneration"
     image_token = "<|image_pad|>"
     image_open, image_close = "<|vision_start|>", "<|vision_end|>"
-    chat_format = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{image}{user}"
-                   "<|im_end|>\n<|im_start|>assistant\n{assistant}")
+    placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+    chat = vismech_chat = ChatFormat(QWEN_SYSTEM + "<|im_start|>user\n", placeholder, "", "<|im_end|>\n",
+                                     "<|im_start|>assistant\n", "<|im_start|>assistant\n", "<|im_end|>\n")
 
     def _vision(self, config):
         return config.vision_config
@@ -148,12 +152,15 @@ class Llava(Family):
     name = "llava"
     class_name = "LlavaForConditionalGeneration"
     image_token = "<image>"
-    chat_format = "USER: {image}\n{user} ASSISTANT:{assistant}"
+    placeholder = "<image>"
+    # llava-hf's template: "USER: <image>\nQUESTION ASSISTANT:"; an assistant turn is "ASSISTANT: TEXT "
+    chat = ChatFormat("USER: ", "<image>\n", "", " ", "ASSISTANT: ", "ASSISTANT:", " ")
+    vismech_chat = ChatFormat("USER: ", "<image>", "\n", " ", "ASSISTANT:", "ASSISTANT:", "</s>")
     plain_format = "{image}\n{text}"
 
     def geometry(self, config, image_processor) -> Geometry:
         v = config.vision_config
-        return Geometry(token_px=v.patch_size, canvas_tokens=v.image_size // v.patch_size)
+        return Geometry(token_px=v.patch_size, canvas_tokens=v.image_size // v.patch_size, input_px=v.image_size)
 
     def image_processor_for(self, config):
         s = config.vision_config.image_size
@@ -176,7 +183,12 @@ class Llava(Family):
 class LlavaOnevision(Llava):
     name = "llava_onevision"
     class_name = "LlavaOnevisionForConditionalGeneration"
-    chat_format = "<|im_start|>user {image}\n{user}<|im_end|><|im_start|>assistant\n{assistant}"
+    # the llava-hf checkpoints' template ("<|im_start|>user\n<image>\nTEXT<|im_end|>\n..."), with the Qwen system
+    # prompt LLaVA-OneVision was trained with
+    chat = ChatFormat(QWEN_SYSTEM + "<|im_start|>user\n", "<image>\n", "", "<|im_end|>\n",
+                      "<|im_start|>assistant\n", "<|im_start|>assistant\n", "<|im_end|>\n")
+    vismech_chat = ChatFormat("<|im_start|>user ", "<image>", "\n", "<|im_end|>", "<|im_start|>assistant\n",
+                              "<|im_start|>assistant\n", "<|im_end|>")
 
     def image_processor_for(self, config):
         s = config.vision_config.image_size
@@ -214,7 +226,13 @@ class Idefics2(Family):
     class_name = "Idefics2ForConditionalGeneration"
     image_token = "<image>"
     image_open = image_close = "<fake_token_around_image>"
-    chat_format = "User:{image}{user}<end_of_utterance>\nAssistant:{assistant}"
+    placeholder = "<image>"
+    # the published template: "User:<image>QUESTION<end_of_utterance>\nAssistant:"; an assistant turn whose
+    # content starts with text is "Assistant: TEXT<end_of_utterance>\n"
+    chat = ChatFormat("User:", "<image>", "", "<end_of_utterance>\n", "Assistant: ", "Assistant:",
+                      "<end_of_utterance>\n")
+    vismech_chat = ChatFormat("User:", "<fake_token_around_image><image><fake_token_around_image>", "",
+                              "<end_of_utterance>\n", "Assistant:", "Assistant:", "<end_of_utterance>\n")
     plain_format = "{image}{text}"
     spatial_tokens = False
     layer_paths = ("model.text_model.layers",)
@@ -230,9 +248,22 @@ class Idefics2(Family):
 
     def process_images(self, image_processor, images) -> ImageInputs:
         out = image_processor(images=[[im] for im in images], return_tensors="pt")
-        n = self._latents
+        k = out["pixel_values"].shape[1]  # 1, or 5 when the processor splits each image into 4 crops + itself
+        n = self._latents * k
         return ImageInputs({"pixel_values": out["pixel_values"], "pixel_attention_mask": out["pixel_attention_mask"]},
-                           [n] * len(images), [None] * len(images), [None] * len(images))
+                           [n] * len(images), [None] * len(images), [k] * len(images))
+
+    def expand_placeholder(self, text, at, n_tokens, extra, processor=True):
+        if not processor:
+            return super().expand_placeholder(text, at, n_tokens, extra, processor)
+        # Idefics2Processor: <fake> + latents x <image> + <fake> per (sub-)image, fake tokens shared between
+        # neighbours, and a space after the closing fake token when a word follows it directly
+        k = extra or 1
+        run = self.image_open + (self.image_token * (n_tokens // k) + self.image_close) * k
+        end = at + len(self.image_token)
+        if end < len(text) and not text[end].isspace() and text[end] != "<":
+            run += " "
+        return text[:at] + run + text[end:], len(run) - len(self.image_token)
 
     _latents: int = 64
 
@@ -245,10 +276,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (Qwen2VL(), Qwen25VL(), Llava(
 
 #: The token geometry of the real checkpoints of each family (what ``vismech stimuli --model FAMILY`` renders for):
 #: Qwen: 14 px patches merged 2x2 into 28 px tokens, free canvas; LLaVA-1.5: 336 px CLIP with 14 px patches;
-#: LLaVA-OneVision: 384 px SigLIP with 14 px patches (27 tokens, 378 px used); Idefics2: 378 px SigLIP input.
+#: LLaVA-OneVision: 384 px SigLIP with 14 px patches (27 tokens, 378 px drawn, padded to 384); Idefics2: 378 px.
 DEFAULT_GEOMETRY: dict[str, Geometry] = {
     "qwen2_vl": Geometry(28), "qwen2_5_vl": Geometry(28), "llava": Geometry(14, canvas_tokens=24),
-    "llava_onevision": Geometry(14, canvas_tokens=27), "idefics2": Geometry(14, canvas_tokens=27),
+    "llava_onevision": Geometry(14, canvas_tokens=27, input_px=384), "idefics2": Geometry(14, canvas_tokens=27),
 }
 
 #: model_type of a config -> family name

@@ -4,6 +4,12 @@ Accepted forms: ``tiny:FAMILY`` (tiny random model of the real class, for tests)
 architecture with random weights, for timing and memory), ``organism`` / ``organism-llava`` (the trained model
 organisms shipped inside vismech), and any HF hub id or local checkpoint directory. Loading is safe by default:
 no remote code unless asked for, safetensors or ``weights_only`` loading only.
+
+Prompts are framed as ``models.framing`` describes (the checkpoint's own chat template where it ships one).
+``prompt_format="auto"`` (the default) frames vismech's own models in chat form, the form they were built and
+trained with; for any other checkpoint it measures first-answer accuracy in both forms on a small fixed set
+(``answers.format_accuracy``) and takes the better (chat on a tie). The choice and its numbers are on
+``VLM.prompt_format_choice`` and in every run's manifest.
 """
 
 from __future__ import annotations
@@ -40,9 +46,30 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def load_vlm(name: str, dtype: str | torch.dtype | None = "fp32", device: str | None = None,
-             device_map: str | dict | None = None, prompt_format: str = "chat", trust_remote_code: bool = False,
+             device_map: str | dict | None = None, prompt_format: str | None = "auto", trust_remote_code: bool = False,
              seed: int = 0) -> VLM:
     """Load ``name`` (see the module docstring) as a ``VLM`` in eval mode."""
+    prompt_format = prompt_format or "auto"
+    if prompt_format not in ("auto", "chat", "plain"):
+        raise ValueError(f"prompt_format must be auto, chat or plain, not {prompt_format!r}")
+    vlm = _load(name, dtype, device, device_map, prompt_format, trust_remote_code, seed)
+    if prompt_format != "auto":
+        vlm.prompt_format_choice = {"prompt_format": prompt_format, "chosen_by": "given"}
+    elif vlm.framing.vismech:
+        vlm.prompt_format_choice = {"prompt_format": "chat", "chosen_by": "vismech's own model: the form it was "
+                                    "built and trained with"}
+    else:
+        from .answers import format_accuracy
+
+        acc = format_accuracy(vlm)
+        vlm.prompt_format = "plain" if acc["plain"] > acc["chat"] else "chat"
+        vlm.prompt_format_choice = {"prompt_format": vlm.prompt_format, "chosen_by": "first-answer accuracy",
+                                    "accuracy": acc}
+    return vlm
+
+
+def _load(name, dtype, device, device_map, prompt_format, trust_remote_code, seed) -> VLM:
+    prompt_format = "chat" if prompt_format == "auto" else prompt_format
     dt = resolve_dtype(dtype)
     if device is None:
         from vismech.distributed import default_device
@@ -66,7 +93,7 @@ def load_vlm(name: str, dtype: str | torch.dtype | None = "fp32", device: str | 
         preset = name.split(":", 1)[1]
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        tok = build_word_tokenizer()
+        tok = build_word_tokenizer(family=PRESETS[preset].family)
         config = PRESETS[preset].config()
         _use_tokenizer(config, tok)
         spec = family_for_config(config)
@@ -156,4 +183,6 @@ def _load_pretrained(path, name, dtype, device, device_map, prompt_format, trust
         proc = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         proc = spec.image_processor_for(config)
-    return VLM(model, tok, proc, spec, name, prompt_format)
+    from .framing import framing_for
+
+    return VLM(model, tok, proc, spec, name, prompt_format, framing=framing_for(path, tok, spec))

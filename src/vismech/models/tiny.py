@@ -75,7 +75,7 @@ def build_tiny(family: str, seed: int = 0):
     """(model, tokenizer) of a tiny random ``family`` model, fp32, eval mode, seeded."""
     from .families import FAMILIES
 
-    tok = build_word_tokenizer()
+    tok = build_word_tokenizer(family=family)
     cfg = tiny_config(family, tok)
     torch.manual_seed(seed)
     model = FAMILIES[family].model_class()(cfg).eval()

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from vismech.scenes.core import Layout, Trial
-from vismech.scenes.render import render
-from vismech.scenes.tasks import question_tasks
+from vismech.scenes.render import pad_to, render
+from vismech.scenes.tasks import question_tasks, with_articles
 
+from . import framing as framing_
 from .families import Family
 
 
@@ -48,15 +49,18 @@ class Batch:
 class VLM:
     """A loaded VLM with its tokenizer, image processor and family spec."""
 
-    def __init__(self, model, tokenizer, image_processor, family: Family, name: str, prompt_format: str = "chat"):
+    def __init__(self, model, tokenizer, image_processor, family: Family, name: str, prompt_format: str = "chat",
+                 framing: framing_.Framing | None = None):
         if prompt_format not in ("chat", "plain"):
             raise ValueError(f"prompt_format must be 'chat' or 'plain', not {prompt_format!r}")
+        self.framing = framing or framing_.framing_for(None, tokenizer, family)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.family = family
         self.name = name
         self.prompt_format = prompt_format
+        self.prompt_format_choice = {"prompt_format": prompt_format, "chosen_by": "given"}
         cfg = model.config
         self.text_config = cfg.get_text_config()
         self.image_token_id = int(cfg.image_token_id)
@@ -105,39 +109,72 @@ class VLM:
     def _expected_image_px(self) -> int | None:
         if self.geometry.canvas_tokens is None:
             return None
+        if self.geometry.input_px:
+            return self.geometry.input_px
         size = getattr(self.image_processor, "size", None) or {}
         for key in ("height", "shortest_edge"):
             if isinstance(size, dict) and size.get(key):
                 return int(size[key])
         return self.geometry.canvas_tokens * self.geometry.token_px
 
+    def image_px(self, trial: Trial) -> int:
+        """Side in pixels of the square image this model is fed for ``trial`` (what ``render`` gives)."""
+        return self._image_px or self.layout(trial.scene.grid).canvas_px
+
     def render(self, trial: Trial) -> Image.Image:
         """The trial's scene drawn on this model's token grid, padded (right and bottom) to its input size."""
-        layout = self.layout(trial.scene.grid)
-        img = render(trial.scene, layout)
-        px = self._image_px
-        if px is not None and px != img.width:
-            if px < img.width:
-                raise ValueError(f"the {img.width}px canvas is larger than this model's {px}px input")
-            canvas = Image.new("RGB", (px, px), (255, 255, 255))
-            canvas.paste(img, (0, 0))
-            img = canvas
-        return img
+        img = render(trial.scene, self.layout(trial.scene.grid))
+        return pad_to(img, self._image_px) if self._image_px else img
+
+    def _check_images(self, trials: list[Trial], images: list[Image.Image]) -> None:
+        if len(images) != len(trials):
+            raise ValueError(f"{len(images)} images for {len(trials)} trials: give one image per trial")
+        for i, (t, im) in enumerate(zip(trials, images)):
+            px = self.image_px(t)
+            if im.size != (px, px):
+                raise ValueError(f"image {i} is {im.size[0]}x{im.size[1]} px, but {self.name} is fed {px}x{px} px for "
+                                 f"a {t.scene.grid[0]}x{t.scene.grid[1]} grid, so its objects would not sit on the "
+                                 "tokens vismech patches; render it with VLM.render or `vismech stimuli --model` "
+                                 "for this model")
 
     # -- text -----------------------------------------------------------------------------------------------
-    def frame(self, trial: Trial, n_image_tokens: int) -> tuple[str, int]:
-        return self.family.frame(self.family.image_text(n_image_tokens), trial.prompt,
-                                 question=trial.task in question_tasks, chat=self.prompt_format == "chat")
+    def as_read(self, trial: Trial) -> Trial:
+        """``trial`` with the articles this model reads (``framing.articles``: the paper's "a", or grammatical)."""
+        return with_articles(trial) if self.framing.articles == "grammatical" else trial
+
+    def frame(self, trial: Trial, n_image_tokens: int, extra=None) -> tuple[str, int]:
+        """The full text of ``trial`` (its image run expanded to ``n_image_tokens``) and where its prompt starts."""
+        question = trial.task in question_tasks
+        fam, fw = self.family, self.framing
+        if self.prompt_format == "chat":
+            text, start = framing_.render(self.tokenizer, fw, trial.prompt, question)
+        else:
+            full = fam.plain_format.format(image=fam.image_text(1) if fw.vismech else fam.placeholder, text="\x00")
+            start = full.index("\x00")
+            text = full.replace("\x00", trial.prompt + ("\nAnswer:" if question else ""))
+        if text.count(fam.image_token) != 1:
+            raise ValueError(f"the {self.prompt_format} prompt ({fw.source}) holds {text.count(fam.image_token)} "
+                             f"image placeholders {fam.image_token!r} for one image; vismech needs exactly one")
+        at = text.index(fam.image_token)
+        text, added = fam.expand_placeholder(text, at, n_image_tokens, extra, processor=not fw.vismech)
+        return text, start + (added if at < start else 0)
 
     def encode(self, trials: list[Trial], images: list[Image.Image] | None = None) -> Batch:
-        """Left-padded model inputs for ``trials`` and the token positions of objects, mentions and commas."""
+        """Left-padded model inputs for ``trials`` and the token positions of objects, mentions and commas.
+
+        ``images``: one per trial, each the size ``render`` gives (other sizes are refused: the processor would
+        resize them and objects would leave their tokens). Prompts are read with this model's articles
+        (``as_read``); ``Batch.trials`` keeps the trials as given."""
         if not trials:
             raise ValueError("no trials to encode")
+        if images is not None:
+            self._check_images(trials, images)
         images = images if images is not None else [self.render(t) for t in trials]
         img = self.family.process_images(self.image_processor, images)
         rows, texts = [], []
-        for i, t in enumerate(trials):
-            text, start = self.frame(t, img.n_tokens[i])
+        for i, t0 in enumerate(trials):
+            t = self.as_read(t0)
+            text, start = self.frame(t, img.n_tokens[i], img.extra[i])
             enc = self.tokenizer(text, return_offsets_mapping=True)
             ids, offs = enc["input_ids"], enc["offset_mapping"]
             image_pos = [j for j, x in enumerate(ids) if x == self.image_token_id]

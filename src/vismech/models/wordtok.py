@@ -3,7 +3,9 @@
 No tokenizer can be downloaded here, so tiny models and organisms use a word-level vocabulary built from every
 word vismech's prompts can contain (templates, colours, shapes, relations, numbers) plus the special tokens of
 every supported family's prompt format. It is a ``PreTrainedTokenizerFast``, so it saves and loads with
-``save_pretrained`` / ``from_pretrained`` offline and gives character offsets like any real tokenizer.
+``save_pretrained`` / ``from_pretrained`` offline and gives character offsets like any real tokenizer. Built for a
+family, it carries that family's vismech chat template (``models.framing.vismech_template``), which
+``save_pretrained`` writes next to it, so a saved organism is framed exactly as it was trained.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def default_texts() -> list[str]:
     return texts
 
 
-def build_word_tokenizer(texts: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """A lower-casing word-level tokenizer over the words of ``texts`` (default: vismech's prompts)."""
+def build_word_tokenizer(texts: list[str] | None = None, family: str | None = None) -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer over the words of ``texts`` (default: vismech's prompts), with the
+    vismech chat template of ``family`` when one is given."""
     words: set[str] = set()
     for t in texts if texts is not None else default_texts():
         words.update(w.lower() for w in _WORD.findall(t))
@@ -56,4 +59,9 @@ def build_word_tokenizer(texts: list[str] | None = None) -> PreTrainedTokenizerF
         additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<pad>", "<unk>", "<s>", "</s>")],
     )
     tok.padding_side = "left"
+    if family is not None:
+        from .families import FAMILIES
+        from .framing import vismech_template
+
+        tok.chat_template = vismech_template(FAMILIES[family])
     return tok

@@ -114,7 +114,7 @@ def build_organism(arch: str, seed: int = 0, **sizes):
 
     from vismech.models.families import FAMILIES
 
-    tok = build_word_tokenizer()
+    tok = build_word_tokenizer(family=arch)  # its chat template is saved with it
     cfg = organism_config(arch, tok, **sizes)
     torch.manual_seed(seed)
     model = FAMILIES[arch].model_class()(cfg)

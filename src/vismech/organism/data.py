@@ -217,7 +217,7 @@ def adapter_without_weights(arch: str, sizes: dict | None = None) -> VLM:
 
     from .config import organism_config
 
-    tok = build_word_tokenizer()
+    tok = build_word_tokenizer(family=arch)
     cfg = organism_config(arch, tok, **(sizes or {}))
     spec = family_for_config(cfg)
     with torch.device("meta"):

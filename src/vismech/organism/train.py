@@ -51,7 +51,7 @@ STATE = "train_state.pt"
 LOG = "train_log.jsonl"
 EMERGENCE = "emergence.jsonl"
 DEFAULTS = dict(steps=8000, batch_size=128, lr=1e-3, seed=0)
-WEIGHT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+WEIGHT_FILES = ("config.json", "chat_template.jinja", "generation_config.json", "model.safetensors", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json", "README.md")
 
 

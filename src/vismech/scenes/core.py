@@ -76,6 +76,9 @@ class Geometry:
     token_px: int
     canvas_tokens: int | None = None
     obj_tokens: int = 2
+    #: side of the square image the model is fed, when larger than the token canvas (LLaVA-OneVision: 27 tokens
+    #: of 14 px = 378 px drawn, padded white right and bottom to its 384 px input); None: the canvas itself
+    input_px: int | None = None
 
     def layout(self, rows: int, cols: int) -> "Layout":
         span = 2 * max(rows, cols) + 1
@@ -96,7 +99,8 @@ class Geometry:
                       offset_tokens=offset)
 
     def to_json(self) -> dict[str, Any]:
-        return {"token_px": self.token_px, "canvas_tokens": self.canvas_tokens, "obj_tokens": self.obj_tokens}
+        out = {"token_px": self.token_px, "canvas_tokens": self.canvas_tokens, "obj_tokens": self.obj_tokens}
+        return out | ({"input_px": self.input_px} if self.input_px else {})
 
 
 @dataclass(frozen=True)

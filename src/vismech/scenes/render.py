@@ -117,3 +117,14 @@ def render(scene: Scene, layout: Layout, background: tuple[int, int, int] = (255
             raise ValueError(f"object box {(x0, y0, x1, y1)} is not square")
         img.paste(rgb, (x0, y0, x1, y1), _mask(obj.shape, x1 - x0))
     return img
+
+
+def pad_to(img: Image.Image, px: int, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """``img`` on a ``px`` square canvas, padded right and bottom (what a model with a fixed input size is fed)."""
+    if img.size == (px, px):
+        return img
+    if px < max(img.size):
+        raise ValueError(f"the {img.width}px canvas is larger than this model's {px}px input")
+    canvas = Image.new("RGB", (px, px), tuple(background))
+    canvas.paste(img, (0, 0))
+    return canvas

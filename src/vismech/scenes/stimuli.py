@@ -22,7 +22,7 @@ from typing import Callable, Sequence, Union
 
 from .core import CounterfactualPair, Geometry, Layout, Scene, Trial
 from .counterfactual import CONDITIONS, cma_pairs
-from .render import render
+from .render import pad_to, render
 from .sets import (color_retrieval_set, counting_set, entropy_set, pca_set, relabs_set, scene_description_set,
                    spatial_relation_set)
 
@@ -107,7 +107,10 @@ def write_stimuli(items: Sequence[Item], layout_for_grid: Union[Geometry, Callab
         key = gkey + _scene_key(trial.scene)
         if key not in images:
             images[key] = f"{len(images):06d}.png"
-            render(trial.scene, layouts[gkey]).save(out / images[key], format="PNG")
+            img = render(trial.scene, layouts[gkey])
+            if geometry is not None and geometry.input_px:  # exactly what the model is fed (VLM.render)
+                img = pad_to(img, geometry.input_px)
+            img.save(out / images[key], format="PNG")
         trials.append({"trial": trial.to_json(), "image": images[key], "layout": gkey, "pair": pair, "role": role})
         return len(trials) - 1
 

@@ -5,10 +5,18 @@ Prompts are the paper's templates verbatim (texts in ``vocab``). Spans are chara
 ``commas`` cover the token right after each mention: "," after all but the last described object and "and" after
 the last one (for the question tasks, the "." that closes the mention). A model adapter maps these spans to token
 positions with its tokenizer's offset mapping. Assumes ``Scene`` already guarantees one object per cell.
+
+Articles: the paper writes "a" before every described object ("a orange square" included), and so do these
+trials: vismech's own models were trained on exactly these prompts. Real checkpoints read grammar, so the model
+adapter gives them ``with_articles(trial)``: "an" before a described object whose colour begins with a vowel
+("there is an orange square, a red circle and a"). The final "and a" before the answer stays as the paper has it
+(the model's answer is what follows it). Which form a model reads is the model's framing's ``articles``
+(``models.framing``), recorded in every run's manifest.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 from .core import Obj, Scene, Trial
@@ -47,6 +55,29 @@ class _Prompt:
         start = len(self.text)
         self.text += piece
         return start, len(self.text)
+
+
+def with_articles(trial: Trial) -> Trial:
+    """``trial`` with "an" instead of "a" before each described object whose name begins with a vowel, every span
+    shifted to match (only scene-description prompts name objects after an article)."""
+    if trial.task != SCENE_DESCRIPTION:
+        return trial
+    prompt, shift = trial.prompt, 0
+    inserts = []
+    for a, _ in trial.mentions:
+        if a >= 3 and prompt[a:a + 1].lower() in tuple("aeiou") and prompt[a - 3:a] == " a ":
+            inserts.append(a - 1)  # the "n" goes right after the article's "a"
+    if not inserts:
+        return trial
+    for at in reversed(inserts):
+        prompt = prompt[:at] + "n" + prompt[at:]
+
+    def moved(span: tuple[int, int]) -> tuple[int, int]:
+        k = sum(at < span[0] for at in inserts)
+        return span[0] + k, span[1] + k
+
+    return replace(trial, prompt=prompt, mentions=tuple(moved(s) for s in trial.mentions),
+                   commas=tuple(moved(s) for s in trial.commas))
 
 
 def _check_in_scene(scene: Scene, obj: Obj, role: str) -> None:
