@@ -239,7 +239,9 @@ class Idefics2(Family):
 
     def geometry(self, config, image_processor) -> Geometry:
         v = config.vision_config
-        return Geometry(token_px=v.patch_size, canvas_tokens=v.image_size // v.patch_size)
+        size = getattr(image_processor, "size", None) or {}  # the processor resizes the short side to this
+        px = size.get("shortest_edge") if isinstance(size, dict) else None
+        return Geometry(token_px=v.patch_size, canvas_tokens=(px or v.image_size) // v.patch_size)
 
     def image_processor_for(self, config):
         s = config.vision_config.image_size
