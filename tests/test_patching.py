@@ -124,11 +124,11 @@ def test_out_of_memory_halves_the_stacked_heads_and_gives_the_same_result(monkey
     ref = patching.head_patch(vlm, clean, src, pos, tid, rows_per_forward=12)
     real, sizes = patching.lm_logits, []
 
-    def flaky(vlm_, inp, prefix=None):
+    def flaky(vlm_, inp, prefix=None, tail=1):
         sizes.append(inp.rows)
         if inp.rows > 4 * len(clean):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(vlm_, inp, prefix)
+        return real(vlm_, inp, prefix, tail)
 
     monkeypatch.setattr(patching, "lm_logits", flaky)
     out = patching.head_patch(vlm, clean, src, pos, tid, rows_per_forward=12)

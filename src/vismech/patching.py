@@ -11,6 +11,12 @@ tower, recomputes every position, and leaves the GPU idle on small batches. Here
 - on CUDA out-of-memory the number of stacked heads is halved and the chunk retried.
 
 ``naive_head_patch`` is the plain one-full-forward-per-head reference the tests compare to.
+
+What is read out of each patched run: the last-token logits of given token ids (``token_ids`` [B, K]), or the
+scores of candidate answers (``models.answers.AnswerSet``): their first-token logits where that rule is exact, else
+the teacher-forced log-probability of each answer's whole token sequence (the batch is then run on the answer set's
+scoring rows, each prompt row with an answer's tokens appended on the right, so every patched position keeps its
+index and the prefix cache holds).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Callable
 import torch
 
 from . import distributed, hooks
+from .models.answers import AnswerSet
 from .models.vlm import VLM, Batch
 
 
@@ -98,8 +105,9 @@ def prefix_cache(vlm: VLM, inp: LMInputs, p0: int) -> PrefixCache:
 
 
 @torch.no_grad()
-def lm_logits(vlm: VLM, inp: LMInputs, prefix: PrefixCache | None = None) -> torch.Tensor:
-    """Last-token logits [rows, vocab] (float32) from the text backbone alone, optionally after a cached prefix."""
+def lm_logits(vlm: VLM, inp: LMInputs, prefix: PrefixCache | None = None, tail: int = 1) -> torch.Tensor:
+    """Last-token logits [rows, vocab] (float32) from the text backbone alone, optionally after a cached prefix;
+    with ``tail`` > 1 the logits of the last ``tail`` positions, [rows, tail, vocab]."""
     lm = hooks.language_model(vlm)
     if prefix is None:
         out = lm(**inp.tensors, use_cache=False)
@@ -109,7 +117,21 @@ def lm_logits(vlm: VLM, inp: LMInputs, prefix: PrefixCache | None = None) -> tor
         r = inp.rows // prefix.kv[0][0].shape[0]
         out = lm(**suf, use_cache=True, **{_cache_kwarg(lm): prefix.expand(r)})
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return vlm.model.get_output_embeddings()(hidden[:, -1]).float()
+    return vlm.model.get_output_embeddings()(hidden[:, -1] if tail == 1 else hidden[:, -tail:]).float()
+
+
+def _reader(vlm: VLM, clean: Batch, source_z, positions, token_ids):
+    """(batch, source values, positions, tail, read) for patching: ``read(logits)`` -> [B, K] per patched run.
+    With an AnswerSet the batch becomes its scoring rows (source values and positions follow their rows)."""
+    if not isinstance(token_ids, AnswerSet):
+        return clean, source_z, positions, 1, lambda logits: logits.gather(1, token_ids.to(logits.device))
+    aset = token_ids
+    if aset.rule == "sequence":
+        src = aset.row_source
+        clean = aset.expand(vlm, clean)
+        source_z = {l: v[src] for l, v in source_z.items()}
+        positions = [positions[b] for b in src]
+    return clean, source_z, positions, aset.tail, lambda logits: aset.reduce(logits).scores
 
 
 def _row_positions(positions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +155,7 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def head_patch(vlm: VLM, clean: Batch, source_z: dict[int, torch.Tensor], positions: list[list[int]],
-               token_ids: torch.Tensor, heads: list[tuple[int, int]] | None = None,
+               token_ids: torch.Tensor | AnswerSet, heads: list[tuple[int, int]] | None = None,
                rows_per_forward: int | None = None, progress: Callable[[int], None] | None = None,
                mode: str = "set", scale: float = 1.0, use_cache: bool = True, _local: bool = False) -> torch.Tensor:
     """Logits of ``token_ids`` [B, K] with each head in turn patched at ``positions``.
@@ -141,6 +163,8 @@ def head_patch(vlm: VLM, clean: Batch, source_z: dict[int, torch.Tensor], positi
     ``source_z[layer]`` holds the values to write, [B, P, heads, dim], aligned with ``positions`` (P positions
     per row, the same count for every row). With ``mode="add"`` the values are added, times ``scale``.
     ``use_cache=False`` recomputes every position (the "batched rows" engine without the prefix cache).
+    ``token_ids``: token ids [B, K] whose last-token logits are read, or an ``AnswerSet`` of K answers per row
+    whose scores are read (see the module docstring).
     Returns [n_heads, B, K] float32, heads in the order of ``heads`` (default: every (layer, head)).
     """
     heads = heads if heads is not None else [(l, h) for l in range(vlm.n_layers) for h in range(vlm.n_heads)]
@@ -157,14 +181,17 @@ def head_patch(vlm: VLM, clean: Batch, source_z: dict[int, torch.Tensor], positi
 
 def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forward, progress, mode, scale,
                 use_cache) -> torch.Tensor:
+    K = token_ids.k if isinstance(token_ids, AnswerSet) else token_ids.shape[1]
+    clean, source_z, positions, tail, read = _reader(vlm, clean, source_z, positions, token_ids)
     per_row = len(positions[0])
     inp, _ = lm_inputs(vlm, clean)
     B = len(clean)
     rows, pos = _row_positions(positions)
     p0 = int(pos.min()) if use_cache else 0
     prefix = prefix_cache(vlm, inp, p0) if p0 > 0 else None
-    r = rows_per_forward or default_rows_per_forward(vlm, clean, clean.length - p0)
-    out = torch.empty(len(heads), B, token_ids.shape[1])
+    T = inp.tensors["attention_mask"].shape[1]
+    r = rows_per_forward or default_rows_per_forward(vlm, clean, T - p0)
+    out = torch.empty(len(heads), len(token_ids.seqs) if isinstance(token_ids, AnswerSet) else B, K)
     start = 0
     while start < len(heads):
         chunk = heads[start:start + r]
@@ -174,16 +201,15 @@ def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forw
             edits.append(hooks.Edit("z", layer, rows + j * B, pos - p0, torch.full_like(rows, head), vals, mode))
         try:
             with hooks.intervene(vlm, edits):
-                logits = lm_logits(vlm, inp.repeat(len(chunk)), prefix)
+                logits = lm_logits(vlm, inp.repeat(len(chunk)), prefix, tail)
         except RuntimeError as e:
             if not _is_oom(e) or r == 1:
                 raise
             torch.cuda.empty_cache()
             r = max(1, r // 2)
             continue
-        tid = token_ids.to(logits.device)  # the lm head may sit on another GPU than the inputs (device_map)
-        g = logits.view(len(chunk), B, -1).gather(2, tid[None].expand(len(chunk), -1, -1))
-        out[start:start + len(chunk)] = g.cpu()
+        for j in range(len(chunk)):  # the lm head may sit on another GPU than the inputs (device_map)
+            out[start + j] = read(logits[j * B:(j + 1) * B]).cpu()
         if progress:
             progress(len(chunk))
         start += len(chunk)
@@ -191,18 +217,21 @@ def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forw
 
 
 def naive_head_patch(vlm: VLM, clean: Batch, source_z: dict[int, torch.Tensor], positions: list[list[int]],
-                     token_ids: torch.Tensor, heads: list[tuple[int, int]] | None = None, mode: str = "set",
-                     scale: float = 1.0) -> torch.Tensor:
+                     token_ids: torch.Tensor | AnswerSet, heads: list[tuple[int, int]] | None = None,
+                     mode: str = "set", scale: float = 1.0) -> torch.Tensor:
     """Reference for ``head_patch``: one full model forward (vision tower included) per head."""
     heads = heads if heads is not None else [(l, h) for l in range(vlm.n_layers) for h in range(vlm.n_heads)]
+    K = token_ids.k if isinstance(token_ids, AnswerSet) else token_ids.shape[1]
+    n = len(token_ids.seqs) if isinstance(token_ids, AnswerSet) else len(clean)
+    clean, source_z, positions, tail, read = _reader(vlm, clean, source_z, positions, token_ids)
     rows, pos = _row_positions(positions)
     B, per_row = len(clean), len(positions[0])
-    out = torch.empty(len(heads), B, token_ids.shape[1])
+    out = torch.empty(len(heads), n, K)
     for i, (layer, head) in enumerate(heads):
         vals = source_z[layer][:, :, head].reshape(B * per_row, -1) * scale
         with hooks.intervene(vlm, [hooks.Edit("z", layer, rows, pos, torch.full_like(rows, head), vals, mode)]):
-            logits = vlm.logits(clean)
-        out[i] = logits.gather(1, token_ids.to(logits.device)).cpu()
+            logits = vlm.logits(clean, tail)
+        out[i] = read(logits).cpu()
     return out
 
 

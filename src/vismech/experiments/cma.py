@@ -3,10 +3,18 @@
 For every condition (``scenes.counterfactual.cma_pairs``: ID retrieval, ID selection, feature retrieval) each
 pair's clean context c1 and counterfactual c2 are encoded (same prompt, same token layout: ``check_same_layout``),
 c2's per-head outputs (the o_proj input, site ``z``) are captured at the condition's positions and written, one head
-at a time, into the run on c1 (``patching.head_patch``). The score is the paper's logit-difference change on the
-first answer tokens ``[a1, a1*]`` (``analysis.cma.logit_diff_score``):
+at a time, into the run on c1 (``patching.head_patch``). The score is the paper's logit-difference change
+(``analysis.cma.logit_diff_score``) on the answers a1 and a1*, each scored as the model writes it
+(``models.answers``; the rule is the scene-description task's, recorded in the run's manifest):
 
-    s = (M(c1*)[a1*] - M(c1*)[a1]) - (M(c1)[a1*] - M(c1)[a1]).
+    s = (S(c1*, a1*) - S(c1*, a1)) - (S(c1, a1*) - S(c1, a1)).
+
+Where the first answer token is exact (every colour one token, as on vismech's own models) S is the last-token
+logit of the answer's token, which is the paper's score. Otherwise (multi-token answers) S(c, a) is the
+teacher-forced log-probability of a's whole token sequence after context c, log P(t1 | c) + log P(t2 | c, t1) + ...,
+the patch applied in every forward (it sits at prompt positions, which the answer's tokens follow), and summed
+over the forms a model writes (log-sum-exp); s is then the change, caused by the patch, in the log-odds of a1*
+against a1. For one-token answers both definitions give the same s.
 
 The two ID conditions score the same pairs (as in the paper, they differ only in where they patch); feature
 retrieval has its own. Positions (``condition_positions``): ID retrieval patches every token of the described object's mention; ID
@@ -120,10 +128,9 @@ def _pad(positions: list[list[int]]) -> tuple[list[list[int]], list[int]]:
 
 
 def _baseline(vlm, clean, src, pos, tid, engine: str) -> torch.Tensor:
-    """Clean logits [B, 2] of the two answer tokens, computed the way the engine computes patched ones."""
+    """Clean scores [B, 2] of the two answers, computed the way the engine computes patched ones."""
     if engine == "naive":
-        logits = vlm.logits(clean)
-        return logits.gather(1, tid.to(logits.device)).cpu()  # the lm head may sit on another GPU (device_map)
+        return vlm.score_answers(clean, tid).scores
     # the text-only path of head_patch with an exact no-op edit (adding 0), so its numerics match the patches
     return patching.head_patch(vlm, clean, src, pos, tid, heads=[(0, 0)], mode="add", scale=0.0)[0]
 
@@ -160,9 +167,11 @@ def condition_scores(vlm, pairs: list[CounterfactualPair], condition: str, batch
         cf = vlm.encode([p.counterfactual for p in part])
         patching.check_same_layout(clean, cf)
         pos, lens = _pad(condition_positions(clean, condition))
-        a1, a1s = vlm.first_token_pairs(clean, [p.answer for p in part], [p.answer_star for p in part])
+        names = [[p.answer, p.answer_star] for p in part]
+        tid = vlm.answers(clean, names)
+        tid.check_distinct(names)
         src = patching.capture_z(vlm, cf, pos)
-        chunks.append((list(range(s, s + len(part))), clean, pos, lens, torch.stack([a1, a1s], 1), src))
+        chunks.append((list(range(s, s + len(part))), clean, pos, lens, tid, src))
     partner = null_partners(pairs, condition, seed) if null else None
     if null:  # pair i's null patches pair partner[i]'s counterfactual values: every process needs all of them
         shared = [(idx, lens, src) for idx, _, _, lens, _, src in chunks]

@@ -129,16 +129,22 @@ def framing_for(path: str | None, tokenizer, family) -> Framing:
         f = _checkpoint_file(path, name)
         template = _read_template_file(f) if f is not None else None
         if template:
-            return Framing(template, f"checkpoint {name}", template.startswith(VISMECH_MARKER))
+            return _framing(template, f"checkpoint {name}", family)
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
         template = template.get("default")
     if isinstance(template, str) and template:
-        return Framing(template, "checkpoint tokenizer chat_template", template.startswith(VISMECH_MARKER))
+        return _framing(template, "the tokenizer's chat_template", family)
     if is_word_level(tokenizer):
         return vismech_framing(family)
     return Framing(family.chat.template(), f"vismech's hand-written {family.name} format (the checkpoint ships "
                    "no chat template)", False)
+
+
+def _framing(template: str, where: str, family) -> Framing:
+    if template.startswith(VISMECH_MARKER):
+        return Framing(template, f"vismech's own {family.name} format ({where})", True)
+    return Framing(template, where, False)
 
 
 def is_word_level(tokenizer) -> bool:

@@ -17,6 +17,7 @@ from vismech.scenes.core import Layout, Trial
 from vismech.scenes.render import pad_to, render
 from vismech.scenes.tasks import question_tasks, with_articles
 
+from . import answers as answers_
 from . import framing as framing_
 from .families import Family
 
@@ -61,6 +62,7 @@ class VLM:
         self.name = name
         self.prompt_format = prompt_format
         self.prompt_format_choice = {"prompt_format": prompt_format, "chosen_by": "given"}
+        self._rules: dict[tuple[str, str], str] = {}
         cfg = model.config
         self.text_config = cfg.get_text_config()
         self.image_token_id = int(cfg.image_token_id)
@@ -219,15 +221,46 @@ class VLM:
     def answer_ids(self, batch: Batch, answers: list[str]) -> torch.Tensor:
         """The first token the model would emit for each answer string, continuing each row's text."""
         out = []
-        for text, ans in zip(batch.texts, answers):
-            sep = "" if (not text or text[-1].isspace()) else " "
-            prefix = self.tokenizer(text)["input_ids"]
-            full = self.tokenizer(text + sep + ans)["input_ids"]
-            k = next((j for j, (a, b) in enumerate(zip(prefix, full)) if a != b), len(prefix))
-            if k >= len(full):
-                raise ValueError(f"answer {ans!r} adds no token to the prompt")
-            out.append(full[k])
+        for b, (text, ans) in enumerate(zip(batch.texts, answers)):
+            prompt = batch.inputs["input_ids"][b, batch.inputs["attention_mask"][b].bool()].tolist()
+            out.append(answers_.continuation(self.tokenizer, text, ans, prompt)[0])
         return torch.tensor(out, dtype=torch.long)
+
+    # -- answers as the model writes them (``models.answers``) ----------------------------------------------
+    def answer_rule(self, task: str, text: str) -> str:
+        """How ``task``'s answers are scored on this model: ``first_token`` or ``sequence`` (decided once)."""
+        key = (task, self.prompt_format)
+        if key not in self._rules:
+            self._rules[key] = answers_.decide_rule(self.tokenizer, task, text)
+        return self._rules[key]
+
+    def answers(self, batch: Batch, candidates: list[list[str]]) -> "answers_.AnswerSet":
+        """Candidate answers (K per row) as the token sequences this model would write, with their scoring rule."""
+        return answers_.answer_set(self, batch, candidates)
+
+    def score_answers(self, batch: Batch, candidates: "list[list[str]] | answers_.AnswerSet"
+                      ) -> "answers_.AnswerScores":
+        """Scores and greedy hits [B, K] of candidate answers on the unedited model."""
+        aset = candidates if isinstance(candidates, answers_.AnswerSet) else self.answers(batch, candidates)
+        return answers_.score(self, batch, aset)
+
+    def framing_record(self, seed: int = 0) -> dict:
+        """What a run records about how this model reads trials: the template and its source, the prompt format
+        and how it was chosen, the articles, each task's answer scoring, and the framed text of one trial per
+        task (exactly what the model is fed)."""
+        from vismech.scenes.stimuli import generate
+        from vismech.scenes.tasks import TASKS
+
+        rec = {**self.framing.record(), **self.prompt_format_choice, "scoring": {}, "framed": {}}
+        for task in TASKS:
+            t = generate(task, None, 1, seed)[0]
+            b = self.encode([t])
+            rec["framed"][task] = b.texts[0]
+            rec["scoring"][task] = {"rule": self.answer_rule(task, b.texts[0]),
+                                    "unit": "first word" if task == "scene_description" else "whole answer",
+                                    "forms": answers_.forms(task, "blue" if task != "counting" else "3"),
+                                    "forms_combined_by": "log-sum-exp of sequence log-probabilities"}
+        return rec
 
     def first_token_pairs(self, batch: Batch, a1: list[str], a1_star: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """First-token ids of two answers per row; a clear error where they coincide (the score is undefined)."""
@@ -247,11 +280,12 @@ class VLM:
         return {k: (v.to(dev, dt) if v.is_floating_point() else v.to(dev)) for k, v in inputs.items()}
 
     @torch.no_grad()
-    def logits(self, batch: Batch | dict[str, torch.Tensor]) -> torch.Tensor:
-        """Last-token logits [rows, vocab] in float32."""
+    def logits(self, batch: Batch | dict[str, torch.Tensor], tail: int = 1) -> torch.Tensor:
+        """Last-token logits [rows, vocab] in float32; with ``tail`` > 1, of the last ``tail`` positions,
+        [rows, tail, vocab]."""
         inputs = batch.inputs if isinstance(batch, Batch) else batch
-        out = self.model(**self.to_device(inputs), logits_to_keep=1, use_cache=False)
-        return out.logits[:, -1].float()
+        out = self.model(**self.to_device(inputs), logits_to_keep=tail, use_cache=False)
+        return out.logits[:, -1].float() if tail == 1 else out.logits[:, -tail:].float()
 
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int = 4) -> list[str]:
