@@ -61,7 +61,7 @@ def test_memmap_and_stream_equal_the_in_memory_capture(tmp_path):
     # streaming blocks put back together, and a per-layer reduction on the fly, give the same numbers
     moments = [StreamingMoments() for _ in range(vlm.n_layers)]
     seen = np.zeros_like(mem.resid)
-    for idx, r, z, top, want in activations.stream(vlm, trials, CaptureSpec(z=True), batch_size=4):
+    for idx, r, z, top, want, _ in activations.stream(vlm, trials, CaptureSpec(z=True), batch_size=4):
         seen[:, :, idx] = r
         for layer, m in enumerate(moments):
             m.update(r[layer, 0])

@@ -145,3 +145,32 @@ def test_answer_tokens_are_what_the_template_writes_for_the_assistant(family):
         assert text.startswith(start)
         full = vlm.tokenizer(b.texts[0] + text[len(start):])["input_ids"]
         assert full[:len(prompt)] == prompt and full[len(prompt):len(prompt) + len(seq)] == seq
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_edited_runs_score_sequences_with_each_rows_own_edit(family):
+    """EditedRuns on scoring rows: an edit of batch row 1 reaches all of row 1's scoring rows and no other; the
+    scores equal each trial run alone with the edit at its own last token."""
+    from vismech import hooks
+    from vismech import interventions as iv
+
+    vlm = tiny(family)
+    trials = two_object_trials()
+    cands = [[["blue circle"], ["red"]], [["blue heart", "blue"], ["green triangle"]]]
+    b = vlm.encode(trials)
+    aset = forced(vlm, b, cands)
+    runs = iv.EditedRuns(vlm, b, first_position=b.last, answers=aset)
+    assert (runs.scores().scores - vlm.score_answers(b, aset).scores).abs().max() < 1e-4
+    value = torch.randn(1, vlm.head_dim, generator=torch.Generator().manual_seed(0)) * 5
+    edit = hooks.Edit("z", 1, torch.tensor([1]), torch.tensor([b.last]), torch.tensor([1]), value, "add")
+    got = runs.scores([edit]).scores
+    for r, t in enumerate(trials):
+        one = vlm.encode([t])
+        sa = forced(vlm, one, [cands[r]])
+        n = len(sa.rows)
+        edits = [] if r == 0 else [hooks.Edit("z", 1, torch.arange(n), torch.full((n,), one.last),
+                                              torch.ones(n, dtype=torch.long), value, "add")]
+        with hooks.intervene(vlm, edits):
+            ref = vlm.score_answers(one, sa).scores[0]
+        assert (got[r] - ref).abs().max() < 1e-4, (family, r)
+    assert (got[1] - runs.scores().scores[1]).abs().max() > 1e-3  # the edit did something

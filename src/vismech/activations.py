@@ -3,9 +3,10 @@
 What it is for: PCA (Fig. 1b), RSA (Figs. 1c, 2) and the entropy analysis (Figs. 6-7) all read the same few token
 positions of the language model: the **last token** (where the target is named) and the **comma tokens** after
 each described object (``Batch.commas``; the paper reads the described objects' positions there). ``capture``
-runs every trial once, keeps only those positions at every layer, and records in the same forward whether the
-arg-max of the last-token logits is the answer's first token (first-token correctness), so analyses can split
-trials by correct/error without a second pass.
+runs every trial once, keeps only those positions at every layer, and records whether the answer is the model's
+greedy answer (``models.answers``: in the same forward where the task's answers are single tokens, the arg-max of
+the last-token logits is the answer's token; otherwise one teacher-forced forward more), so analyses can split
+trials by correct/error.
 
 What is kept, per trial set (n trials, L layers, S described objects per trial, P = 1 + S positions):
 
@@ -14,7 +15,7 @@ What is kept, per trial set (n trials, L layers, S described objects per trial, 
   list of S arrays [L, n, d] (the form ``analysis.rsa`` takes for the comma-token case).
 - ``z`` (optional, ``CaptureSpec.z``): per-head attention outputs (the o_proj input) at the same positions,
   [L, H, P, n, d_head], for per-head RSA; ``last("z")`` -> [L, H, n, d_head].
-- ``correct`` [n] (bool), ``predicted`` and ``answer_ids`` [n] (first-token ids).
+- ``correct`` [n] (bool), ``predicted`` and ``answer_ids`` [n] (first-token ids; ``correct`` is the answer rule's).
 
 Memory stays bounded: a forward keeps only the P positions (``hooks.capture`` gathers them inside the hook), they
 are moved to the CPU as float32 (or float16, ``CaptureSpec.dtype``) and written into one preallocated array per
@@ -156,7 +157,8 @@ def forward_positions(vlm, batch, positions: torch.Tensor, with_z: bool, dtype: 
 
 def stream(vlm, trials: list[Trial], spec: CaptureSpec = CaptureSpec(), batch_size: int = 16
            ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]]:
-    """Per batch: (trial indices, resid [L, P, B, d], z [L, H, P, B, dh] or None, predicted [B], answer ids [B])."""
+    """Per batch: (trial indices, resid [L, P, B, d], z [L, H, P, B, dh] or None, predicted [B], answer ids [B],
+    correct [B]: the answer is the greedy answer, ``models.answers``)."""
     if not trials:
         raise ValueError("no trials to capture")
     S = n_slots_of(trials) if spec.commas else 0
@@ -165,9 +167,14 @@ def stream(vlm, trials: list[Trial], spec: CaptureSpec = CaptureSpec(), batch_si
         b = vlm.encode([trials[i] for i in idx])
         resid, z, top = forward_positions(vlm, b, positions_of(b, S), spec.z, tdt)
         want = vlm.answer_ids(b, [trials[i].answer for i in idx])
+        aset = vlm.answers(b, [[trials[i].answer] for i in idx])
+        if aset.rule == "first_token":  # the arg-max is the token of one of the answer's forms
+            hit = torch.tensor([int(top[j]) in {s[0] for s in aset.seqs[j][0]} for j in range(len(idx))])
+        else:  # every token of the answer is the arg-max, teacher forced (one more forward)
+            hit = vlm.score_answers(b, aset).greedy[:, 0]
         r = resid.permute(2, 1, 0, 3).numpy().astype(ndt, copy=False)
         zz = None if z is None else z.permute(2, 3, 1, 0, 4).numpy().astype(ndt, copy=False)
-        yield idx, r, zz, top.numpy(), want.numpy()
+        yield idx, r, zz, top.numpy(), want.numpy(), hit.numpy()
 
 
 def _alloc(shape, dtype, path: Path | None) -> np.ndarray:
@@ -206,7 +213,7 @@ def capture(vlm, trials: list[Trial], spec: CaptureSpec = CaptureSpec(), batch_s
         files.append(p)
         return p
 
-    for idx, r, zz, top, want in stream(vlm, trials, spec, batch_size):
+    for idx, r, zz, top, want, hit in stream(vlm, trials, spec, batch_size):
         if resid is None:  # shapes are known after the first batch
             shape = (r.shape[0], 1 + S, n, r.shape[-1])
             resid = _alloc(shape, ndt, where(shape, "resid"))
@@ -218,7 +225,7 @@ def capture(vlm, trials: list[Trial], spec: CaptureSpec = CaptureSpec(), batch_s
         if z is not None:
             z[:, :, :, sl] = zz
         predicted[idx], answer[idx] = top, want
-        correct[idx] = top == want
+        correct[idx] = hit
         forwards += 1
         if progress:
             progress(len(idx))

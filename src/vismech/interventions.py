@@ -12,8 +12,9 @@ intervention experiments (id-intervention, key-intervention, reuse, relabs-patch
 - ``key_swap_edits``: swap two objects' IDs in the keys of their patches: K^{o0} += alpha (d1 - d0) and
   K^{o1} += alpha (d0 - d1) (§4.3).
 - ``kv_heads_for``: query heads -> the (layer, kv head) pairs whose keys they read (GQA, ``hooks.kv_head_of``).
-- ``EditedRuns``: logits of one batch under many edit sets; the vision tower runs once, and the prefix before the
-  earliest edited position once (``patching.prefix_cache``). With alpha = 0 the logits are bit-equal to no edit.
+- ``EditedRuns``: logits, or answer scores (``models.answers``), of one batch under many edit sets; the vision
+  tower runs once, and the prefix before the earliest edited position once (``patching.prefix_cache``). With
+  alpha = 0 the logits are bit-equal to no edit.
 - ``zero_heads``: zero-ablate head outputs at every position (also during generation).
 
 Assumes labels are hashable (cells as tuples); vectors are float32 on the CPU, cast to the model's dtype when an
@@ -27,10 +28,10 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Callable, Hashable, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from . import hooks, patching
+from .models.answers import AnswerSet
 from .models.vlm import VLM, Batch
 from .scenes.core import Trial
 
@@ -199,20 +200,23 @@ def key_swap_edits(vecs: IDVectors, batch: Batch, objects: Sequence[tuple[tuple,
 
 
 class EditedRuns:
-    """Last-token logits of one batch under many edit sets, running the vision tower once.
+    """Last-token logits, or answer scores, of one batch under many edit sets, running the vision tower once.
 
     ``first_position``: the earliest position any edit will touch; positions before it are computed once and
-    cached (None: no cache). Edits are given with absolute positions.
+    cached (None: no cache). Edits are given with absolute positions and batch rows. ``answers`` (an
+    ``AnswerSet`` of the batch): what ``scores`` reads; under its ``sequence`` rule the runs are of its scoring
+    rows, and every edit of a batch row is applied to each of that row's scoring rows.
     """
 
-    def __init__(self, vlm: VLM, batch: Batch, first_position: int | None = None):
-        self.vlm, self.batch = vlm, batch
-        self.inp, _ = patching.lm_inputs(vlm, batch)
+    def __init__(self, vlm: VLM, batch: Batch, first_position: int | None = None, answers: AnswerSet | None = None):
+        self.vlm, self.batch, self.answers = vlm, batch, answers
+        self._source = answers.row_source if answers is not None and answers.rule == "sequence" else None
+        run = answers.expand(vlm, batch) if self._source is not None else batch
+        self.inp, _ = patching.lm_inputs(vlm, run)
         self.p0 = int(first_position) if first_position else 0
         self.prefix = patching.prefix_cache(vlm, self.inp, self.p0) if self.p0 > 0 else None
 
-    def logits(self, edits: list[hooks.Edit] = ()) -> torch.Tensor:
-        """[B, vocab] float32 on the CPU."""
+    def _forward(self, edits, tail: int) -> torch.Tensor:
         shifted = []
         for e in edits:
             pos = torch.as_tensor(e.positions) - self.p0
@@ -220,8 +224,42 @@ class EditedRuns:
                 raise ValueError(f"an edit touches position {int(pos.min()) + self.p0}, before the cached prefix "
                                  f"ends at {self.p0}; pass a smaller first_position")
             shifted.append(replace(e, positions=pos))
+        if self._source is not None:
+            shifted = [_to_rows(e, self._source) for e in shifted]
         with hooks.intervene(self.vlm, shifted):
-            return patching.lm_logits(self.vlm, self.inp, self.prefix).cpu()
+            return patching.lm_logits(self.vlm, self.inp, self.prefix, tail).cpu()
+
+    def logits(self, edits: list[hooks.Edit] = ()) -> torch.Tensor:
+        """[B, vocab] float32 on the CPU (the batch's own rows; not with a ``sequence`` answer set)."""
+        if self._source is not None:
+            raise ValueError("these runs are of the answers' scoring rows; read them with scores()")
+        return self._forward(edits, 1)
+
+    def scores(self, edits: list[hooks.Edit] = ()):
+        """``AnswerScores`` (scores and greedy hits [B, K]) of the answer set under ``edits``."""
+        if self.answers is None:
+            raise ValueError("pass answers= to EditedRuns to read answer scores")
+        return self.answers.reduce(self._forward(edits, self.answers.tail))
+
+
+def _to_rows(edit: hooks.Edit, source: list[int]) -> hooks.Edit:
+    """``edit`` (batch rows) applied to every scoring row whose batch row it edits."""
+    rows = torch.as_tensor(edit.rows).reshape(-1)
+    n = len(rows)
+
+    def full(t):  # broadcast an edit field to one entry per edited (row, position, head)
+        t = torch.as_tensor(t)
+        return t.reshape(1, *t.shape[1:]).expand(n, *t.shape[1:]) if t.dim() == 0 or t.shape[0] == 1 else t
+
+    take, new = [], []
+    for r, b in enumerate(source):
+        hit = (rows == b).nonzero().flatten().tolist()
+        take += hit
+        new += [r] * len(hit)
+    idx = torch.tensor(take, dtype=torch.long)
+    values = edit.values if edit.values.dim() > 1 else edit.values[None]
+    return replace(edit, rows=torch.tensor(new, dtype=torch.long), positions=full(edit.positions)[idx],
+                   heads=full(edit.heads)[idx], values=full(values)[idx])
 
 
 @contextlib.contextmanager
@@ -249,8 +287,3 @@ def wilson_row(k: int, n: int) -> dict:
 
     lo, hi = wilson_ci(k, n)
     return {"rate": k / n, "ci_low": float(lo), "ci_high": float(hi), "n": n}
-
-
-def first_token_hits(logits: torch.Tensor, ids: torch.Tensor) -> np.ndarray:
-    """[B] bool: the arg-max token of each row is ``ids[row]``."""
-    return (logits.argmax(-1).cpu() == ids.cpu()).numpy()

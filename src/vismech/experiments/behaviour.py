@@ -1,8 +1,10 @@
 """Behaviour: how often the model names the right answer, by task, grid, entropy condition and target cell.
 
-Two measures per trial: first-token accuracy (the arg-max of the last-token logits over the whole vocabulary is the
-first token of the correct answer) and generation accuracy (greedy decoding of a few tokens, parsed by
-``vismech.scenes.answers``). Intervals are Wilson 95% intervals over trials.
+Two measures per trial: first-token accuracy (the correct answer is the model's greedy answer: the arg-max of the
+last-token logits over the whole vocabulary is its token where the task's answers are single tokens, else every
+token of it, teacher forced; ``models.answers``, whose per-task rule each row records in ``scoring``) and generation
+accuracy (greedy decoding of a few tokens, parsed by ``vismech.scenes.answers``). Intervals are Wilson 95%
+intervals over trials.
 """
 
 from __future__ import annotations
@@ -35,9 +37,8 @@ def evaluate(vlm: VLM, trials: list[Trial], batch_size: int = 16, generate: bool
     for idx in batches(trials, batch_size):
         chunk = [trials[i] for i in idx]
         b = vlm.encode(chunk)
-        logits = vlm.logits(b)
-        want = vlm.answer_ids(b, [t.answer for t in chunk])
-        top = logits.argmax(-1).cpu()
+        aset = vlm.answers(b, [[t.answer] for t in chunk])
+        hit = vlm.score_answers(b, aset).greedy[:, 0]
         n_new = max_new_tokens or GEN_TOKENS.get(chunk[0].task, 4)
         texts = vlm.generate(b, n_new) if generate else [None] * len(chunk)
         for j, (i, t) in enumerate(zip(idx, chunk)):
@@ -45,7 +46,7 @@ def evaluate(vlm: VLM, trials: list[Trial], batch_size: int = 16, generate: bool
                 "trial": i, "task": t.task, "grid": f"{t.scene.grid[0]}x{t.scene.grid[1]}",
                 "entropy": t.meta.get("entropy") or "", "n_objects": len(t.scene.objects),
                 "target_cell": "" if t.target is None else f"{t.target.cell[0]},{t.target.cell[1]}",
-                "answer": t.answer, "first_token_correct": int(top[j] == want[j]),
+                "answer": t.answer, "first_token_correct": int(hit[j]), "scoring": aset.rule,
                 "generated": texts[j] if texts[j] is not None else "",
                 "parsed": "" if texts[j] is None else (answers.parse(t, texts[j]) or ""),
                 "generation_correct": "" if texts[j] is None else int(answers.is_correct(t, texts[j])),

@@ -140,7 +140,7 @@ def decode_cells(X_high, y_high, fit, X_low, folds: int = 5, l2: float = 1e-3, d
 def _outcomes(trials: list[Trial], r, prefix: str) -> list[dict]:
     rows = []
     for i, t in enumerate(trials):
-        row = {f"{prefix}_first_token": int(r.top[i] == r.cand_ids[i, 0])}
+        row = {f"{prefix}_first_token": int(r.cand_hit[i, 0])}
         if r.texts is not None:
             row[f"{prefix}_generated"] = r.texts[i]
             row[f"{prefix}_generation"] = int(answers.is_correct(t, r.texts[i]))
@@ -211,7 +211,7 @@ def run(ctx: Context, heads=None) -> dict:
         with ctx.progress(len(high) + 3 * len(low), "binding-errors") as update:
             rh = run_heads(vlm, high, heads, candidates=[[t.answer] for t in high], capture=True, progress=update,
                            **kw)
-            protos, fallback = prototypes(rh.z, [t.target.cell for t in high], rh.top == rh.cand_ids[:, 0])
+            protos, fallback = prototypes(rh.z, [t.target.cell for t in high], rh.cand_hit[:, 0])
             cand = [[t.answer] for t in low]
             rl = run_heads(vlm, low, heads, candidates=cand, capture=True, progress=update, **kw)
             patch = np.stack([protos[t.target.cell] for t in low])
@@ -224,7 +224,7 @@ def run(ctx: Context, heads=None) -> dict:
     # (c) the probe: fit on correct high-entropy trials, decode the low-entropy ones
     index = {c: i for i, c in enumerate(cells)}
     y_high = np.array([index[t.target.cell] for t in high])
-    correct_high = rh.top == rh.cand_ids[:, 0]
+    correct_high = rh.cand_hit[:, 0]
     fit = correct_high if len(np.unique(y_high[correct_high])) >= 2 else np.ones(len(high), bool)
     cv, decoded = decode_cells(rh.z.reshape(len(high), -1), y_high, fit, rl.z.reshape(len(low), -1),
                                int(ctx.opt("folds")), float(ctx.opt("l2")), int(ctx.opt("probe_dims")), seed)

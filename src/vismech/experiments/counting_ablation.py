@@ -8,7 +8,9 @@ the o_proj input) set to 0 at every position of every forward, generated tokens 
 
 Two accuracies per setting, each with a Wilson 95% interval over trials: generation (greedy, ``max_new_tokens``,
 parsed by ``scenes.answers``: the number after the last "Answer:", the format the prompt asks for) and first
-token (the arg-max is the count's first token; meaningful only for models that answer with the number at once).
+token (the count is the greedy answer: where a count is one token, the arg-max is it; where counts span several
+tokens, as with real tokenizers that split digits or write a bare space first, every token of it, teacher forced,
+``models.answers``; meaningful only for models that answer with the number at once).
 Random-K is reported per draw and as the mean and range over draws.
 
 Options: ``n`` trials (32), ``k_grid`` (None: 0 and 2, 5, 10, 20, 50, 100% of the model's heads; the paper
@@ -52,7 +54,7 @@ def _accuracy(ctx: Context, batches, heads) -> tuple[list[int], list[int]]:
     first, gen = [], []
     with iv.zero_heads(ctx.vlm, heads):
         for b, want in batches:
-            first += iv.first_token_hits(ctx.vlm.logits(b), want).astype(int).tolist()
+            first += ctx.vlm.score_answers(b, want).greedy[:, 0].int().tolist()
             if ctx.opt("generate"):
                 texts = ctx.vlm.generate(b, ctx.opt("max_new_tokens"))
                 gen += [int(answers.is_correct(t, x)) for t, x in zip(b.trials, texts)]
@@ -102,7 +104,7 @@ def run(ctx: Context) -> dict:
     batches = []
     for s in range(0, len(trials), ctx.batch_size):
         b = vlm.encode(trials[s:s + ctx.batch_size])
-        batches.append((b, vlm.answer_ids(b, [t.answer for t in b.trials])))
+        batches.append((b, vlm.answers(b, [[t.answer] for t in b.trials])))
     rng = np.random.default_rng(ctx.seed)
     settings = []  # (ranking, draw, k, heads)
     for k in ks:

@@ -16,8 +16,9 @@ relevant object has ID i (``interventions.id_vectors``):
 - feature retrieval heads: queries (``q``, before RoPE) at the last token, as the paper does because these heads
   use the ID as their query; same IDs as ID selection.
 
-Every edit predicts the same thing: the model repeats A. Efficacy = fraction of held-out trials whose first-token
-arg-max is A's first token, with a Wilson 95% interval; the baseline rate (no edit) and a control (the same edit
+Every edit predicts the same thing: the model repeats A. Efficacy = fraction of held-out trials whose answer is A
+(A's colour word is the greedy answer: its first token the arg-max, or under the ``sequence`` rule every token of
+it, ``models.answers``), with a Wilson 95% interval; the baseline rate (no edit) and a control (the same edit
 with a random direction of equal norm per head, ``interventions.additive_edits(direction="random")``) are reported
 at every (K, alpha). The estimation and held-out splits are disjoint (``n_estimate``, ``n``). The best (K, alpha) is
 picked on the held-out split itself, as the paper reports its best setting; it is optimistic by the selection.
@@ -143,17 +144,18 @@ def run(ctx: Context) -> dict:
                 chunk = held[s:s + ctx.batch_size]
                 b = vlm.encode(chunk)
                 pos = {c: condition_positions(b, c) for c in conds}
-                runs = iv.EditedRuns(vlm, b, first_position=min(p for c in conds for ps in pos[c] for p in ps))
-                pred = vlm.answer_ids(b, [t.mentioned[0].name for t in chunk])
-                orig = vlm.answer_ids(b, [t.answer for t in chunk])
-                clean = runs.logits()
-                base_pred += int(iv.first_token_hits(clean, pred).sum())
-                base_orig += int(iv.first_token_hits(clean, orig).sum())
+                # candidates: the repeated object A (what every edit predicts), then the true answer B
+                answers = vlm.answers(b, [[t.mentioned[0].name, t.answer] for t in chunk])
+                runs = iv.EditedRuns(vlm, b, first_position=min(p for c in conds for ps in pos[c] for p in ps),
+                                     answers=answers)
+                clean = runs.scores().greedy
+                base_pred += int(clean[:, 0].sum())
+                base_orig += int(clean[:, 1].sum())
                 for c, k, a, d in settings:
                     labels = [id_labels(t, c) for t in chunk]
                     edits = iv.additive_edits(vecs[c], [x[0] for x in labels], [x[1] for x in labels], pos[c], a,
                                               heads=top[c][:k], direction=d, seed=ctx.seed + k)
-                    hits[(c, k, a, d)] += int(iv.first_token_hits(runs.logits(edits), pred).sum())
+                    hits[(c, k, a, d)] += int(runs.scores(edits).greedy[:, 0].sum())
                     update(len(chunk))
         return hits, base_pred, base_orig
 

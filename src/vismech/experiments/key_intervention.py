@@ -9,8 +9,8 @@ every key head of those layers is edited; ``key_heads="top"`` (default) edits th
 
 Scenes and IDs as in ``id-intervention``: 2-object scene-description trials on a 1x2 grid (left/right, like the
 paper's PUG images), ID = cell. If the ID lives in the keys, feature retrieval's query for B's ID now finds A's
-patches, so the model names A: efficacy = fraction of held-out trials whose first-token arg-max is A's first token
-(Wilson 95% interval), against no edit and a control with random directions of equal norm.
+patches, so the model names A: efficacy = fraction of held-out trials whose greedy answer is A (first token, or
+every token under the ``sequence`` rule of ``models.answers``; Wilson 95% interval), against no edit and a control with random directions of equal norm.
 
 Not for Idefics2 or any model without per-patch image tokens: the summary says it was skipped and why.
 Options: ``n`` held-out trials (64), ``n_estimate`` (64), ``grid`` ((1, 2)), ``alpha`` (2.0), ``top_k`` (20,
@@ -80,15 +80,15 @@ def run(ctx: Context) -> dict:
                 chunk = held[s:s + ctx.batch_size]
                 b = vlm.encode(chunk)
                 first = min(p for objs in b.objects for ps in objs.values() for p in ps)
-                runs = iv.EditedRuns(vlm, b, first_position=first)
-                pred = vlm.answer_ids(b, [t.mentioned[0].name for t in chunk])
+                answers = vlm.answers(b, [[t.mentioned[0].name, t.answer] for t in chunk])  # A, then B
+                runs = iv.EditedRuns(vlm, b, first_position=first, answers=answers)
                 pairs = [(tuple(t.mentioned[0].cell), tuple(t.target.cell)) for t in chunk]
-                clean = runs.logits()
-                hits["none"] += int(iv.first_token_hits(clean, pred).sum())
-                hits["original"] += int(iv.first_token_hits(clean, vlm.answer_ids(b, [t.answer for t in chunk])).sum())
+                clean = runs.scores().greedy
+                hits["none"] += int(clean[:, 0].sum())
+                hits["original"] += int(clean[:, 1].sum())
                 for d in ("id", "random"):
                     edits = iv.key_swap_edits(vecs, b, pairs, alpha, direction=d, seed=ctx.seed)
-                    hits[d] += int(iv.first_token_hits(runs.logits(edits), pred).sum())
+                    hits[d] += int(runs.scores(edits).greedy[:, 0].sum())
                 update(len(chunk))
         return hits
 

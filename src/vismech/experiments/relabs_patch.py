@@ -101,7 +101,7 @@ def outcomes(r, prefix: str) -> list[dict]:
     rows = []
     for i in range(len(r.top)):
         absolute = int(r.cand_logits[i, 0] >= r.cand_logits[i, 1])
-        am = "absolute" if r.top[i] == r.cand_ids[i, 0] else "relative" if r.top[i] == r.cand_ids[i, 1] else "other"
+        am = "absolute" if r.cand_hit[i, 0] else "relative" if r.cand_hit[i, 1] else "other"
         rows.append({f"{prefix}_choice": "absolute" if absolute else "relative", f"{prefix}_argmax": am,
                      f"{prefix}_logit_abs_minus_rel": float(r.cand_logits[i, 0] - r.cand_logits[i, 1])})
     return rows
@@ -165,7 +165,7 @@ def run(ctx: Context, heads=None) -> dict:
                      "absolute_cell": "{},{}".format(*t2.meta["absolute_cell"]),
                      "relative_match_cell": "{},{}".format(*t2.meta["relative_cell_abs"]),
                      "relative_position": "{},{}".format(*t2.meta["relative_cell"]),
-                     "source_target": t1.answer, "source_first_token_correct": int(src.top[i] == src.cand_ids[i, 0]),
+                     "source_target": t1.answer, "source_first_token_correct": int(src.cand_hit[i, 0]),
                      "absolute_answer": t2.meta["absolute_answer"], "relative_answer": t2.meta["relative_answer"],
                      **b, **p})
     table = summarize(rows, ctx.seed)

@@ -12,8 +12,8 @@ cells, drawn per trial from the run seed). It should lower accuracy or move answ
 "control-object rate" (how often the answer is the colour of the object at c') is reported for the control
 intervention and, as its baseline, for the unedited run on the same trials.
 
-Measures: ``first_token`` (arg-max over the whole vocabulary of the last-token logits equals the first token of the
-colour) and, with option ``generate``, ``generation`` (greedy decoding, parsed by ``scenes.answers``). The edit is
+Measures: ``first_token`` (the colour is the greedy answer: the arg-max over the whole vocabulary of the last-token
+logits is its first token, or under the ``sequence`` rule of ``models.answers`` every token of it) and, with option ``generate``, ``generation`` (greedy decoding, parsed by ``scenes.answers``). The edit is
 applied at the prompt's last position only; during generation it acts in the prefill forward, and later tokens see
 it through the cached keys and values.
 
@@ -86,11 +86,12 @@ def unit_key(ctx: Context, name: str, heads: list[Head]) -> str:
 
 @dataclass
 class HeadRun:
-    """One pass over trials: arg-max token [n], candidate ids and logits [n, C], captured head outputs
-    [n, K, d] (float32, before any edit; None unless asked) and generated texts (None unless asked)."""
+    """One pass over trials: arg-max token [n] (first position), candidate scores [n, C] and greedy hits [n, C]
+    (``models.answers``), captured head outputs [n, K, d] (float32, before any edit; None unless asked) and
+    generated texts (None unless asked)."""
 
     top: np.ndarray
-    cand_ids: np.ndarray
+    cand_hit: np.ndarray
     cand_logits: np.ndarray
     z: np.ndarray | None
     texts: list[str] | None
@@ -104,16 +105,17 @@ def _by_layer(heads: list[Head]) -> dict[int, list[int]]:
 
 
 @contextlib.contextmanager
-def _edit_last(vlm, heads: list[Head], values: torch.Tensor, mode: str, length: int):
-    """Set or add ``values`` [B, K, d] to the heads at position ``length - 1`` of every forward of that length
-    (the prompt's forward; generation steps with a cache see one new token and are left alone)."""
+def _edit_last(vlm, heads: list[Head], values: torch.Tensor, mode: str, length: int, position: int | None = None):
+    """Set or add ``values`` [B, K, d] to the heads at ``position`` (default ``length - 1``) of every forward of
+    ``length`` tokens (the prompt's forward; generation steps with a cache see one new token and are left alone)."""
     B = values.shape[0]
+    position = length - 1 if position is None else position
     with contextlib.ExitStack() as stack:
         for layer, js in _by_layer(heads).items():
             rows = torch.arange(B).repeat_interleave(len(js))
             hs = torch.tensor([heads[j][1] for j in js]).repeat(B)
             vals = values[:, js].reshape(B * len(js), -1)
-            edit = hooks.Edit("z", layer, rows, torch.full_like(rows, length - 1), hs, vals, mode)
+            edit = hooks.Edit("z", layer, rows, torch.full_like(rows, position), hs, vals, mode)
             stack.enter_context(hooks.hooked(vlm, "z", layer,
                                              lambda x, e=edit: e.apply(x) if x.shape[1] == length else None))
         yield
@@ -123,14 +125,15 @@ def run_heads(vlm, trials: list[Trial], heads: list[Head], values=None, mode: st
               candidates: list[list[str]] | None = None, capture: bool = False, gen_tokens: int = 0,
               batch_size: int = 16, progress=None) -> HeadRun:
     """Run ``trials`` once, optionally editing ``heads`` at the last token with ``values`` [n, K, d] (``mode``
-    "set" replaces, "add" adds), and return the arg-max token, the logits of each trial's ``candidates`` (answer
-    strings, scored by their first token), the heads' outputs before the edit (``capture``) and greedy texts."""
+    "set" replaces, "add" adds), and return the arg-max token, the scores and greedy hits of each trial's
+    ``candidates`` (answer strings, scored as ``models.answers`` says), the heads' outputs before the edit
+    (``capture``) and greedy texts."""
     if capture and values is not None:
         raise ValueError("capture reads unedited outputs; run without values to capture")
     n, K = len(trials), len(heads)
     C = len(candidates[0]) if candidates else 0
     top = np.empty(n, np.int64)
-    cand_ids, cand_logits = np.empty((n, C), np.int64), np.empty((n, C), np.float32)
+    cand_hit, cand_logits = np.zeros((n, C), bool), np.empty((n, C), np.float32)
     z = np.empty((n, K, vlm.head_dim), np.float32) if capture else None
     texts: list[str] | None = [""] * n if gen_tokens else None
     layers = sorted({l for l, _ in heads})
@@ -138,8 +141,8 @@ def run_heads(vlm, trials: list[Trial], heads: list[Head], values=None, mode: st
         b = vlm.encode([trials[i] for i in idx])
         v = None if values is None else torch.as_tensor(np.asarray(values)[idx], dtype=torch.float32)
 
-        def edited():
-            return _edit_last(vlm, heads, v, mode, b.length) if v is not None else contextlib.nullcontext()
+        def edited(v=v, length=b.length, position=b.last):
+            return _edit_last(vlm, heads, v, mode, length, position) if v is not None else contextlib.nullcontext()
 
         with edited(), (hooks.capture(vlm, [("z", l) for l in layers], positions=torch.full((len(idx), 1), b.last))
                         if capture else contextlib.nullcontext({})) as got:
@@ -150,15 +153,22 @@ def run_heads(vlm, trials: list[Trial], heads: list[Head], values=None, mode: st
                     texts[i] = t
         top[idx] = logits.argmax(-1).cpu().numpy()
         if C:
-            ids = torch.stack([vlm.answer_ids(b, [candidates[i][c] for i in idx]) for c in range(C)], 1)
-            cand_ids[idx] = ids.numpy()
-            cand_logits[idx] = logits.gather(1, ids.to(logits.device)).float().cpu().numpy()
+            aset = vlm.answers(b, [candidates[i] for i in idx])
+            if aset.rule == "first_token":
+                got_scores = aset.reduce(logits)
+            else:  # the scoring rows: prompt + answer tokens, the edit still at the prompt's last token
+                x = aset.expand(vlm, b)
+                vx = None if v is None else v[aset.row_source]
+                with edited(vx, x.inputs["input_ids"].shape[1]):
+                    got_scores = aset.reduce(vlm.logits(x, aset.tail))
+            cand_logits[idx] = got_scores.scores.numpy()
+            cand_hit[idx] = got_scores.greedy.numpy()
         if capture:
             for j, (l, h) in enumerate(heads):
                 z[idx, j] = got[("z", l)][:, 0, h].float().cpu().numpy()
         if progress:
             progress(len(idx))
-    return HeadRun(top, cand_ids, cand_logits, z, texts)
+    return HeadRun(top, cand_hit, cand_logits, z, texts)
 
 
 def rate(k: int, n: int) -> dict:
@@ -222,8 +232,8 @@ def steer(vlm, trials: list[Trial], heads: list[Head], vectors: dict, cells: lis
     for i, (t, c) in enumerate(zip(trials, controls)):
         row = {"trial": i, "relation": t.meta["relation"], "target_cell": f"{t.target.cell[0]},{t.target.cell[1]}",
                "control_cell": f"{c[0]},{c[1]}", "answer": t.answer, "control_answer": t.scene.at(c).color,
-               "first_token_correct": int(r.top[i] == r.cand_ids[i, 0]),
-               "first_token_control": int(r.top[i] == r.cand_ids[i, 1])}
+               "first_token_correct": int(r.cand_hit[i, 0]),
+               "first_token_control": int(r.cand_hit[i, 1])}
         if r.texts is not None:
             parsed = answers.parse(t, r.texts[i])
             row.update(generated=r.texts[i], parsed=parsed or "", generation_correct=int(parsed == t.answer),
