@@ -24,8 +24,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto (multi-GPU)")
-    g.add_argument("--prompt-format", default="chat", choices=["chat", "plain"],
-                   help="the model's chat template with the sentence as the assistant's start, or plain completion")
+    g.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"],
+                   help="the checkpoint's chat template with the sentence as the assistant's start, or plain "
+                   "completion; auto: chat for vismech's own models, else the better of the two on a small set")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
     g.add_argument("--batch-size", type=int, default=16)
 
@@ -68,6 +69,21 @@ def cmd_stimuli(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    import json
+
+    from vismech.inspection import inspect, report
+    from vismech.models.load import load_vlm
+
+    vlm = load_vlm(args.model, dtype=args.dtype, device=args.device, prompt_format="chat",
+                   trust_remote_code=args.trust_remote_code, seed=args.seed)
+    rec = inspect(vlm, n=args.n, seed=args.seed)
+    print(report(rec))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from tqdm import tqdm
 
@@ -89,7 +105,7 @@ def cmd_eval(args) -> int:
     write_csv(summary + cells, out / "accuracy.csv")
     write_json({"model": args.model, "prompt_format": args.prompt_format, "dtype": args.dtype, "seed": args.seed,
                 "tasks": args.task, "n": args.n, "grid": list(args.grid), "seconds": time.time() - t0,
-                "accuracy": summary}, out / "summary.json")
+                "framing": vlm.framing_record(args.seed), "accuracy": summary}, out / "summary.json")
     for s in summary:
         print(f"{s['task']:18s} {s['grid']} {s['entropy'] or '-':5s} {s['measure']:12s} "
               f"{s['accuracy']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] n={s['n']}")
@@ -225,6 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_stimuli)
+
+    s = sub.add_parser("inspect", help="how vismech frames and scores MODEL: one framed trial per task, patched "
+                       "positions, answer tokens, chat-vs-plain accuracy")
+    s.add_argument("model", help="HF hub id or local checkpoint dir, tiny:FAMILY, organism, organism-llava")
+    s.add_argument("--n", type=int, default=8, help="trials per task for the chat-vs-plain accuracy")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
+    s.add_argument("--out", default=None, help="also write the result as JSON here")
+    s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("eval", help="behavioural accuracy by task, grid, entropy and target cell")
     _model_args(s)

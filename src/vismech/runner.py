@@ -104,7 +104,8 @@ def run_experiments(names: list[str], args, overrides: dict, resume: bool = Fals
         if created and out.exists() and not any(out.iterdir()):
             out.rmdir()  # leave nothing behind for a model that could not be loaded
         raise
-    manifest.update(device=str(vlm.device), versions=_versions(), git_revision=_git_revision())
+    manifest.update(device=str(vlm.device), versions=_versions(), git_revision=_git_revision(),
+                    framing=vlm.framing_record(args.seed))
     manifest.pop("finished", None)
     write_json(manifest, mpath)
     shared: dict = {}
