@@ -60,3 +60,24 @@ def test_inspect_a_checkpoint_with_a_real_tokenizer(tmp_path, capsys):
     acc = choice["accuracy"]
     assert vlm.prompt_format == ("plain" if acc["plain"] > acc["chat"] else "chat") == choice["prompt_format"]
     assert vlm.framing_record()["prompt_format"] == vlm.prompt_format
+
+
+def test_a_run_records_how_the_model_read_its_trials(tmp_path):
+    """The manifest holds the framing (template source, articles, prompt format and why, each task's answer
+    scoring) and the exact framed text of one trial per task; behaviour rows say which scoring rule they used."""
+    import csv
+
+    from vismech.models.load import load_vlm
+    from vismech.scenes.stimuli import generate
+
+    out = tmp_path / "run"
+    assert main(["run", "behaviour", "--model", "tiny:llava", "--device", "cpu", "--out", str(out),
+                 "--set", "n=1", "--set", "generate=false"]) == 0
+    fr = json.loads((out / "manifest.json").read_text())["framing"]
+    assert fr["articles"] == "a" and fr["prompt_format"] == "chat" and "vismech's own llava" in fr["template_source"]
+    assert set(fr["scoring"]) == set(fr["framed"]) == {"scene_description", "color_retrieval", "spatial_relation",
+                                                       "counting"}
+    vlm = load_vlm("tiny:llava", device="cpu")
+    assert fr["framed"]["counting"] == vlm.encode(generate("counting", None, 1, 0)).texts[0]
+    rows = list(csv.DictReader(open(out / "results" / "behaviour_trials.csv")))
+    assert rows and {r["scoring"] for r in rows} == {"first_token"}

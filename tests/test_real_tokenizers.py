@@ -188,3 +188,27 @@ def test_wrong_image_size_is_refused():
     assert img.size == (384, 384)
     with pytest.raises(ValueError, match="378x378 px, but .* is fed 384x384"):
         vlm.encode([t], images=[img.crop((0, 0, 378, 378))])
+
+
+def test_onevision_stimulus_files_are_what_the_model_is_fed(tmp_path):
+    """``vismech stimuli --model llava_onevision`` writes the 384 px images VLM.render feeds (378 px drawn, padded
+    white), which encode accepts; the unpadded 378 px files it wrote before are refused."""
+    import numpy as np
+    from PIL import Image
+
+    from vismech.cli import main
+    from vismech.scenes.stimuli import load_stimuli
+
+    _, _, vlm = checkpoint("llava_onevision")
+    assert main(["stimuli", "color_retrieval", "--model", "llava_onevision", "--n", "3", "--out", str(tmp_path)]) == 0
+    items = load_stimuli(tmp_path)
+    import json
+
+    files = {t["image"] for t in json.loads((tmp_path / "manifest.json").read_text())["trials"]}
+    for name in files:
+        assert Image.open(tmp_path / name).size == (384, 384)
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    for entry, t in zip(man["trials"], items):
+        img = Image.open(tmp_path / entry["image"]).convert("RGB")
+        assert np.array_equal(np.asarray(img), np.asarray(vlm.render(t)))
+        vlm.encode([t], images=[img])

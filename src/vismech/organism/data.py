@@ -128,17 +128,15 @@ def answer_tokens(vlm: VLM, text: str, answer: str, end_token: str,
                   prefix: list[int] | None = None) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids + end id): ``answer`` continuing ``text`` as ``VLM.answer_ids`` tokenizes it (a
     space first unless ``text`` ends in whitespace), then ``end_token``. ``prefix``: ``text``'s ids if known."""
+    from vismech.models.answers import continuation
+
     tok = vlm.tokenizer
-    sep = "" if (not text or text[-1].isspace()) else " "
     prefix = tok(text)["input_ids"] if prefix is None else list(prefix)
-    full = tok(text + sep + answer)["input_ids"]
-    if full[:len(prefix)] != prefix or len(full) == len(prefix):
-        raise ValueError(f"the answer {answer!r} does not continue the prompt's tokens with this tokenizer, so it "
-                         "cannot be appended for teacher forcing")
+    answer_ids = continuation(tok, text, answer, prefix)
     end = tok.convert_tokens_to_ids(end_token)
     if end is None or end == tok.unk_token_id:
         raise ValueError(f"the tokenizer has no end token {end_token!r}")
-    return prefix, full[len(prefix):] + [end]
+    return prefix, answer_ids + [end]
 
 
 def teacher_forcing(vlm: VLM, trials: list[Trial], end_token: str, images=None,

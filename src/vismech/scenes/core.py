@@ -192,7 +192,7 @@ class CounterfactualPair:
 
     ``condition`` is ``id_retrieval``, ``id_selection`` or ``feature_retrieval``. ``answer`` is a1 (the clean
     answer), ``answer_star`` is a1* (the answer expected once the mediating heads carry c2's values). Both are full
-    answer strings; scoring uses their first tokens.
+    answer strings, scored as ``models.answers`` says (the colour word, by its first token where that is exact).
     """
 
     condition: str
