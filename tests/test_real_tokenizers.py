@@ -102,16 +102,29 @@ def processor_ids(proc, trial, image, question: bool) -> list[int]:
     return proc(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist()
 
 
+def plain_ids(proc, family: str, trial, image, question: bool) -> list[int]:
+    """The plain prompt through the checkpoint's processor: one image placeholder, then the bare text."""
+    fam = FAMILIES[family]
+    text = fam.plain_format.format(image=fam.placeholder, text=trial.prompt + ("\nAnswer:" if question else ""))
+    return proc(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+
+
+@pytest.mark.parametrize("fmt", ["chat", "plain"])
 @pytest.mark.parametrize("family", FAMS)
-def test_framed_ids_equal_the_checkpoints_processor(family):
+def test_framed_ids_equal_the_checkpoints_processor(family, fmt):
     tok, proc, vlm = checkpoint(family)
     assert not vlm.framing.vismech and "checkpoint" in vlm.framing.source
     for t in trials():
         read = tasks.with_articles(t)  # what a real checkpoint reads ("an orange square")
         image = vlm.render(t)
-        b = vlm.encode([t], images=[image])
+        vlm.prompt_format = fmt
+        try:
+            b = vlm.encode([t], images=[image])
+        finally:
+            vlm.prompt_format = "chat"
         ids = b.inputs["input_ids"][0].tolist()
-        want = processor_ids(proc, read, image, t.task != "scene_description")
+        q = t.task != "scene_description"
+        want = processor_ids(proc, read, image, q) if fmt == "chat" else plain_ids(proc, family, read, image, q)
         assert ids == want, (family, t.task)
         run = b.image_tokens[0]
         assert run == [j for j, x in enumerate(want) if x == vlm.image_token_id]
