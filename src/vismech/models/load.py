@@ -156,4 +156,10 @@ def _load_pretrained(path, name, dtype, device, device_map, prompt_format, trust
         proc = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         proc = spec.image_processor_for(config)
-    return VLM(model, tok, proc, spec, name, prompt_format)
+    vlm = VLM(model, tok, proc, spec, name, prompt_format)
+    if local:
+        from .ground_truth import find_ground_truth
+
+        gt = find_ground_truth(path)
+        vlm.ground_truth = gt.check(vlm.n_layers, vlm.n_heads, f"{name}'s ground_truth.json") if gt else None
+    return vlm

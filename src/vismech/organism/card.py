@@ -35,10 +35,12 @@ def reproduce_command(info: dict) -> str:
            f"--seed {info['seed']} --batch-size {info['batch_size']} --lr {info['lr']}")
     if info.get("label_mentions"):
         cmd += " --label-mentions"
+    if info.get("plant") is not None:
+        cmd += " --plant ids"
     if info.get("stopped_early") and info.get("max_minutes"):
         cmd += f" --max-minutes {info['max_minutes']}"
-    used = {c.name: c.weight for c in info.get("mixture", MIXTURE)}
-    for c in MIXTURE:
+    used = {c.name: c.weight for c in info.get("mixture", MIXTURE)} if info.get("plant") is None else {}
+    for c in MIXTURE if info.get("plant") is None else ():
         if used.get(c.name, 0.0) != c.weight:
             cmd += f" --weight {c.name}={used.get(c.name, 0.0):g}"
     if info.get("early"):
@@ -77,6 +79,46 @@ def _source_out(info: dict) -> str:
     return words[words.index("--out") + 1] if "--out" in words[:-1] else str(given)
 
 
+def _planting(spec) -> list[str]:
+    from .plant import ground_truth
+
+    gt = ground_truth(spec)
+    heads = lambda hs: ", ".join(f"L{layer}H{head}" for layer, head in hs)  # noqa: E731
+    lines = ["## Ground truth (planted)", "",
+             "This organism is a positive control: declared heads were trained to carry the paper's three stages "
+             "(`vismech.organism.plant`; the high-level causal model is `vismech.organism.causal_model`), and "
+             "`ground_truth.json` declares them (`VLM.ground_truth` after `load_vlm`; `vismech run recovery` "
+             "checks vismech's analyses against it).", "",
+             "| stage | heads | positions | variable |", "|---|---|---|---|"]
+    for name, d in list(gt.stages.items()) + [(f"helper: {k}", v) for k, v in gt.helpers.items()]:
+        lines.append(f"| {name} | {heads(d.heads)} | {d.positions} | {d.variable} |")
+    lines += ["", f"Method: {gt.method}. Position probe after layer {spec.probe_layer}; strict resampling "
+              f"probability {spec.strict_p}; loss weights " + ", ".join(f"{k} {w:g}" for k, w in spec.weights) + ".",
+              "", "## Training data", "",
+              "Planting trials (`causal_model.planting_trial`), colours and shapes from the whole vocabulary: "
+              + ", ".join(f"{k} {w:g}" for k, w in spec.kinds) + "; grids "
+              + ", ".join(f"{g[0]}x{g[1]} {w:g}" for g, w in spec.grids) + "; entropy "
+              + ", ".join(f"{k} {w:g}" for k, w in spec.entropies) + ". Each base trial comes with a swap source, a "
+              "feature source and a resample source of the same layout; a step holds the bases and sources (clean "
+              "rows) and one R, S, F and strict row per base (intervened rows). It is not trained on spatial "
+              "relations or counting.", ""]
+    return lines
+
+
+def _mixture(info: dict) -> list[str]:
+    lines = ["## Training data", "",
+              "Drawn on the fly by `vismech.scenes.sets` (the generator every analysis uses), rendered on this "
+              "model's token grid and framed by its chat format through `VLM.encode`; the answer (the target's "
+              "\"colour shape\", a colour, or the count) and the end token are labelled"
+              + (", and so are the described objects' words of scene-description prompts." if info.get("label_mentions")
+                 else " (no other token)."), "",
+              "| component | task | grid | entropy | objects | weight |", "|---|---|---|---|---|---|"]
+    for c in info.get("mixture", MIXTURE):
+        obj = f"{c.objects[0]}-{c.objects[1]}" if c.objects else "all cells"
+        lines.append(f"| {c.name} | {c.task} | {c.grid[0]}x{c.grid[1]} | {c.entropy or '-'} | {obj} | {c.weight} |")
+    return lines + [""]
+
+
 def card_text(info: dict, model=None) -> str:
     arch = info["arch"]
     lines = [f"# vismech model organism: {arch}", "",
@@ -103,17 +145,8 @@ def card_text(info: dict, model=None) -> str:
         lines.append("- parameters: " + ", ".join(f"{k} {n:,}" for k, n in split.items()))
     lines += [f"- total parameters: {info['params']:,} ({2 * info['params'] / 1e6:.2f} MB in bf16); weights, configs "
               f"and tokenizer on disk: {info.get('bytes', 0) / 1e6:.2f} MB", ""]
-    lines += ["## Training data", "",
-              "Drawn on the fly by `vismech.scenes.sets` (the generator every analysis uses), rendered on this "
-              "model's token grid and framed by its chat format through `VLM.encode`; the answer (the target's "
-              "\"colour shape\", a colour, or the count) and the end token are labelled"
-              + (", and so are the described objects' words of scene-description prompts." if info.get("label_mentions")
-                 else " (no other token)."), "",
-              "| component | task | grid | entropy | objects | weight |", "|---|---|---|---|---|---|"]
-    for c in info.get("mixture", MIXTURE):
-        obj = f"{c.objects[0]}-{c.objects[1]}" if c.objects else "all cells"
-        lines.append(f"| {c.name} | {c.task} | {c.grid[0]}x{c.grid[1]} | {c.entropy or '-'} | {obj} | {c.weight} |")
-    lines += ["", "## Training", "",
+    lines += _planting(info["plant"]) if info.get("plant") is not None else _mixture(info)
+    lines += ["## Training", "",
               f"- steps: {info['steps']} of {info['planned_steps']} planned"
               + (" (stopped early by the time limit)" if info.get("stopped_early") else ""),
               *([f"- curriculum: before step {info['early'][0]} the mixture's weights were "
