@@ -18,14 +18,15 @@ Against it, with numbers and their uncertainty:
   feature-retrieval heads read, against the other key heads of their layers.
 
 Summary, tables (``recovery_cma``, ``recovery_rsa``, ``recovery_interventions``) and one figure. Options:
-``ground_truth`` (None: the model's own), ``cma_n`` (50 pairs per condition), ``cma_grid`` ((2, 2)), ``q``
-(0.05), ``rsa_grid`` ((3, 3)), ``rsa_objects`` (5), ``rsa_n`` (192 trials), ``n_boot`` (200), ``n_null`` (20),
+``ground_truth`` (None: the model's own), ``stages`` (None: every declared stage; or a list of them), ``cma_n`` (50 pairs per condition), ``cma_grid`` ((2, 2)), ``q``
+(0.05), ``null_samples`` (2,000), ``rsa_grid`` ((3, 3)), ``rsa_objects`` (5), ``rsa_n`` (192 trials), ``n_boot`` (200), ``n_null`` (20),
 ``n`` (64 held-out trials), ``n_estimate`` (64), ``grid`` ((2, 2)), ``alphas``, ``key_alpha`` (2), ``random_sets``
 (3).
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import numpy as np
@@ -44,7 +45,7 @@ from vismech.scenes.sets import scene_description_set
 NAME = "recovery"
 DESCRIPTION = ("Positive control: CMA precision/recall, RSA and interventions against the model's declared ground "
                "truth (ground_truth.json)")
-DEFAULTS = {"ground_truth": None, "cma_n": 50, "cma_grid": (2, 2), "q": 0.05, "rsa_grid": (3, 3), "rsa_objects": 5,
+DEFAULTS = {"ground_truth": None, "stages": None, "cma_n": 50, "cma_grid": (2, 2), "q": 0.05, "null_samples": 2000, "rsa_grid": (3, 3), "rsa_objects": 5,
             "rsa_n": 192, "n_boot": 200, "n_null": 20, "n": 64, "n_estimate": 64, "grid": (2, 2),
             "alphas": [1, 2, 5, 10, 20, 50], "key_alpha": 2.0, "random_sets": 3}
 #: The RSA curve that reads each stage's variable.
@@ -59,7 +60,15 @@ def ground_truth_of(ctx: Context):
         raise ValueError(f"recovery needs declared ground truth, and {ctx.vlm.name} declares none (no "
                          "ground_truth.json in its checkpoint): pass --set ground_truth=PATH (the format is in "
                          "vismech.models.ground_truth), or run it on a planted organism such as organism-ids")
-    return gt.check(ctx.vlm.n_layers, ctx.vlm.n_heads)
+    gt.check(ctx.vlm.n_layers, ctx.vlm.n_heads)
+    keep = ctx.opt("stages")
+    if keep is not None:
+        unknown = sorted(set(keep) - set(gt.stages))
+        if unknown:
+            raise ValueError(f"stages {', '.join(unknown)} are not declared by the ground truth (it declares "
+                             f"{', '.join(gt.stages)})")
+        gt = type(gt)({k: v for k, v in gt.stages.items() if k in keep}, gt.helpers, gt.method)
+    return gt
 
 
 # -- CMA ------------------------------------------------------------------------------------------------------
@@ -87,10 +96,10 @@ def cma_recovery(res, gt) -> tuple[list[dict], dict]:
             rows.append({"analysis": "cma", "stage": c, "measure": measure, "value": rec[measure],
                          "n": len(found) if measure == "precision" else len(declared),
                          "n_pairs": int(res.scores[c].shape[-1])})
-    order = [medians.get(c) for c in STAGES]
+    order = [medians[c] for c in STAGES if c in medians]
     known = [m for m in order if m is not None]
-    out["layer_order"] = {"median_found_layer": dict(zip(STAGES, order)),
-                          "ordered": len(known) == 3 and order[0] < order[1] < order[2]}
+    out["layer_order"] = {"median_found_layer": {c: medians[c] for c in STAGES if c in medians},
+                          "ordered": len(known) == len(order) >= 2 and all(a < b for a, b in zip(known, known[1:]))}
     return rows, out
 
 
@@ -183,8 +192,9 @@ def intervention_recovery(ctx: Context, gt) -> tuple[list[dict], dict]:
         hits, base_pred, base_orig = edit_hits(vlm, held, vecs, head_sets, alphas, ctx.batch_size, ctx.seed)
         return {f"{c}|{tag}|{a:g}|{d}": h for ((c, tag), a, d), h in hits.items()}, base_pred, base_orig
 
+    heads_tag = hashlib.sha1(repr(sorted(head_sets.items())).encode()).hexdigest()[:10]  # results depend on them
     key = (f"recovery-id-n{n}-est{n_est}-grid{ctx.opt('grid')[0]}x{ctx.opt('grid')[1]}-a"
-           + "_".join(f"{a:g}" for a in alphas) + f"-r{ctx.opt('random_sets')}-seed{ctx.seed}")
+           + "_".join(f"{a:g}" for a in alphas) + f"-heads{heads_tag}-seed{ctx.seed}")
     hits, base_pred, _ = ctx.unit(key, compute)
     for c in STAGES:
         if c not in gt.stages:
@@ -211,7 +221,9 @@ def intervention_recovery(ctx: Context, gt) -> tuple[list[dict], dict]:
             if not heads:
                 continue
             kvec = iv.key_id_vectors(vlm, est, heads, ctx.batch_size)
-            h = ctx.unit(f"recovery-key-{tag}-n{n}-est{n_est}-a{alpha:g}-seed{ctx.seed}",
+            kv_tag = "_".join(f"{a}.{b}" for a, b in heads)
+            h = ctx.unit(f"recovery-key-{kv_tag}-n{n}-est{n_est}-grid{ctx.opt('grid')[0]}x{ctx.opt('grid')[1]}"
+                         f"-a{alpha:g}-seed{ctx.seed}",
                          lambda kvec=kvec: key_hits(vlm, held, kvec, alpha, ctx.batch_size, ctx.seed))
             w = iv.wilson_row(h["id"], n)
             key_out[tag] = {"key_heads": [list(x) for x in heads], **w}
@@ -223,26 +235,37 @@ def intervention_recovery(ctx: Context, gt) -> tuple[list[dict], dict]:
 
 
 # -- the experiment -------------------------------------------------------------------------------------------
+def _bars(ax, x, values, width, label, colour, err=None):
+    vals = [np.nan if v is None else v for v in values]
+    ax.bar(x, np.nan_to_num(vals), width, yerr=err, label=label, color=colour, capsize=3)
+    for xi, v in zip(x, vals):
+        ax.text(xi, (0 if np.isnan(v) else v) + 0.02, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center",
+                fontsize=7)
+
+
 def _figure(ctx: Context, cma: dict, rsa: dict, inter: dict) -> None:
     import matplotlib.pyplot as plt
 
     stages = [c for c in STAGES if c in cma]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
     x = np.arange(len(stages))
-    for off, m, col in ((-0.2, "precision", "tab:blue"), (0.2, "recall", "tab:orange")):
-        axes[0].bar(x + off, [cma[c][m] or 0 for c in stages], 0.4, label=m, color=col)
+    _bars(axes[0], x - 0.2, [cma[c]["precision"] for c in stages], 0.4, "precision", "tab:blue")
+    _bars(axes[0], x + 0.2, [cma[c]["recall"] for c in stages], 0.4, "recall", "tab:orange")
     axes[0].set_title("CMA: significant vs declared heads", fontsize=9)
-    axes[1].bar(x, [rsa[c].get("r_at_declared", np.nan) for c in stages], 0.5, color="tab:green")
-    axes[1].set_title("RSA at the declared layer", fontsize=9)
-    for off, tag, col in ((-0.2, "declared", "tab:blue"), (0.2, "random_heads", "tab:gray")):
-        vals = [inter[c][tag]["rate"] if c in inter else np.nan for c in stages]
-        axes[2].bar(x + off, vals, 0.4, label=tag.replace("_", " "), color=col)
+    r = [rsa[c].get("r_at_declared", np.nan) for c in stages]
+    err = [[max(0.0, v - rsa[c]["ci_at_declared"][0]) for v, c in zip(r, stages)],
+           [max(0.0, rsa[c]["ci_at_declared"][1] - v) for v, c in zip(r, stages)]]
+    _bars(axes[1], x, r, 0.5, "bootstrap 95% CI", "tab:green", err)
+    axes[1].set_title("RSA at the declared layer (position, position, features)", fontsize=9)
+    _bars(axes[2], x - 0.2, [inter[c]["declared"]["rate"] if c in inter else None for c in stages], 0.4,
+          "declared heads", "tab:blue")
+    _bars(axes[2], x + 0.2, [inter[c]["random_heads"]["rate"] if c in inter else None for c in stages], 0.4,
+          "random heads, same layers", "tab:gray")
     axes[2].set_title("ID intervention efficacy", fontsize=9)
     for ax in axes:
         ax.set_xticks(x, [LABELS[c] for c in stages], fontsize=7)
-        ax.set_ylim(0, 1.05)
-    axes[0].legend(fontsize=7)
-    axes[2].legend(fontsize=7)
+        ax.set_ylim(0, 1.12)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     fig.suptitle(f"Recovery of the declared ground truth ({ctx.vlm.name})", fontsize=10)
     fig.tight_layout()
     ctx.save_figure(fig, "recovery")
@@ -250,7 +273,9 @@ def _figure(ctx: Context, cma: dict, rsa: dict, inter: dict) -> None:
 
 def run(ctx: Context) -> dict:
     gt = ground_truth_of(ctx)
-    res = cma_scores(ctx, {"n": int(ctx.opt("cma_n")), "grid": tuple(ctx.opt("cma_grid")), "q": float(ctx.opt("q"))})
+    res = cma_scores(ctx, {"n": int(ctx.opt("cma_n")), "grid": tuple(ctx.opt("cma_grid")), "q": float(ctx.opt("q")),
+                           "null_samples": int(ctx.opt("null_samples")),
+                           "conditions": [c for c in STAGES if c in gt.stages]})
     cma_rows, cma = cma_recovery(res, gt)
     rsa_rows, rsa = rsa_recovery(ctx, gt)
     int_rows, inter = intervention_recovery(ctx, gt)

@@ -105,6 +105,28 @@ def _planting(spec) -> list[str]:
     return lines
 
 
+def _validity(v: dict) -> list[str]:
+    """The positive-control measures of ``validate.validity`` as tables."""
+    pct = lambda r: f"{100 * r['rate']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] (n={r['n']})"  # noqa
+    lines = ["## Validity as a positive control (`python -m vismech.organism.validate`)", "",
+             "Fresh held-out draws; intervals are Wilson 95%. Full-answer accuracy: every answer token is the arg-max "
+             "given the ones before (the same as greedy generation).", "", "| measure | value |", "|---|---|"]
+    for g, r in v["accuracy"].items():
+        lines.append(f"| full-answer accuracy, {g} | {pct(r)} |")
+    for k, r in v["interchange"].items():
+        lines.append(f"| interchange accuracy, {k} (3x3, 3-9 objects) | {pct(r)}; where the answer changes: "
+                     f"{pct(r['changed_answers'])} |")
+    a = v["ablation"]
+    lines += [f"| clean accuracy before ablation | {pct(a['clean'])} |",
+              f"| largest change from resampling one undeclared head | {a['largest_drop_undeclared']['change']:+.3f} "
+              f"(head {a['largest_drop_undeclared']['head']}) |",
+              f"| accuracy with every declared head resampled | {pct(a['declared_resampled'])}; chance "
+              f"{a['chance']:.3f} |"]
+    for k, r in v["probes"].items():
+        lines.append(f"| linear probe on the ID-retrieval heads' outputs: {k} | {pct(r)}; chance {r['chance']:.3f} |")
+    return lines + [""]
+
+
 def _mixture(info: dict) -> list[str]:
     lines = ["## Training data", "",
               "Drawn on the fly by `vismech.scenes.sets` (the generator every analysis uses), rendered on this "
@@ -126,6 +148,12 @@ def card_text(info: dict, model=None) -> str:
              "its own synthetic scenes (coloured shapes on a grid) to do the four tasks of Assouel et al. "
              "(arXiv 2506.15871): scene description, colour retrieval, spatial relation and counting. It exists to "
              "study how binding mechanisms (position IDs) emerge; it knows nothing but these scenes and prompts.", ""]
+    if info.get("plant") is not None:
+        lines[2] = ("A tiny vision-language model of a real Hugging Face architecture in which vismech planted the "
+                    "position-ID mechanism of Assouel et al. (arXiv 2506.15871) in declared heads, on its own "
+                    "synthetic scenes (coloured shapes on a grid): scene description and colour retrieval. It is a "
+                    "positive control with known ground truth for vismech's analyses; it knows nothing but these "
+                    "scenes and prompts.")
     lines += ["## Architecture", ""]
     if model is not None:
         cfg = model.config
@@ -162,7 +190,9 @@ def card_text(info: dict, model=None) -> str:
               f"gradient clip {info['grad_clip']}, seed {info['seed']}",
               "- labelled tokens: the answer and the end token"
               + (", and the described objects' words in scene-description prompts" if info.get("label_mentions")
-                 else ""),
+                 else "")
+              + (" (and in planting, the described objects' words of reading-order descriptions)"
+                 if info.get("plant") is not None else ""),
               f"- device {info['device']}; training loop {info['train_seconds'] / 60:.1f} min (all sessions), "
               f"wall time of the last session {info['seconds'] / 60:.1f} min; final training loss "
               f"{info['loss'] if info['loss'] is None else round(info['loss'], 4)}", ""]
@@ -173,7 +203,8 @@ def card_text(info: dict, model=None) -> str:
               "| group | accuracy | 95% CI | n |", "|---|---|---|---|"]
     for g, a in info["final_accuracy"].items():
         lines.append(f"| {g} | {a['accuracy']:.3f} | [{a['ci_low']:.3f}, {a['ci_high']:.3f}] | {a['n']} |")
-    lines += ["", "## Use", "", "```python", "from vismech.models.load import load_vlm",
+    lines += [""] + (_validity(info["validity"]) if info.get("validity") else [])
+    lines += ["## Use", "", "```python", "from vismech.models.load import load_vlm",
               f"vlm = load_vlm({info['out']!r})  # offline, through the same adapter as any real model", "```", "",
               "## Reproduce", "",
               *(["First the organism this one starts from, as its card gives it,", ""]

@@ -53,7 +53,7 @@ EMERGENCE = "emergence.jsonl"
 DEFAULTS = dict(steps=8000, batch_size=128, lr=1e-3, seed=0)
 WEIGHT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json", "README.md",
-                "ground_truth.json")
+                "ground_truth.json", "validity.json")
 
 
 # -- schedule, seeds, evaluation --------------------------------------------------------------------------------
@@ -379,6 +379,12 @@ def _finish(vlm: VLM, out: Path, dev: torch.device, heldout: HeldOut, summary: d
     del model
     loaded = load_vlm(str(out), dtype="bf16", device=str(dev))
     acc = heldout.accuracy(loaded)
+    if extra.get("plant") is not None:  # a planted organism: measure it as a positive control
+        from .validate import validity
+
+        with _autocast(dev):
+            extra["validity"] = validity(loaded, extra["plant"], n=extra["eval_n"])
+        (out / "validity.json").write_text(json.dumps(extra["validity"], indent=1) + "\n")
     size = organism_files_bytes(out)
     write_card(out, {**run, **summary, **extra, "final_accuracy": acc, "bytes": size}, loaded.model)
     size = organism_files_bytes(out)

@@ -196,3 +196,44 @@ def validity(vlm: VLM, spec: plant.PlantSpec, n: int = 256, seed: int = 0, batch
             "interchange": interchange(vlm, spec, n, seed, batch_size, end),
             "ablation": ablation(vlm, spec, max(16, n // 4), seed, batch_size, end),
             "probes": probes(vlm, spec, n, seed, batch_size, end)}
+
+
+def main(argv=None) -> int:
+    """``python -m vismech.organism.validate MODEL [--n N] [--out FILE]``: print (and save) every measure."""
+    import argparse
+    import json
+
+    from vismech.models.load import load_vlm
+
+    p = argparse.ArgumentParser(prog="python -m vismech.organism.validate", description=__doc__.split("\n")[0])
+    p.add_argument("model", help="a planted organism (name or checkpoint folder)")
+    p.add_argument("--n", type=int, default=256, help="held-out trials per measure (ablation: n / 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="write the measures here as JSON")
+    a = p.parse_args(argv)
+    vlm = load_vlm(a.model, dtype="fp32", device=a.device)
+    res = validity(vlm, spec_of(vlm), a.n, a.seed, a.batch_size)
+    text = json.dumps(res, indent=1)
+    if a.out:
+        from pathlib import Path
+
+        Path(a.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def spec_of(vlm: VLM) -> plant.PlantSpec:
+    """The planting spec of a planted organism, from the heads its ground truth declares."""
+    gt = vlm.ground_truth
+    if gt is None or "binding" not in gt.helpers:
+        raise ValueError(f"{vlm.name} is not a planted organism (no ground_truth.json with vismech's stages)")
+    sel = gt.stages["id_selection"].parts
+    return plant.PlantSpec(binding=gt.helpers["binding"].heads, retrieval=gt.stages["id_retrieval"].heads,
+                           gathering=sel["gathering"], selection=sel["selection"],
+                           features=gt.stages["feature_retrieval"].heads)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
