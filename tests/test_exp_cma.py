@@ -106,15 +106,24 @@ def test_layout_mismatch_is_a_clear_error():
         cma.condition_scores(vlm, [bad], "id_selection", null=False)
 
 
-def test_null_partners_differ_in_the_condition_variable():
-    pairs = cma_pairs("id_selection", 12, seed=0)
-    part = cma.null_partners(pairs, "id_selection", seed=0)
-    for i, j in enumerate(part):
-        assert j != i
-        assert pairs[j].counterfactual.meta["target_cell"] != pairs[i].counterfactual.meta["target_cell"]
-    fr = cma_pairs("feature_retrieval", 12, seed=0)
-    for i, j in enumerate(cma.null_partners(fr, "feature_retrieval", seed=0)):
-        assert fr[j].answer_star.split()[0] != fr[i].answer_star.split()[0]
+def test_null_partners_carry_the_clean_value_of_the_condition_variable():
+    """A re-paired source has the variable's clean value (so a head that only carries the variable does nothing
+    under the null) wherever another pair has it, else a value unlike the real counterfactual's."""
+    cf, clean = cma.condition_variable, lambda p, c: cma.condition_variable(p, c, "clean")
+    for condition, n in (("id_retrieval", 12), ("id_selection", 12), ("feature_retrieval", 40)):
+        pairs = cma_pairs(condition, n, seed=0)
+        matched = 0
+        for i, j in enumerate(cma.null_partners(pairs, condition, seed=0)):
+            assert j != i
+            have = any(cf(pairs[k], condition) == clean(pairs[i], condition) for k in range(n) if k != i)
+            if have:
+                assert cf(pairs[j], condition) == clean(pairs[i], condition)
+                matched += 1
+            else:
+                assert cf(pairs[j], condition) != cf(pairs[i], condition)
+        assert matched >= n // 2  # the clean value is common enough in these sets
+    p = cma_pairs("id_selection", 1, seed=3)[0]
+    assert clean(p, "id_selection") == tuple(p.clean.meta["target_cell"]) != cf(p, "id_selection")
 
 
 def test_null_mean_scores_resample_one_head_at_a_time():

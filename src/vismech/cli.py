@@ -129,10 +129,10 @@ def _parse_sets(pairs: list[str]) -> dict:
 
 
 def cmd_run(args) -> int:
-    from vismech.experiments import EXPERIMENTS
+    from vismech.experiments import EXPERIMENTS, NOT_IN_ALL
     from vismech.runner import run_experiments
 
-    names = list(EXPERIMENTS) if args.experiments == ["all"] else args.experiments
+    names = [n for n in EXPERIMENTS if n not in NOT_IN_ALL] if args.experiments == ["all"] else args.experiments
     for n in names:
         if n not in EXPERIMENTS:
             raise ValueError(f"unknown experiment {n!r}; choose from {', '.join(EXPERIMENTS)} or all")
@@ -204,6 +204,10 @@ def cmd_train_organism(args) -> int:
         raise ValueError("--early-weight needs --early-steps N: the step before which those weights apply")
     if args.early_steps:
         kw["early"] = (args.early_steps, reweighted(weights(args.early_weight, "--early-weight"), kw["mixture"]))
+    if args.plant:
+        from vismech.organism.plant import PlantSpec
+
+        kw["plant"] = PlantSpec()
     if args.snapshots == "analysis":
         from vismech.organism.snapshot import AnalysisSnapshot
 
@@ -319,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "language model only (a second stage on a tower trained before)")
     s.add_argument("--no-packed-attention", action="store_true", help="on CUDA, run the Qwen2.5-VL vision "
                    "tower with HF's own attention instead of vismech's packed one (slower; a check)")
+    s.add_argument("--plant", choices=["ids"], default=None, help="ids: plant the paper's three stages in declared "
+                   "heads by interchange intervention training (vismech.organism.plant) and declare them in "
+                   "ground_truth.json, instead of training on the task mixture")
     s.add_argument("--weight", action="append", metavar="COMPONENT=W", help="change a training-mixture weight "
                    "(vismech.organism.data.MIXTURE names, e.g. color_2x2=0.3; 0 drops it); repeatable")
     s.add_argument("--snapshots", choices=["analysis", "accuracy"], default="analysis",

@@ -9,6 +9,9 @@ Sites (TransformerLens' names), per decoder layer ``l`` of the language backbone
 - ``v``: values, the output of ``v_proj``, [batch, pos, kv_heads, head_dim];
 - ``resid``: the residual stream after the layer, [batch, pos, 1, hidden] (one "head" spanning the width).
 
+``attention_weights`` records attention probabilities of chosen heads at chosen query positions (after rotary
+embedding and masking, as the model computes them), keeping the autograd graph: training can supervise them.
+
 This is the only module in vismech that registers hooks. Every hook it registers is removed when its context
 exits, also on an exception. Edits never write into the model's own tensors: the hooked tensor is cloned first,
 so the same hooks work under autograd.
@@ -185,3 +188,53 @@ def capture_lm_inputs(vlm) -> Iterator[dict[str, torch.Tensor]]:
         yield store
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def attention_weights(vlm, heads: dict[int, list[int]], positions: torch.Tensor) -> Iterator[dict[int, torch.Tensor]]:
+    """Record, for every layer ``l`` in ``heads``, the attention probabilities of heads ``heads[l]`` at query
+    positions ``positions`` ([batch, P] long): ``store[l]`` is [batch, len(heads[l]), P, keys], float32, with the
+    autograd graph kept. The model must run its language model with ``sdpa`` attention (the default); the
+    probabilities are recomputed from the queries and keys it passes to that function (GQA handled), and its
+    outputs are unchanged."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = vlm.text_config._attn_implementation
+    if impl != "sdpa":
+        raise ValueError(f"attention weights are recorded from sdpa attention; {vlm.name} runs {impl!r}: load it "
+                         "with attn_implementation='sdpa'")
+    modules = {vlm.attention(layer): layer for layer in heads}
+    groups = vlm.n_heads // vlm.n_kv_heads
+    inner = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    store: dict[int, torch.Tensor] = {}
+
+    def wrapper(module, query, key, value, attention_mask, *args, **kwargs):
+        layer = modules.get(module)
+        if layer is not None:
+            hs = torch.tensor(heads[layer], device=query.device)
+            pos = positions.to(query.device)
+            rows = torch.arange(query.shape[0], device=query.device)[:, None]
+            q = query[:, hs].transpose(1, 2)[rows, pos].transpose(1, 2)  # [B, h, P, D]
+            k = key[:, torch.div(hs, groups, rounding_mode="floor")]  # [B, h, T, D]
+            scale = kwargs.get("scaling") or module.scaling
+            scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+            t = key.shape[2]
+            if attention_mask is None:
+                allowed = torch.arange(t, device=query.device)[None, None, :] <= pos[:, :, None]
+                scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+            else:
+                m = attention_mask[rows, :, pos].transpose(1, 2)[..., :t]  # [B, 1, P, T]
+                scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+            store[layer] = scores.softmax(-1)
+        return inner(module, query, key, value, attention_mask, *args, **kwargs)
+
+    local = ALL_ATTENTION_FUNCTIONS._local_mapping
+    before = local.get("sdpa")
+    local["sdpa"] = wrapper
+    try:
+        yield store
+    finally:
+        if before is None:
+            local.pop("sdpa", None)
+        else:
+            local["sdpa"] = before

@@ -22,14 +22,18 @@ selection and feature retrieval patch the last token. Mentions can span differen
 real tokenizer; shorter rows are padded by repeating their last mention token (its value is written twice, which a
 "set" patch makes harmless), so every row of a batch patches the same number of positions.
 
-**Head significance (not in the paper).** Null design: *re-paired counterfactuals*. For pair i, each head is also
-patched with the c2 values of another pair j (same condition, same positions of row i) whose condition variable
-differs from pair i's, and scored with pair i's own a1 and a1*. The condition variable is what the real
-counterfactual changes: for ID retrieval the cell c2's described object sits in, for ID selection the cell of c2's
-target, for feature retrieval the colour of c2's target (the first answer word). Such a patch replaces the head's
-output with a realistic activation of the same head at the same position that carries no information about pair
-i's a1*, so it measures the generic disruption a patch causes (a head whose removal lowers a1's logit raises s too),
-not mediation. Heads must beat it. One re-paired patch per (head, pair) gives null per-pair scores [L, H, n];
+**Head significance (not in the paper).** Null design: *re-paired counterfactuals with the clean value*. For
+pair i, each head is also patched with the c2 values of another pair j (same condition, same positions of row i)
+whose condition variable in c2 equals the variable's value in pair i's *clean* context c1, and scored with pair
+i's own a1 and a1*. The condition variable is what the real counterfactual changes: for ID retrieval the cell of
+the described object, for ID selection the cell of the target, for feature retrieval the colour of the target (the
+first answer word). Such a patch changes the head's output as much as a real patch does in everything but the
+variable (other objects, other words), so it measures the generic disruption a patch causes (a head whose
+removal lowers a1's logit raises s too), not mediation; heads must beat it. (An earlier design re-paired with a
+pair whose variable *differed*; on a model with planted position IDs (``organism-ids``) that null moved the
+answer nearly as much as the real patch, since any other ID redirects the model, and hid the planted ID-retrieval
+heads.) Where no pair has the clean value, any pair whose variable differs serves. One re-paired patch per
+(head, pair) gives null per-pair scores [L, H, n];
 ``null_samples`` null *mean* scores are drawn from them by picking a random head and resampling n of its pairs
 with replacement (a head's mean under the null), and ``analysis.cma.head_significance`` tests every head's mean
 against this pooled null (one-sided, Benjamini-Hochberg at ``q``; the uncorrected count above the null's 1-q
@@ -99,25 +103,28 @@ def condition_positions(batch, condition: str) -> list[list[int]]:
     raise ValueError(f"unknown CMA condition {condition!r}; conditions are {', '.join(CONDITIONS)}")
 
 
-def condition_variable(pair: CounterfactualPair, condition: str):
-    """What the counterfactual changes in ``condition``: re-paired null sources must differ in it."""
-    cf = pair.counterfactual
+def condition_variable(pair: CounterfactualPair, condition: str, context: str = "counterfactual"):
+    """What the counterfactual changes in ``condition``, read in the pair's ``counterfactual`` or ``clean`` context."""
+    trial = pair.counterfactual if context == "counterfactual" else pair.clean
     if condition == "id_retrieval":
-        return tuple(cf.meta["described_cell"])
+        return tuple(trial.meta["described_cell"])
     if condition == "id_selection":
-        return tuple(cf.meta["target_cell"])
-    return pair.answer_star.split()[0]
+        return tuple(trial.meta["target_cell"])
+    return (pair.answer_star if context == "counterfactual" else pair.answer).split()[0]
 
 
 def null_partners(pairs: list[CounterfactualPair], condition: str, seed: int) -> list[int]:
-    """For each pair, another pair whose condition variable differs (any other pair if none does)."""
+    """For each pair, another pair whose counterfactual carries this pair's clean value of the condition variable
+    (else one whose counterfactual value differs from this pair's, else any other pair)."""
     if len(pairs) < 2:
         raise ValueError("the re-paired null needs at least 2 pairs per condition; use n >= 2")
     rng = random.Random(seed)
-    var = [condition_variable(p, condition) for p in pairs]
+    cf = [condition_variable(p, condition) for p in pairs]
+    clean = [condition_variable(p, condition, "clean") for p in pairs]
     out = []
     for i in range(len(pairs)):
-        cand = [j for j in range(len(pairs)) if var[j] != var[i]] or [j for j in range(len(pairs)) if j != i]
+        others = [j for j in range(len(pairs)) if j != i]
+        cand = ([j for j in others if cf[j] == clean[i]] or [j for j in others if cf[j] != cf[i]] or others)
         out.append(rng.choice(cand))
     return out
 
@@ -233,7 +240,8 @@ def cma_scores(ctx: Context, options: dict | None = None) -> CMAResult:
         for c in conds:
             # the two ID conditions patch the same pairs (as in the paper), feature retrieval has its own
             pairs = cma_pairs(c, o["n"], ctx.seed + (c == "feature_retrieval"), tuple(o["grid"]))
-            key = f"cma-{c}-n{o['n']}-grid{o['grid'][0]}x{o['grid'][1]}-{o['engine']}-seed{ctx.seed}"
+            # "null2": the clean-value re-paired null (units of the earlier null design are not reused)
+            key = f"cma-{c}-n{o['n']}-grid{o['grid'][0]}x{o['grid'][1]}-{o['engine']}-null2-seed{ctx.seed}"
             s, nl = ctx.unit(key, lambda pairs=pairs, c=c: condition_scores(
                 vlm, pairs, c, ctx.batch_size, o["engine"], ctx.seed, progress=update))
             res.scores[c], res.null_scores[c] = s, nl

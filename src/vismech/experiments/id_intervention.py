@@ -63,6 +63,38 @@ def two_object_trials(n: int, grid, seed: int):
     return scene_description_set(n, tuple(grid), n_objects=2, seed=seed, entropy="high")
 
 
+def edit_hits(vlm, held, vecs: dict, head_sets: dict, alphas, batch_size: int, seed: int, update=None,
+              directions=("id", "random")) -> tuple[dict, int, int]:
+    """Run the additive ID edit of every head set on the held-out trials: ``head_sets`` maps (condition, tag) to
+    a list of (layer, head) (``vecs[condition]`` must cover them); returns hits[((condition, tag), alpha,
+    direction)] (trials whose first-token arg-max is the described object A's), and the unedited counts of A and of
+    the right answer. A random direction is drawn per call with seed ``seed + len(heads)``."""
+    conds = sorted({c for c, _ in head_sets})
+    hits = {(key, a, d): 0 for key in head_sets for a in alphas for d in directions}
+    base_pred = base_orig = 0
+    for s in range(0, len(held), batch_size):
+        chunk = held[s:s + batch_size]
+        b = vlm.encode(chunk)
+        pos = {c: condition_positions(b, c) for c in conds}
+        # candidates: the repeated object A (what every edit predicts), then the true answer B
+        answers = vlm.answers(b, [[t.mentioned[0].name, t.answer] for t in chunk])
+        runs = iv.EditedRuns(vlm, b, first_position=min(p for c in conds for ps in pos[c] for p in ps),
+                             answers=answers)
+        clean = runs.scores().greedy
+        base_pred += int(clean[:, 0].sum())
+        base_orig += int(clean[:, 1].sum())
+        for (c, tag), heads in head_sets.items():
+            labels = [id_labels(t, c) for t in chunk]
+            for a in alphas:
+                for d in directions:
+                    edits = iv.additive_edits(vecs[c], [x[0] for x in labels], [x[1] for x in labels], pos[c], a,
+                                              heads=heads, direction=d, seed=seed + len(heads))
+                    hits[((c, tag), a, d)] += int(runs.scores(edits).greedy[:, 0].sum())
+                    if update:
+                        update(len(chunk))
+    return hits, base_pred, base_orig
+
+
 def _best(rows: list[dict], condition: str) -> dict:
     cand = [r for r in rows if r["condition"] == condition and r["direction"] == "id"]
     return max(cand, key=lambda r: (r["efficacy"], -r["alpha"], -r["k"]))
@@ -134,30 +166,13 @@ def run(ctx: Context) -> dict:
         top[c] = res.top_k(c, max(ks))
         vecs[c] = iv.id_vectors(vlm, est, [id_labels(t, c)[0] for t in est], SITE[c], top[c],
                                 lambda b, c=c: condition_positions(b, c), ctx.batch_size)
-    settings = list(itertools.product(conds, ks, alphas, ("id", "random")))
+    head_sets = {(c, k): top[c][:k] for c in conds for k in ks}
 
     def compute():
-        hits = {key: 0 for key in settings}
-        base_pred = base_orig = 0
-        with ctx.progress(len(settings) * len(held), "id-intervention") as update:
-            for s in range(0, len(held), ctx.batch_size):
-                chunk = held[s:s + ctx.batch_size]
-                b = vlm.encode(chunk)
-                pos = {c: condition_positions(b, c) for c in conds}
-                # candidates: the repeated object A (what every edit predicts), then the true answer B
-                answers = vlm.answers(b, [[t.mentioned[0].name, t.answer] for t in chunk])
-                runs = iv.EditedRuns(vlm, b, first_position=min(p for c in conds for ps in pos[c] for p in ps),
-                                     answers=answers)
-                clean = runs.scores().greedy
-                base_pred += int(clean[:, 0].sum())
-                base_orig += int(clean[:, 1].sum())
-                for c, k, a, d in settings:
-                    labels = [id_labels(t, c) for t in chunk]
-                    edits = iv.additive_edits(vecs[c], [x[0] for x in labels], [x[1] for x in labels], pos[c], a,
-                                              heads=top[c][:k], direction=d, seed=ctx.seed + k)
-                    hits[(c, k, a, d)] += int(runs.scores(edits).greedy[:, 0].sum())
-                    update(len(chunk))
-        return hits, base_pred, base_orig
+        with ctx.progress(len(head_sets) * len(alphas) * 2 * len(held), "id-intervention") as update:
+            hits, base_pred, base_orig = edit_hits(vlm, held, vecs, head_sets, alphas, ctx.batch_size, ctx.seed,
+                                                   update)
+        return {(c, k, a, d): h for ((c, k), a, d), h in hits.items()}, base_pred, base_orig
 
     key = (f"id-intervention-n{n}-est{n_est}-grid{ctx.opt('grid')[0]}x{ctx.opt('grid')[1]}-k{'_'.join(map(str, ks))}"
            f"-a{'_'.join(f'{a:g}' for a in alphas)}-{'_'.join(conds)}-seed{ctx.seed}")

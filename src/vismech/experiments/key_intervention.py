@@ -40,6 +40,30 @@ def key_heads(vlm, top: list[tuple[int, int]], which: str) -> list[tuple[int, in
     raise ValueError(f"key_heads must be 'top' or 'all', not {which!r}")
 
 
+def key_hits(vlm, held, vecs, alpha: float, batch_size: int, seed: int, update=None) -> dict[str, int]:
+    """Swap the described object's and the target's key IDs (``vecs``: ``interventions.key_id_vectors``) on the
+    held-out 2-object trials: counts of trials whose first-token arg-max is the described object's, with no edit
+    (``none``), the ID swap (``id``) and random directions (``random``), and of right answers unedited
+    (``original``)."""
+    hits = {"none": 0, "id": 0, "random": 0, "original": 0}
+    for s in range(0, len(held), batch_size):
+        chunk = held[s:s + batch_size]
+        b = vlm.encode(chunk)
+        first = min(p for objs in b.objects for ps in objs.values() for p in ps)
+        answers = vlm.answers(b, [[t.mentioned[0].name, t.answer] for t in chunk])  # A, then B
+        runs = iv.EditedRuns(vlm, b, first_position=first, answers=answers)
+        pairs = [(tuple(t.mentioned[0].cell), tuple(t.target.cell)) for t in chunk]
+        clean = runs.scores().greedy
+        hits["none"] += int(clean[:, 0].sum())
+        hits["original"] += int(clean[:, 1].sum())
+        for d in ("id", "random"):
+            edits = iv.key_swap_edits(vecs, b, pairs, alpha, direction=d, seed=seed)
+            hits[d] += int(runs.scores(edits).greedy[:, 0].sum())
+        if update:
+            update(len(chunk))
+    return hits
+
+
 def _figure(ctx: Context, rows: list[dict]) -> None:
     import matplotlib
 
@@ -74,23 +98,8 @@ def run(ctx: Context) -> dict:
     vecs = iv.key_id_vectors(vlm, est, kv, ctx.batch_size)
 
     def compute():
-        hits = {"none": 0, "id": 0, "random": 0, "original": 0}
         with ctx.progress(len(held), "key-intervention") as update:
-            for s in range(0, len(held), ctx.batch_size):
-                chunk = held[s:s + ctx.batch_size]
-                b = vlm.encode(chunk)
-                first = min(p for objs in b.objects for ps in objs.values() for p in ps)
-                answers = vlm.answers(b, [[t.mentioned[0].name, t.answer] for t in chunk])  # A, then B
-                runs = iv.EditedRuns(vlm, b, first_position=first, answers=answers)
-                pairs = [(tuple(t.mentioned[0].cell), tuple(t.target.cell)) for t in chunk]
-                clean = runs.scores().greedy
-                hits["none"] += int(clean[:, 0].sum())
-                hits["original"] += int(clean[:, 1].sum())
-                for d in ("id", "random"):
-                    edits = iv.key_swap_edits(vecs, b, pairs, alpha, direction=d, seed=ctx.seed)
-                    hits[d] += int(runs.scores(edits).greedy[:, 0].sum())
-                update(len(chunk))
-        return hits
+            return key_hits(vlm, held, vecs, alpha, ctx.batch_size, ctx.seed, update)
 
     kv_tag = "_".join(f"{l}.{h}" for l, h in kv)
     hits = ctx.unit(f"key-intervention-n{n}-est{n_est}-grid{ctx.opt('grid')[0]}x{ctx.opt('grid')[1]}-a{alpha:g}"

@@ -25,7 +25,7 @@ from .vlm import VLM
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
-ORGANISMS = {"organism": "qwen2_5_vl", "organism-llava": "llava"}
+ORGANISMS = {"organism": "qwen2_5_vl", "organism-llava": "llava", "organism-ids": "qwen2_5_vl"}
 
 
 def organism_dir(name: str) -> Path:
@@ -185,4 +185,10 @@ def _load_pretrained(path, name, dtype, device, device_map, prompt_format, trust
         proc = spec.image_processor_for(config)
     from .framing import framing_for
 
-    return VLM(model, tok, proc, spec, name, prompt_format, framing=framing_for(path, tok, spec))
+    vlm = VLM(model, tok, proc, spec, name, prompt_format, framing=framing_for(path, tok, spec))
+    if local:
+        from .ground_truth import find_ground_truth
+
+        gt = find_ground_truth(path)
+        vlm.ground_truth = gt.check(vlm.n_layers, vlm.n_heads, f"{name}'s ground_truth.json") if gt else None
+    return vlm

@@ -1,6 +1,7 @@
 """The model adapter: a loaded VLM plus what vismech needs to know about it.
 
-``VLM`` wraps a HF ``...ForConditionalGeneration`` with its tokenizer, image processor and family spec. It turns
+``VLM`` wraps a HF ``...ForConditionalGeneration`` with its tokenizer, image processor and family spec (and the
+ground truth its checkpoint declares, if any: ``models.ground_truth``). It turns
 trials into left-padded batches and records, for every row, the input positions of each object's image tokens,
 each prompt mention, the token after each mention (the paper's "comma" tokens) and the last token. It also
 exposes the language model's decoder layers and head sizes for the hooks. It never registers hooks itself.
@@ -74,6 +75,7 @@ class VLM:
         self.n_kv_heads = getattr(tc, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // self.n_heads
         self._image_px = self._expected_image_px()
+        self.ground_truth = None  # what the checkpoint declares (models.ground_truth), set by load_vlm
 
     # -- structure ------------------------------------------------------------------------------------------
     def _find_layers(self) -> torch.nn.ModuleList:

@@ -35,10 +35,12 @@ def reproduce_command(info: dict) -> str:
            f"--seed {info['seed']} --batch-size {info['batch_size']} --lr {info['lr']}")
     if info.get("label_mentions"):
         cmd += " --label-mentions"
+    if info.get("plant") is not None:
+        cmd += " --plant ids"
     if info.get("stopped_early") and info.get("max_minutes"):
         cmd += f" --max-minutes {info['max_minutes']}"
-    used = {c.name: c.weight for c in info.get("mixture", MIXTURE)}
-    for c in MIXTURE:
+    used = {c.name: c.weight for c in info.get("mixture", MIXTURE)} if info.get("plant") is None else {}
+    for c in MIXTURE if info.get("plant") is None else ():
         if used.get(c.name, 0.0) != c.weight:
             cmd += f" --weight {c.name}={used.get(c.name, 0.0):g}"
     if info.get("early"):
@@ -77,6 +79,68 @@ def _source_out(info: dict) -> str:
     return words[words.index("--out") + 1] if "--out" in words[:-1] else str(given)
 
 
+def _planting(spec) -> list[str]:
+    from .plant import ground_truth
+
+    gt = ground_truth(spec)
+    heads = lambda hs: ", ".join(f"L{layer}H{head}" for layer, head in hs)  # noqa: E731
+    lines = ["## Ground truth (planted)", "",
+             "This organism is a positive control: declared heads were trained to carry the paper's three stages "
+             "(`vismech.organism.plant`; the high-level causal model is `vismech.organism.causal_model`), and "
+             "`ground_truth.json` declares them (`VLM.ground_truth` after `load_vlm`; `vismech run recovery` "
+             "checks vismech's analyses against it).", "",
+             "| stage | heads | positions | variable |", "|---|---|---|---|"]
+    for name, d in list(gt.stages.items()) + [(f"helper: {k}", v) for k, v in gt.helpers.items()]:
+        lines.append(f"| {name} | {heads(d.heads)} | {d.positions} | {d.variable} |")
+    lines += ["", f"Method: {gt.method}. Position probe after layer {spec.probe_layer}; strict resampling "
+              f"probability {spec.strict_p}; loss weights " + ", ".join(f"{k} {w:g}" for k, w in spec.weights) + ".",
+              "", "## Training data", "",
+              "Planting trials (`causal_model.planting_trial`), colours and shapes from the whole vocabulary: "
+              + ", ".join(f"{k} {w:g}" for k, w in spec.kinds) + "; grids "
+              + ", ".join(f"{g[0]}x{g[1]} {w:g}" for g, w in spec.grids) + "; entropy "
+              + ", ".join(f"{k} {w:g}" for k, w in spec.entropies) + ". Each base trial comes with a swap source, a "
+              "feature source and a resample source of the same layout; a step holds the bases and sources (clean "
+              "rows) and one R, S, F and strict row per base (intervened rows). It is not trained on spatial "
+              "relations or counting.", ""]
+    return lines
+
+
+def _validity(v: dict) -> list[str]:
+    """The positive-control measures of ``validate.validity`` as tables."""
+    pct = lambda r: f"{100 * r['rate']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] (n={r['n']})"  # noqa
+    lines = ["## Validity as a positive control (`python -m vismech.organism.validate`)", "",
+             "Fresh held-out draws; intervals are Wilson 95%. Full-answer accuracy: every answer token is the arg-max "
+             "given the ones before (the same as greedy generation).", "", "| measure | value |", "|---|---|"]
+    for g, r in v["accuracy"].items():
+        lines.append(f"| full-answer accuracy, {g} | {pct(r)} |")
+    for k, r in v["interchange"].items():
+        lines.append(f"| interchange accuracy, {k} (3x3, 3-9 objects) | {pct(r)}; where the answer changes: "
+                     f"{pct(r['changed_answers'])} |")
+    a = v["ablation"]
+    lines += [f"| clean accuracy before ablation | {pct(a['clean'])} |",
+              f"| largest change from resampling one undeclared head | {a['largest_drop_undeclared']['change']:+.3f} "
+              f"(head {a['largest_drop_undeclared']['head']}) |",
+              f"| accuracy with every declared head resampled | {pct(a['declared_resampled'])}; chance "
+              f"{a['chance']:.3f} |"]
+    for k, r in v["probes"].items():
+        lines.append(f"| linear probe on the ID-retrieval heads' outputs: {k} | {pct(r)}; chance {r['chance']:.3f} |")
+    return lines + [""]
+
+
+def _mixture(info: dict) -> list[str]:
+    lines = ["## Training data", "",
+              "Drawn on the fly by `vismech.scenes.sets` (the generator every analysis uses), rendered on this "
+              "model's token grid and framed by its chat format through `VLM.encode`; the answer (the target's "
+              "\"colour shape\", a colour, or the count) and the end token are labelled"
+              + (", and so are the described objects' words of scene-description prompts." if info.get("label_mentions")
+                 else " (no other token)."), "",
+              "| component | task | grid | entropy | objects | weight |", "|---|---|---|---|---|---|"]
+    for c in info.get("mixture", MIXTURE):
+        obj = f"{c.objects[0]}-{c.objects[1]}" if c.objects else "all cells"
+        lines.append(f"| {c.name} | {c.task} | {c.grid[0]}x{c.grid[1]} | {c.entropy or '-'} | {obj} | {c.weight} |")
+    return lines + [""]
+
+
 def card_text(info: dict, model=None) -> str:
     arch = info["arch"]
     lines = [f"# vismech model organism: {arch}", "",
@@ -84,6 +148,12 @@ def card_text(info: dict, model=None) -> str:
              "its own synthetic scenes (coloured shapes on a grid) to do the four tasks of Assouel et al. "
              "(arXiv 2506.15871): scene description, colour retrieval, spatial relation and counting. It exists to "
              "study how binding mechanisms (position IDs) emerge; it knows nothing but these scenes and prompts.", ""]
+    if info.get("plant") is not None:
+        lines[2] = ("A tiny vision-language model of a real Hugging Face architecture in which vismech planted the "
+                    "position-ID mechanism of Assouel et al. (arXiv 2506.15871) in declared heads, on its own "
+                    "synthetic scenes (coloured shapes on a grid): scene description and colour retrieval. It is a "
+                    "positive control with known ground truth for vismech's analyses; it knows nothing but these "
+                    "scenes and prompts.")
     lines += ["## Architecture", ""]
     if model is not None:
         cfg = model.config
@@ -103,17 +173,8 @@ def card_text(info: dict, model=None) -> str:
         lines.append("- parameters: " + ", ".join(f"{k} {n:,}" for k, n in split.items()))
     lines += [f"- total parameters: {info['params']:,} ({2 * info['params'] / 1e6:.2f} MB in bf16); weights, configs "
               f"and tokenizer on disk: {info.get('bytes', 0) / 1e6:.2f} MB", ""]
-    lines += ["## Training data", "",
-              "Drawn on the fly by `vismech.scenes.sets` (the generator every analysis uses), rendered on this "
-              "model's token grid and framed by its chat format through `VLM.encode`; the answer (the target's "
-              "\"colour shape\", a colour, or the count) and the end token are labelled"
-              + (", and so are the described objects' words of scene-description prompts." if info.get("label_mentions")
-                 else " (no other token)."), "",
-              "| component | task | grid | entropy | objects | weight |", "|---|---|---|---|---|---|"]
-    for c in info.get("mixture", MIXTURE):
-        obj = f"{c.objects[0]}-{c.objects[1]}" if c.objects else "all cells"
-        lines.append(f"| {c.name} | {c.task} | {c.grid[0]}x{c.grid[1]} | {c.entropy or '-'} | {obj} | {c.weight} |")
-    lines += ["", "## Training", "",
+    lines += _planting(info["plant"]) if info.get("plant") is not None else _mixture(info)
+    lines += ["## Training", "",
               f"- steps: {info['steps']} of {info['planned_steps']} planned"
               + (" (stopped early by the time limit)" if info.get("stopped_early") else ""),
               *([f"- curriculum: before step {info['early'][0]} the mixture's weights were "
@@ -129,7 +190,9 @@ def card_text(info: dict, model=None) -> str:
               f"gradient clip {info['grad_clip']}, seed {info['seed']}",
               "- labelled tokens: the answer and the end token"
               + (", and the described objects' words in scene-description prompts" if info.get("label_mentions")
-                 else ""),
+                 else "")
+              + (" (and in planting, the described objects' words of reading-order descriptions)"
+                 if info.get("plant") is not None else ""),
               f"- device {info['device']}; training loop {info['train_seconds'] / 60:.1f} min (all sessions), "
               f"wall time of the last session {info['seconds'] / 60:.1f} min; final training loss "
               f"{info['loss'] if info['loss'] is None else round(info['loss'], 4)}", ""]
@@ -140,7 +203,8 @@ def card_text(info: dict, model=None) -> str:
               "| group | accuracy | 95% CI | n |", "|---|---|---|---|"]
     for g, a in info["final_accuracy"].items():
         lines.append(f"| {g} | {a['accuracy']:.3f} | [{a['ci_low']:.3f}, {a['ci_high']:.3f}] | {a['n']} |")
-    lines += ["", "## Use", "", "```python", "from vismech.models.load import load_vlm",
+    lines += [""] + (_validity(info["validity"]) if info.get("validity") else [])
+    lines += ["## Use", "", "```python", "from vismech.models.load import load_vlm",
               f"vlm = load_vlm({info['out']!r})  # offline, through the same adapter as any real model", "```", "",
               "## Reproduce", "",
               *(["First the organism this one starts from, as its card gives it,", ""]

@@ -227,16 +227,21 @@ class _Maker:
     """Builds the batch of a step; one per worker process (or one in the training process)."""
 
     def __init__(self, arch, sizes, seed, batch_size, end_token, pixel_dtype, mixture, label_mentions=False,
-                 early=None):
+                 early=None, plant=None):
         self.vlm = adapter_without_weights(arch, sizes)
         self.seed, self.n, self.end, self.dtype, self.mixture = seed, batch_size, end_token, pixel_dtype, mixture
-        self.label_mentions, self.early = label_mentions, early
+        self.label_mentions, self.early, self.plant = label_mentions, early, plant
 
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
-        mixture = self.early[1] if self.early and step < self.early[0] else self.mixture
-        batch = teacher_forcing(self.vlm, step_trials(self.seed, step, self.n, mixture), self.end,
-                                label_mentions=self.label_mentions)
-        batch.update(rope_positions(self.vlm.model, batch))
+        if self.plant is not None:
+            from .plant import make_batch
+
+            batch = make_batch(self.vlm, self.plant, self.seed, step, self.n, self.end)
+        else:
+            mixture = self.early[1] if self.early and step < self.early[0] else self.mixture
+            batch = teacher_forcing(self.vlm, step_trials(self.seed, step, self.n, mixture), self.end,
+                                    label_mentions=self.label_mentions)
+            batch.update(rope_positions(self.vlm.model, batch))
         if self.dtype is not None:
             batch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
         return batch
@@ -272,16 +277,17 @@ def _make(step: int) -> dict[str, torch.Tensor]:
 
 class Feeder:
     """Training batches for steps ``start, start+1, ...`` in order, built by ``workers`` processes (0: in this
-    process), at most ``prefetch`` batches ahead; ``early`` = (steps, mixture): that mixture before that step.
+    process), at most ``prefetch`` batches ahead; ``early`` = (steps, mixture): that mixture before that step;
+    ``plant`` (a ``plant.PlantSpec``): planting batches (``plant.make_batch``, ``batch_size`` bases) instead.
     ``pixel_dtype`` bf16 halves what crosses processes; it changes nothing under bf16 autocast, whose first vision
     op casts the pixels to bf16 anyway."""
 
     def __init__(self, arch: str, seed: int, batch_size: int, end_token: str, start: int = 0, workers: int = 0,
                  prefetch: int | None = None, pixel_dtype: torch.dtype | None = None, sizes: dict | None = None,
                  mixture: tuple[Component, ...] = MIXTURE, label_mentions: bool = False,
-                 early: tuple[int, tuple[Component, ...]] | None = None):
+                 early: tuple[int, tuple[Component, ...]] | None = None, plant=None):
         self.step = start
-        args = (arch, sizes, seed, batch_size, end_token, pixel_dtype, mixture, label_mentions, early)
+        args = (arch, sizes, seed, batch_size, end_token, pixel_dtype, mixture, label_mentions, early, plant)
         self.pool = None
         if workers > 0:
             import multiprocessing as mp

@@ -52,7 +52,8 @@ LOG = "train_log.jsonl"
 EMERGENCE = "emergence.jsonl"
 DEFAULTS = dict(steps=8000, batch_size=128, lr=1e-3, seed=0)
 WEIGHT_FILES = ("config.json", "chat_template.jinja", "generation_config.json", "model.safetensors", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json", "README.md")
+                "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json", "README.md",
+                "ground_truth.json", "validity.json")
 
 
 # -- schedule, seeds, evaluation --------------------------------------------------------------------------------
@@ -122,29 +123,33 @@ def _flat(acc: dict[str, dict]) -> dict[str, float]:
 
 
 # -- state ----------------------------------------------------------------------------------------------------
-def _save_state(path: Path, model, opt, step: int, run: dict, seconds: float) -> None:
+def _save_state(path: Path, model, opt, step: int, run: dict, seconds: float, probe=None) -> None:
     rng = {"torch": torch.get_rng_state(), "python": repr(random.getstate()),
            "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
     state = {"step": step, "run": run, "seconds": seconds, "model": model.state_dict(),
              "optimizer": opt.state_dict(), "rng": rng}
+    if probe is not None:
+        state["probe"] = probe.state_dict()
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def _load_state(path: Path, model, opt, run: dict) -> tuple[int, float]:
+def _load_state(path: Path, model, opt, run: dict, probe=None) -> tuple[int, float]:
     import ast
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state["run"]
     keys = ("arch", "seed", "batch_size", "lr", "sizes", "label_mentions", "early", "vision_from", "init_from",
-            "freeze_vision")
+            "freeze_vision", "plant")
     keys += ("mixture",) if "mixture" in saved else ()  # states saved before it was recorded have none
     for key in keys:
         if saved.get(key) != run.get(key):
             raise ValueError(f"{path} was trained with {key}={saved.get(key)!r}, not {run.get(key)!r}; resume with "
                              "the same settings or choose another --out")
     model.load_state_dict(state["model"])
+    if probe is not None:
+        probe.load_state_dict(state["probe"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(ast.literal_eval(state["rng"]["python"]))
@@ -189,7 +194,7 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
                    mixture: tuple = data.MIXTURE, label_mentions: bool = False,
                    early: tuple[int, tuple] | None = None, vision_from: str | None = None,
                    init_from: str | None = None, freeze_vision: bool = False,
-                   command: str | None = None) -> TrainResult:
+                   command: str | None = None, plant=None) -> TrainResult:
     """Train the ``arch`` organism for ``steps`` steps into ``out`` (see the module docstring).
 
     ``stop_at`` ends the run after that step as if interrupted (state saved, no checkpoint); ``max_minutes`` ends
@@ -203,7 +208,9 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
     name or folder) starts the vision tower and projector from that trained organism's, and ``freeze_vision`` keeps
     them fixed: a second stage that trains a fresh language model on a tower trained before, as real VLMs are built
     on a pretrained image encoder. ``init_from`` starts every weight from that organism's (a continuation with a
-    fresh optimizer and schedule)."""
+    fresh optimizer and schedule). ``plant`` (a ``plant.PlantSpec``) trains by planting instead of the task mixture:
+    declared heads are trained to carry ``causal_model``'s variables, and the checkpoint declares them in
+    ``ground_truth.json``."""
     check_arch(arch)
     t_start = time.time()
     out = Path(out)
@@ -228,6 +235,8 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
             raise ValueError("--freeze-vision needs --vision-from or --init-from: freezing a random vision tower "
                              "trains nothing useful")
         run["freeze_vision"] = True
+    if plant is not None:
+        run["plant"] = plant.to_json()
     if early:
         run["early"] = json.dumps({"steps": early[0], "mixture": {c.name: c.weight for c in early[1]}}, sort_keys=True)
     warmup = min(500, max(1, steps // 20)) if warmup is None else warmup
@@ -243,14 +252,21 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
     model.to(dev)
     spec = family_for_config(model.config)
     vlm = VLM(model, tok, proc, spec, f"organism:{arch}", "chat")
+    probe = None
+    if plant is not None:
+        from .plant import make_probe
+
+        plant.check(vlm.n_layers, vlm.n_heads)
+        probe = make_probe(vlm).to(dev)
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trained += [(f"probe.{n}", p) for n, p in probe.named_parameters()] if probe is not None else []
     decay = [p for n, p in trained if p.ndim >= 2 and "embed" not in n]
     rest = [p for n, p in trained if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=dev.type == "cuda")
     start, before = 0, 0.0
     if resume and state_path.exists():
-        start, before = _load_state(state_path, model, opt, run)
+        start, before = _load_state(state_path, model, opt, run, probe)
         for f in (LOG, EMERGENCE):
             _truncate(out / f, start)
     elif resume:
@@ -283,7 +299,8 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
         _append(out / LOG, {"step": 0, "loss": None, "lr": 0.0, "seconds": 0.0, "accuracy": _flat(acc)})
     feeder = data.Feeder(arch, seed, batch_size, END_TOKEN[arch], start=start, workers=workers,
                          pixel_dtype=torch.bfloat16 if dev.type == "cuda" else None, sizes=sizes, mixture=mixture,
-                         label_mentions=label_mentions, early=early)
+                         label_mentions=label_mentions, early=early, plant=plant)
+    metrics: dict = {}
     model.train()
     stopped_early = False
     try:
@@ -293,10 +310,15 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
                 for g in opt.param_groups:
                     g["lr"] = cur_lr
                 batch = {k: v.to(dev, non_blocking=True) for k, v in next(feeder).items()}
-                with _autocast(dev):
-                    loss = model(**batch, use_cache=False).loss
+                if plant is not None:
+                    from .plant import plant_loss
+
+                    loss, metrics = plant_loss(vlm, plant, probe, batch, autocast=lambda: _autocast(dev))
+                else:
+                    with _autocast(dev):
+                        loss = model(**batch, use_cache=False).loss
                 loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trained], grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 logged_loss += loss.detach()
@@ -307,6 +329,8 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
                     last_loss = float(logged_loss) / n_logged
                     row = {"step": done, "loss": round(last_loss, 5), "lr": cur_lr, "grad_norm": round(float(gnorm), 4),
                            "seconds": round(time.time() - t0, 2)}
+                    if metrics:
+                        row["plant"] = {k: round(v, 4) for k, v in metrics.items()}  # this step's
                     logged_loss.zero_()
                     n_logged = 0
                     if is_eval:
@@ -316,10 +340,10 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
                     bar.set_postfix(loss=f"{last_loss:.3f}")
                 bar.update(1)
                 if done % save_every == 0 or done == end:
-                    _save_state(state_path, model, opt, done, run, time.time() - t0)
+                    _save_state(state_path, model, opt, done, run, time.time() - t0, probe)
                 if max_minutes is not None and time.time() - t_start > 60 * max_minutes and done < end:
                     stopped_early = True
-                    _save_state(state_path, model, opt, done, run, time.time() - t0)
+                    _save_state(state_path, model, opt, done, run, time.time() - t0, probe)
                     break
     finally:
         bar.close()
@@ -334,7 +358,7 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
         warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
         eval_n=eval_n, mixture=mixture, early=early, command=command, vision_from=vision_from,
         init_from=init_from, freeze_vision=freeze_vision, source_commands=source_commands, stopped_early=stopped_early,
-        max_minutes=max_minutes)))
+        max_minutes=max_minutes, plant=plant)))
     return TrainResult(out, vlm, summary)
 
 
@@ -346,11 +370,21 @@ def _finish(vlm: VLM, out: Path, dev: torch.device, heldout: HeldOut, summary: d
 
     model = copy.deepcopy(vlm.model).to(torch.bfloat16)
     model.save_pretrained(out)
+    if extra.get("plant") is not None:
+        from .plant import ground_truth
+
+        ground_truth(extra["plant"]).save(out)
     vlm.tokenizer.save_pretrained(out)
     vlm.image_processor.save_pretrained(out)
     del model
     loaded = load_vlm(str(out), dtype="bf16", device=str(dev))
     acc = heldout.accuracy(loaded)
+    if extra.get("plant") is not None:  # a planted organism: measure it as a positive control
+        from .validate import validity
+
+        with _autocast(dev):
+            extra["validity"] = validity(loaded, extra["plant"], n=extra["eval_n"])
+        (out / "validity.json").write_text(json.dumps(extra["validity"], indent=1) + "\n")
     size = organism_files_bytes(out)
     write_card(out, {**run, **summary, **extra, "final_accuracy": acc, "bytes": size}, loaded.model)
     size = organism_files_bytes(out)

@@ -1,0 +1,84 @@
+"""Declared ground truth: the file format, its checks, and load_vlm exposing it."""
+
+import json
+
+import pytest
+
+from vismech.models.ground_truth import Declared, GroundTruth, find_ground_truth, load_ground_truth, parse
+from vismech.organism.plant import PlantSpec, ground_truth
+
+
+def _valid():
+    return {"format": "vismech-ground-truth", "version": 1, "method": "hand-made",
+            "stages": {"id_retrieval": {"heads": [[0, 1]], "positions": "mentions", "variable": "cell"},
+                       "feature_retrieval": {"heads": [[1, 0], [1, 1]], "positions": "last", "variable": "features",
+                                             "parts": {"colour": [[1, 0]]}}},
+            "helpers": {"copy": {"heads": [[0, 0]], "positions": "mentions", "variable": "previous word"}}}
+
+
+def test_a_valid_file_round_trips(tmp_path):
+    gt = parse(_valid())
+    assert gt.stages["feature_retrieval"].heads == ((1, 0), (1, 1))
+    assert gt.stages["feature_retrieval"].parts == {"colour": ((1, 0),)}
+    assert gt.heads() == {(0, 1), (1, 0), (1, 1), (0, 0)}
+    gt.save(tmp_path)
+    again = load_ground_truth(tmp_path)
+    assert again == gt and find_ground_truth(tmp_path) == gt
+    assert find_ground_truth(tmp_path / "nothing-here") is None
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(format="other"), "not a vismech ground-truth"),
+    (lambda d: d.update(version=2), "version 2"),
+    (lambda d: d.update(stages={}), "declares no stages"),
+    (lambda d: d["stages"].update(id_binding={"heads": [[0, 0]], "positions": "last"}), "unknown stage"),
+    (lambda d: d["stages"]["id_retrieval"].update(positions="commas"), "positions must be one of"),
+    (lambda d: d["stages"]["id_retrieval"].update(heads=[[0, "1"]]), "pair of integers"),
+    (lambda d: d["stages"]["id_retrieval"].update(heads=[]), "non-empty"),
+    (lambda d: d["stages"]["id_retrieval"].update(heads=[[0, 1], [0, 1]]), "listed twice"),
+    (lambda d: d["helpers"]["copy"].update(heads=[[0, 1]]), "declared for both"),
+    (lambda d: d["stages"]["feature_retrieval"]["parts"].update(x=[[5, 5]]), "not among the stage's heads"),
+    (lambda d: d["stages"]["id_retrieval"].update(code="import os"), "unknown key"),
+])
+def test_bad_files_are_clear_errors(edit, message):
+    d = _valid()
+    edit(d)
+    with pytest.raises(ValueError, match=message):
+        parse(d)
+
+
+def test_files_that_are_not_json_and_heads_outside_the_model(tmp_path):
+    (tmp_path / "ground_truth.json").write_bytes(b"\x80\x04not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_ground_truth(tmp_path)
+    with pytest.raises(ValueError, match="outside this model's 2 layers x 2 heads"):
+        GroundTruth({"id_retrieval": Declared(((2, 0),), "mentions", "")}).check(2, 2)
+
+
+def test_planting_declares_its_heads_by_stage():
+    spec = PlantSpec()
+    gt = ground_truth(spec)
+    assert gt.stages["id_retrieval"].heads == spec.retrieval
+    assert gt.stages["id_selection"].heads == spec.gathering + spec.selection
+    assert gt.stages["id_selection"].parts == {"gathering": spec.gathering, "selection": spec.selection}
+    assert gt.stages["feature_retrieval"].heads == spec.features
+    assert gt.helpers["binding"].heads == spec.binding
+    assert parse(json.loads(json.dumps(gt.to_json()))) == gt
+
+
+def test_load_vlm_exposes_a_checkpoint_s_ground_truth(tmp_path):
+    from vismech.models.load import load_vlm
+    from vismech.models.tiny import build_tiny
+
+    model, tok = build_tiny("llava", seed=0)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert load_vlm(str(tmp_path)).ground_truth is None
+    d = _valid()
+    (tmp_path / "ground_truth.json").write_text(json.dumps(d))
+    vlm = load_vlm(str(tmp_path))
+    assert vlm.ground_truth == parse(d)
+    d["stages"]["id_retrieval"]["heads"] = [[0, vlm.n_heads]]
+    (tmp_path / "ground_truth.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="outside this model"):
+        load_vlm(str(tmp_path))

@@ -1,0 +1,194 @@
+"""Planting: the high-level causal model (golden cases), the batches it builds (every position decodes to the right
+token), and the patched forward (equal to a hand-made patch with hooks)."""
+
+import random
+
+import pytest
+import torch
+
+from vismech import hooks
+from vismech.models.families import family_for_config
+from vismech.models.vlm import VLM
+from vismech.organism import causal_model as cm
+from vismech.organism import plant
+from vismech.organism.config import build_organism
+from vismech.scenes.core import Obj
+
+SIZES = {"text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8),
+         "vision": dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, fullatt_block_indexes=[0])}
+SPEC = plant.PlantSpec(binding=((0, 0),), retrieval=((1, 0), (1, 1)), gathering=((2, 0),), selection=((3, 0),),
+                       features=((4, 1),), probe_layer=0)
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    model, tok, proc = build_organism("qwen2_5_vl", 0, **SIZES)
+    return VLM(model.float(), tok, proc, family_for_config(model.config), "tiny-plant", "chat")
+
+
+# -- the causal model ------------------------------------------------------------------------------------------
+def _scene_trial():
+    objs = [Obj("red", "circle", (0, 0)), Obj("blue", "square", (0, 2)), Obj("green", "star", (1, 1)),
+            Obj("pink", "heart", (2, 0))]
+    return cm.build("describe", (3, 3), objs, [objs[2], objs[0]])  # green star, red circle described
+
+
+def test_selection_is_the_first_undescribed_cell_in_reading_order():
+    t = _scene_trial()
+    assert t.prompt == "In this image there is a green star, a red circle and a"
+    assert t.answer == "blue square" and t.meta["ordered"] is False
+    assert cm.selected_cell(t) == (0, 2)
+    # R from a source where the red circle sits at (0, 2): the described cells are (1, 1) and (0, 2), so the first
+    # undescribed occupied cell is (0, 0), where the base image has the red circle
+    assert cm.selected_cell(t, [(1, 1), (0, 2)]) == (0, 0)
+    assert cm.answer_at(t, (0, 0)) == "red circle"
+
+
+def test_counterfactual_answers_of_a_swap_and_a_feature_source():
+    t = _scene_trial()
+    red, blue = t.scene.at((0, 0)), t.scene.at((0, 2))
+    mapping = {o: o for o in t.scene.objects}
+    mapping[red], mapping[blue] = Obj("red", "circle", (0, 2)), Obj("blue", "square", (0, 0))
+    swap = cm._rebuild(t, mapping)
+    assert swap.prompt == t.prompt and swap.answer == "blue square"  # still first undescribed: now at (0, 0)
+    assert cm.counterfactual_answer(t, swap, "R") == "red circle"
+    assert cm.counterfactual_answer(t, swap, "S") == "red circle"  # source's S is (0, 0), read in the base image
+    assert cm.counterfactual_answer(t, swap, "none") == "blue square"
+    feat = cm.feature_source(t, random.Random(0))
+    assert feat.prompt == t.prompt and feat.target.cell == (0, 2) and feat.answer != t.answer
+    assert cm.counterfactual_answer(t, feat, "F") == feat.answer
+    colour = cm.build("color", (2, 2), [Obj("red", "circle", (0, 0)), Obj("blue", "star", (1, 1))],
+                      target=Obj("blue", "star", (1, 1)))
+    assert cm.selected_cell(colour) == (1, 1) and cm.answer_at(colour, (0, 0)) == "red"
+    assert cm.feature_source(colour, random.Random(0)).target.shape == "star"  # the question names the shape
+
+
+def test_sources_keep_the_layout_and_swaps_look_for_a_changed_answer():
+    rng = random.Random(1)
+    changed = 0
+    for _ in range(60):
+        kind = rng.choice(cm.KINDS)
+        t = cm.planting_trial(rng, cm.draw_structure(rng, kind, rng.choice([(2, 2), (3, 3)])), "any")
+        sw = plant._informative_swap(t, rng)
+        assert sw.prompt == t.prompt and cm.feature_source(t, rng).prompt == t.prompt
+        rs = cm.resample_source(t, rng)
+        assert len(rs.prompt.split()) == len(t.prompt.split()) and len(rs.answer.split()) == len(t.answer.split())
+        changed += cm.counterfactual_answer(t, sw, "R") != t.answer
+    assert changed > 40
+
+
+# -- batches ---------------------------------------------------------------------------------------------------
+def test_every_supervised_position_decodes_to_the_right_token(vlm):
+    b = plant.make_batch(vlm, SPEC, seed=2, step=5, n=4, end_token="<|im_end|>")
+    planned = plant.step_plan(SPEC, 2, 5, 4)
+    ids, tok, img = b["a_input_ids"], vlm.tokenizer, vlm.image_token_id
+    word = lambda r, p: tok.convert_ids_to_tokens(int(ids[r, p]))  # noqa: E731
+    seen = {c: 0 for c in plant.COMPONENTS}
+    for comp in plant.COMPONENTS:
+        for (r, col), keys in zip(b[f"att_{comp}_where"].tolist(), b[f"att_{comp}_keys"]):
+            q, ks = int(b["att_qpos"][r, col]), keys.nonzero().flatten().tolist()
+            t = planned.a[r].trial
+            image = (ids[r] == img).nonzero().flatten().tolist()
+            tokens_of = lambda o: [image[i] for i in vlm.layout(t.scene.grid).cell_tokens(o.cell)]  # noqa: E731
+            last = ids.shape[1] - int((b["a_labels"][r] != -100).sum()) - 1 - (
+                sum(len(o.name.split()) for o in t.mentioned) if t.meta["ordered"] and t.task != "color_retrieval"
+                else 0)
+            seen[comp] += 1
+            if comp == "binding":
+                assert ks == [q - 1] and (word(r, q - 1), word(r, q)) in {(o.color, o.shape) for o in t.mentioned}
+            elif comp == "retrieval":
+                obj = next(o for o in t.mentioned if o.shape == word(r, q) and o.name.split()[0] in
+                           (word(r, q - 1), "") or (t.task == "color_retrieval" and o.shape == word(r, q)))
+                assert ks == tokens_of(obj)
+            elif comp == "gathering":
+                first = int(b["a_attention_mask"][r].nonzero()[0])
+                assert ks == [first] or all(word(r, k) in {o.shape for o in t.mentioned} and k < q for k in ks)
+            else:
+                named = [o for o in t.scene.objects if ks == tokens_of(o)]
+                assert len(named) == 1
+                if word(r, q) in ("a", "\n") and q >= ids.shape[1] - 4:  # the final naming position
+                    assert named[0] == t.target
+    assert all(seen.values())
+    for r in range(4):  # clean rows label their answer (and, in reading order, the described objects' words)
+        lab = b["a_labels"][r]
+        answer = tok.convert_ids_to_tokens([int(x) for x in lab[lab != -100]])
+        assert answer[-1] == "<|im_end|>" and " ".join(answer[-1 - len(planned.a[r].answer.split()):-1]) == \
+            planned.a[r].answer
+
+
+def test_patch_masks_touch_only_what_each_row_intervenes_on(vlm):
+    b = plant.make_batch(vlm, SPEC, seed=3, step=1, n=3, end_token="<|im_end|>")
+    planned = plant.step_plan(SPEC, 3, 1, 3)
+    declared = set(SPEC.planted)
+    for k, (row, kind, src) in enumerate(planned.b):
+        m = b["b_patch"][k]
+        heads = {(int(l), int(h)) for _, l, h in m.nonzero().tolist()}
+        pos = sorted({int(p) for p, _, _ in m.nonzero().tolist()})
+        lab = b["b_labels"][k]
+        answer = " ".join(vlm.tokenizer.convert_ids_to_tokens([int(x) for x in lab[lab != -100]])[:-1])
+        assert answer == row.answer
+        assert int(b["b_source"][k]) == src
+        if kind == "R":
+            assert heads == set(SPEC.retrieval)
+            assert all(vlm.tokenizer.convert_ids_to_tokens(int(b["b_input_ids"][k, p])) in row.trial.prompt
+                       for p in pos)
+        elif kind.startswith("S"):
+            assert heads in (set(SPEC.gathering), set(SPEC.selection))
+        elif kind == "F":
+            assert heads == set(SPEC.features)
+        else:
+            assert heads - declared  # some undeclared heads are resampled
+            last = int(b["b_input_ids"].shape[1] - (lab != -100).sum() - 1)
+            for layer, head in SPEC.features + SPEC.selection:
+                assert not m[last, layer, head]  # declared heads keep their declared positions
+        if kind in ("S_gathering", "S_selection", "F"):
+            last = int(b["b_input_ids"].shape[1] - (lab != -100).sum() - 1)
+            assert pos[0] == last and len(pos) <= 2
+
+
+def test_patched_rows_equal_a_patch_made_by_hand(vlm):
+    b = plant.make_batch(vlm, SPEC, seed=4, step=0, n=2, end_token="<|im_end|>")
+    with torch.no_grad():
+        logits_a, z_a, att, resid = plant.clean_forward(vlm, SPEC, b)
+        logits_b = plant.patched_forward(vlm, b, z_a)
+    for k in range(len(b["b_source"])):
+        src, mask = int(b["b_source"][k]), b["b_patch"][k]
+        one = {key: v[k:k + 1] for key, v in plant._inputs(b, "b_").items() if key not in ("pixel_values",
+                                                                                          "image_grid_thw")}
+        grid = b["b_image_grid_thw"]
+        per = (grid.prod(-1)).tolist()
+        start = sum(per[:k])
+        one["pixel_values"], one["image_grid_thw"] = b["b_pixel_values"][start:start + per[k]], grid[k:k + 1]
+        one["position_ids"] = b["b_position_ids"][:, k:k + 1]
+        edits = []
+        for p, layer, head in mask.nonzero().tolist():
+            edits.append(hooks.Edit("z", layer, torch.tensor([0]), torch.tensor([p]), torch.tensor([head]),
+                                    z_a[layer][src, p, head][None]))
+        with torch.no_grad(), hooks.intervene(vlm, edits):
+            hand = vlm.model(**one, use_cache=False).logits[0]
+        assert torch.allclose(hand, logits_b[k], atol=2e-5), (k, (hand - logits_b[k]).abs().max())
+    # attention probabilities are distributions over keys
+    for layer, p in att.items():
+        assert torch.allclose(p.sum(-1), torch.ones_like(p.sum(-1)), atol=1e-5)
+
+
+def test_a_few_steps_lower_the_loss_and_reach_every_declared_head(vlm):
+    torch.manual_seed(0)
+    probe = plant.make_probe(vlm)
+    opt = torch.optim.AdamW(list(vlm.model.parameters()) + list(probe.parameters()), lr=3e-3)
+    vlm.model.train()
+    batch = plant.make_batch(vlm, SPEC, seed=0, step=0, n=3, end_token="<|im_end|>")
+    first = None
+    for step in range(4):
+        loss, metrics = plant.plant_loss(vlm, SPEC, probe, batch)
+        loss.backward()
+        if step == 0:
+            first = float(loss)
+            o = vlm.attention(SPEC.features[0][0]).o_proj.weight.grad
+            assert o is not None and o.abs().sum() > 0
+            assert set(metrics) >= {"iit_R_acc", "iit_S_acc", "iit_F_acc", "iit_strict_acc", "att_features"}
+        opt.step()
+        opt.zero_grad()
+    vlm.model.eval()
+    assert float(loss) < first
