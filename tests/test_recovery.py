@@ -9,16 +9,14 @@ from vismech.experiments import recovery
 from vismech.experiments.cma import CMAResult
 from vismech.models.ground_truth import Declared, GroundTruth
 
-SMALL = ["--set", "cma_n=8", "--set", "null_samples=500", "--set", "rsa_n=16", "--set", "n_boot=20",
-         "--set", "n_null=2", "--set", "n=8", "--set", "n_estimate=8", "--set", "alphas=[5]",
-         "--set", "random_sets=1", "--batch-size", "16", "--device", "cpu"]
+SMALL = ["--set", "cma_n=8", "--set", "rsa_n=16", "--batch-size", "16", "--device", "cpu"]
 
 
-def _result(found: dict) -> CMAResult:
+def _result(found: dict, shape=(4, 3)) -> CMAResult:
     """A CMA result whose significant heads are ``found`` per condition (scores 5 there, 0 elsewhere)."""
     res = CMAResult(tuple(found), {}, {}, {}, {})
     for c, heads in found.items():
-        mask = np.zeros((4, 3), bool)
+        mask = np.zeros(shape, bool)
         for h in heads:
             mask[h] = True
         res.mean[c] = np.where(mask, 5.0, 0.0)
@@ -64,31 +62,25 @@ def test_a_model_without_ground_truth_gets_one_line(tmp_path, capsys):
 
 
 def test_recovery_finds_the_planted_heads_and_not_deliberately_wrong_ones(tmp_path):
-    """On organism-ids the declared heads are what CMA finds (precision and recall 1 for ID and feature
-    retrieval even with 12 pairs) and edits at them work where random heads' do not; declaring wrong heads of the
-    same model gives precision 0 (one CMA serves both: it is shared within a run)."""
-    from vismech.experiments.common import Context, resolve_options
-    from vismech.models.load import load_vlm
-
-    vlm = load_vlm("organism-ids", device="cpu")
-    small = {"stages": ["id_retrieval", "feature_retrieval"], "cma_n": 12, "null_samples": 2000, "rsa_n": 16, "n_boot": 20, "n_null": 2, "n": 8, "n_estimate": 24,
-             "alphas": [5], "random_sets": 1}
-    ctx = Context(vlm, tmp_path / "run", resolve_options(recovery.DEFAULTS, small), batch_size=16,
-                  show_progress=False)
-    s = recovery.run(ctx)
+    """The README's command on organism-ids (fewer trials): the declared heads are what CMA finds (precision and
+    recall 1 for ID and feature retrieval even with 12 pairs) and edits at them work where random heads' do not;
+    scored against deliberately wrong heads, the same CMA result gives precision and recall 0."""
+    out = tmp_path / "recovery"
+    sets = {"stages": ["id_retrieval", "feature_retrieval"], "cma_n": 12, "rsa_n": 16, "n_boot": 20, "n_null": 2,
+            "n": 8, "n_estimate": 24, "alphas": [5], "random_sets": 1}
+    args = [x for k, v in sets.items() for x in ("--set", f"{k}={json.dumps(v)}")]
+    assert main(["run", "recovery", "--model", "organism-ids", "--out", str(out), "--device", "cpu"] + args) == 0
+    s = json.loads((out / "results" / "recovery.json").read_text())
     for stage in ("id_retrieval", "feature_retrieval"):
         assert s["cma"][stage]["precision"] == 1.0 and s["cma"][stage]["recall"] == 1.0, s["cma"][stage]
         inter = s["interventions"][stage]
         assert inter["declared"]["rate"] > 0.7 > inter["random_heads"]["rate"], inter
     assert s["rsa"]["id_retrieval"]["declared_layer"] == 2 and -1 <= s["rsa"]["id_retrieval"]["r_at_declared"] <= 1
-    assert (ctx.out / "figures" / "recovery.png").exists() and (ctx.out / "results" / "recovery_cma.csv").exists()
-    wrong = {"format": "vismech-ground-truth", "version": 1,
-             "stages": {"id_retrieval": {"heads": [[5, 6], [5, 7]], "positions": "mentions", "variable": "x"},
-                        "feature_retrieval": {"heads": [[0, 4]], "positions": "last", "variable": "x"}}}
-    path = tmp_path / "wrong.json"
-    path.write_text(json.dumps(wrong))
-    ctx.options = resolve_options(recovery.DEFAULTS, {**small, "ground_truth": str(path)})
-    w = recovery.run(ctx)
+    assert (out / "figures" / "recovery.png").exists() and (out / "results" / "recovery_cma.csv").exists()
+    assert "id='recovery'" in (out / "report.html").read_text()
+    found = {c: [tuple(h) for h in s["cma"][c]["found"]] for c in ("id_retrieval", "feature_retrieval")}
+    wrong = GroundTruth({"id_retrieval": Declared(((5, 6), (5, 7)), "mentions", ""),
+                         "feature_retrieval": Declared(((0, 4),), "last", "")})
+    w = recovery.cma_recovery(_result(found, (8, 8)), wrong)[1]
     for stage in ("id_retrieval", "feature_retrieval"):
-        assert w["cma"][stage]["recall"] == 0.0 and w["cma"][stage]["precision"] == 0.0, w["cma"][stage]
-    assert "id_selection" not in w["cma"]  # not asked for, not scored
+        assert w[stage]["recall"] == 0.0 and w[stage]["precision"] == 0.0, w[stage]

@@ -107,7 +107,8 @@ def _planting(spec) -> list[str]:
 
 def _validity(v: dict) -> list[str]:
     """The positive-control measures of ``validate.validity`` as tables."""
-    pct = lambda r: f"{100 * r['rate']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] (n={r['n']})"  # noqa
+    pct = lambda r: "n/a (n=0)" if r["rate"] is None else (  # noqa: E731
+        f"{100 * r['rate']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] (n={r['n']})")
     lines = ["## Validity as a positive control (`python -m vismech.organism.validate`)", "",
              "Fresh held-out draws; intervals are Wilson 95%. Full-answer accuracy: every answer token is the arg-max "
              "given the ones before (the same as greedy generation).", "", "| measure | value |", "|---|---|"]

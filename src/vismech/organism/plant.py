@@ -426,7 +426,7 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
             losses[name] = ce_b[sel].mean()
             metrics[f"iit_{name}_acc"] = float(hits_b[sel].float().mean())
     total = sum(spec.weight(k) * v for k, v in losses.items())
-    metrics.update({f"loss_{k}": float(v) for k, v in losses.items()})
+    metrics.update({f"loss_{k}": float(v.detach()) for k, v in losses.items()})
     return total, metrics
 
 

@@ -34,8 +34,10 @@ END = {"qwen2_5_vl": "<|im_end|>", "llava": "</s>"}
 
 
 def _rate(k: int, n: int) -> dict:
+    if n == 0:  # nothing to count (e.g. no pair whose answer changes): no rate
+        return {"rate": None, "n": 0, "ci_low": None, "ci_high": None}
     lo, hi = wilson_ci(k, n)
-    return {"rate": k / n if n else float("nan"), "n": n, "ci_low": float(lo), "ci_high": float(hi)}
+    return {"rate": k / n, "n": n, "ci_low": float(lo), "ci_high": float(hi)}
 
 
 def _run(vlm: VLM, spec: plant.PlantSpec, plan: plant._Plan, end: str, seed: int):
@@ -194,7 +196,7 @@ def validity(vlm: VLM, spec: plant.PlantSpec, n: int = 256, seed: int = 0, batch
     vlm.model.eval()
     return {"accuracy": accuracy(vlm, spec, n, seed, batch_size, end),
             "interchange": interchange(vlm, spec, n, seed, batch_size, end),
-            "ablation": ablation(vlm, spec, max(16, n // 4), seed, batch_size, end),
+            "ablation": ablation(vlm, spec, max(4, n // 4), seed, batch_size, end),
             "probes": probes(vlm, spec, n, seed, batch_size, end)}
 
 
