@@ -221,7 +221,7 @@ def test_id_intervention_computes_cma_when_the_run_has_not(tmp_path):
     ctx = _ctx(id_intervention, vlm, tmp_path, shared={}, n=2, n_estimate=4, k_grid=[2], alphas=[5],
                conditions=["id_selection"], cma_n=2)
     id_intervention.run(ctx)
-    assert ctx.shared["cma"].scores["id_selection"].shape == (vlm.n_layers, vlm.n_heads, 2)
+    assert cma.cma_scores(ctx).scores["id_selection"].shape == (vlm.n_layers, vlm.n_heads, 2)
 
 
 @pytest.mark.parametrize("family", TWO)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 import transformers as tf
 
+from vismech.errors import UserError
 from vismech.scenes.core import Geometry, Layout
 
 #: The instruction given in chat mode to completion tasks, whose sentence prefix opens the assistant turn.
@@ -260,7 +261,7 @@ def family_for_config(config) -> Family:
     """The spec for a loaded config, bound to its sizes; a clear error for unsupported architectures."""
     fam = MODEL_TYPES.get(getattr(config, "model_type", None))
     if fam is None:
-        raise ValueError(
+        raise UserError(
             f"model type {getattr(config, 'model_type', None)!r} is not supported; vismech supports "
             f"{', '.join(sorted(FAMILIES))} (see `vismech models`)"
         )
