@@ -57,8 +57,10 @@ class Lock:
     def __init__(self, directory: Path):
         self.path = Path(directory) / ".lock"
         self.fd: int | None = None
+        self.created = False  # whether acquire made the lock file
 
     def acquire(self) -> "Lock":
+        self.created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

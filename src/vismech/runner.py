@@ -91,6 +91,10 @@ def checkpoint_fingerprint(model: str) -> dict | str:
     return fingerprint(path)
 
 
+_OTHER_WEIGHTS = ("the weights of {model} are not those {out} was made with (their checksums differ); resuming "
+                  "would mix two models' results. Use a new --out")
+
+
 def _holds_work(out: Path) -> bool:
     return any(p.is_file() for d in ("results", "units") if (out / d).is_dir() for p in (out / d).iterdir())
 
@@ -114,7 +118,9 @@ def _open_run(out: Path, identity: dict, resume: bool) -> tuple[dict | None, Loc
         except (ValueError, AssertionError):
             raise UserError(f"{mpath} is damaged, so the stored results cannot be checked; choose a new --out") \
                 from None
-        diff = [k for k in IDENTITY if k != "checkpoint" and old.get(k) != identity[k]]
+        diff = [k for k in IDENTITY if old.get(k) != identity[k]]
+        if diff == ["checkpoint"]:
+            raise UserError(_OTHER_WEIGHTS.format(model=identity["model"], out=out))
         if diff:
             raise UserError(f"{out} was made with different {', '.join(diff)}; resuming would mix results. "
                             "Use the same options, or a new --out")
@@ -127,6 +133,8 @@ def _open_run(out: Path, identity: dict, resume: bool) -> tuple[dict | None, Loc
 def _abandon(out: Path, lock: Lock, created: bool) -> None:
     """Leave ``out`` as it was when a run stops before any work is stored: release the lock, and remove what the
     run created (its lock file, and the directory when the run made it)."""
+    if not _holds_work(out) and lock.created and lock.fd is not None:
+        lock.path.unlink(missing_ok=True)
     lock.release()
     if _holds_work(out):
         return
@@ -174,16 +182,16 @@ def run_experiments(names: list[str], args, overrides: dict, resume: bool = Fals
     out = Path(args.out) if args.out else default_run_dir(args.model)
     mods, options = plan(names, args, overrides)
     identity = {"model": args.model, "dtype": args.dtype, "prompt_format": args.prompt_format, "seed": args.seed,
-                "batch_size": args.batch_size, "experiments": names, "options": options, "vismech": __version__}
+                "batch_size": args.batch_size, "experiments": names, "options": options, "vismech": __version__,
+                "checkpoint": checkpoint_fingerprint(args.model)}
     opened = _agree(_open_run, out, identity, resume)
     old, lock, created = opened if opened else (None, Lock(out), False)
     try:
         vlm = load_vlm(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
                        prompt_format=args.prompt_format, trust_remote_code=args.trust_remote_code, seed=args.seed)
-        identity["checkpoint"] = checkpoint_fingerprint(args.model)
+        identity["checkpoint"] = checkpoint_fingerprint(args.model)  # a hub model may be in the cache only now
         if old is not None and old.get("checkpoint") != identity["checkpoint"]:
-            raise UserError(f"the weights of {args.model} are not those {out} was made with (their checksums "
-                            "differ); resuming would mix two models' results. Use a new --out")
+            raise UserError(_OTHER_WEIGHTS.format(model=args.model, out=out))
         manifest = old or {**identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_seconds": {}}
         manifest.update(device=str(vlm.device), versions=_versions(), git_revision=_git_revision())
         manifest.pop("finished", None)
@@ -205,7 +213,7 @@ def run_experiments(names: list[str], args, overrides: dict, resume: bool = Fals
             t0 = time.time()
             summary = m.run(ctx)
             manifest["wall_seconds"][m.NAME] = round(time.time() - t0, 2)
-            outputs[m.NAME] = [ledger.rel(p) for p in ctx.written + [done]]
+            outputs[m.NAME] = [ledger.rel(p) for p in ctx.written + [done] if p.parent.name != "units"]
             ctx._write(done, json_text(summary).encode())  # its checksum (and the manifest) go first
             print(f"[{m.NAME}] done in {manifest['wall_seconds'][m.NAME]:.1f}s" + _one_line(m, summary))
         manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -96,8 +96,8 @@ def dumps(value: Any) -> bytes:
     from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {}
-    skeleton = json.dumps(_encode(value, tensors), allow_nan=False)
-    return save(tensors, metadata={"format": FORMAT, "skeleton": skeleton})
+    skeleton = _encode(value, tensors)  # one metadata entry, so the header's bytes do not depend on key order
+    return save(tensors, metadata={"vismech": json.dumps({"format": FORMAT, "skeleton": skeleton}, allow_nan=False)})
 
 
 def loads(data: bytes) -> Any:
@@ -107,10 +107,10 @@ def loads(data: bytes) -> Any:
     try:
         tensors = load(data)
         n = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + n])["__metadata__"]
+        meta = json.loads(json.loads(data[8:8 + n])["__metadata__"]["vismech"])
         if meta.get("format") != FORMAT:
             raise DamagedUnit(f"not a {FORMAT} file")
-        return _decode(json.loads(meta["skeleton"]), tensors)
+        return _decode(meta["skeleton"], tensors)
     except DamagedUnit:
         raise
     except Exception as e:  # safetensors' own errors, bad JSON, missing keys, wrong field names: all mean damaged

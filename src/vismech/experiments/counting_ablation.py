@@ -93,12 +93,12 @@ def _figure(ctx: Context, rows: list[dict], total: int) -> None:
 
 def run(ctx: Context) -> dict:
     vlm = ctx.vlm
+    total = vlm.n_layers * vlm.n_heads
+    ks = sorted(set(ctx.opt("k_grid") or k_grid(total)))
+    if ks[-1] > total or ks[0] < 0:  # checked before the CMA work
+        raise UserError(f"K must lie in 0..{total} (the model's heads), got {ks}")
     res = cma_scores(ctx)
     order = head_order(res.max_score())
-    total = len(order)
-    ks = sorted(set(ctx.opt("k_grid") or k_grid(total)))
-    if ks[-1] > total or ks[0] < 0:
-        raise UserError(f"K must lie in 0..{total} (the model's heads), got {ks}")
     trials = counting_set(ctx.opt("n"), seed=ctx.seed, grid=tuple(ctx.opt("grid")))
     batches = []
     for s in range(0, len(trials), ctx.batch_size):
