@@ -1,6 +1,7 @@
 """Worker for the data-parallel run-directory test: under torchrun, every rank-sensitive step of a run (directory
 checks, the lock, the manifest, stored units, recomputing a damaged unit, refusing a second run) is taken ROUNDS
-times into fresh directories by all processes at once; each rank writes what it saw to OUT/rank{R}.json."""
+times into fresh directories by all processes at once, then activations are captured to memmaps three times; each
+rank writes what it saw to OUT/rank{R}.json."""
 
 import json
 import os
@@ -51,7 +52,21 @@ for i in range(ROUNDS):
     distributed.barrier()
     row["files"] = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     seen.append(row)
-(root / f"rank{rank}.json").write_text(json.dumps({"world": distributed.world(), "rounds": seen}))
+# activation memmaps: every process captures the same trials into its own files (never one file written twice)
+from vismech import activations  # noqa: E402
+from vismech.models.load import load_vlm  # noqa: E402
+from vismech.scenes.sets import scene_description_set  # noqa: E402
+
+ctx = Context(load_vlm("tiny:llava", device="cpu"), root / "acts", {"memmap_mb": 0}, show_progress=False)
+sums = []
+for rep in range(3):
+    ctx.shared = {}
+    acts = activations.for_context(ctx, scene_description_set(4, (2, 2), seed=rep))
+    sums.append(float(np.asarray(acts.resid, dtype=np.float64).sum()))
+    distributed.barrier()
+files = sorted(p.relative_to(root / "acts").as_posix() for p in (root / "acts").rglob("*.npy"))
+(root / f"rank{rank}.json").write_text(json.dumps({"world": distributed.world(), "rounds": seen, "sums": sums,
+                                                   "memmaps": files}))
 distributed.shutdown()
 sys.stdout.flush()
 os._exit(0)  # see dp_worker.py: gloo's threads may abort in the interpreter's teardown

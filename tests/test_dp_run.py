@@ -66,3 +66,6 @@ def test_rank_sensitive_steps_under_two_processes_repeated(tmp_path):
         assert a["second"] == b["second"] and "another vismech run" in a["second"]
         assert a["files"] == b["files"] == [".lock", "manifest.json", "units", "units/u.safetensors"]
     assert r.stderr.count("computing it again") == len(ranks[0]["rounds"])  # one line a damaged unit, rank 0's
+    assert ranks[0]["sums"] == ranks[1]["sums"] and len(set(ranks[0]["sums"])) == 3
+    assert ranks[0]["memmaps"] == ranks[1]["memmaps"]  # both see both processes' files, each in its own folder
+    assert {m.split("/")[1] for m in ranks[0]["memmaps"]} == {"rank0", "rank1"} and len(ranks[0]["memmaps"]) == 6

@@ -190,8 +190,11 @@ def _planted_cma(vlm, seed=0):
 
 
 def _ctx(mod, vlm, tmp_path, shared=None, **opts):
-    return Context(vlm, tmp_path, resolve_options(mod.DEFAULTS, opts), seed=0, batch_size=4,
-                   shared=shared if shared is not None else {"cma": _planted_cma(vlm)}, show_progress=False)
+    ctx = Context(vlm, tmp_path, resolve_options(mod.DEFAULTS, opts), seed=0, batch_size=4,
+                  shared=shared if shared is not None else {}, show_progress=False)
+    if shared is None:
+        cma.use_cma(ctx, _planted_cma(vlm))
+    return ctx
 
 
 def _figures_exist(tmp_path, names):

@@ -212,12 +212,23 @@ def _options(ctx: Context, options: dict | None) -> dict:
     return {**DEFAULTS, **{k[4:]: v for k, v in ctx.options.items() if k.startswith("cma_") and k[4:] in DEFAULTS}}
 
 
+def _same_scores(o: dict) -> str:
+    """What identifies a CMA result: the options its scores depend on."""
+    return repr([list(o[k]) if isinstance(o[k], tuple) else o[k]
+                 for k in ("n", "grid", "conditions", "null_samples", "q", "engine")])
+
+
+def use_cma(ctx: Context, result: CMAResult, options: dict | None = None) -> None:
+    """Make ``result`` (e.g. scores computed elsewhere) what ``cma_scores(ctx, options)`` returns in this run."""
+    ctx.shared.setdefault("cma", {})[_same_scores(_options(ctx, options))] = result
+
+
 def cma_scores(ctx: Context, options: dict | None = None) -> CMAResult:
     """The CMA result under these options: computed on first call, then reused from ``ctx.shared["cma"]`` by every
     experiment of the run that asks with the same options (so results depend on the options alone, not on which
     experiment ran first or on resuming)."""
     o = _options(ctx, options)
-    same = repr([o[k] for k in ("n", "grid", "conditions", "null_samples", "q", "engine")])
+    same = _same_scores(o)
     cache = ctx.shared.setdefault("cma", {})
     if same in cache:
         return cache[same]
