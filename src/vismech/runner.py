@@ -145,18 +145,23 @@ def _abandon(out: Path, lock: Lock, created: bool) -> None:
 
 
 def _agree(fn, *a):
-    """``fn(*a)`` on rank 0, its ``UserError`` raised on every process (others get rank 0's result)."""
+    """``fn(*a)`` on rank 0, its ``UserError`` raised on every process (the others get None, or an error when rank
+    0 failed otherwise, so that no process waits for one that has stopped)."""
     from vismech import distributed
 
-    result, err = None, None
+    result, err, bug = None, None, None
     if distributed.is_main():
         try:
             result = fn(*a)
         except UserError as e:
-            err = str(e)
+            err = (UserError, str(e))
+        except Exception as e:
+            err, bug = (RuntimeError, f"rank 0 failed: {e!r}"), e
     err = distributed.from_main(err)
+    if bug is not None:
+        raise bug
     if err is not None:
-        raise UserError(err)
+        raise err[0](err[1])
     return result
 
 

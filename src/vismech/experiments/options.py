@@ -45,20 +45,23 @@ class Opt:
         if self.choices:
             what = "one of " + ", ".join(json.dumps(c) for c in self.choices)
         elif self.kind == "grid":
-            what = (f"a grid [rows, cols] of 1 to {MAX_GRID} each with {self.lo or 1:g} to "
-                    f"{self.hi or MAX_GRID ** 2:g} cells, e.g. [3, 3]")
+            what = (f"a grid [rows, cols] of 1 to {MAX_GRID} each with {_n(self.lo or 1)} to "
+                    f"{_n(self.hi or MAX_GRID ** 2)} cells, e.g. [3, 3]")
         elif self.kind == "list":
-            n = "" if self.length == (0, None) else f" of {self.length[0]} to {self.length[1] or 'any number of'}"
-            what = f"a list{n}" + (f" of ({self.each.describe()})" if self.each else "")
+            lo, hi = self.length
+            what = ("a list" if (lo, hi) == (0, None) else "a non-empty list" if (lo, hi) == (1, None) else
+                    f"a list of {lo} to {hi if hi is not None else 'any number of'} items" if lo != hi else
+                    f"a list of {lo} items")
+            what += f", each {self.each.describe()}" if self.each else ""
         else:
             what = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
                     "any": "any value"}[self.kind or "any"]
             if self.lo is not None and self.hi is not None:
-                what += f" {'strictly ' if self.open else ''}between {self.lo:g} and {self.hi:g}"
+                what += f" {'strictly ' if self.open else ''}between {_n(self.lo)} and {_n(self.hi)}"
             elif self.lo is not None:
-                what += f" {'>' if self.open else '>='} {self.lo:g}"
+                what += f" {'>' if self.open else '>='} {_n(self.lo)}"
             elif self.hi is not None:
-                what += f" {'<' if self.open else '<='} {self.hi:g}"
+                what += f" {'<' if self.open else '<='} {_n(self.hi)}"
         return what + (" (or null)" if self.none else "")
 
     def check(self, name: str, v: Any) -> Any:
@@ -101,6 +104,10 @@ class Opt:
     def _within(self, x: float) -> bool:
         low = self.lo is None or (x > self.lo if self.open else x >= self.lo)
         return low and (self.hi is None or (x < self.hi if self.open else x <= self.hi))
+
+
+def _n(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def infer(default: Any) -> Opt:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -194,7 +195,9 @@ def _load_pretrained(path, name, dtype, device, device_map, prompt_format, trust
         if budget:
             kw["max_memory"] = budget  # this process's GPUs only when torchrun starts several
     try:
-        model = spec.model_class().from_pretrained(path, **kw)
+        with warnings.catch_warnings():  # torch's note on a foreign pickle's protocol precedes our own message
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            model = spec.model_class().from_pretrained(path, **kw)
     except (OSError, SafetensorError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load the weights of {name!r}: {first}; the weight files are damaged or incomplete, "
