@@ -139,8 +139,11 @@ def _abandon(out: Path, lock: Lock, created: bool) -> None:
     if _holds_work(out):
         return
     if created:
-        for p in sorted(out.rglob("*"), key=lambda p: -len(p.parts)):
-            p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
+        for p in sorted(out.rglob("*"), key=lambda p: -len(p.parts)):  # deepest first
+            if p.is_dir() and not p.is_symlink():
+                p.rmdir()
+            else:
+                p.unlink()
         out.rmdir()
 
 
@@ -219,7 +222,7 @@ def run_experiments(names: list[str], args, overrides: dict, resume: bool = Fals
             summary = m.run(ctx)
             manifest["wall_seconds"][m.NAME] = round(time.time() - t0, 2)
             outputs[m.NAME] = [ledger.rel(p) for p in ctx.written + [done] if p.parent.name != "units"]
-            ctx._write(done, json_text(summary).encode())  # its checksum (and the manifest) go first
+            ctx.write_file(done, json_text(summary).encode())  # its checksum (and the manifest) go first
             print(f"[{m.NAME}] done in {manifest['wall_seconds'][m.NAME]:.1f}s" + _one_line(m, summary))
         manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         write_json(manifest, mpath)

@@ -1,8 +1,10 @@
 """What every experiment shares: its run context (model, options, output folders, progress) and how it saves.
 
 An experiment is a module in ``vismech.experiments`` with ``NAME``, ``DESCRIPTION``, ``DEFAULTS`` (its options
-and their default values) and ``run(ctx) -> dict`` (a JSON-able summary). It writes tidy tables with
-``ctx.save_table`` and figures with ``ctx.save_figure``; it never loads a model or registers a hook itself.
+and their default values; an optional ``LIMITS`` beside it adds ranges and choices, see ``experiments.options``)
+and ``run(ctx) -> dict`` (a JSON-able summary). It writes tidy tables with ``ctx.save_table`` and figures with
+``ctx.save_figure`` (everything it writes gets its checksum in the run's manifest); it never loads a model or
+registers a hook itself.
 """
 
 from __future__ import annotations
@@ -72,10 +74,10 @@ class Context:
         if value is not _MISSING:
             return value
         value = compute()
-        self._write(path, units.dumps(value))
+        self.write_file(path, units.dumps(value))
         return value
 
-    def _write(self, path: Path, data: bytes) -> Path:
+    def write_file(self, path: Path, data: bytes) -> Path:
         """Write ``data`` atomically, its checksum recorded in the run's ledger first; the path goes to
         ``written``."""
         if self.ledger is not None:
@@ -85,10 +87,10 @@ class Context:
 
     def save_table(self, name: str, rows: list[dict]) -> Path:
         """Write ``results/NAME.csv`` (long format: one row per measurement with its condition columns)."""
-        return self._write(self.results_dir / f"{name}.csv", csv_text(rows).encode())
+        return self.write_file(self.results_dir / f"{name}.csv", csv_text(rows).encode())
 
     def save_json(self, name: str, obj: Any) -> Path:
-        return self._write(self.results_dir / f"{name}.json", json_text(obj).encode())
+        return self.write_file(self.results_dir / f"{name}.json", json_text(obj).encode())
 
     def save_arrays(self, name: str, arrays: dict[str, Any]) -> Path:
         """Write ``results/NAME.npz`` (compressed; read it with ``numpy.load(path, allow_pickle=False)``)."""
@@ -98,7 +100,7 @@ class Context:
 
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
-        return self._write(self.results_dir / f"{name}.npz", buf.getvalue())
+        return self.write_file(self.results_dir / f"{name}.npz", buf.getvalue())
 
     def save_figure(self, fig, name: str) -> list[Path]:
         """Save a matplotlib figure as PNG and PDF under ``figures/`` and close it."""
@@ -115,7 +117,7 @@ class Context:
         for ext in ("png", "pdf"):
             buf = io.BytesIO()
             fig.savefig(buf, format=ext, dpi=150, bbox_inches="tight")
-            paths.append(self._write(self.figures_dir / f"{name}.{ext}", buf.getvalue()))
+            paths.append(self.write_file(self.figures_dir / f"{name}.{ext}", buf.getvalue()))
         plt.close(fig)
         return paths
 
