@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny
 from vismech import hooks
-from vismech.experiments import binding_errors, relabs_patch, reuse
+from vismech.experiments import binding_errors, cma, relabs_patch, reuse
 from vismech.experiments.common import Context, resolve_options
 from vismech.io import read_csv
 from vismech.scenes.sets import entropy_set, spatial_relation_set
@@ -215,7 +215,7 @@ def test_default_heads_come_from_the_cma_ranking(tmp_path):
     ctx = _ctx(vlm, relabs_patch, tmp_path, n=1, k=2, cma_n=2)
     heads, source = reuse.select_heads(ctx, 2)
     assert source == "cma top-2 id_selection" and len(heads) == 2
-    assert heads == ctx.shared["cma"].top_k("id_selection", 2)
+    assert heads == cma.cma_scores(ctx).top_k("id_selection", 2)
     s = relabs_patch.run(ctx)
     assert s["heads"] == [list(h) for h in heads]
     capped, _ = reuse.select_heads(ctx, 10_000)

@@ -190,8 +190,11 @@ def _planted_cma(vlm, seed=0):
 
 
 def _ctx(mod, vlm, tmp_path, shared=None, **opts):
-    return Context(vlm, tmp_path, resolve_options(mod.DEFAULTS, opts), seed=0, batch_size=4,
-                   shared=shared if shared is not None else {"cma": _planted_cma(vlm)}, show_progress=False)
+    ctx = Context(vlm, tmp_path, resolve_options(mod.DEFAULTS, opts), seed=0, batch_size=4,
+                  shared=shared if shared is not None else {}, show_progress=False)
+    if shared is None:
+        cma.use_cma(ctx, _planted_cma(vlm))
+    return ctx
 
 
 def _figures_exist(tmp_path, names):
@@ -221,7 +224,7 @@ def test_id_intervention_computes_cma_when_the_run_has_not(tmp_path):
     ctx = _ctx(id_intervention, vlm, tmp_path, shared={}, n=2, n_estimate=4, k_grid=[2], alphas=[5],
                conditions=["id_selection"], cma_n=2)
     id_intervention.run(ctx)
-    assert ctx.shared["cma"].scores["id_selection"].shape == (vlm.n_layers, vlm.n_heads, 2)
+    assert cma.cma_scores(ctx).scores["id_selection"].shape == (vlm.n_layers, vlm.n_heads, 2)
 
 
 @pytest.mark.parametrize("family", TWO)

@@ -11,7 +11,7 @@ from vismech.cli import main
 
 
 def test_inspect_tiny_and_organism(tmp_path, capsys):
-    for args in (["tiny:idefics2", "--n", "1", "--device", "cpu"], ["organism", "--n", "4"]):  # the README's
+    for args in (["tiny:idefics2", "--trials", "1", "--device", "cpu"], ["organism", "--trials", "4"]):  # the README's
         out = tmp_path / f"{args[0].replace(':', '_')}.json"
         assert main(["inspect", *args, "--out", str(out)]) == 0
         rec = json.loads(out.read_text())
@@ -42,7 +42,7 @@ def test_inspect_a_checkpoint_with_a_real_tokenizer(tmp_path, capsys):
     (ckpt / "chat_template.json").write_text((folder / "chat_template.json").read_text())
     FAMILIES["qwen2_5_vl"].image_processor_for(cfg).save_pretrained(ckpt)
     out = tmp_path / "inspect.json"
-    assert main(["inspect", str(ckpt), "--n", "1", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["inspect", str(ckpt), "--trials", "1", "--device", "cpu", "--out", str(out)]) == 0
     rec = json.loads(out.read_text())
     assert rec["template_source"] == "checkpoint chat_template.json" and rec["articles"] == "grammatical"
     assert rec["tasks"]["counting"]["rule"] == "sequence"  # counts 10-20 are two digit tokens in Qwen's vocabulary

@@ -24,12 +24,12 @@ def test_kill_and_resume_loses_nothing_and_duplicates_nothing(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     units = run / "units"
     deadline = time.time() + 120
-    while time.time() < deadline and not (units.exists() and any(units.glob("*.pt"))):
+    while time.time() < deadline and not (units.exists() and any(units.glob("*.safetensors"))):
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "results" / "behaviour.json").exists(), "the run finished before it could be killed"
-    kept = {p.name: p.stat().st_mtime_ns for p in units.glob("*.pt")}
+    kept = {p.name: p.stat().st_mtime_ns for p in units.glob("*.safetensors")}
     assert kept and not list(units.glob(".*tmp*"))  # finished units whole, no half-written file visible
     assert main(ARGS + ["--out", str(run)]) == 2  # without --resume the directory is refused
     assert main(ARGS + ["--out", str(run), "--resume"]) == 0

@@ -136,7 +136,7 @@ def test_scene_description_set(entropy):
     assert len({t.target.cell for t in trials}) > 3
     full = scene_description_set(3, (2, 2), seed=0)
     assert all(len(t.scene.objects) == 4 for t in full)
-    with pytest.raises(ValueError, match="holds 2 to 4"):
+    with pytest.raises(ValueError, match=r"2x2 grid has 4 cell\(s\), too few for 5 objects"):
         scene_description_set(1, (2, 2), n_objects=5)
 
 

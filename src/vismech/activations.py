@@ -48,7 +48,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from vismech import hooks
+from vismech import distributed, hooks
 from vismech.experiments.behaviour import batches
 from vismech.scenes.core import Trial
 
@@ -240,7 +240,7 @@ def for_context(ctx, trials: list[Trial], commas: bool = True, z: bool = False, 
     """``capture`` for an experiment, shared through ``ctx.shared`` by every experiment of the run.
 
     Reads the experiment options ``act_dtype`` and ``memmap_mb`` when it has them; memmaps go to
-    ``ctx.out / "cache"``. ``ctx.shared["activations_stats"]`` counts captures, forwards and reuses.
+    ``ctx.out / "cache"`` (``cache/rankR`` for each process of a data-parallel run, which all capture the same). ``ctx.shared["activations_stats"]`` counts captures, forwards and reuses.
     """
     spec = CaptureSpec(commas=commas, z=z, dtype=ctx.options.get("act_dtype", "float32"))
     cache = ctx.shared.setdefault("activations", {})
@@ -255,8 +255,9 @@ def for_context(ctx, trials: list[Trial], commas: bool = True, z: bool = False, 
         spec = old.spec.union(spec)
     mb = ctx.options.get("memmap_mb", 512)
     tag = f"{digest[:12]}_{'c' if spec.commas else ''}{'z' if spec.z else ''}_{spec.dtype}"
+    cache_dir = ctx.out / "cache" / (f"rank{distributed.rank()}" if distributed.world() > 1 else "")
     with ctx.progress(len(trials), desc) as update:
-        acts = capture(ctx.vlm, trials, spec, ctx.batch_size, memmap_dir=ctx.out / "cache",
+        acts = capture(ctx.vlm, trials, spec, ctx.batch_size, memmap_dir=cache_dir,
                        memmap_over_bytes=int(mb * (1 << 20)), name=tag, progress=update)
     cache[key] = acts
     stats["captures"] += 1

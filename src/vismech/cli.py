@@ -1,4 +1,6 @@
-"""The ``vismech`` command line. Every command has ``--help``; user errors exit with code 2 and one line."""
+"""The ``vismech`` command line. Every command has ``--help``; user errors (``vismech.errors.UserError`` and bad
+arguments) exit with code 2 and one line on stderr, before anything is written; ``--debug`` adds the traceback.
+Numeric arguments are checked by the same rules as experiment options (``vismech.experiments.options``)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,18 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
+
+from vismech.errors import UserError
+from vismech.experiments.options import GRID, MAX_GRID, TRIALS, Opt, arg_type
+from vismech.rundir import output_dir
+
+
+#: rules of the CLI's numeric arguments (``--trials`` shares the experiments' rule of ``n``)
+BATCH = Opt("int", 1, 1 << 16)
+SEED = Opt("int", 0, 2 ** 32 - 1)
+COUNT = Opt("int", 1)
 
 
 def _grid(s: str) -> tuple[int, int]:
@@ -14,7 +27,24 @@ def _grid(s: str) -> tuple[int, int]:
         r, c = (int(x) for x in s.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"grid must look like 3x3, not {s!r}") from None
-    return r, c
+    try:
+        return tuple(GRID.check("--grid", [r, c]))
+    except UserError:
+        raise argparse.ArgumentTypeError(f"must be ROWSxCOLS with 1 to {MAX_GRID} each and at least 2 cells, "
+                                         f"e.g. 3x3, not {s!r}") from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``vismech COMMAND: error: ...; see vismech COMMAND --help``, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _trials(p: argparse.ArgumentParser, default, help: str) -> None:
+    p.add_argument("-n", "--trials", dest="n", type=arg_type(TRIALS, "--trials"), default=default, help=help)
+    p.add_argument("--n", dest="n", type=arg_type(TRIALS, "--n"), default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the old spelling (ambiguous to torchrun's own parser)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +58,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="the checkpoint's chat template with the sentence as the assistant's start, or plain "
                    "completion; auto: chat for vismech's own models, else the better of the two on a small set")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--batch-size", type=arg_type(BATCH, "--batch-size"), default=16)
+
+
+def _check_model_args(args) -> None:
+    """What can be checked about the model arguments before loading anything (the device)."""
+    from vismech.models.load import resolve_device
+
+    resolve_device(args.device)
 
 
 def _load(args):
@@ -61,7 +98,8 @@ def cmd_stimuli(args) -> int:
     from vismech.scenes.stimuli import TASK_GENERATORS, generate, write_stimuli
 
     if args.task not in TASK_GENERATORS:
-        raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(TASK_GENERATORS)}")
+        raise UserError(f"unknown task {args.task!r}; choose one of {', '.join(TASK_GENERATORS)}")
+    output_dir(args.out)
     geometry = geometry_for(args.model)
     items = generate(args.task, args.grid, args.n, args.seed)
     write_stimuli(items, geometry, args.out)
@@ -89,19 +127,25 @@ def cmd_eval(args) -> int:
 
     from vismech.experiments import behaviour
     from vismech.io import write_csv, write_json
-    from vismech.scenes.stimuli import generate
+    from vismech.scenes.stimuli import TASK_GENERATORS, generate
 
+    bad = [t for t in args.task if t not in TASK_GENERATORS]
+    if bad:
+        raise UserError(f"unknown task {bad[0]!r}; choose from {', '.join(TASK_GENERATORS)}")
+    out = output_dir(args.out)
+    _check_model_args(args)
+    sets = {task: generate(task, args.grid, args.n, args.seed) for task in args.task}
     vlm = _load(args)
-    trials = []
-    for task in args.task:
-        trials += generate(task, args.grid, args.n, args.seed)
     t0 = time.time()
-    with tqdm(total=len(trials), desc="eval", unit="trial") as bar:
-        rows = behaviour.evaluate(vlm, trials, args.batch_size, generate=not args.no_generate, progress=bar.update)
+    rows: list[dict] = []
+    with tqdm(total=sum(map(len, sets.values())), desc="eval", unit="trial") as bar:
+        for trials in sets.values():  # trials.csv grows after each task, so an interruption loses one task at most
+            for r in behaviour.evaluate(vlm, trials, args.batch_size, generate=not args.no_generate,
+                                        progress=bar.update):
+                rows.append({**r, "trial": len(rows)})
+            write_csv(rows, out / "trials.csv")
     summary = behaviour.summarize(rows)
     cells = behaviour.summarize(rows, by=("task", "grid", "entropy", "target_cell"))
-    out = Path(args.out)
-    write_csv(rows, out / "trials.csv")
     write_csv(summary + cells, out / "accuracy.csv")
     write_json({"model": args.model, "prompt_format": args.prompt_format, "dtype": args.dtype, "seed": args.seed,
                 "tasks": args.task, "n": args.n, "grid": list(args.grid), "seconds": time.time() - t0,
@@ -119,7 +163,7 @@ def _parse_sets(pairs: list[str]) -> dict:
     out = {}
     for kv in pairs:
         if "=" not in kv:
-            raise ValueError(f"--set takes KEY=VALUE, not {kv!r}")
+            raise UserError(f"--set takes KEY=VALUE, not {kv!r}")
         k, v = kv.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -135,10 +179,11 @@ def cmd_run(args) -> int:
     names = [n for n in EXPERIMENTS if n not in NOT_IN_ALL] if args.experiments == ["all"] else args.experiments
     for n in names:
         if n not in EXPERIMENTS:
-            raise ValueError(f"unknown experiment {n!r}; choose from {', '.join(EXPERIMENTS)} or all")
+            raise UserError(f"unknown experiment {n!r}; choose from {', '.join(EXPERIMENTS)} or all")
     overrides = _parse_sets(args.set or [])
     if args.n is not None:
         overrides.setdefault("n", args.n)
+    _check_model_args(args)
     run_dir = run_experiments(names, args, overrides, resume=args.resume)
     print(f"results in {run_dir}")
     print(f"report: {run_dir / 'report.html'}")
@@ -175,6 +220,8 @@ def cmd_train_organism(args) -> int:
     from vismech.organism.config import SMALL_SIZES
     from vismech.organism.train import train_organism
 
+    output_dir(args.out)
+    _check_model_args(args)
     if args.sizes is None:
         sizes = None
     elif args.sizes == "small":
@@ -183,8 +230,8 @@ def cmd_train_organism(args) -> int:
         try:
             sizes = json.loads(args.sizes)
         except json.JSONDecodeError:
-            raise ValueError("--sizes takes small or a JSON object like '{\"text\": {\"num_hidden_layers\": 4}}', "
-                             f"not {args.sizes!r}") from None
+            raise UserError("--sizes takes small or a JSON object like '{\"text\": {\"num_hidden_layers\": 4}}', "
+                            f"not {args.sizes!r}") from None
     kw = {k: getattr(args, k) for k in ("eval_every", "eval_n", "workers", "max_minutes")
           if getattr(args, k) is not None}
     from vismech.organism.data import reweighted
@@ -196,12 +243,12 @@ def cmd_train_organism(args) -> int:
             try:
                 out[name] = float(value)
             except ValueError:
-                raise ValueError(f"{flag} takes COMPONENT=NUMBER, e.g. color_2x2=0.3, not {item!r}") from None
+                raise UserError(f"{flag} takes COMPONENT=NUMBER, e.g. color_2x2=0.3, not {item!r}") from None
         return out
 
     kw["mixture"] = reweighted(weights(args.weight, "--weight"))
     if args.early_weight and not args.early_steps:
-        raise ValueError("--early-weight needs --early-steps N: the step before which those weights apply")
+        raise UserError("--early-weight needs --early-steps N: the step before which those weights apply")
     if args.early_steps:
         kw["early"] = (args.early_steps, reweighted(weights(args.early_weight, "--early-weight"), kw["mixture"]))
     if args.plant:
@@ -227,8 +274,9 @@ def cmd_train_organism(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vismech", description="Find, measure and edit the position-ID binding "
-                                "mechanisms of vision-language models.")
+    p = Parser(prog="vismech", description="Find, measure and edit the position-ID binding mechanisms of "
+               "vision-language models.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("models", help="list supported families, presets and organisms")
@@ -241,15 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="qwen2_5_vl",
                    help="family (qwen2_vl, qwen2_5_vl, llava, llava_onevision, idefics2) or any --model value "
                    "whose token geometry to render for")
-    s.add_argument("--n", type=int, default=10, help="trials (K per identity x cell for the K x N x N sets)")
-    s.add_argument("--seed", type=int, default=0)
+    _trials(s, 10, "trials (K per identity x cell for the K x N x N sets)")
+    s.add_argument("--seed", type=arg_type(SEED, "--seed"), default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_stimuli)
 
     s = sub.add_parser("inspect", help="how vismech frames and scores MODEL: one framed trial per task, patched "
                        "positions, answer tokens, chat-vs-plain accuracy")
     s.add_argument("model", help="HF hub id or local checkpoint dir, tiny:FAMILY, organism, organism-llava")
-    s.add_argument("--n", type=int, default=8, help="trials per task for the chat-vs-plain accuracy")
+    _trials(s, 8, "trials per task for the chat-vs-plain accuracy")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -261,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s)
     s.add_argument("--task", nargs="+", default=["scene_description"])
     s.add_argument("--grid", type=_grid, default=(2, 2))
-    s.add_argument("--n", type=int, default=20)
-    s.add_argument("--seed", type=int, default=0)
+    _trials(s, 20, "trials per task")
+    s.add_argument("--seed", type=arg_type(SEED, "--seed"), default=0)
     s.add_argument("--no-generate", action="store_true", help="first-token accuracy only (faster)")
     s.add_argument("--out", default="runs/eval")
     s.set_defaults(fn=cmd_eval)
@@ -271,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("experiments", nargs="+", help="experiment names, or all")
     _model_args(s)
     s.add_argument("--out", default=None, help="run directory (default runs/<model>)")
-    s.add_argument("--n", type=int, default=None, help="trials per condition, passed to every experiment")
-    s.add_argument("--seed", type=int, default=0)
+    _trials(s, None, "trials per condition, passed to every experiment (its option n)")
+    s.add_argument("--seed", type=arg_type(SEED, "--seed"), default=0)
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override an experiment option (JSON values), e.g. --set grid=[3,3]")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out, skipping "
@@ -283,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s)
     s.set_defaults(model="organism")
     s.add_argument("--out", default="runs/demo")
-    s.add_argument("--n", type=int, default=None)
-    s.add_argument("--seed", type=int, default=0)
+    _trials(s, None, "trials per condition (the demo's own: 4)")
+    s.add_argument("--seed", type=arg_type(SEED, "--seed"), default=0)
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
     s.add_argument("--fresh", dest="resume", action="store_false",
                    help="refuse an existing --out instead of continuing it (by default a demo continues)")
@@ -298,20 +346,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "scenes and save it as a checkpoint (see vismech.organism)")
     s.add_argument("--arch", required=True, choices=["qwen2_5_vl", "llava"])
     s.add_argument("--out", required=True, help="output directory (checkpoint, model card, logs, train state)")
-    s.add_argument("--steps", type=int, default=8000)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=arg_type(COUNT, "--steps"), default=8000)
+    s.add_argument("--seed", type=arg_type(SEED, "--seed"), default=0)
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--batch-size", type=int, default=128)
-    s.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warmup, then cosine decay)")
+    s.add_argument("--batch-size", type=arg_type(BATCH, "--batch-size"), default=128)
+    s.add_argument("--lr", type=arg_type(Opt("float", 0, 10, open=True), "--lr"), default=1e-3, help="peak learning rate (warmup, then cosine decay)")
     s.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
-    s.add_argument("--workers", type=int, default=None, help="data worker processes (default: 0 on CPU, "
+    s.add_argument("--workers", type=arg_type(Opt("int", 0, 256), "--workers"), default=None, help="data worker processes (default: 0 on CPU, "
                    "4 on CUDA)")
     s.add_argument("--label-mentions", action="store_true", help="also train on the described objects' words of "
                    "scene-description prompts (denser supervision; default: the answer only)")
-    s.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (500)")
-    s.add_argument("--eval-n", type=int, default=None, help="held-out trials per group (128)")
-    s.add_argument("--max-minutes", type=float, default=None, help="stop early after this long, still saving")
-    s.add_argument("--early-steps", type=int, default=None, help="a curriculum: before this step, train on the "
+    s.add_argument("--eval-every", type=arg_type(COUNT, "--eval-every"), default=None, help="steps between held-out evaluations (500)")
+    s.add_argument("--eval-n", type=arg_type(TRIALS, "--eval-n"), default=None, help="held-out trials per group (128)")
+    s.add_argument("--max-minutes", type=arg_type(Opt("float", 0, open=True), "--max-minutes"), default=None, help="stop early after this long, still saving")
+    s.add_argument("--early-steps", type=arg_type(COUNT, "--early-steps"), default=None, help="a curriculum: before this step, train on the "
                    "mixture changed by --early-weight")
     s.add_argument("--early-weight", action="append", metavar="COMPONENT=W", help="a mixture weight before "
                    "--early-steps (on top of --weight), e.g. sd_3x3_high=0; repeat for several")
@@ -334,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sizes", default=None, help="'small' (a toy organism for checks) or JSON overrides of "
                    "vismech.organism.config sizes, e.g. '{\"text\": {\"num_hidden_layers\": 4}}'")
     s.set_defaults(fn=cmd_train_organism)
+    for command in sub.choices.values():  # --debug is accepted after the command too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -346,8 +396,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        print(f"vismech: error: {e}", file=sys.stderr)
+    except UserError as e:  # anything else is a bug and keeps its traceback
+        if distributed.is_main():
+            if args.debug:
+                traceback.print_exc()
+            print("vismech: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vismech: interrupted; finished results are on disk", file=sys.stderr)

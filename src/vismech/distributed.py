@@ -13,6 +13,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from vismech.errors import UserError
+
 
 def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -83,7 +85,7 @@ def process_gpus() -> list[int]:
         return []
     k = n // procs
     if k == 0:
-        raise ValueError(f"{procs} processes on this host but only {n} GPUs; start at most {n} with torchrun")
+        raise UserError(f"{procs} processes on this host but only {n} GPUs; start at most {n} with torchrun")
     return list(range(local_rank() * k, (local_rank() + 1) * k)) if procs > 1 else list(range(n))
 
 
@@ -115,6 +117,16 @@ def gather(obj) -> list:
     parts: list = [None] * world()
     dist.all_gather_object(parts, obj)
     return parts
+
+
+def from_main(obj):
+    """Rank 0's ``obj`` on every process (``obj`` itself alone): decisions that read the file system (is this
+    unit stored? is the run directory usable?) are taken by rank 0 only, so that processes never disagree."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shutdown() -> None:

@@ -29,6 +29,11 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """A tidy CSV: one row per measurement, columns in first-seen order across all rows."""
+    return atomic_write(path, csv_text(rows))
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """The text of ``write_csv``."""
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
@@ -36,7 +41,7 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    return atomic_write(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def read_csv(path: str | Path) -> list[dict[str, str]]:
@@ -45,7 +50,12 @@ def read_csv(path: str | Path) -> list[dict[str, str]]:
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
-    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=_default) + "\n")
+    return atomic_write(path, json_text(obj))
+
+
+def json_text(obj: Any) -> str:
+    """The text of ``write_json``: indented, keys sorted, arrays as lists."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=_default) + "\n"
 
 
 def _default(o: Any) -> Any:

@@ -13,7 +13,9 @@ import html
 import json
 from pathlib import Path
 
+from vismech.errors import UserError
 from vismech.io import atomic_write
+from vismech.rundir import output_dir
 
 #: What the paper (arXiv 2506.15871 v2) reports for each experiment, in one or two sentences.
 PAPER = {
@@ -98,17 +100,39 @@ def _caption(name: str, summary: dict) -> str | None:
         return f"(caption unavailable: {type(e).__name__})"
 
 
+def _inside(run: Path, path: Path) -> bool:
+    """``path`` is a regular file of the run directory itself: not a link, not reached through one."""
+    try:
+        return path.is_file() and not path.is_symlink() and path.resolve().is_relative_to(run.resolve())
+    except OSError:
+        return False
+
+
 def _figures(run: Path, name: str) -> list[Path]:
     stem = name.replace("-", "_")
     figs = sorted((run / "figures").glob("*.png")) if (run / "figures").exists() else []
-    return [f for f in figs if f.stem.startswith(name) or f.stem.startswith(stem)]
+    return [f for f in figs if (f.stem.startswith(name) or f.stem.startswith(stem)) and _inside(run, f)]
+
+
+def _read_json(run: Path, path: Path):
+    """The JSON in ``path`` (a regular file inside ``run``); ``UserError`` naming the file if it is not one."""
+    rel = path.relative_to(run)
+    if not _inside(run, path):
+        raise UserError(f"{run / rel} is not a regular file inside the run directory; the report reads only those")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise UserError(f"{run / rel} is damaged ({type(e).__name__}); resume the run (--resume) to recompute "
+                        "it") from None
 
 
 def build_html(run: Path) -> str:
-    manifest = json.loads((run / "manifest.json").read_text())
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>vismech report: {_e(manifest['model'])}"
+    manifest = _read_json(run, run / "manifest.json")
+    if not isinstance(manifest, dict):
+        raise UserError(f"{run / 'manifest.json'} is not a vismech manifest (not a JSON object)")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>vismech report: {_e(manifest.get('model'))}"
              f"</title><style>{CSS}</style></head><body>",
-             f"<h1>vismech report: {_e(manifest['model'])}</h1>",
+             f"<h1>vismech report: {_e(manifest.get('model'))}</h1>",
              f"<p>Prompt format <b>{_e(manifest.get('prompt_format'))}</b>, dtype {_e(manifest.get('dtype'))}, "
              f"seed {_e(manifest.get('seed'))}, device {_e(manifest.get('device'))}. Started "
              f"{_e(manifest.get('started'))}, finished {_e(manifest.get('finished', 'not yet'))}.</p>"]
@@ -120,7 +144,7 @@ def build_html(run: Path) -> str:
         if not done.exists():
             parts.append("<p><i>Not finished in this run.</i></p>")
             continue
-        summary = json.loads(done.read_text())
+        summary = _read_json(run, done)
         cap = _caption(name, summary)
         if cap:
             parts.append(f"<p class='model'><b>This model:</b> {_e(cap)}</p>")
@@ -146,5 +170,6 @@ def build_html(run: Path) -> str:
 def write_report(run: str | Path) -> Path:
     run = Path(run)
     if not (run / "manifest.json").exists():
-        raise ValueError(f"{run} is not a vismech run directory (no manifest.json)")
+        raise UserError(f"{run} is not a vismech run directory (no manifest.json)")
+    output_dir(run, "run directory")  # refuse a read-only directory before the work of building the page
     return atomic_write(run / "report.html", build_html(run))

@@ -1,10 +1,14 @@
 """Run a list of experiments on one model into one run directory: ``manifest.json``, ``results/``, ``figures/``,
 ``units/`` (resumable pieces of long experiments) and ``report.html``.
 
-Finished work is written atomically as it finishes: each experiment's summary goes to ``results/NAME.json`` last,
-after its tables and figures, so its presence marks the experiment done; long experiments store their pieces with
-``Context.unit``. ``--resume`` skips what is on disk and gives the same final results as an uninterrupted run. A run
-directory made with different options is refused, never mixed.
+Every option is checked before anything is written. Finished work is written atomically as it finishes, its
+SHA-256 recorded in the manifest first (``rundir.Ledger``): each experiment's summary goes to ``results/NAME.json``
+last, after its tables and figures, so its presence marks the experiment done; long experiments store their pieces
+with ``Context.unit``. ``--resume`` reuses what is on disk and still matches its checksum, recomputes the rest (one
+line says what and why), and gives the same final results as an uninterrupted run. A run directory made with other
+options, another vismech version or other weights (``checkpoint_fingerprint``) is refused, never mixed; a run
+holds ``OUT/.lock`` while it works, so a second run into the same directory is refused. A run that stops before
+storing any work leaves the directory as it found it.
 """
 
 from __future__ import annotations
@@ -17,12 +21,16 @@ import time
 from pathlib import Path
 
 from vismech import __version__
+from vismech.errors import UserError
 from vismech.experiments import get
-from vismech.experiments.common import Context, resolve_options
-from vismech.io import write_json
+from vismech.experiments.common import Context, notice
+from vismech.experiments.options import check_options
+from vismech.io import json_text, write_json
+from vismech.rundir import Ledger, Lock, fingerprint, output_dir
 
 #: manifest keys that must match for a run directory to be resumed
-IDENTITY = ("model", "dtype", "prompt_format", "seed", "batch_size", "experiments", "options")
+IDENTITY = ("model", "dtype", "prompt_format", "seed", "batch_size", "experiments", "options", "vismech",
+            "checkpoint")
 
 
 def _versions() -> dict[str, str]:
@@ -47,86 +55,187 @@ def default_run_dir(model: str) -> Path:
     return Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "_", model)
 
 
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"cannot write to the run directory {out}: {e.strerror}; choose another --out") from None
-
-
 def plan(names: list[str], args, overrides: dict) -> tuple[list, dict]:
-    """The experiment modules and their resolved options; unknown options are an error."""
+    """The experiment modules and their resolved options, every value checked (``experiments.options``); unknown
+    options and bad values are a ``UserError``."""
     mods = [get(n) for n in names]
     options, used = {}, set()
     for m in mods:
         given = {k: v for k, v in overrides.items() if k in m.DEFAULTS}
         used |= set(given)
-        options[m.NAME] = json.loads(json.dumps(resolve_options(m.DEFAULTS, given)))
+        options[m.NAME] = json.loads(json.dumps(check_options(m, given)))
     unused = sorted(set(overrides) - used)
     if unused:
-        raise ValueError(f"option(s) {', '.join(unused)} are not taken by any of {', '.join(names)}")
+        raise UserError(f"option(s) {', '.join(unused)} are not taken by any of {', '.join(names)}")
     return mods, options
 
 
+def checkpoint_fingerprint(model: str) -> dict | str:
+    """What identifies the weights of ``model``: the hashes of a local or cached checkpoint's files
+    (``rundir.fingerprint``); ``tiny:``/``random:`` models are built from their name and seed."""
+    from vismech.models.load import checkpoint_path
+
+    if model.startswith(("tiny:", "random:")):
+        return model
+    path = checkpoint_path(model)
+    if not Path(path).is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path, "config.json")
+        except Exception:  # not a valid repo id: load_vlm has already refused it
+            cached = None
+        if not isinstance(cached, str):
+            return model
+        path = str(Path(cached).parent)
+    return fingerprint(path)
+
+
+_OTHER_WEIGHTS = ("the weights of {model} are not those {out} was made with (their checksums differ); resuming "
+                  "would mix two models' results. Use a new --out")
+
+
+def _holds_work(out: Path) -> bool:
+    return any(p.is_file() for d in ("results", "units") if (out / d).is_dir() for p in (out / d).iterdir())
+
+
+def _open_run(out: Path, identity: dict, resume: bool) -> tuple[dict | None, Lock, bool]:
+    """Rank 0: check ``out``, take its lock and decide: the old manifest to resume, or None for a fresh run (also
+    when the directory holds no finished work). ``UserError`` when the directory cannot be used."""
+    output_dir(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = Lock(out).acquire()  # refused: the directory belongs to the run holding the lock, leave it alone
+    try:
+        mpath = out / "manifest.json"
+        if not mpath.exists() or not _holds_work(out):
+            return None, lock, created
+        if not resume:
+            raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose a new --out")
+        try:
+            old = json.loads(mpath.read_text())
+            assert isinstance(old, dict)
+        except (ValueError, AssertionError):
+            raise UserError(f"{mpath} is damaged, so the stored results cannot be checked; choose a new --out") \
+                from None
+        diff = [k for k in IDENTITY if old.get(k) != identity[k]]
+        if diff == ["checkpoint"]:
+            raise UserError(_OTHER_WEIGHTS.format(model=identity["model"], out=out))
+        if diff:
+            raise UserError(f"{out} was made with different {', '.join(diff)}; resuming would mix results. "
+                            "Use the same options, or a new --out")
+        return old, lock, created
+    except BaseException:
+        _abandon(out, lock, created)
+        raise
+
+
+def _abandon(out: Path, lock: Lock, created: bool) -> None:
+    """Leave ``out`` as it was when a run stops before any work is stored: release the lock, and remove what the
+    run created (its lock file, and the directory when the run made it)."""
+    if not _holds_work(out) and lock.created and lock.fd is not None:
+        lock.path.unlink(missing_ok=True)
+    lock.release()
+    if _holds_work(out):
+        return
+    if created:
+        for p in sorted(out.rglob("*"), key=lambda p: -len(p.parts)):  # deepest first
+            if p.is_dir() and not p.is_symlink():
+                p.rmdir()
+            else:
+                p.unlink()
+        out.rmdir()
+
+
+def _agree(fn, *a):
+    """``fn(*a)`` on rank 0, its ``UserError`` raised on every process (the others get None, or an error when rank
+    0 failed otherwise, so that no process waits for one that has stopped)."""
+    from vismech import distributed
+
+    result, err, bug = None, None, None
+    if distributed.is_main():
+        try:
+            result = fn(*a)
+        except UserError as e:
+            err = (UserError, str(e))
+        except Exception as e:
+            err, bug = (RuntimeError, f"rank 0 failed: {e!r}"), e
+    err = distributed.from_main(err)
+    if bug is not None:
+        raise bug
+    if err is not None:
+        raise err[0](err[1])
+    return result
+
+
+def _stored(ledger: Ledger, manifest: dict, name: str, done: Path) -> str | None:
+    """Rank 0: None when experiment ``name`` has not finished; "ok" when every file it wrote still has its
+    checksum; else which file is wrong."""
+    if not done.exists() and not done.is_symlink():
+        return None
+    files = manifest.get("outputs", {}).get(name)
+    if not files:
+        return f"{ledger.rel(done)} has no record of its files in the manifest"
+    for rel in files:
+        why = ledger.problem(ledger.out / rel)
+        if why:
+            return f"{rel} {why}"
+    return "ok"
+
+
 def run_experiments(names: list[str], args, overrides: dict, resume: bool = False) -> Path:
+    from vismech import distributed
     from vismech.models.load import load_vlm
 
     out = Path(args.out) if args.out else default_run_dir(args.model)
     mods, options = plan(names, args, overrides)
     identity = {"model": args.model, "dtype": args.dtype, "prompt_format": args.prompt_format, "seed": args.seed,
-                "batch_size": args.batch_size, "experiments": names, "options": options}
-    mpath = out / "manifest.json"
-    from vismech import distributed
-
-    distributed.barrier()  # every process sees the same directory state before deciding to resume
-    if mpath.exists() and distributed.world() > 1 and not resume and not distributed.is_main():
-        resume = True  # rank 0 may already have written this run's manifest
-    if mpath.exists():
-        old = json.loads(mpath.read_text())
-        if not resume:
-            raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose a new --out")
-        diff = [k for k in IDENTITY if old.get(k) != identity[k]]
-        if diff:
-            raise ValueError(f"{out} was made with different {', '.join(diff)}; resuming would mix results. "
-                             "Use the same options, or a new --out")
-        manifest = old
-    else:
-        manifest = {**identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_seconds": {}}
-    created = not out.exists()
-    _check_writable(out)
+                "batch_size": args.batch_size, "experiments": names, "options": options, "vismech": __version__,
+                "checkpoint": checkpoint_fingerprint(args.model)}
+    opened = _agree(_open_run, out, identity, resume)
+    old, lock, created = opened if opened else (None, Lock(out), False)
     try:
         vlm = load_vlm(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
                        prompt_format=args.prompt_format, trust_remote_code=args.trust_remote_code, seed=args.seed)
-    except BaseException:
-        if created and out.exists() and not any(out.iterdir()):
-            out.rmdir()  # leave nothing behind for a model that could not be loaded
-        raise
-    manifest.update(device=str(vlm.device), versions=_versions(), git_revision=_git_revision(),
-                    framing=vlm.framing_record(args.seed))
-    manifest.pop("finished", None)
-    write_json(manifest, mpath)
-    shared: dict = {}
-    for m in mods:
-        distributed.barrier()
-        done = out / "results" / f"{m.NAME}.json"
-        if done.exists():
-            print(f"[{m.NAME}] already done, skipped")
-            continue
-        ctx = Context(vlm, out, options[m.NAME], seed=args.seed, batch_size=args.batch_size, shared=shared)
-        t0 = time.time()
-        summary = m.run(ctx)
-        manifest["wall_seconds"][m.NAME] = round(time.time() - t0, 2)
-        write_json(summary, done)
+        identity["checkpoint"] = checkpoint_fingerprint(args.model)  # a hub model may be in the cache only now
+        if old is not None and old.get("checkpoint") != identity["checkpoint"]:
+            raise UserError(_OTHER_WEIGHTS.format(model=args.model, out=out))
+        manifest = old or {**identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_seconds": {}}
+        manifest.update(device=str(vlm.device), versions=_versions(), git_revision=_git_revision(),
+                        framing=vlm.framing_record(args.seed))
+        manifest.pop("finished", None)
+        mpath = out / "manifest.json"
+        ledger = Ledger(out, manifest.setdefault("checksums", {}), lambda: write_json(manifest, mpath))
+        outputs = manifest.setdefault("outputs", {})
+        shared: dict = {}
+        for m in mods:
+            distributed.barrier()
+            done = out / "results" / f"{m.NAME}.json"
+            state = distributed.from_main(_stored(ledger, manifest, m.NAME, done) if distributed.is_main() else None)
+            if state == "ok":
+                print(f"[{m.NAME}] already done, skipped")
+                continue
+            if state is not None:
+                notice(f"[{m.NAME}] {state}; running it again (its stored units are reused)")
+            ctx = Context(vlm, out, options[m.NAME], seed=args.seed, batch_size=args.batch_size, shared=shared,
+                          ledger=ledger)
+            t0 = time.time()
+            summary = m.run(ctx)
+            manifest["wall_seconds"][m.NAME] = round(time.time() - t0, 2)
+            outputs[m.NAME] = [ledger.rel(p) for p in ctx.written + [done] if p.parent.name != "units"]
+            ctx.write_file(done, json_text(summary).encode())  # its checksum (and the manifest) go first
+            print(f"[{m.NAME}] done in {manifest['wall_seconds'][m.NAME]:.1f}s" + _one_line(m, summary))
+        manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         write_json(manifest, mpath)
-        print(f"[{m.NAME}] done in {manifest['wall_seconds'][m.NAME]:.1f}s" + _one_line(m, summary))
-    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    write_json(manifest, mpath)
-    from vismech.report import write_report
+        from vismech.report import write_report
 
-    write_report(out)
+        write_report(out)
+    except BaseException:
+        if distributed.is_main():
+            _abandon(out, lock, created)
+        raise
+    finally:
+        lock.release()
     return out
 
 

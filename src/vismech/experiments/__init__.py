@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 
+from vismech.errors import UserError
+
 #: name -> module (relative to this package), in run order
 EXPERIMENTS: dict[str, str] = {
     "behaviour": ".behaviour_experiment",
@@ -33,5 +35,5 @@ NOT_IN_ALL: tuple[str, ...] = ("recovery",)
 
 def get(name: str):
     if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)} or all")
+        raise UserError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)} or all")
     return importlib.import_module(EXPERIMENTS[name], __name__)

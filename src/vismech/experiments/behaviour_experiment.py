@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from vismech.experiments import behaviour
 from vismech.experiments.common import Context
+from vismech.experiments.options import Opt
 from vismech.scenes.stimuli import generate
 
 NAME = "behaviour"
 DESCRIPTION = "Accuracy (first-token and generated) on scene description, colour retrieval, spatial relation, counting"
 DEFAULTS = {"tasks": ["scene_description", "color_retrieval", "spatial_relation", "counting"], "grid": [2, 2],
             "n": 16, "generate": True, "max_new_tokens": None}
+LIMITS = {"tasks": Opt("list", length=(1, None), each=Opt("str", choices=tuple(behaviour.GEN_TOKENS)))}
 GRIDDED = ("scene_description", "color_retrieval")
 
 

@@ -42,8 +42,8 @@ quantile is reported too, as in Yang et al. 2025). Cost: twice the patching of t
 Options: ``n`` pairs per condition (50 as in the paper), ``grid`` (2x2), ``conditions``, ``null_samples`` (2,000),
 ``q`` (0.05), ``top_k`` (heads listed in the summary, 10), ``engine`` ("fast": ``head_patch``, vision once and
 stacked rows; "naive": one full forward per head, the bit-exact reference). Other experiments call
-``cma_scores(ctx)``, which computes once per run and caches in ``ctx.shared["cma"]``; called from another experiment
-it takes this module's defaults, overridden by that experiment's ``cma_*`` options (e.g. ``cma_n``). Each
+``cma_scores(ctx)``, which computes once per run and set of options (cached in ``ctx.shared["cma"]``); called from
+another experiment it takes this module's defaults, overridden by that experiment's ``cma_*`` options (e.g. ``cma_n``). Each
 condition's scores are one resumable unit (``ctx.unit``).
 """
 
@@ -59,7 +59,9 @@ import torch
 from vismech import distributed, patching
 from vismech.analysis.cma import head_significance, logit_diff_score, stage_map, top_k_heads
 from vismech.analysis.stats import mean_se
+from vismech.errors import UserError
 from vismech.experiments.common import Context
+from vismech.experiments.options import MAX_TRIALS, Opt
 from vismech.scenes.core import CounterfactualPair
 from vismech.scenes.counterfactual import CONDITIONS, cma_pairs
 
@@ -67,6 +69,7 @@ NAME = "cma"
 DESCRIPTION = "Causal mediation over every attention head in 3 conditions, with a re-paired null (Fig. 1d)"
 DEFAULTS = {"n": 50, "grid": (2, 2), "conditions": list(CONDITIONS), "null_samples": 2000, "q": 0.05,
             "top_k": 10, "engine": "fast"}
+LIMITS = {"n": Opt("int", 2, MAX_TRIALS), "engine": Opt("str", choices=("fast", "naive"))}
 LABELS = {"id_retrieval": "ID retrieval", "id_selection": "ID selection", "feature_retrieval": "Feature retrieval"}
 
 
@@ -85,8 +88,8 @@ class CMAResult:
     def top_k(self, condition: str, k: int) -> list[tuple[int, int]]:
         """The paper's head selection: the k heads with the highest mean score, as (layer, head)."""
         if condition not in self.mean:
-            raise ValueError(f"this run's CMA has no {condition!r} condition (it ran {', '.join(self.conditions)}); "
-                             "include it in the cma experiment's conditions")
+            raise UserError(f"this run's CMA has no {condition!r} condition (it ran {', '.join(self.conditions)}); "
+                            "include it in the cma experiment's conditions")
         return top_k_heads(self.mean[condition], k)
 
     def max_score(self) -> np.ndarray:
@@ -100,7 +103,7 @@ def condition_positions(batch, condition: str) -> list[list[int]]:
         return [list(m[0]) for m in batch.mentions]
     if condition in ("id_selection", "feature_retrieval"):
         return [[batch.last] for _ in range(len(batch))]
-    raise ValueError(f"unknown CMA condition {condition!r}; conditions are {', '.join(CONDITIONS)}")
+    raise UserError(f"unknown CMA condition {condition!r}; conditions are {', '.join(CONDITIONS)}")
 
 
 def condition_variable(pair: CounterfactualPair, condition: str, context: str = "counterfactual"):
@@ -117,7 +120,7 @@ def null_partners(pairs: list[CounterfactualPair], condition: str, seed: int) ->
     """For each pair, another pair whose counterfactual carries this pair's clean value of the condition variable
     (else one whose counterfactual value differs from this pair's, else any other pair)."""
     if len(pairs) < 2:
-        raise ValueError("the re-paired null needs at least 2 pairs per condition; use n >= 2")
+        raise UserError("the re-paired null needs at least 2 pairs per condition; use n >= 2")
     rng = random.Random(seed)
     cf = [condition_variable(p, condition) for p in pairs]
     clean = [condition_variable(p, condition, "clean") for p in pairs]
@@ -163,7 +166,7 @@ def condition_scores(vlm, pairs: list[CounterfactualPair], condition: str, batch
     gathered; with fewer chunks the engine splits the heads instead. Either way every process returns the full
     arrays, equal to a one-process run (same chunks, same numbers)."""
     if engine not in ("fast", "naive"):
-        raise ValueError(f"engine must be 'fast' or 'naive', not {engine!r}")
+        raise UserError(f"engine must be 'fast' or 'naive', not {engine!r}")
     L, H, n = vlm.n_layers, vlm.n_heads, len(pairs)
     starts = list(range(0, n, batch_size))
     by_chunk = distributed.active() and len(starts) >= distributed.world()
@@ -225,15 +228,30 @@ def _options(ctx: Context, options: dict | None) -> dict:
     return {**DEFAULTS, **{k[4:]: v for k, v in ctx.options.items() if k.startswith("cma_") and k[4:] in DEFAULTS}}
 
 
+def _same_scores(o: dict) -> str:
+    """What identifies a CMA result: the options its scores depend on."""
+    return repr([list(o[k]) if isinstance(o[k], tuple) else o[k]
+                 for k in ("n", "grid", "conditions", "null_samples", "q", "engine")])
+
+
+def use_cma(ctx: Context, result: CMAResult, options: dict | None = None) -> None:
+    """Make ``result`` (e.g. scores computed elsewhere) what ``cma_scores(ctx, options)`` returns in this run."""
+    ctx.shared.setdefault("cma", {})[_same_scores(_options(ctx, options))] = result
+
+
 def cma_scores(ctx: Context, options: dict | None = None) -> CMAResult:
-    """The run's CMA result: computed on first call, then reused from ``ctx.shared["cma"]``."""
-    if "cma" in ctx.shared:
-        return ctx.shared["cma"]
+    """The CMA result under these options: computed on first call, then reused from ``ctx.shared["cma"]`` by every
+    experiment of the run that asks with the same options (so results depend on the options alone, not on which
+    experiment ran first or on resuming)."""
     o = _options(ctx, options)
+    same = _same_scores(o)
+    cache = ctx.shared.setdefault("cma", {})
+    if same in cache:
+        return cache[same]
     vlm, conds = ctx.vlm, tuple(o["conditions"])
     for c in conds:
         if c not in CONDITIONS:
-            raise ValueError(f"unknown CMA condition {c!r}; conditions are {', '.join(CONDITIONS)}")
+            raise UserError(f"unknown CMA condition {c!r}; conditions are {', '.join(CONDITIONS)}")
     res = CMAResult(conds, {}, {}, {}, {})
     total = len(conds) * 2 * vlm.n_layers * vlm.n_heads * -(-o["n"] // ctx.batch_size)
     with ctx.progress(total, "cma") as update:
@@ -248,7 +266,7 @@ def cma_scores(ctx: Context, options: dict | None = None) -> CMAResult:
             res.mean[c], res.se[c] = mean_se(s, axis=-1)
             res.null_means[c] = null_mean_scores(nl, o["null_samples"], ctx.seed)
             res.significance[c] = head_significance(s, res.null_means[c], q=o["q"], method="bh")
-    ctx.shared["cma"] = res
+    cache[same] = res
     return res
 
 
@@ -326,10 +344,8 @@ def run(ctx: Context) -> dict:
             "line": f"{LABELS[c]} heads: {sig['count']} significant, layers {_layer_range(sig['mask'])}",
         }
     ctx.save_table("cma_heads", rows)
-    ctx.results_dir.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(ctx.results_dir / "cma_scores.npz",
-                        **{f"{k}_{c}": getattr(res, k)[c] for c in res.conditions
-                           for k in ("scores", "null_scores", "null_means")})
+    ctx.save_arrays("cma_scores", {f"{k}_{c}": getattr(res, k)[c] for c in res.conditions
+                                   for k in ("scores", "null_scores", "null_means")})
     _figures(ctx, res)
     return summary
 

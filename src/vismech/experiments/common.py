@@ -1,8 +1,10 @@
 """What every experiment shares: its run context (model, options, output folders, progress) and how it saves.
 
 An experiment is a module in ``vismech.experiments`` with ``NAME``, ``DESCRIPTION``, ``DEFAULTS`` (its options
-and their default values) and ``run(ctx) -> dict`` (a JSON-able summary). It writes tidy tables with
-``ctx.save_table`` and figures with ``ctx.save_figure``; it never loads a model or registers a hook itself.
+and their default values; an optional ``LIMITS`` beside it adds ranges and choices, see ``experiments.options``)
+and ``run(ctx) -> dict`` (a JSON-able summary). It writes tidy tables with ``ctx.save_table`` and figures with
+``ctx.save_figure`` (everything it writes gets its checksum in the run's manifest); it never loads a model or
+registers a hook itself.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from vismech.io import atomic_write, write_csv, write_json
+from vismech.errors import UserError
+from vismech.io import atomic_write, csv_text, json_text
+
+_MISSING = object()
 
 
 @dataclass
@@ -27,6 +32,8 @@ class Context:
     batch_size: int = 16
     shared: dict[str, Any] = field(default_factory=dict)  # state other experiments of the same run reuse
     show_progress: bool = True
+    ledger: Any = None  # a vismech.rundir.Ledger: checksums of what the run writes, checked before reuse
+    written: list[Path] = field(default_factory=list)  # every file this experiment wrote, in order
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -45,29 +52,60 @@ class Context:
     def unit(self, key: str, compute):
         """A resumable unit of work: ``compute()`` once, its result stored atomically under ``units/``; a resumed
         run loads the stored result instead of recomputing. ``key`` names the unit within this run (include every
-        option the result depends on that is not fixed for the run). Results may hold tensors, arrays, lists."""
-        import io as _io
+        option the result depends on that is not fixed for the run). Results may hold tensors, arrays, lists,
+        tuples, dicts and ``vismech.units.unit_type`` dataclasses; they are stored as safetensors plus JSON
+        (``vismech.units``), never as pickles. A stored unit that fails its checksum or cannot be read is
+        recomputed, with one line on stderr."""
+        from vismech import distributed, units
 
-        import torch
-
-        path = self.out / "units" / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", key) + ".pt")
-        if path.exists():
-            return torch.load(path, weights_only=False)
+        path = self.out / "units" / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", key) + ".safetensors")
+        value, why = _MISSING, None
+        if distributed.from_main(path.exists()):  # every process takes rank 0's decision
+            why = self.ledger.problem(path) if self.ledger is not None else None
+            if why is None:
+                try:
+                    value = units.loads(path.read_bytes())
+                except units.DamagedUnit as e:
+                    why = f"cannot be read ({e})"
+            why = distributed.from_main(why)
+            if why is not None:
+                value = _MISSING
+                notice(f"{path.relative_to(self.out)} {why}; computing it again")
+        if value is not _MISSING:
+            return value
         value = compute()
-        buf = _io.BytesIO()
-        torch.save(value, buf)
-        atomic_write(path, buf.getvalue())
+        self.write_file(path, units.dumps(value))
         return value
+
+    def write_file(self, path: Path, data: bytes) -> Path:
+        """Write ``data`` atomically, its checksum recorded in the run's ledger first; the path goes to
+        ``written``."""
+        if self.ledger is not None:
+            self.ledger.record(path, data)
+        self.written.append(path)
+        return atomic_write(path, data)
 
     def save_table(self, name: str, rows: list[dict]) -> Path:
         """Write ``results/NAME.csv`` (long format: one row per measurement with its condition columns)."""
-        return write_csv(rows, self.results_dir / f"{name}.csv")
+        return self.write_file(self.results_dir / f"{name}.csv", csv_text(rows).encode())
 
     def save_json(self, name: str, obj: Any) -> Path:
-        return write_json(obj, self.results_dir / f"{name}.json")
+        return self.write_file(self.results_dir / f"{name}.json", json_text(obj).encode())
+
+    def save_arrays(self, name: str, arrays: dict[str, Any]) -> Path:
+        """Write ``results/NAME.npz`` (compressed; read it with ``numpy.load(path, allow_pickle=False)``)."""
+        import io
+
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        return self.write_file(self.results_dir / f"{name}.npz", buf.getvalue())
 
     def save_figure(self, fig, name: str) -> list[Path]:
         """Save a matplotlib figure as PNG and PDF under ``figures/`` and close it."""
+        import io
+
         import matplotlib.pyplot as plt
 
         from vismech import distributed
@@ -75,14 +113,11 @@ class Context:
         if not distributed.is_main():
             plt.close(fig)
             return []
-        self.figures_dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for ext in ("png", "pdf"):
-            p = self.figures_dir / f"{name}.{ext}"
-            tmp = p.with_name(f".{p.name}.tmp.{ext}")
-            fig.savefig(tmp, dpi=150, bbox_inches="tight")
-            tmp.replace(p)
-            paths.append(p)
+            buf = io.BytesIO()
+            fig.savefig(buf, format=ext, dpi=150, bbox_inches="tight")
+            paths.append(self.write_file(self.figures_dir / f"{name}.{ext}", buf.getvalue()))
         plt.close(fig)
         return paths
 
@@ -98,9 +133,19 @@ class Context:
             yield bar.update
 
 
+def notice(line: str) -> None:
+    """One line on stderr from the main process (what a resumed run recomputes, and why)."""
+    import sys
+
+    from vismech import distributed
+
+    if distributed.is_main():
+        print(f"vismech: {line}", file=sys.stderr, flush=True)
+
+
 def resolve_options(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """Defaults overridden by ``given``; unknown option names are a clear error."""
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)}; this experiment takes {', '.join(sorted(defaults))}")
+        raise UserError(f"unknown option(s) {', '.join(unknown)}; this experiment takes {', '.join(sorted(defaults))}")
     return {**defaults, **given}

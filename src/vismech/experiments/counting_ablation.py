@@ -26,6 +26,7 @@ from collections import defaultdict
 import numpy as np
 
 from vismech import interventions as iv
+from vismech.errors import UserError
 from vismech.experiments.cma import cma_scores
 from vismech.experiments.common import Context
 from vismech.scenes import answers
@@ -94,12 +95,12 @@ def _figure(ctx: Context, rows: list[dict], total: int) -> None:
 
 def run(ctx: Context) -> dict:
     vlm = ctx.vlm
+    total = vlm.n_layers * vlm.n_heads
+    ks = sorted(set(ctx.opt("k_grid") or k_grid(total)))
+    if ks[-1] > total or ks[0] < 0:  # checked before the CMA work
+        raise UserError(f"K must lie in 0..{total} (the model's heads), got {ks}")
     res = cma_scores(ctx)
     order = head_order(res.max_score())
-    total = len(order)
-    ks = sorted(set(ctx.opt("k_grid") or k_grid(total)))
-    if ks[-1] > total or ks[0] < 0:
-        raise ValueError(f"K must lie in 0..{total} (the model's heads), got {ks}")
     trials = counting_set(ctx.opt("n"), seed=ctx.seed, grid=tuple(ctx.opt("grid")))
     batches = []
     for s in range(0, len(trials), ctx.batch_size):

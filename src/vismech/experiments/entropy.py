@@ -31,6 +31,7 @@ from vismech.analysis.stats import wilson_ci
 from vismech.experiments import behaviour
 from vismech.experiments import figures_rsa as F
 from vismech.experiments.common import Context
+from vismech.experiments.options import Opt
 from vismech.experiments.rsa import _f, accuracy_summary, peak, prompt_targets, rsa_by_layer
 from vismech.scenes.sets import entropy_set
 
@@ -38,6 +39,7 @@ NAME = "entropy"
 DESCRIPTION = "Figs. 6-7: accuracy and position RSA (prompt and last token) in low vs high feature-entropy scenes"
 DEFAULTS = {"grids": [[2, 2], [3, 3]], "n": 3, "n_boot": 200, "ci": 0.95, "generate": False,
             "act_dtype": "float32", "memmap_mb": 512}
+LIMITS = {"grids": Opt("list", length=(1, 2), each=Opt("grid", choices=([2, 2], [3, 3])))}  # the sets' grids
 
 CONDITIONS = ("low", "high")
 TOKENS = ("prompt", "last")

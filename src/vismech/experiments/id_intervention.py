@@ -35,6 +35,7 @@ import itertools
 import numpy as np
 
 from vismech import interventions as iv
+from vismech.errors import UserError
 from vismech.experiments.cma import LABELS, cma_scores, condition_positions
 from vismech.experiments.common import Context
 from vismech.scenes.counterfactual import CONDITIONS
@@ -156,7 +157,7 @@ def run(ctx: Context) -> dict:
     total = vlm.n_layers * vlm.n_heads
     ks = sorted(ctx.opt("k_grid") or k_grid(total))
     if max(ks) > total:
-        raise ValueError(f"K = {max(ks)} exceeds the model's {total} heads")
+        raise UserError(f"K = {max(ks)} exceeds the model's {total} heads")
     alphas = [float(a) for a in ctx.opt("alphas")]
     n_est, n = ctx.opt("n_estimate"), ctx.opt("n")
     trials = two_object_trials(n_est + n, ctx.opt("grid"), ctx.seed)

@@ -22,13 +22,16 @@ from __future__ import annotations
 import numpy as np
 
 from vismech import interventions as iv
+from vismech.errors import UserError
 from vismech.experiments.cma import cma_scores
 from vismech.experiments.common import Context
+from vismech.experiments.options import Opt
 from vismech.experiments.id_intervention import two_object_trials
 
 NAME = "key-intervention"
 DESCRIPTION = "Swap two objects' position IDs in their patch keys before RoPE at the feature-retrieval layers (Fig. 4)"
 DEFAULTS = {"n": 64, "n_estimate": 64, "grid": (1, 2), "alpha": 2.0, "top_k": 20, "key_heads": "top", "cma_n": 50}
+LIMITS = {"key_heads": Opt("str", choices=("top", "all"))}
 
 
 def key_heads(vlm, top: list[tuple[int, int]], which: str) -> list[tuple[int, int]]:
@@ -37,7 +40,7 @@ def key_heads(vlm, top: list[tuple[int, int]], which: str) -> list[tuple[int, in
         return iv.kv_heads_for(vlm, top)
     if which == "all":
         return [(l, k) for l in sorted({l for l, _ in top}) for k in range(vlm.n_kv_heads)]
-    raise ValueError(f"key_heads must be 'top' or 'all', not {which!r}")
+    raise UserError(f"key_heads must be 'top' or 'all', not {which!r}")
 
 
 def key_hits(vlm, held, vecs, alpha: float, batch_size: int, seed: int, update=None) -> dict[str, int]:

@@ -38,8 +38,10 @@ import numpy as np
 
 from vismech import activations
 from vismech.analysis.pca import chance_accuracy, pca, probe_accuracy, silhouette
+from vismech.errors import UserError
 from vismech.experiments import figures_rsa as F
 from vismech.experiments.common import Context
+from vismech.experiments.options import Opt
 from vismech.experiments.rsa import accuracy_summary
 from vismech.scenes.sets import pca_set
 from vismech.scenes.vocab import COLORS
@@ -48,6 +50,7 @@ NAME = "pca"
 DESCRIPTION = "Fig. 1b: last-token PCA on the 3x2 set; separability of target position and features by layer"
 DEFAULTS = {"n": 4, "folds": 5, "select_by": "silhouette", "blas_threads": 1, "act_dtype": "float32",
             "memmap_mb": 512}
+LIMITS = {"select_by": Opt("str", choices=("silhouette", "probe"))}
 
 LABELS = ("position", "features")
 MEASURES = ("silhouette", "probe_accuracy")
@@ -162,7 +165,7 @@ def _figure(trials, labels, scores_pos, scores_feat, lp, lf, table, n_layers):
 def run(ctx: Context) -> dict:
     k, folds, select = int(ctx.opt("n")), int(ctx.opt("folds")), ctx.opt("select_by")
     if select not in ("silhouette", "probe"):
-        raise ValueError(f"select_by must be 'silhouette' or 'probe', not {select!r}")
+        raise UserError(f"select_by must be 'silhouette' or 'probe', not {select!r}")
     trials = pca_set(k=k, seed=ctx.seed)
     acts = activations.for_context(ctx, trials, commas=False, z=False, desc="pca capture")
     labels = labels_of(trials)

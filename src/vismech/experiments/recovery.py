@@ -34,10 +34,12 @@ import torch
 
 from vismech import activations
 from vismech import interventions as iv
+from vismech.errors import UserError
 from vismech.experiments.cma import LABELS, cma_scores, condition_positions
 from vismech.experiments.common import Context
 from vismech.experiments.id_intervention import SITE, edit_hits, id_labels, two_object_trials
 from vismech.experiments.key_intervention import key_hits
+from vismech.experiments.options import MAX_TRIALS, Opt
 from vismech.experiments.rsa import object_targets, rsa_by_layer
 from vismech.models.ground_truth import STAGES, load_ground_truth
 from vismech.scenes.sets import scene_description_set
@@ -48,6 +50,10 @@ DESCRIPTION = ("Positive control: CMA precision/recall, RSA and interventions ag
 DEFAULTS = {"ground_truth": None, "stages": None, "cma_n": 50, "cma_grid": (2, 2), "q": 0.05, "null_samples": 2000, "rsa_grid": (3, 3), "rsa_objects": 5,
             "rsa_n": 192, "n_boot": 200, "n_null": 20, "n": 64, "n_estimate": 64, "grid": (2, 2),
             "alphas": [1, 2, 5, 10, 20, 50], "key_alpha": 2.0, "random_sets": 3}
+LIMITS = {"ground_truth": Opt("str", none=True), "q": Opt("float", 0, 1, open=True),
+          "stages": Opt("list", none=True, length=(1, len(STAGES)), each=Opt("str", choices=STAGES)),
+          "rsa_objects": Opt("int", 3, 81), "rsa_n": Opt("int", 3, MAX_TRIALS), "n_estimate": Opt("int", 4, MAX_TRIALS),
+          "key_alpha": Opt("float"), "random_sets": Opt("int", 1, 100)}
 #: The RSA curve that reads each stage's variable.
 CURVES = {"id_retrieval": ("position_mentions", "position"), "id_selection": ("position_last", "position"),
           "feature_retrieval": ("features_last", "features")}
@@ -57,7 +63,7 @@ def ground_truth_of(ctx: Context):
     path = ctx.opt("ground_truth")
     gt = load_ground_truth(path) if path else ctx.vlm.ground_truth
     if gt is None:
-        raise ValueError(f"recovery needs declared ground truth, and {ctx.vlm.name} declares none (no "
+        raise UserError(f"recovery needs declared ground truth, and {ctx.vlm.name} declares none (no "
                          "ground_truth.json in its checkpoint): pass --set ground_truth=PATH (the format is in "
                          "vismech.models.ground_truth), or run it on a planted organism such as organism-ids")
     gt.check(ctx.vlm.n_layers, ctx.vlm.n_heads)
@@ -65,7 +71,7 @@ def ground_truth_of(ctx: Context):
     if keep is not None:
         unknown = sorted(set(keep) - set(gt.stages))
         if unknown:
-            raise ValueError(f"stages {', '.join(unknown)} are not declared by the ground truth (it declares "
+            raise UserError(f"stages {', '.join(unknown)} are not declared by the ground truth (it declares "
                              f"{', '.join(gt.stages)})")
         gt = type(gt)({k: v for k, v in gt.stages.items() if k in keep}, gt.helpers, gt.method)
     return gt

@@ -37,8 +37,10 @@ import random
 
 import numpy as np
 
+from vismech.errors import UserError
 from vismech.experiments import cma
 from vismech.experiments.common import Context
+from vismech.experiments.options import Opt
 from vismech.experiments.reuse import paired_diff, rate, run_heads, select_heads, unit_key
 from vismech.scenes.core import Obj, Scene, Trial
 from vismech.scenes.sets import RELABS_CONJUNCTIONS, RELABS_ORIGINS, relabs_set
@@ -48,6 +50,7 @@ NAME = "relabs-patch"
 DESCRIPTION = "Fig. 29: patch image 1's ID-selection outputs into image 2: absolute- or relative-match answer?"
 DEFAULTS = {"n": 2, "k": 50, "cells": "centre", "heads": None, "cma_n": cma.DEFAULTS["n"],
             "cma_grid": cma.DEFAULTS["grid"]}
+LIMITS = {"cells": Opt("str", choices=("centre", "shared"))}
 
 
 def arrangement_cells(a: int) -> list[tuple[int, int]]:
@@ -87,7 +90,7 @@ def image2(t1: Trial, rng: random.Random) -> Trial:
 def build_pairs(k: int, seed: int, cells: str = "centre") -> tuple[list[Trial], list[Trial]]:
     """(image-1 trials whose target cell lies in another arrangement too, matching image-2 trials)."""
     if cells not in ("centre", "shared"):
-        raise ValueError(f"cells must be 'centre' or 'shared', not {cells!r}")
+        raise UserError(f"cells must be 'centre' or 'shared', not {cells!r}")
     shared = {c for a in range(len(RELABS_ORIGINS)) for c in arrangement_cells(a)
               if sum(c in arrangement_cells(b) for b in range(len(RELABS_ORIGINS))) > 1}
     keep = {(1, 1)} if cells == "centre" else shared

@@ -44,17 +44,21 @@ import torch
 
 from vismech import hooks, interventions
 from vismech.analysis.stats import bootstrap_ci, wilson_ci
+from vismech.errors import UserError
 from vismech.experiments import behaviour, cma
 from vismech.experiments.common import Context
+from vismech.experiments.options import Opt
 from vismech.scenes import answers
 from vismech.scenes.core import Trial
 from vismech.scenes.sets import all_cells, knn_protocol, spatial_relation_set
 from vismech.scenes.vocab import COLORS, RELATIONS, SHAPES
+from vismech.units import unit_type
 
 NAME = "reuse"
 DESCRIPTION = "Fig. 5: scene-description position IDs added to ID-selection heads steer the spatial-relation task"
 DEFAULTS = {"n": 16, "grid": (3, 3), "k": 100, "alpha": 2.0, "n_estimate": 18, "heads": None, "generate": True,
             "cma_n": cma.DEFAULTS["n"], "cma_grid": cma.DEFAULTS["grid"]}
+LIMITS = {"grid": Opt("grid", 2, len(SHAPES))}  # one shape per cell (relation_trials)
 
 Head = tuple[int, int]
 
@@ -69,10 +73,10 @@ def select_heads(ctx: Context, k: int, heads=None, condition: str = "id_selectio
         out = [(int(l), int(h)) for l, h in heads]
         for l, h in out:
             if not (0 <= l < vlm.n_layers and 0 <= h < vlm.n_heads):
-                raise ValueError(f"head ({l}, {h}) is out of range: {vlm.name} has {vlm.n_layers} layers x "
-                                 f"{vlm.n_heads} heads")
+                raise UserError(f"head ({l}, {h}) is out of range: {vlm.name} has {vlm.n_layers} layers x "
+                                f"{vlm.n_heads} heads")
         if len(set(out)) != len(out):
-            raise ValueError(f"a head is listed twice in {out}")
+            raise UserError(f"a head is listed twice in {out}")
         return out, "given"
     k = min(int(k), vlm.n_layers * vlm.n_heads)
     return [tuple(map(int, h)) for h in cma.cma_scores(ctx).top_k(condition, k)], f"cma top-{k} {condition}"
@@ -84,6 +88,7 @@ def unit_key(ctx: Context, name: str, heads: list[Head]) -> str:
     return f"{name}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
 
 
+@unit_type
 @dataclass
 class HeadRun:
     """One pass over trials: arg-max token [n] (first position), candidate scores [n, C] and greedy hits [n, C]
@@ -194,7 +199,7 @@ def estimation_trials(grid: tuple[int, int], per_cell: int, seed: int) -> list[T
     cells = all_cells(grid)
     N = len(cells)
     if N > len(SHAPES):
-        raise ValueError(f"a {grid[0]}x{grid[1]} grid needs {N} unique shapes; there are {len(SHAPES)}")
+        raise UserError(f"a {grid[0]}x{grid[1]} grid needs {N} unique shapes; there are {len(SHAPES)}")
     conj = list(zip(list(COLORS)[:N], SHAPES[:N]))
     pool = knn_protocol(conj, cells, grid, -(-per_cell // N), seed)
     pool.sort(key=lambda t: (t.meta["trial"], t.meta["target_index"]))

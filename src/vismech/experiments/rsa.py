@@ -40,6 +40,7 @@ from vismech.analysis.rsa import _pearson, cosine_rsm, feature_rsm, identity_rsm
 from vismech.analysis.stats import wilson_ci
 from vismech.experiments import figures_rsa as F
 from vismech.experiments.common import Context
+from vismech.experiments.options import Opt
 from vismech.scenes.core import Obj, Trial
 from vismech.scenes.sets import all_cells, entropy_set, knn_protocol
 
@@ -48,6 +49,8 @@ DESCRIPTION = ("Fig. 1c: RSA of the residual stream by layer (position at prompt
                "the last token) with bootstrap intervals, a permutation null, and per-head maps")
 DEFAULTS = {"grid": (2, 2), "n": 3, "vocab": "high", "n_boot": 200, "n_null": 20, "ci": 0.95, "heads": True,
             "act_dtype": "float32", "memmap_mb": 512}
+#: the entropy sets are defined on 2x2 and 3x3 grids; vocab is "high", "low" or a list of [colour, shape] pairs
+LIMITS = {"grid": Opt("grid", choices=([2, 2], [3, 3])), "vocab": Opt("any")}
 
 # (curve, token, target)
 CURVES = (("position_prompt", "prompt", "position"), ("position_last", "last", "position"),

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 import transformers as tf
 
+from vismech.errors import UserError
 from vismech.scenes.core import Geometry, Layout
 
 from .framing import ChatFormat
@@ -293,7 +294,7 @@ def family_for_config(config) -> Family:
     """The spec for a loaded config, bound to its sizes; a clear error for unsupported architectures."""
     fam = MODEL_TYPES.get(getattr(config, "model_type", None))
     if fam is None:
-        raise ValueError(
+        raise UserError(
             f"model type {getattr(config, 'model_type', None)!r} is not supported; vismech supports "
             f"{', '.join(sorted(FAMILIES))} (see `vismech models`)"
         )

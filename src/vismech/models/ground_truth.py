@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vismech.errors import UserError
+
 FILE = "ground_truth.json"
 FORMAT = "vismech-ground-truth"
 VERSION = 1
@@ -73,7 +75,7 @@ class GroundTruth:
         for name, d in list(self.stages.items()) + list(self.helpers.items()):
             for layer, head in d.heads:
                 if not (0 <= layer < n_layers and 0 <= head < n_heads):
-                    raise ValueError(f"{where} declares head ({layer}, {head}) for {name}, outside this model's "
+                    raise UserError(f"{where} declares head ({layer}, {head}) for {name}, outside this model's "
                                      f"{n_layers} layers x {n_heads} heads")
         return self
 
@@ -90,55 +92,55 @@ class GroundTruth:
 
 def _heads(value, where: str) -> tuple[Head, ...]:
     if not isinstance(value, list) or not value:
-        raise ValueError(f"{where}: heads must be a non-empty list of [layer, head] pairs")
+        raise UserError(f"{where}: heads must be a non-empty list of [layer, head] pairs")
     out = []
     for h in value:
         if not (isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
                                                               for x in h)):
-            raise ValueError(f"{where}: each head is a [layer, head] pair of integers, not {h!r}")
+            raise UserError(f"{where}: each head is a [layer, head] pair of integers, not {h!r}")
         out.append((h[0], h[1]))
     if len(set(out)) != len(out):
-        raise ValueError(f"{where}: a head is listed twice")
+        raise UserError(f"{where}: a head is listed twice")
     return tuple(out)
 
 
 def _declared(d, where: str) -> Declared:
     if not isinstance(d, dict):
-        raise ValueError(f"{where} must be an object with heads, positions and variable")
+        raise UserError(f"{where} must be an object with heads, positions and variable")
     unknown = sorted(set(d) - {"heads", "positions", "variable", "parts"})
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}")
     if d.get("positions") not in POSITIONS:
-        raise ValueError(f"{where}: positions must be one of {', '.join(POSITIONS)}, not {d.get('positions')!r}")
+        raise UserError(f"{where}: positions must be one of {', '.join(POSITIONS)}, not {d.get('positions')!r}")
     variable = d.get("variable", "")
     if not isinstance(variable, str):
-        raise ValueError(f"{where}: variable must be a string")
+        raise UserError(f"{where}: variable must be a string")
     heads = _heads(d.get("heads"), where)
     parts = d.get("parts", {})
     if not isinstance(parts, dict):
-        raise ValueError(f"{where}: parts must map names to head lists")
+        raise UserError(f"{where}: parts must map names to head lists")
     parts = {str(k): _heads(v, f"{where} part {k}") for k, v in parts.items()}
     for k, v in parts.items():
         if not set(v) <= set(heads):
-            raise ValueError(f"{where}: part {k} lists heads that are not among the stage's heads")
+            raise UserError(f"{where}: part {k} lists heads that are not among the stage's heads")
     return Declared(heads, d["positions"], variable, parts)
 
 
 def parse(obj, where: str = "ground truth") -> GroundTruth:
     """A ``GroundTruth`` from the JSON object ``obj``; a clear error naming the problem otherwise."""
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ValueError(f"{where} is not a vismech ground-truth file (its \"format\" must be {FORMAT!r})")
+        raise UserError(f"{where} is not a vismech ground-truth file (its \"format\" must be {FORMAT!r})")
     if obj.get("version") != VERSION:
-        raise ValueError(f"{where} has version {obj.get('version')!r}; this vismech reads version {VERSION}")
+        raise UserError(f"{where} has version {obj.get('version')!r}; this vismech reads version {VERSION}")
     stages = obj.get("stages")
     if not isinstance(stages, dict) or not stages:
-        raise ValueError(f"{where} declares no stages; declare at least one of {', '.join(STAGES)}")
+        raise UserError(f"{where} declares no stages; declare at least one of {', '.join(STAGES)}")
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
-        raise ValueError(f"{where}: unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+        raise UserError(f"{where}: unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
     helpers = obj.get("helpers", {})
     if not isinstance(helpers, dict):
-        raise ValueError(f"{where}: helpers must map names to declarations")
+        raise UserError(f"{where}: helpers must map names to declarations")
     gt = GroundTruth({k: _declared(stages[k], f"{where} stage {k}") for k in STAGES if k in stages},
                      {str(k): _declared(v, f"{where} helper {k}") for k, v in helpers.items()},
                      str(obj.get("method", "")))
@@ -146,7 +148,7 @@ def parse(obj, where: str = "ground truth") -> GroundTruth:
     for name, d in list(gt.stages.items()) + list(gt.helpers.items()):
         for h in d.heads:
             if h in seen:
-                raise ValueError(f"{where}: head {h} is declared for both {seen[h]} and {name}")
+                raise UserError(f"{where}: head {h} is declared for both {seen[h]} and {name}")
             seen[h] = name
     return gt
 
@@ -159,9 +161,9 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
     try:
         obj = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"no ground-truth file at {path}") from None
+        raise UserError(f"no ground-truth file at {path}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); a ground-truth file is JSON (see "
+        raise UserError(f"{path} is not valid JSON ({e}); a ground-truth file is JSON (see "
                          "vismech.models.ground_truth)") from None
     return parse(obj, str(path))
 

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import transformers
 
+from vismech.errors import UserError
+
 __all__ = ["PRESETS", "Preset", "get_preset", "preset_names"]
 
 # family -> (config class, model class), names resolved lazily from the installed transformers.
@@ -395,4 +397,4 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[key]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}") from None
+        raise UserError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}") from None

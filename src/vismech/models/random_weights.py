@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from vismech.errors import UserError
+
 
 def build_random(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                  device_map: str | dict | None = None, seed: int = 0) -> torch.nn.Module:
@@ -120,12 +122,12 @@ def _placement(model, dtype: torch.dtype, device_map: str | dict) -> dict:
     if isinstance(device_map, dict):
         return device_map
     if device_map not in ("auto", "balanced", "sequential"):
-        raise ValueError(f"device_map must be auto, balanced, sequential or a dict, not {device_map!r}")
+        raise UserError(f"device_map must be auto, balanced, sequential or a dict, not {device_map!r}")
     try:
         from accelerate import infer_auto_device_map
         from accelerate.utils import get_balanced_memory
     except ImportError:
-        raise ValueError("--device-map needs accelerate: pip install 'vismech[multi-gpu]'") from None
+        raise UserError("--device-map needs accelerate: pip install 'vismech[multi-gpu]'") from None
     from vismech.distributed import max_memory
 
     budget = max_memory()
@@ -136,6 +138,6 @@ def _placement(model, dtype: torch.dtype, device_map: str | dict) -> dict:
         budget = get_balanced_memory(model, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
     placement = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
     if any(d in ("cpu", "disk") for d in placement.values()):
-        raise ValueError(f"the model does not fit on this process's GPUs ({', '.join(map(str, budget))}); use more "
-                         "GPUs per process (fewer torchrun processes) or a smaller dtype")
+        raise UserError(f"the model does not fit on this process's GPUs ({', '.join(map(str, budget))}); use more "
+                        "GPUs per process (fewer torchrun processes) or a smaller dtype")
     return placement

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import transformers as tf
 
+from vismech.errors import UserError
 from vismech.models.wordtok import build_word_tokenizer
 
 ARCHS: tuple[str, ...] = ("qwen2_5_vl", "llava")
@@ -66,7 +67,7 @@ SMALL_SIZES = {
 
 def check_arch(arch: str) -> str:
     if arch not in ARCHS:
-        raise ValueError(f"unknown organism architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise UserError(f"unknown organism architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     return arch
 
 
@@ -80,7 +81,7 @@ def organism_config(arch: str, tok=None, text: dict | None = None, vision: dict 
     theta = t.pop("rope_theta")
     section = t.pop("mrope_section", None)
     if section is not None and arch != "qwen2_5_vl":
-        raise ValueError(f"mrope_section is a setting of the qwen2_5_vl organism's M-RoPE; {arch} has 1-D RoPE")
+        raise UserError(f"mrope_section is a setting of the qwen2_5_vl organism's M-RoPE; {arch} has 1-D RoPE")
     common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                   eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **t)
     if arch == "qwen2_5_vl":
@@ -88,8 +89,8 @@ def organism_config(arch: str, tok=None, text: dict | None = None, vision: dict 
         if section is None:
             section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
         elif len(section) != 3 or sum(section) != half or min(section) < 0:
-            raise ValueError(f"mrope_section must be 3 non-negative sizes (temporal, height, width) summing to "
-                             f"head_dim / 2 = {half}, not {section!r}")
+            raise UserError(f"mrope_section must be 3 non-negative sizes (temporal, height, width) summing to "
+                            f"head_dim / 2 = {half}, not {section!r}")
         text_cfg = dict(common, rope_parameters={"rope_type": "default", "mrope_section": section,
                                                  "rope_theta": theta})
         v = {**QWEN_VISION, **(vision or {})}

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vismech.errors import UserError
 from vismech.models.vlm import VLM
 from vismech.scenes import sets
 from vismech.scenes.core import Trial
@@ -84,13 +85,13 @@ def reweighted(weights: dict[str, float], mixture: tuple[Component, ...] = MIXTU
     names = [c.name for c in mixture]
     unknown = sorted(set(weights) - set(names))
     if unknown:
-        raise ValueError(f"unknown mixture component(s) {', '.join(unknown)}; components are {', '.join(names)}")
+        raise UserError(f"unknown mixture component(s) {', '.join(unknown)}; components are {', '.join(names)}")
     if any(w < 0 for w in weights.values()):
-        raise ValueError("mixture weights must be >= 0")
+        raise UserError("mixture weights must be >= 0")
     out = tuple(replace(c, weight=float(weights.get(c.name, c.weight))) for c in mixture)
     out = tuple(c for c in out if c.weight > 0)
     if not out:
-        raise ValueError("every mixture component has weight 0")
+        raise UserError("every mixture component has weight 0")
     return out
 
 

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from vismech import hooks
+from vismech.errors import UserError
 from vismech.models.vlm import VLM
 from vismech.scenes.core import Trial
 
@@ -80,15 +81,15 @@ class PlantSpec:
     def check(self, n_layers: int, n_heads: int) -> None:
         heads = self.planted
         if len(set(heads)) != len(heads):
-            raise ValueError(f"a head is declared twice in {heads}")
+            raise UserError(f"a head is declared twice in {heads}")
         for layer, head in heads:
             if not (0 <= layer < n_layers and 0 <= head < n_heads):
-                raise ValueError(f"declared head ({layer}, {head}) is outside the model's {n_layers} x {n_heads}")
+                raise UserError(f"declared head ({layer}, {head}) is outside the model's {n_layers} x {n_heads}")
         order = [max(h[0] for h in g) for g in (self.retrieval, self.gathering, self.selection)]
         lows = [min(h[0] for h in g) for g in (self.gathering, self.selection, self.features)]
         if not (max(h[0] for h in self.binding) < min(h[0] for h in self.retrieval)
                 and all(a < b for a, b in zip(order, lows)) and self.probe_layer < min(h[0] for h in self.retrieval)):
-            raise ValueError("declared stages must run in order: binding < retrieval < gathering < selection < "
+            raise UserError("declared stages must run in order: binding < retrieval < gathering < selection < "
                              "features, with the position probe before retrieval")
 
     def to_json(self) -> str:

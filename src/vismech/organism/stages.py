@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from vismech.errors import UserError
+
 #: The modules of each architecture that turn pixels into the language model's image-token inputs.
 VISION_MODULES = {"qwen2_5_vl": ("visual",), "llava": ("vision_tower", "multi_modal_projector")}
 
@@ -26,13 +28,13 @@ def load_weights(model, arch: str, source: str, everything: bool = False) -> int
     theirs = {n: t for n, t in other.state_dict().items() if keep(n)}
     mine = {n: t for n, t in model.state_dict().items() if keep(n)}
     if not any(is_vision(n, arch) for n in theirs):
-        raise ValueError(f"{flag} {source}: no {arch} vision tower in it (an organism of another "
-                         "architecture?); give a checkpoint of the same --arch")
+        raise UserError(f"{flag} {source}: no {arch} vision tower in it (an organism of another "
+                        "architecture?); give a checkpoint of the same --arch")
     bad = sorted(n for n in mine if n not in theirs or theirs[n].shape != mine[n].shape)
     if bad or len(theirs) != len(mine):
-        raise ValueError(f"{flag} {source}: its weights differ from this organism's ({len(bad)} tensors missing or "
-                         f"of another shape, e.g. {(bad or sorted(set(theirs) - set(mine)))[0]}); train with the "
-                         "same --sizes as that organism")
+        raise UserError(f"{flag} {source}: its weights differ from this organism's ({len(bad)} tensors missing or "
+                        f"of another shape, e.g. {(bad or sorted(set(theirs) - set(mine)))[0]}); train with the "
+                        "same --sizes as that organism")
     with torch.no_grad():
         for n, t in model.state_dict().items():
             if n in theirs:

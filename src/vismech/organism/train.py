@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from vismech.analysis.stats import wilson_ci
+from vismech.errors import UserError
 from vismech.models.families import family_for_config
 from vismech.models.vlm import VLM
 
@@ -145,8 +146,8 @@ def _load_state(path: Path, model, opt, run: dict, probe=None) -> tuple[int, flo
     keys += ("mixture",) if "mixture" in saved else ()  # states saved before it was recorded have none
     for key in keys:
         if saved.get(key) != run.get(key):
-            raise ValueError(f"{path} was trained with {key}={saved.get(key)!r}, not {run.get(key)!r}; resume with "
-                             "the same settings or choose another --out")
+            raise UserError(f"{path} was trained with {key}={saved.get(key)!r}, not {run.get(key)!r}; resume with "
+                            "the same settings or choose another --out")
     model.load_state_dict(state["model"])
     if probe is not None:
         probe.load_state_dict(state["probe"])
@@ -217,14 +218,14 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     state_path = out / STATE
     if (state_path.exists() or (out / "config.json").exists()) and not resume:
-        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+        raise UserError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     sizes = sizes or {}
     run = {"arch": arch, "seed": seed, "batch_size": batch_size, "lr": lr, "sizes": json.dumps(sizes, sort_keys=True),
            "steps": steps, "label_mentions": label_mentions,
            "mixture": json.dumps({c.name: c.weight for c in mixture}, sort_keys=True)}
     if vision_from is not None and init_from is not None:
-        raise ValueError("give --vision-from (the vision tower) or --init-from (every weight), not both")
+        raise UserError("give --vision-from (the vision tower) or --init-from (every weight), not both")
     source = vision_from if vision_from is not None else init_from
     if vision_from is not None:
         run["vision_from"] = str(vision_from)
@@ -232,8 +233,8 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
         run["init_from"] = str(init_from)
     if freeze_vision:
         if source is None:
-            raise ValueError("--freeze-vision needs --vision-from or --init-from: freezing a random vision tower "
-                             "trains nothing useful")
+            raise UserError("--freeze-vision needs --vision-from or --init-from: freezing a random vision tower "
+                            "trains nothing useful")
         run["freeze_vision"] = True
     if plant is not None:
         run["plant"] = plant.to_json()
@@ -389,6 +390,6 @@ def _finish(vlm: VLM, out: Path, dev: torch.device, heldout: HeldOut, summary: d
     write_card(out, {**run, **summary, **extra, "final_accuracy": acc, "bytes": size}, loaded.model)
     size = organism_files_bytes(out)
     if size > MAX_BYTES:
-        raise ValueError(f"the saved organism takes {size / 1e6:.2f} MB, over the {MAX_BYTES / 1e6:.0f} MB budget; "
-                         "choose smaller sizes")
+        raise UserError(f"the saved organism takes {size / 1e6:.2f} MB, over the {MAX_BYTES / 1e6:.0f} MB budget; "
+                        "choose smaller sizes")
     return {"final_accuracy": acc, "bytes": size}

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from vismech.analysis.stats import wilson_ci
+from vismech.errors import UserError
 from vismech.models.vlm import VLM
 from vismech.scenes.sets import scene_description_set
 
@@ -230,7 +231,7 @@ def spec_of(vlm: VLM) -> plant.PlantSpec:
     """The planting spec of a planted organism, from the heads its ground truth declares."""
     gt = vlm.ground_truth
     if gt is None or "binding" not in gt.helpers:
-        raise ValueError(f"{vlm.name} is not a planted organism (no ground_truth.json with vismech's stages)")
+        raise UserError(f"{vlm.name} is not a planted organism (no ground_truth.json with vismech's stages)")
     sel = gt.stages["id_selection"].parts
     return plant.PlantSpec(binding=gt.helpers["binding"].heads, retrieval=gt.stages["id_retrieval"].heads,
                            gathering=sel["gathering"], selection=sel["selection"],

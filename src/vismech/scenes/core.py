@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vismech.errors import UserError
+
 
 @dataclass(frozen=True, order=True)
 class Obj:
@@ -89,7 +91,7 @@ class Geometry:
         else:
             s = self.canvas_tokens // span
             if s < 1:
-                raise ValueError(
+                raise UserError(
                     f"a {rows}x{cols} grid needs at least {span} image tokens per side, but this model sees "
                     f"{self.canvas_tokens}; use a smaller grid"
                 )

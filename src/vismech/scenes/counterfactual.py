@@ -19,6 +19,8 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+from vismech.errors import UserError
+
 from .core import CounterfactualPair, Obj, Scene, Trial
 from .tasks import scene_description
 from .vocab import COLORS, SHAPES, check_color, check_shape
@@ -42,7 +44,7 @@ def cma_pairs(condition: str, n: int, seed: int = 0, grid: tuple[int, int] = (2,
     ``target_cell``.
     """
     if condition not in CONDITIONS:
-        raise ValueError(f"unknown CMA condition {condition!r}; conditions are {', '.join(CONDITIONS)}")
+        raise UserError(f"unknown CMA condition {condition!r}; conditions are {', '.join(CONDITIONS)}")
     colors, shapes = list(colors), list(shapes)
     for c in colors:
         check_color(c)
@@ -50,10 +52,10 @@ def cma_pairs(condition: str, n: int, seed: int = 0, grid: tuple[int, int] = (2,
         check_shape(s)
     need = 3 if condition == "feature_retrieval" else 2
     if len(set(colors)) < need or len(set(shapes)) < need:
-        raise ValueError(f"{condition} needs at least {need} distinct colours and {need} distinct shapes")
+        raise UserError(f"{condition} needs at least {need} distinct colours and {need} distinct shapes")
     cells = [(r, c) for r in range(grid[0]) for c in range(grid[1])]
     if len(cells) < 2:
-        raise ValueError(f"a {grid[0]}x{grid[1]} grid has no room for two objects")
+        raise UserError(f"a {grid[0]}x{grid[1]} grid has no room for two objects")
     rng = random.Random(seed)
     pairs = []
     for i in range(n):

@@ -14,6 +14,8 @@ import math
 import random
 from typing import Sequence
 
+from vismech.errors import UserError
+
 from .core import Obj, Scene, Trial
 from .tasks import COLOR_RETRIEVAL, SCENE_DESCRIPTION, color_retrieval, counting, relation_target, \
     scene_description, spatial_relation
@@ -120,7 +122,7 @@ def entropy_conjunctions(condition: str, colors: Sequence[str], shapes: Sequence
         if len(colors) != len(shapes):
             raise ValueError("high entropy pairs colours with shapes one to one; give as many of each")
         return list(zip(colors, shapes))
-    raise ValueError(f"entropy condition must be 'low' or 'high', got {condition!r}")
+    raise UserError(f"entropy condition must be 'low' or 'high', got {condition!r}")
 
 
 def entropy_set(grid: tuple[int, int] = (3, 3), condition: str = "low", k: int | None = None, seed: int = 0,
@@ -131,13 +133,13 @@ def entropy_set(grid: tuple[int, int] = (3, 3), condition: str = "low", k: int |
     """
     grid = tuple(grid)
     if grid not in ENTROPY_K:
-        raise ValueError(f"entropy sets are defined on 2x2 and 3x3 grids, got {grid}")
+        raise UserError(f"entropy sets are defined on 2x2 and 3x3 grids, got {grid}")
     dc, ds = ENTROPY_VOCAB.get((grid, condition), ((), ()))
     conj = entropy_conjunctions(condition, colors or dc, shapes or ds)
     cells = all_cells(grid)
     if len(conj) != len(cells):
-        raise ValueError(f"{condition} entropy on a {grid[0]}x{grid[1]} grid needs {len(cells)} conjunctions, "
-                         f"these colours and shapes give {len(conj)}")
+        raise UserError(f"{condition} entropy on a {grid[0]}x{grid[1]} grid needs {len(cells)} conjunctions, "
+                        f"these colours and shapes give {len(conj)}")
     trials = knn_protocol(conj, cells, grid, ENTROPY_K[grid] if k is None else k, seed)
     for t in trials:
         t.meta["entropy"] = condition
@@ -166,20 +168,20 @@ def _random_conjunctions(rng: random.Random, n: int, entropy: str | None, colors
     colors, shapes = list(colors), list(shapes)
     if entropy == "high":
         if n > min(len(colors), len(shapes)):
-            raise ValueError(f"high entropy with {n} objects needs {n} colours and {n} shapes")
+            raise UserError(f"high entropy with {n} objects needs {n} colours and {n} shapes")
         return list(zip(rng.sample(colors, n), rng.sample(shapes, n)))
     if entropy == "low":
         m = math.isqrt(n - 1) + 1  # smallest m with m*m >= n
         if m > min(len(colors), len(shapes)):
-            raise ValueError(f"low entropy with {n} objects needs {m} colours and {m} shapes")
+            raise UserError(f"low entropy with {n} objects needs {m} colours and {m} shapes")
         cs, ss = rng.sample(colors, m), rng.sample(shapes, m)
         pool = [(c, s) for c in cs for s in ss]
         return rng.sample(pool, n)
     if entropy is not None:
-        raise ValueError(f"entropy must be None, 'low' or 'high', got {entropy!r}")
+        raise UserError(f"entropy must be None, 'low' or 'high', got {entropy!r}")
     pool = [(c, s) for c in colors for s in shapes]
     if n > len(pool):
-        raise ValueError(f"{n} unique objects need more than {len(colors)} colours x {len(shapes)} shapes")
+        raise UserError(f"{n} unique objects need more than {len(colors)} colours x {len(shapes)} shapes")
     return rng.sample(pool, n)
 
 
@@ -194,9 +196,12 @@ def scene_description_set(n: int, grid: tuple[int, int] = (2, 2), n_objects: int
     """
     grid = tuple(grid)
     cells = all_cells(grid)
+    if n_objects is not None and n_objects < 2:
+        raise UserError(f"a scene needs at least 2 objects, asked for {n_objects}")
     n_objects = len(cells) if n_objects is None else n_objects
-    if not 2 <= n_objects <= len(cells):
-        raise ValueError(f"a {grid[0]}x{grid[1]} grid holds 2 to {len(cells)} objects, asked for {n_objects}")
+    if max(n_objects, 2) > len(cells):
+        raise UserError(f"a {grid[0]}x{grid[1]} grid has {len(cells)} cell(s), too few for {max(n_objects, 2)} "
+                        "objects; use a larger grid")
     rng = random.Random(seed)
     trials = []
     for i in range(n):
@@ -219,7 +224,7 @@ def color_retrieval_set(n: int, grid: tuple[int, int] = (2, 2), seed: int = 0, n
     grid = tuple(grid)
     cells = all_cells(grid)
     if not 1 <= n_objects <= min(len(cells), len(colors), len(shapes)):
-        raise ValueError(f"{n_objects} objects need that many cells, colours and shapes")
+        raise UserError(f"{n_objects} objects need that many cells, colours and shapes")
     rng = random.Random(seed)
     trials = []
     for i in range(n):
@@ -239,7 +244,7 @@ def spatial_relation_set(n: int, seed: int = 0, grid: tuple[int, int] = (3, 3),
     grid = tuple(grid)
     cells = all_cells(grid)
     if len(cells) > len(colors):
-        raise ValueError(f"a {grid[0]}x{grid[1]} grid needs {len(cells)} distinct colours, got {len(colors)}")
+        raise UserError(f"a {grid[0]}x{grid[1]} grid needs {len(cells)} distinct colours, got {len(colors)}")
     rng = random.Random(seed)
     trials = []
     for i in range(n):
@@ -248,7 +253,7 @@ def spatial_relation_set(n: int, seed: int = 0, grid: tuple[int, int] = (3, 3),
         ref = rng.choice(objs)
         valid = [rel for rel in RELATIONS if relation_target(scene, ref, rel) is not None]
         if not valid:
-            raise ValueError(f"a {grid[0]}x{grid[1]} grid has no neighbouring cells")
+            raise UserError(f"a {grid[0]}x{grid[1]} grid has no neighbouring cells")
         trial = spatial_relation(scene, ref, rng.choice(valid))
         trial.meta.update(trial=i, ref_cell=list(ref.cell), target_cell=list(trial.target.cell))
         trials.append(trial)
@@ -263,7 +268,7 @@ def counting_set(n: int, seed: int = 0, grid: tuple[int, int] = (3, 3), min_obje
     grid = tuple(grid)
     cells = all_cells(grid)
     if not 1 <= min_objects <= max_objects <= len(cells):
-        raise ValueError(f"object counts [{min_objects}, {max_objects}] do not fit {len(cells)} cells")
+        raise UserError(f"object counts [{min_objects}, {max_objects}] do not fit {len(cells)} cells")
     rng = random.Random(seed)
     trials = []
     for i in range(n):

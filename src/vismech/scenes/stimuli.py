@@ -9,7 +9,8 @@ names). ``grid=None`` picks the set's default grid. What ``n`` counts:
 - ``cma-id_retrieval``, ``cma-id_selection``, ``cma-feature_retrieval``: the number of pairs.
 
 ``write_stimuli`` renders each distinct scene once (named ``000000.png``, ... in order of first use) and writes
-``manifest.json`` with sorted keys, so the same items give byte-identical files. Assumes every item's scene can be
+``manifest.json`` with sorted keys, so the same items give byte-identical files; images that an older set written
+to the same folder listed and this set lacks are removed. Assumes every item's scene can be
 laid out by ``layout_for_grid`` (a ``Geometry`` or a function from a (rows, cols) grid to a ``Layout``).
 """
 
@@ -19,6 +20,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence, Union
+
+from vismech.errors import UserError
 
 from .core import CounterfactualPair, Geometry, Layout, Scene, Trial
 from .counterfactual import CONDITIONS, cma_pairs
@@ -34,7 +37,7 @@ MANIFEST_VERSION = 1
 
 def _fixed(name: str, grid: Grid, fixed: tuple[int, int]) -> None:
     if grid is not None and tuple(grid) != fixed:
-        raise ValueError(f"the {name} set is defined on a {fixed[0]}x{fixed[1]} grid only, got {tuple(grid)}")
+        raise UserError(f"the {name} set is defined on a {fixed[0]}x{fixed[1]} grid only, got {tuple(grid)}")
 
 
 def _pca(grid: Grid, n: int, seed: int) -> list[Trial]:
@@ -71,13 +74,23 @@ TASK_GENERATORS: dict[str, Callable[[Grid, int, int], list]] = {
 def generate(name: str, grid: Grid, n: int, seed: int) -> list:
     """``TASK_GENERATORS[name](grid, n, seed)`` with a clear error for an unknown name."""
     if name not in TASK_GENERATORS:
-        raise ValueError(f"unknown stimulus set {name!r}; sets are {', '.join(TASK_GENERATORS)}")
+        raise UserError(f"unknown stimulus set {name!r}; sets are {', '.join(TASK_GENERATORS)}")
     return TASK_GENERATORS[name](grid, n, seed)
 
 
 def _scene_key(scene: Scene) -> str:
     """The same string for scenes that draw the same image, whatever the order of their objects."""
     return json.dumps([list(scene.grid), sorted([*o.cell, o.color, o.shape] for o in scene.objects)])
+
+
+def _old_images(out: Path) -> set[str]:
+    """The image files an earlier ``write_stimuli`` listed in ``out``'s manifest (none if it has no readable one)."""
+    try:
+        old = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        names = {t["image"] for t in old["trials"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and n == Path(n).name and n.endswith(".png")}
 
 
 def write_stimuli(items: Sequence[Item], layout_for_grid: Union[Geometry, Callable[[tuple[int, int]], Layout]],
@@ -90,6 +103,7 @@ def write_stimuli(items: Sequence[Item], layout_for_grid: Union[Geometry, Callab
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stale = _old_images(out)
     if isinstance(layout_for_grid, Geometry):
         geometry = layout_for_grid
         get_layout = lambda grid: geometry.layout(*grid)  # noqa: E731
@@ -135,6 +149,8 @@ def write_stimuli(items: Sequence[Item], layout_for_grid: Union[Geometry, Callab
     }
     path = out / MANIFEST
     path.write_text(json.dumps(manifest, sort_keys=True, indent=1) + "\n", encoding="utf-8")
+    for name in stale - set(images.values()):  # images of an older set in the same folder that this set lacks
+        (out / name).unlink(missing_ok=True)
     return path
 
 
@@ -145,7 +161,7 @@ def load_stimuli(out_dir: Union[str, Path]) -> list[Item]:
         raise FileNotFoundError(f"no {MANIFEST} in {out_dir}; write the stimuli with write_stimuli first")
     m = json.loads(path.read_text(encoding="utf-8"))
     if m.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{path} has manifest version {m.get('version')}, this vismech reads {MANIFEST_VERSION}")
+        raise UserError(f"{path} has manifest version {m.get('version')}, this vismech reads {MANIFEST_VERSION}")
     trials = [Trial.from_json(t["trial"]) for t in m["trials"]]
     items: list[Item] = []
     for kind, i in m["items"]:
