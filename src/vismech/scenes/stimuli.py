@@ -9,8 +9,10 @@ names). ``grid=None`` picks the set's default grid. What ``n`` counts:
 - ``cma-id_retrieval``, ``cma-id_selection``, ``cma-feature_retrieval``: the number of pairs.
 
 ``write_stimuli`` renders each distinct scene once (named ``000000.png``, ... in order of first use) and writes
-``manifest.json`` with sorted keys, so the same items give byte-identical files. Assumes every item's scene can be
-laid out by ``layout_for_grid`` (a ``Geometry`` or a function from a (rows, cols) grid to a ``Layout``).
+``manifest.json`` (the folder format of ``scenes.manifest``, with every object's pixel box) with sorted keys, so the
+same items give byte-identical files; ``load_stimuli`` reads such a folder back, or any user's folder in the same
+format. Assumes every item's scene can be laid out by ``layout_for_grid`` (a ``Geometry`` or a function from a
+(rows, cols) grid to a ``Layout``).
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ from typing import Callable, Sequence, Union
 
 from .core import CounterfactualPair, Geometry, Layout, Scene, Trial
 from .counterfactual import CONDITIONS, cma_pairs
+from .manifest import MANIFEST, load_layouts, load_stimuli, trial_record, write_manifest  # noqa: F401
 from .render import render
 from .sets import (color_retrieval_set, counting_set, entropy_set, pca_set, relabs_set, scene_description_set,
                    spatial_relation_set)
 
 Item = Union[Trial, CounterfactualPair]
 Grid = Union[tuple[int, int], None]
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
 
 
 def _fixed(name: str, grid: Grid, fixed: tuple[int, int]) -> None:
@@ -84,9 +85,9 @@ def write_stimuli(items: Sequence[Item], layout_for_grid: Union[Geometry, Callab
                   out_dir: Union[str, Path]) -> Path:
     """Render every distinct scene of ``items`` to ``out_dir`` and write ``manifest.json``; returns its path.
 
-    The manifest holds the geometry (if a ``Geometry`` was given), the layout of each grid, every trial's JSON with
-    its image file name, the pairs (condition, a1, a1*, indices of their clean and counterfactual trials) and the
-    order of the items.
+    The manifest holds the geometry (if a ``Geometry`` was given), the layout of each grid, every trial's record
+    (``scenes.manifest``: image file, prompt, answer, objects with their cells as IDs and pixel boxes, mentions), the
+    pairs (condition, a1, a1*, indices of their clean and counterfactual trials) and the order of the items.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,8 @@ def write_stimuli(items: Sequence[Item], layout_for_grid: Union[Geometry, Callab
         if key not in images:
             images[key] = f"{len(images):06d}.png"
             render(trial.scene, layouts[gkey]).save(out / images[key], format="PNG")
-        trials.append({"trial": trial.to_json(), "image": images[key], "layout": gkey, "pair": pair, "role": role})
+        rec = trial_record(trial, images[key], lambda o: layouts[gkey].cell_box(o.cell))
+        trials.append({**rec, "layout": gkey, "pair": pair, "role": role})
         return len(trials) - 1
 
     for item in items:
@@ -122,44 +124,5 @@ def write_stimuli(items: Sequence[Item], layout_for_grid: Union[Geometry, Callab
             order.append(["trial", add(item, None, None)])
         else:
             raise TypeError(f"write_stimuli takes Trials and CounterfactualPairs, got {type(item).__name__}")
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "geometry": None if geometry is None else geometry.to_json(),
-        "layouts": {k: asdict(v) | {"canvas_px": v.canvas_px} for k, v in layouts.items()},
-        "trials": trials,
-        "pairs": pairs,
-        "items": order,
-    }
-    path = out / MANIFEST
-    path.write_text(json.dumps(manifest, sort_keys=True, indent=1) + "\n", encoding="utf-8")
-    return path
-
-
-def load_stimuli(out_dir: Union[str, Path]) -> list[Item]:
-    """The items written by ``write_stimuli``, in their original order."""
-    path = Path(out_dir) / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"no {MANIFEST} in {out_dir}; write the stimuli with write_stimuli first")
-    m = json.loads(path.read_text(encoding="utf-8"))
-    if m.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{path} has manifest version {m.get('version')}, this vismech reads {MANIFEST_VERSION}")
-    trials = [Trial.from_json(t["trial"]) for t in m["trials"]]
-    items: list[Item] = []
-    for kind, i in m["items"]:
-        if kind == "trial":
-            items.append(trials[i])
-        else:
-            p = m["pairs"][i]
-            items.append(CounterfactualPair(p["condition"], trials[p["clean"]], trials[p["counterfactual"]],
-                                            p["answer"], p["answer_star"]))
-    return items
-
-
-def load_layouts(out_dir: Union[str, Path]) -> dict[tuple[int, int], Layout]:
-    """The layout of each grid recorded in a manifest, keyed by (rows, cols)."""
-    m = json.loads((Path(out_dir) / MANIFEST).read_text(encoding="utf-8"))
-    out = {}
-    for d in m["layouts"].values():
-        d = {k: v for k, v in d.items() if k != "canvas_px"}
-        out[(d["rows"], d["cols"])] = Layout(**d)
-    return out
+    return write_manifest(out, trials, pairs, order, geometry=None if geometry is None else geometry.to_json(),
+                          layouts={k: asdict(v) | {"canvas_px": v.canvas_px} for k, v in layouts.items()})
