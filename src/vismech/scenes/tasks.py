@@ -34,8 +34,8 @@ question_tasks = QUESTION_TASKS
 
 def is_question_task(task: str) -> bool:
     """True if ``task``'s prompt is a question, False if it is a sentence to complete."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+    if task not in TASKS and task != QUESTION:
+        raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}, {QUESTION}")
     return task in QUESTION_TASKS
 
 
