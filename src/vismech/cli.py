@@ -57,12 +57,21 @@ def cmd_models(args) -> int:
 
 def cmd_stimuli(args) -> int:
     from vismech.models.load import geometry_for
+    from vismech.scenes import photoreal
     from vismech.scenes.stimuli import TASK_GENERATORS, generate, write_stimuli
 
-    if args.task not in TASK_GENERATORS:
-        raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(TASK_GENERATORS)}")
+    if args.task not in TASK_GENERATORS and args.task not in photoreal.set_names():
+        raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(TASK_GENERATORS)}, "
+                         f"{', '.join(photoreal.set_names())}")
     geometry = geometry_for(args.model)
-    items = generate(args.task, args.grid, args.n, args.seed)
+    if args.task in photoreal.set_names():  # rendered with Mitsuba 3 at the model's patch-aligned size, cached
+        size = photoreal.canvas_px(geometry)
+        items, seconds = photoreal.render_items(photoreal.generate(args.task, args.n, args.seed), size, args.spp)
+        if seconds:
+            print(f"rendered {len(seconds)} images of {size}x{size} px at {args.spp} samples per pixel, "
+                  f"{sum(seconds) / len(seconds):.2f} s per image (the rest came from {photoreal.cache_dir()})")
+    else:
+        items = generate(args.task, args.grid, args.n, args.seed)
     write_stimuli(items, geometry, args.out)
     print(f"wrote {len(items)} {args.task} items to {args.out}")
     return 0
@@ -216,13 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stimuli", help="write a stimulus set (images + manifest.json)")
     s.add_argument("task", help="scene_description, color_retrieval, spatial_relation, counting, pca, relabs, "
-                   "entropy-low, entropy-high, cma-id_retrieval, cma-id_selection, cma-feature_retrieval")
+                   "entropy-low, entropy-high, cma-id_retrieval, cma-id_selection, cma-feature_retrieval, "
+                   "photoreal, photoreal-cma-id_retrieval, photoreal-cma-id_selection, "
+                   "photoreal-cma-feature_retrieval (photoreal: rendered with Mitsuba 3)")
     s.add_argument("--grid", type=_grid, default=(2, 2))
     s.add_argument("--model", default="qwen2_5_vl",
                    help="family (qwen2_vl, qwen2_5_vl, llava, llava_onevision, idefics2) or any --model value "
                    "whose token geometry to render for")
     s.add_argument("--n", type=int, default=10, help="trials (K per identity x cell for the K x N x N sets)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--spp", type=int, default=64, help="photoreal sets: path-tracing samples per pixel")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_stimuli)
 

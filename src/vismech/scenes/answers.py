@@ -5,7 +5,9 @@ colour word and the first shape word that occur (plural "squares" counts as "squ
 integer written in digits or as a word from zero to twenty, taken after the last "Answer:" when the
 text has one (the counting prompt asks for that format). A scene-description answer is correct when both the
 parsed colour and shape equal the target's; a colour question when the parsed colour does; counting when the
-parsed number does.
+parsed number does. Answers outside that vocabulary (photoreal classes such as "cube", a user's own answers such as
+"black cat") are matched word by word instead: the reply's first words, as many as the answer has, after dropping
+leading articles ("a", "an", "the"), with a plural "s" on the last word forgiven.
 """
 
 from __future__ import annotations
@@ -49,8 +51,31 @@ def parse_count(text: str) -> int | None:
     return None
 
 
+def leading_words(text: str, n: int) -> str | None:
+    """The first ``n`` words of ``text`` after leading articles, lower-cased and joined by spaces (None if fewer)."""
+    ws = words(text)
+    while ws and ws[0] in ("a", "an", "the"):
+        ws = ws[1:]
+    return " ".join(ws[:n]) if len(ws) >= n and n > 0 else None
+
+
+def _in_vocabulary(trial: Trial) -> bool:
+    ws = words(trial.answer)
+    if trial.task == "scene_description":
+        return len(ws) == 2 and ws[0] in COLORS and ws[1] in SHAPES
+    if trial.task == "counting":
+        return True
+    return len(ws) == 1 and ws[0] in COLORS
+
+
 def parse(trial: Trial, text: str) -> str | None:
     """The answer ``text`` reduced to the form of ``trial.answer`` (None when nothing parses)."""
+    if not _in_vocabulary(trial):
+        want = words(trial.answer)
+        got = leading_words(text, len(want))
+        if got is not None and want and got.split()[-1] == want[-1] + "s":
+            got = " ".join(got.split()[:-1] + [want[-1]])
+        return got
     if trial.task == "scene_description":
         c, s = parse_color(text), parse_shape(text)
         return None if c is None or s is None else f"{c} {s}"
@@ -61,4 +86,4 @@ def parse(trial: Trial, text: str) -> str | None:
 
 
 def is_correct(trial: Trial, text: str) -> bool:
-    return parse(trial, text) == trial.answer
+    return parse(trial, text) == " ".join(words(trial.answer))

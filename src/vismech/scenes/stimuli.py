@@ -18,6 +18,7 @@ format. Assumes every item's scene can be laid out by ``layout_for_grid`` (a ``G
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence, Union
@@ -83,7 +84,8 @@ def _scene_key(scene: Scene) -> str:
 
 def write_stimuli(items: Sequence[Item], layout_for_grid: Union[Geometry, Callable[[tuple[int, int]], Layout]],
                   out_dir: Union[str, Path]) -> Path:
-    """Render every distinct scene of ``items`` to ``out_dir`` and write ``manifest.json``; returns its path.
+    """Render every distinct scene of ``items`` to ``out_dir`` (a trial with a ``picture`` has its image and masks
+    copied instead) and write ``manifest.json``; returns its path.
 
     The manifest holds the geometry (if a ``Geometry`` was given), the layout of each grid, every trial's record
     (``scenes.manifest``: image file, prompt, answer, objects with their cells as IDs and pixel boxes, mentions), the
@@ -101,6 +103,19 @@ def write_stimuli(items: Sequence[Item], layout_for_grid: Union[Geometry, Callab
     trials, pairs, order = [], [], []
 
     def add(trial: Trial, pair: int | None, role: str | None) -> int:
+        if trial.picture is not None:  # an image file (a photoreal render): copied, with its objects' masks
+            pic = trial.picture
+            if pic.path not in images:
+                images[pic.path] = name = f"{len(images):06d}.png"
+                shutil.copyfile(pic.path, out / name)
+                for j, (_, r) in enumerate(pic.regions):
+                    if r.mask:
+                        shutil.copyfile(r.mask, out / f"{name[:-4]}-{j}.png")
+            name = images[pic.path]
+            masks = {c: f"{name[:-4]}-{j}.png" for j, (c, r) in enumerate(pic.regions) if r.mask}
+            rec = trial_record(trial, name, lambda o: pic.region(o.cell).box, lambda o: masks.get(o.cell))
+            trials.append({**rec, "pair": pair, "role": role})
+            return len(trials) - 1
         grid = tuple(trial.scene.grid)
         gkey = f"{grid[0]}x{grid[1]}"
         if gkey not in layouts:
