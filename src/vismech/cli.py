@@ -86,7 +86,11 @@ def cmd_eval(args) -> int:
 
     vlm = _load(args)
     trials = []
-    for task in args.task:
+    if args.stimuli:  # a stimulus folder (images + manifest.json) instead of generated tasks
+        from vismech.experiments.sources import Source
+
+        trials = Source(args.stimuli).folder_trials("eval")
+    for task in [] if args.stimuli else args.task:
         trials += generate(task, args.grid, args.n, args.seed)
     t0 = time.time()
     with tqdm(total=len(trials), desc="eval", unit="trial") as bar:
@@ -132,6 +136,9 @@ def cmd_run(args) -> int:
     overrides = _parse_sets(args.set or [])
     if args.n is not None:
         overrides.setdefault("n", args.n)
+    for key in ("stimuli", "images"):  # --stimuli DIR / --images DIR: the same as --set KEY=DIR
+        if getattr(args, key, None):
+            overrides.setdefault(key, getattr(args, key))
     run_dir = run_experiments(names, args, overrides, resume=args.resume)
     print(f"results in {run_dir}")
     print(f"report: {run_dir / 'report.html'}")
@@ -245,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=20)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-generate", action="store_true", help="first-token accuracy only (faster)")
+    s.add_argument("--stimuli", default=None, metavar="DIR", help="evaluate the trials of a stimulus folder "
+                   "(images + manifest.json, e.g. from `vismech stimuli`; see vismech.scenes.manifest) instead of "
+                   "--task")
     s.add_argument("--out", default="runs/eval")
     s.set_defaults(fn=cmd_eval)
 
@@ -258,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override an experiment option (JSON values), e.g. --set grid=[3,3]")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out, skipping "
                    "finished work (refused if the options differ)")
+    s.add_argument("--stimuli", default=None, metavar="DIR", help="run on a stimulus folder (images + "
+                   "manifest.json; see vismech.scenes.manifest): the same as --set stimuli=DIR (rsa, pca, cma, "
+                   "id-intervention, key-intervention)")
+    s.add_argument("--images", default=None, metavar="DIR", help="coco: a folder of JPEG/PNG images (COCO val2017 "
+                   "or any); the same as --set images=DIR")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("demo", help="the README's first command: every experiment on the shipped organism, quickly")
