@@ -141,7 +141,7 @@ def photoreal_pairs(condition: str, n: int, seed: int = 0, colors: Sequence[str]
         raise ValueError(f"unknown CMA condition {condition!r}; conditions are {', '.join(CONDITIONS)}")
     need = 3 if condition == "feature_retrieval" else 2
     _check(colors, classes, environments, need)
-    rng = random.Random(seed)
+    rng = random.Random(f"photoreal-pairs-{seed}")  # a stream apart from photoreal_trials': no shared scenes
     pairs = []
     for i in range(n):
         scene, described, xc, xs = _draw(i, rng, colors, classes, environments, need)
