@@ -238,6 +238,10 @@ class LlavaOnevision(Llava):
             size={"height": s, "width": s}, image_grid_pinpoints=config.image_grid_pinpoints)
 
     def process_images(self, image_processor, images) -> ImageInputs:
+        odd = next((im.size for im in images if im.size[0] != im.size[1]), None)
+        if odd is not None:  # anyres unpads a non-square image's tiles, which the token layout here does not follow
+            raise ValueError(f"vismech runs LLaVA-OneVision on square images only; one is {odd[0]}x{odd[1]}: pad or "
+                             "crop your images to squares")
         out = image_processor(images=images, return_tensors="pt")
         pv = out["pixel_values"]
         p = pv.shape[-1] // self._patch
@@ -252,10 +256,7 @@ class LlavaOnevision(Llava):
 
     def picture_views(self, image_processor, image_size, grid, extra):
         # base image resized to size x size; anyres tiles of the same size, scale x scale of them for a square image
-        W, H = image_size
-        if W != H:
-            raise ValueError(f"vismech maps boxes to LLaVA-OneVision tokens for square images only; this one is "
-                             f"{W}x{H}: pad or crop it to a square")
+        W, H = image_size  # square: process_images refuses others
         S, p, scale = _get(image_processor.size, "height"), grid[0], extra
         base = View(p, p, self._patch, (S / W, S / H))
         hi = View(p * scale, p * scale, self._patch, (scale * S / W, scale * S / H), base=p * p,
