@@ -143,7 +143,7 @@ def run(ctx: Context) -> dict:
     total = vlm.n_layers * vlm.n_heads
     ks = sorted({min(int(k), total) for k in ctx.opt("k")})
     heads, heads_from = select_heads(ctx, max(ks), condition="id_selection")
-    ks = [k for k in ks if k <= len(heads)]
+    ks = sorted({min(k, len(heads)) for k in ks})
     bs = ctx.batch_size
 
     def lists():  # step 1 (and the source activations of step 3): one pass over every image
