@@ -7,7 +7,8 @@ sampler seed; Blender's ``bpy`` module is several times larger and pinned to one
 The scene: a perspective camera looks down at a floor (about 22 degrees) in front of a backdrop; the two objects
 stand on the floor, one left and one right of the image centre. Objects are procedural triangle meshes built here
 (``MESHES``: cube, sphere, cylinder, cone, torus; each about 0.9 units tall, smooth normals where the surface is
-smooth) with a plastic material of the object's colour (the sRGB value of ``vocab.COLORS``, linearised). Three
+smooth) with a glossy plastic material (rough plastic, alpha 0.18: no mirror images of the floor, no caustic
+fireflies) of the object's colour (the sRGB value of ``vocab.COLORS``, linearised). Three
 environments (``ENVIRONMENTS``) differ in floor material, lighting and backdrop: ``studio`` (grey seamless floor and
 wall, a large soft area light: soft shadows), ``tiles`` (a checkerboard floor, a warm wall, a smaller area light:
 sharper shadows), ``outdoor`` (a sand floor, a blue sky, a low sun: long hard shadows). The path tracer (max depth 5)
@@ -161,9 +162,9 @@ def _placed(shape: str, x: float, z: float, yaw: float, scale: float) -> np.ndar
 def _mesh(mi, name: str, shape: str, color: str, x: float, z: float, yaw: float, scale: float):
     V, N, F = _placed(shape, x, z, yaw, scale)
     props = mi.Properties()
-    props["bsdf"] = mi.load_dict({"type": "plastic", "diffuse_reflectance": {"type": "rgb",
-                                                                             "value": _linear(COLORS[color])},
-                                  "int_ior": 1.5})
+    props["bsdf"] = mi.load_dict({"type": "roughplastic", "diffuse_reflectance": {"type": "rgb",
+                                                                                  "value": _linear(COLORS[color])},
+                                  "alpha": 0.18, "int_ior": 1.5})
     mesh = mi.Mesh(name, len(V), len(F), has_vertex_normals=True, props=props)
     p = mi.traverse(mesh)
     p["vertex_positions"] = np.asarray(V, np.float32).ravel().tolist()
