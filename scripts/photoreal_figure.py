@@ -43,7 +43,8 @@ def main() -> None:
     for i, t in enumerate(trials):
         r, c = divmod(i, cols)
         with Image.open(t.picture.path) as im:
-            fig.paste(im.convert("RGB").resize((args.tile, args.tile), Image.LANCZOS), (c * args.tile, r * (args.tile + cap)))
+            tile = im.convert("RGB").resize((args.tile, args.tile), Image.LANCZOS)
+        fig.paste(tile, (c * args.tile, r * (args.tile + cap)))
         y = r * (args.tile + cap) + args.tile + 3
         draw.text((c * args.tile + 6, y), f"{t.meta['environment']}: ...a {t.mentioned[0].name} and a", fill="black")
         draw.text((c * args.tile + 6, y + 12), f"-> {t.answer}", fill=(40, 40, 160))

@@ -148,8 +148,8 @@ def run(ctx: Context) -> dict:
 
     def lists():  # step 1 (and the source activations of step 3): one pass over every image
         with ctx.progress(len(files), "coco lists") as update:
-            r = run_heads(vlm, [list_trial(f) for f in files], heads, capture=True, gen_tokens=ctx.opt("max_new_tokens"),
-                          batch_size=bs, progress=update)
+            r = run_heads(vlm, [list_trial(f) for f in files], heads, capture=True,
+                          gen_tokens=ctx.opt("max_new_tokens"), batch_size=bs, progress=update)
         return r.texts, r.z
 
     texts, z = ctx.unit(unit_key(ctx, "coco-lists", heads) + f"-{len(files)}", lists)

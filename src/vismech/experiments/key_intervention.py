@@ -9,9 +9,10 @@ every key head of those layers is edited; ``key_heads="top"`` (default) edits th
 
 Scenes and IDs as in ``id-intervention``: 2-object scene-description trials on a 1x2 grid (left/right, like the
 paper's PUG images), ID = cell; ``--set stimuli=photoreal`` renders them photorealistically (object patches from the
-rendered masks), a folder path takes a user's own (patches from their boxes or masks; ``experiments.sources``). If the ID lives in the keys, feature retrieval's query for B's ID now finds A's
-patches, so the model names A: efficacy = fraction of held-out trials whose first-token arg-max is A's first token
-(Wilson 95% interval), against no edit and a control with random directions of equal norm.
+rendered masks), a folder path takes a user's own (patches from their boxes or masks; ``experiments.sources``).
+If the ID lives in the keys, feature retrieval's query for B's ID now finds A's patches, so the model names A:
+efficacy = fraction of held-out trials whose first-token arg-max is A's first token (Wilson 95% interval), against no
+edit and a control with random directions of equal norm.
 
 Not for Idefics2 or any model without per-patch image tokens: the summary says it was skipped and why.
 Options: ``n`` held-out trials (64), ``n_estimate`` (64), ``grid`` ((1, 2)), ``alpha`` (2.0), ``top_k`` (20,
