@@ -120,3 +120,23 @@ def test_coco_annotations(tmp_path):
     p.write_text("{}")
     with pytest.raises(ValueError, match="cannot read the COCO annotations"):
         coco.annotation_names(p)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision", "idefics2"])
+def test_coco_pipeline_on_every_family(tmp_path, monkeypatch, family):
+    """The whole App. B path on each family's tiny model; their random weights list nothing, so the lists are given
+    (the organism test above generates them for real)."""
+    from vismech.models.vlm import VLM
+
+    images = tmp_path / "images"
+    write_stimuli(generate("scene_description", (2, 2), 4, 1), geometry_for(f"tiny:{family}"), images)
+    lists = iter([" red square 2. a blue circle", " dog 2. a cat 3. a bird", " green star, a green star",
+                  " yellow heart\n2. a gray cross", " cat 2. a"])
+    monkeypatch.setattr(VLM, "generate", lambda self, batch, n=4: [next(lists) for _ in range(len(batch))])
+    out = tmp_path / "run"
+    assert main(["run", "coco", "--model", f"tiny:{family}", "--images", str(images), "--out", str(out),
+                 "--set", "heads=[[0, 0], [1, 1], [2, 3]]", "--set", "k=[1, 50]", "--set", "splits=2"]) == 0
+    s = json.loads((out / "results" / "coco.json").read_text())
+    assert s["images"] == 4 and s["n_kept"] == 3 and s["k"] == [1, 3]  # the repeated "green star" is dropped
+    rows = (out / "results" / "coco.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 2 * 3

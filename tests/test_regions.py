@@ -132,3 +132,23 @@ def test_encode_uses_regions_for_picture_trials(tmp_path):
     assert [p - start for p in batch.objects[0][(0, 0)]] == [2 * 8 + 1, 2 * 8 + 2, 3 * 8 + 1, 3 * 8 + 2]
     assert [p - start for p in batch.objects[0][(0, 1)]] == [r * 8 + c for r in range(1, 5) for c in (5, 6)]
     assert batch.coverage[0][(0, 0)] == [1.0] * 4
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision"])
+def test_cell_tokens_equal_the_tokens_of_the_cell_box(tmp_path, family):
+    """The drawn-scene fast path (cell offsets) and the general path (the cell's pixel box as a picture region)
+    give the same tokens, fully covered."""
+    from dataclasses import replace
+
+    from conftest import two_object_trials
+
+    vlm = tiny(family)
+    for t in two_object_trials():
+        img = vlm.render(t)
+        img.save(tmp_path / "x.png")
+        layout = vlm.layout(t.scene.grid)
+        regions = tuple((o.cell, Region(layout.cell_box(o.cell))) for o in t.scene.objects)
+        pic = Picture(str(tmp_path / "x.png"), regions)
+        a, b = vlm.encode([t]), vlm.encode([replace(t, picture=pic)])
+        assert a.objects == b.objects and b.coverage == a.coverage
+        assert all(c == 1.0 for cs in b.coverage[0].values() for c in cs)

@@ -33,11 +33,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from vismech import interventions as iv
 from vismech.analysis.stats import wilson_ci
-from vismech.experiments import cma
+from vismech.experiments import behaviour, cma
 from vismech.experiments.common import Context
-from vismech.experiments.reuse import run_heads, select_heads, unit_key
+from vismech.experiments.reuse import head_edits, run_heads, select_heads, unit_key
 from vismech.scenes.answers import OBJECT_LIST_PROMPT, parse_object_list, same_object
 from vismech.scenes.core import Picture, Scene, Trial
 
@@ -179,26 +181,34 @@ def run(ctx: Context) -> dict:
     targets = [list_trial(files[i], o) for i, o in zip(kept, first)]
     zk = z[kept]  # [n_kept, K_max, d]
 
-    def interventions():  # steps 2-5
-        hits = {}
-        with ctx.progress(len(targets) + 2 * len(ks) * ctx.opt("splits") * (len(kept) // 2), "coco") as up:
-            base = run_heads(vlm, targets, heads, candidates=[[o] for o in first], batch_size=bs, progress=up)
-            hits["none"] = base.top == base.cand_ids[:, 0]
-            for s, (src, tgt) in enumerate(split_halves(len(kept), ctx.opt("splits"), seed)):
-                for k in ks:
-                    mean = zk[src][:, :k].mean(0)
-                    for d, vec in (("id", mean), ("random", random_like(mean, seed + 1000 * s + k))):
-                        r = run_heads(vlm, [targets[i] for i in tgt], heads[:k], np.repeat(vec[None], len(tgt), 0),
-                                      "set", [[first[i]] for i in tgt], batch_size=bs, progress=up)
-                        hits[(s, k, d)] = r.top == r.cand_ids[:, 0]
+    splits = split_halves(len(kept), ctx.opt("splits"), seed)
+    settings = [(s, k, d) for s in range(len(splits)) for k in ks for d in ("id", "random")]
+
+    def interventions():  # steps 2-5: per batch of images, vision and prompt once, then one last-token run per edit
+        values = {}
+        for s, k, d in settings:
+            mean = zk[splits[s][0]][:, :k].mean(0)
+            values[(s, k, d)] = mean if d == "id" else random_like(mean, seed + 1000 * s + k)
+        hits = {key: np.zeros(len(kept), bool) for key in ["none", *settings]}
+        with ctx.progress(len(targets), "coco") as update:
+            for idx in behaviour.batches(targets, bs):
+                b = vlm.encode([targets[i] for i in idx])
+                runs = iv.EditedRuns(vlm, b, first_position=b.last)
+                want = vlm.answer_ids(b, [first[i] for i in idx])
+                hits["none"][idx] = iv.first_token_hits(runs.logits(), want)
+                for key in settings:
+                    vec = torch.as_tensor(np.repeat(values[key][None], len(idx), 0), dtype=torch.float32)
+                    edits = head_edits(heads[:key[1]], vec, "set", b.last)
+                    hits[key][idx] = iv.first_token_hits(runs.logits(edits), want)
+                update(len(idx))
         return hits
 
     hits = ctx.unit(unit_key(ctx, "coco-interventions", heads) + f"-{len(files)}", interventions)
     out = []
-    for s, (src, tgt) in enumerate(split_halves(len(kept), ctx.opt("splits"), seed)):
+    for s, (src, tgt) in enumerate(splits):
         for k in ks:
             for d in ("none", "id", "random"):
-                h = hits["none"][tgt] if d == "none" else hits[(s, k, d)]
+                h = hits["none" if d == "none" else (s, k, d)][tgt]  # each split scores its target half
                 out.append({"split": s, "k": k, "direction": d, "n_source": len(src), **_rate(int(h.sum()), len(h))})
     ctx.save_table("coco", out)
     for k in ks:
