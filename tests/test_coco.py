@@ -67,7 +67,7 @@ def test_run_coco_on_the_organism(tmp_path):
     assert s["images"] == 8 and len(lists) == 9  # the 8 PNGs, not the text file
     assert s["k"] == [4, 16] and s["splits"] == 2 and s["heads_from"] == "given"  # K capped at the 16 heads
     kept = [ln for ln in lists[1:] if ",1," in ln]
-    assert s["n_kept"] == len(kept) >= 4
+    assert s["n_kept"] == len(kept) >= 4  # the organism lists "orange star heart ..."
     rows = [ln.split(",") for ln in (out / "results" / "coco.csv").read_text().splitlines()[1:]]
     assert len(rows) == 2 * 2 * 3  # splits x K x (none, id, random)
     n_target = s["n_kept"] // 2

@@ -110,10 +110,9 @@ def test_stimuli_photoreal_cli_writes_a_folder_every_family_reads(cache, tmp_pat
             assert all(p in b.image_tokens[row] for p in b.objects[row][(0, 0)])
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
-def test_interventions_and_cma_run_on_photoreal(cache, tmp_path, family):
+def test_interventions_and_cma_run_on_photoreal(cache, tmp_path):
     out = tmp_path / "run"
-    assert main(["run", "cma", "id-intervention", "key-intervention", "--model", f"tiny:{family}", "--out", str(out),
+    assert main(["run", "cma", "id-intervention", "key-intervention", "--model", "tiny:qwen2_5_vl", "--out", str(out),
                  "--set", "stimuli=photoreal", "--set", json.dumps({"spp": SPP}).join(["photoreal=", ""]),
                  "--set", "n=4", "--set", "n_estimate=4", "--set", "null_samples=20", "--set", "alphas=[1, 5]",
                  "--set", "top_k=2"]) == 0
@@ -127,6 +126,21 @@ def test_interventions_and_cma_run_on_photoreal(cache, tmp_path, family):
         assert b["n"] == 4 and 0 <= b["efficacy"] <= 1
     # 4 + 4 trials and 2 x (4 + 4) pair images (the ID conditions share theirs) were rendered, each once
     assert len([p for p in cache.iterdir() if p.suffix == ".json"]) == 8 + 16
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision", "idefics2"])
+def test_key_intervention_on_photoreal_other_families(cache, tmp_path, family):
+    """LLaVA geometries (fixed input size, 56 px renders here); Idefics2 has no per-patch tokens: skipped cleanly."""
+    out = tmp_path / "run"
+    assert main(["run", "key-intervention", "--model", f"tiny:{family}", "--out", str(out),
+                 "--set", "stimuli=photoreal", "--set", json.dumps({"spp": SPP}).join(["photoreal=", ""]),
+                 "--set", "n=3", "--set", "n_estimate=3", "--set", "cma_n=2", "--set", "top_k=2"]) == 0
+    res = json.loads((out / "results" / "key-intervention.json").read_text())
+    if family == "idefics2":
+        assert "skipped" in res
+    else:
+        assert res["id_labels"] == [[0, 0], [0, 1]] and res["n_heldout"] == 3
+        assert {Image.open(p).size for p in cache.glob("*.png")} == {(56, 56)}  # images and masks
 
 
 def test_photoreal_picture_of_a_missing_render_is_a_clear_error(tmp_path):

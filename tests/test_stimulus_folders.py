@@ -102,13 +102,13 @@ def test_stimuli_output_is_valid_run_input(tmp_path):
                  "--out", str(folder)]) == 0
     out = tmp_path / "run"
     assert main(["run", "rsa", "pca", "id-intervention", "key-intervention", "--model", "tiny:llava",
-                 "--stimuli", str(folder), "--out", str(out), "--set", "n=4", "--set", "n_estimate=4",
-                 "--set", "cma_n=4", "--set", "n_boot=10", "--set", "n_null=2", "--set", "alphas=[1]",
-                 "--set", "top_k=2"]) == 0
+                 "--stimuli", str(folder), "--out", str(out), "--set", "n=3", "--set", "n_estimate=3",
+                 "--set", "cma_n=2", "--set", "n_boot=10", "--set", "n_null=2", "--set", "alphas=[1]",
+                 "--set", "top_k=2", "--set", "k_grid=[1]"]) == 0
     rsa = json.loads((out / "results" / "rsa.json").read_text())
     assert rsa["n_trials"] == 8  # the folder's trials, not a generated set
     key = json.loads((out / "results" / "key-intervention.json").read_text())
-    assert key["stimuli"] == f"the stimulus folder {folder}" and key["n_heldout"] == 4
+    assert key["stimuli"] == f"the stimulus folder {folder}" and key["n_heldout"] == 3
     pairs = tmp_path / "pairs"
     assert main(["stimuli", "cma-id_selection", "--model", "llava", "--n", "4", "--out", str(pairs)]) == 0
     assert main(["run", "cma", "--model", "tiny:qwen2_5_vl", "--stimuli", str(pairs), "--out", str(tmp_path / "c"),
