@@ -220,7 +220,7 @@ def test_the_readme_commands_plant_an_organism_and_validate_it(tmp_path, capsys)
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert "iit_F_acc" in log[-1]["plant"]
     capsys.readouterr()
-    assert validate.main([str(out), "--n", "4", "--device", "cpu"]) == 0
+    assert validate.main([str(out), "--trials", "4", "--device", "cpu"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["accuracy"].keys() == measures["accuracy"].keys()
     assert all(r["n"] == 4 and 0 <= r["rate"] <= 1 for r in again["accuracy"].values())

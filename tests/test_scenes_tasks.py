@@ -93,8 +93,9 @@ def test_counting_prompt_verbatim():
 
 
 def test_question_tasks():
-    assert question_tasks == QUESTION_TASKS == {"color_retrieval", "spatial_relation", "counting"}
+    assert question_tasks == QUESTION_TASKS == {"color_retrieval", "spatial_relation", "counting", "question"}
     assert not is_question_task("scene_description") and is_question_task("counting")
+    assert is_question_task("question")  # a user's own question prompt (stimulus folders)
     with pytest.raises(ValueError, match="unknown task"):
         is_question_task("captioning")
 

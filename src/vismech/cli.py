@@ -95,13 +95,22 @@ def cmd_models(args) -> int:
 
 def cmd_stimuli(args) -> int:
     from vismech.models.load import geometry_for
+    from vismech.scenes import photoreal
     from vismech.scenes.stimuli import TASK_GENERATORS, generate, write_stimuli
 
-    if args.task not in TASK_GENERATORS:
-        raise UserError(f"unknown task {args.task!r}; choose one of {', '.join(TASK_GENERATORS)}")
+    if args.task not in TASK_GENERATORS and args.task not in photoreal.set_names():
+        raise UserError(f"unknown task {args.task!r}; choose one of {', '.join(TASK_GENERATORS)}, "
+                        f"{', '.join(photoreal.set_names())}")
     output_dir(args.out)
     geometry = geometry_for(args.model)
-    items = generate(args.task, args.grid, args.n, args.seed)
+    if args.task in photoreal.set_names():  # rendered with Mitsuba 3 at the model's patch-aligned size, cached
+        size = photoreal.canvas_px(geometry)
+        items, seconds = photoreal.render_items(photoreal.generate(args.task, args.n, args.seed), size, args.spp)
+        if seconds:
+            print(f"rendered {len(seconds)} images of {size}x{size} px at {args.spp} samples per pixel, "
+                  f"{sum(seconds) / len(seconds):.2f} s per image (the rest came from {photoreal.cache_dir()})")
+    else:
+        items = generate(args.task, args.grid, args.n, args.seed)
     write_stimuli(items, geometry, args.out)
     print(f"wrote {len(items)} {args.task} items to {args.out}")
     return 0
@@ -134,7 +143,12 @@ def cmd_eval(args) -> int:
         raise UserError(f"unknown task {bad[0]!r}; choose from {', '.join(TASK_GENERATORS)}")
     out = output_dir(args.out)
     _check_model_args(args)
-    sets = {task: generate(task, args.grid, args.n, args.seed) for task in args.task}
+    if args.stimuli:  # a stimulus folder (images + manifest.json) instead of generated tasks
+        from vismech.experiments.sources import Source
+
+        sets = {"stimuli": Source(args.stimuli).folder_trials("eval")}
+    else:
+        sets = {task: generate(task, args.grid, args.n, args.seed) for task in args.task}
     vlm = _load(args)
     t0 = time.time()
     rows: list[dict] = []
@@ -183,6 +197,9 @@ def cmd_run(args) -> int:
     overrides = _parse_sets(args.set or [])
     if args.n is not None:
         overrides.setdefault("n", args.n)
+    for key in ("stimuli", "images"):  # --stimuli DIR / --images DIR: the same as --set KEY=DIR
+        if getattr(args, key, None):
+            overrides.setdefault(key, getattr(args, key))
     _check_model_args(args)
     run_dir = run_experiments(names, args, overrides, resume=args.resume)
     print(f"results in {run_dir}")
@@ -284,13 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stimuli", help="write a stimulus set (images + manifest.json)")
     s.add_argument("task", help="scene_description, color_retrieval, spatial_relation, counting, pca, relabs, "
-                   "entropy-low, entropy-high, cma-id_retrieval, cma-id_selection, cma-feature_retrieval")
+                   "entropy-low, entropy-high, cma-id_retrieval, cma-id_selection, cma-feature_retrieval, "
+                   "photoreal, photoreal-cma-id_retrieval, photoreal-cma-id_selection, "
+                   "photoreal-cma-feature_retrieval (photoreal: rendered with Mitsuba 3)")
     s.add_argument("--grid", type=_grid, default=(2, 2))
     s.add_argument("--model", default="qwen2_5_vl",
                    help="family (qwen2_vl, qwen2_5_vl, llava, llava_onevision, idefics2) or any --model value "
                    "whose token geometry to render for")
     _trials(s, 10, "trials (K per identity x cell for the K x N x N sets)")
     s.add_argument("--seed", type=arg_type(SEED, "--seed"), default=0)
+    s.add_argument("--spp", type=arg_type(Opt("int", 1, 1 << 16), "--spp"), default=64,
+                   help="photoreal sets: path-tracing samples per pixel")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_stimuli)
 
@@ -312,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     _trials(s, 20, "trials per task")
     s.add_argument("--seed", type=arg_type(SEED, "--seed"), default=0)
     s.add_argument("--no-generate", action="store_true", help="first-token accuracy only (faster)")
+    s.add_argument("--stimuli", default=None, metavar="DIR", help="evaluate the trials of a stimulus folder "
+                   "(images + manifest.json, e.g. from `vismech stimuli`; see vismech.scenes.manifest) instead of "
+                   "--task")
     s.add_argument("--out", default="runs/eval")
     s.set_defaults(fn=cmd_eval)
 
@@ -325,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override an experiment option (JSON values), e.g. --set grid=[3,3]")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out, skipping "
                    "finished work (refused if the options differ)")
+    s.add_argument("--stimuli", default=None, metavar="DIR", help="run on a stimulus folder (images + "
+                   "manifest.json; see vismech.scenes.manifest): the same as --set stimuli=DIR (rsa, pca, cma, "
+                   "id-intervention, key-intervention)")
+    s.add_argument("--images", default=None, metavar="DIR", help="coco: a folder of JPEG/PNG images (COCO val2017 "
+                   "or any); the same as --set images=DIR")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("demo", help="the README's first command: every experiment on the shipped organism, quickly")

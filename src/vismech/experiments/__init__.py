@@ -25,6 +25,7 @@ EXPERIMENTS: dict[str, str] = {
     "relabs-patch": ".relabs_patch",
     "binding-errors": ".binding_errors",
     "counting-ablation": ".counting_ablation",
+    "coco": ".coco",
     "recovery": ".recovery",
 }
 

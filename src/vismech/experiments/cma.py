@@ -39,6 +39,11 @@ with replacement (a head's mean under the null), and ``analysis.cma.head_signifi
 against this pooled null (one-sided, Benjamini-Hochberg at ``q``; the uncorrected count above the null's 1-q
 quantile is reported too, as in Yang et al. 2025). Cost: twice the patching of the scores alone.
 
+Stimuli (option ``stimuli``, ``experiments.sources``): the flat-shape pairs of ``scenes.counterfactual`` on ``grid``
+(default), ``"photoreal"`` (the same three conditions on rendered two-object scenes: the ID conditions swap the
+objects' places, feature retrieval replaces the target; ``photoreal`` sets the render), or a stimulus folder (its
+first ``n`` pairs of each condition; the two ID conditions share pairs; conditions without pairs are left out).
+
 Options: ``n`` pairs per condition (50 as in the paper), ``grid`` (2x2), ``conditions``, ``null_samples`` (2,000),
 ``q`` (0.05), ``top_k`` (heads listed in the summary, 10), ``engine`` ("fast": ``head_patch``, vision once and
 stacked rows; "naive": one full forward per head, the bit-exact reference). Other experiments call
@@ -62,13 +67,14 @@ from vismech.analysis.stats import mean_se
 from vismech.errors import UserError
 from vismech.experiments.common import Context
 from vismech.experiments.options import MAX_TRIALS, Opt
+from vismech.experiments.sources import source
 from vismech.scenes.core import CounterfactualPair
-from vismech.scenes.counterfactual import CONDITIONS, cma_pairs
+from vismech.scenes.counterfactual import CONDITIONS
 
 NAME = "cma"
 DESCRIPTION = "Causal mediation over every attention head in 3 conditions, with a re-paired null (Fig. 1d)"
 DEFAULTS = {"n": 50, "grid": (2, 2), "conditions": list(CONDITIONS), "null_samples": 2000, "q": 0.05,
-            "top_k": 10, "engine": "fast"}
+            "top_k": 10, "engine": "fast", "stimuli": "grid", "photoreal": {}}
 LIMITS = {"n": Opt("int", 2, MAX_TRIALS), "engine": Opt("str", choices=("fast", "naive"))}
 LABELS = {"id_retrieval": "ID retrieval", "id_selection": "ID selection", "feature_retrieval": "Feature retrieval"}
 
@@ -84,6 +90,7 @@ class CMAResult:
     significance: dict[str, dict]
     null_scores: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
     null_means: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    stimuli: str = "flat shapes on the grid"
 
     def top_k(self, condition: str, k: int) -> list[tuple[int, int]]:
         """The paper's head selection: the k heads with the highest mean score, as (layer, head)."""
@@ -110,9 +117,9 @@ def condition_variable(pair: CounterfactualPair, condition: str, context: str = 
     """What the counterfactual changes in ``condition``, read in the pair's ``counterfactual`` or ``clean`` context."""
     trial = pair.counterfactual if context == "counterfactual" else pair.clean
     if condition == "id_retrieval":
-        return tuple(trial.meta["described_cell"])
+        return tuple(trial.mentioned[0].cell)
     if condition == "id_selection":
-        return tuple(trial.meta["target_cell"])
+        return tuple(trial.target.cell)
     return (pair.answer_star if context == "counterfactual" else pair.answer).split()[0]
 
 
@@ -231,7 +238,7 @@ def _options(ctx: Context, options: dict | None) -> dict:
 def _same_scores(o: dict) -> str:
     """What identifies a CMA result: the options its scores depend on."""
     return repr([list(o[k]) if isinstance(o[k], tuple) else o[k]
-                 for k in ("n", "grid", "conditions", "null_samples", "q", "engine")])
+                 for k in ("n", "grid", "conditions", "null_samples", "q", "engine", "stimuli", "photoreal")])
 
 
 def use_cma(ctx: Context, result: CMAResult, options: dict | None = None) -> None:
@@ -248,24 +255,30 @@ def cma_scores(ctx: Context, options: dict | None = None) -> CMAResult:
     cache = ctx.shared.setdefault("cma", {})
     if same in cache:
         return cache[same]
-    vlm, conds = ctx.vlm, tuple(o["conditions"])
-    for c in conds:
+    vlm = ctx.vlm
+    for c in o["conditions"]:
         if c not in CONDITIONS:
             raise UserError(f"unknown CMA condition {c!r}; conditions are {', '.join(CONDITIONS)}")
+    src = source(o)
+    conds = src.conditions(o["conditions"])
     res = CMAResult(conds, {}, {}, {}, {})
     total = len(conds) * 2 * vlm.n_layers * vlm.n_heads * -(-o["n"] // ctx.batch_size)
     with ctx.progress(total, "cma") as update:
         for c in conds:
             # the two ID conditions patch the same pairs (as in the paper), feature retrieval has its own
-            pairs = cma_pairs(c, o["n"], ctx.seed + (c == "feature_retrieval"), tuple(o["grid"]))
+            pairs = src.cma_pairs(vlm, c, o["n"], tuple(o["grid"]), ctx.seed + (c == "feature_retrieval"),
+                                  progress=ctx.show_progress)
             # "null2": the clean-value re-paired null (units of the earlier null design are not reused)
-            key = f"cma-{c}-n{o['n']}-grid{o['grid'][0]}x{o['grid'][1]}-{o['engine']}-null2-seed{ctx.seed}"
+            key = (f"cma-{c}-n{o['n']}-grid{o['grid'][0]}x{o['grid'][1]}-{o['engine']}-null2{src.tag}"
+                   f"-seed{ctx.seed}")
             s, nl = ctx.unit(key, lambda pairs=pairs, c=c: condition_scores(
                 vlm, pairs, c, ctx.batch_size, o["engine"], ctx.seed, progress=update))
             res.scores[c], res.null_scores[c] = s, nl
             res.mean[c], res.se[c] = mean_se(s, axis=-1)
             res.null_means[c] = null_mean_scores(nl, o["null_samples"], ctx.seed)
             res.significance[c] = head_significance(s, res.null_means[c], q=o["q"], method="bh")
+    ctx.shared.setdefault("render_seconds", []).extend(src.seconds)
+    res.stimuli = src.describe()
     cache[same] = res
     return res
 
@@ -322,7 +335,8 @@ def _figures(ctx: Context, res: CMAResult) -> None:
 def run(ctx: Context) -> dict:
     res = cma_scores(ctx, ctx.options)
     rows, summary = [], {"conditions": {}, "null": "re-paired counterfactual (see module docstring)",
-                         "null_samples": ctx.opt("null_samples"), "q": ctx.opt("q"), "engine": ctx.opt("engine")}
+                         "null_samples": ctx.opt("null_samples"), "q": ctx.opt("q"), "engine": ctx.opt("engine"),
+                         "stimuli": res.stimuli}
     for c in res.conditions:
         sig, n = res.significance[c], res.scores[c].shape[-1]
         L, H = res.mean[c].shape

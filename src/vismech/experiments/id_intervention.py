@@ -1,10 +1,12 @@
 """``id-intervention``: steer the answer by adding position-ID vectors to the top CMA heads (§4.2, Fig. 3).
 
-The paper edits Qwen/LLaVA on PUG photographs of two animals whose IDs are left (0) and right (1). Here the scenes
-are vismech's synthetic 2-object scene-description trials ("In this image there is a {A} and a" -> B) on a 1x2 grid
-by default (``grid``), so the two objects are likewise left and right; the ID of an object is its cell (with a
-larger grid, every cell is an ID). Colours and shapes of the two objects are distinct (``entropy="high"``), so
-their first answer tokens differ.
+The paper edits Qwen/LLaVA on PUG photographs of two animals whose IDs are left (0) and right (1). By default the
+scenes are vismech's synthetic 2-object scene-description trials ("In this image there is a {A} and a" -> B) on a 1x2
+grid (``grid``), so the two objects are likewise left and right; the ID of an object is its cell (with a larger grid,
+every cell is an ID). Colours and shapes of the two objects are distinct (``entropy="high"``), so their first answer
+tokens differ. ``--set stimuli=photoreal`` uses photorealistic renders in the paper's PUG design instead (two objects,
+left = cell (0, 0) = ID 0, right = ID 1, three environments, jittered positions; ``scenes.photoreal``), and a folder
+path a user's own two-object trials (``experiments.sources``); the CMA ranking still comes from the run's ``cma``.
 
 For each CMA condition the top-K heads (``cma_scores(ctx)``, computed if this run has not) are edited:
 õ_h = o_h + alpha (d_target - d_original), with d_i the mean activation over the estimation split where the
@@ -25,7 +27,8 @@ picked on the held-out split itself, as the paper reports its best setting; it i
 
 Options: ``n`` held-out trials (64), ``n_estimate`` (64), ``grid`` ((1, 2)), ``k_grid`` (None: the paper's
 {1, 2, 5, 10, 20, 50, 100, 200} up to half the model's heads), ``alphas`` (1 ... 100, log grid), ``conditions``,
-``cma_n`` (pairs per CMA condition if this experiment computes CMA, 50).
+``cma_n`` (pairs per CMA condition if this experiment computes CMA, 50), ``stimuli`` ("grid"), ``photoreal`` (render
+settings, ``experiments.sources``).
 """
 
 from __future__ import annotations
@@ -38,13 +41,13 @@ from vismech import interventions as iv
 from vismech.errors import UserError
 from vismech.experiments.cma import LABELS, cma_scores, condition_positions
 from vismech.experiments.common import Context
+from vismech.experiments.sources import source
 from vismech.scenes.counterfactual import CONDITIONS
-from vismech.scenes.sets import scene_description_set
 
 NAME = "id-intervention"
 DESCRIPTION = "Add alpha*(d_target - d_original) position-ID vectors to the top-K heads of each CMA stage (Fig. 3)"
 DEFAULTS = {"n": 64, "n_estimate": 64, "grid": (1, 2), "k_grid": None, "alphas": [1, 2, 5, 10, 20, 50, 100],
-            "conditions": list(CONDITIONS), "cma_n": 50}
+            "conditions": list(CONDITIONS), "cma_n": 50, "stimuli": "grid", "photoreal": {}}
 SITE = {"id_retrieval": "z", "id_selection": "z", "feature_retrieval": "q"}
 PAPER_K = (1, 2, 5, 10, 20, 50, 100, 200)
 
@@ -60,8 +63,12 @@ def id_labels(trial, condition: str) -> tuple[tuple, tuple]:
     return (a, b) if condition == "id_retrieval" else (b, a)
 
 
-def two_object_trials(n: int, grid, seed: int):
-    return scene_description_set(n, tuple(grid), n_objects=2, seed=seed, entropy="high")
+def two_object_trials(ctx: Context, n: int, what: str):
+    """The experiment's estimation + held-out trials from its ``stimuli`` source, and that source."""
+    src = source(ctx.options)
+    trials = src.two_object_trials(ctx.vlm, n, ctx.opt("grid"), ctx.seed, what, progress=ctx.show_progress)
+    ctx.shared.setdefault("render_seconds", []).extend(src.seconds)
+    return trials, src
 
 
 def edit_hits(vlm, held, vecs: dict, head_sets: dict, alphas, batch_size: int, seed: int, update=None,
@@ -160,7 +167,7 @@ def run(ctx: Context) -> dict:
         raise UserError(f"K = {max(ks)} exceeds the model's {total} heads")
     alphas = [float(a) for a in ctx.opt("alphas")]
     n_est, n = ctx.opt("n_estimate"), ctx.opt("n")
-    trials = two_object_trials(n_est + n, ctx.opt("grid"), ctx.seed)
+    trials, src = two_object_trials(ctx, n_est + n, NAME)
     est, held = trials[:n_est], trials[n_est:]
     top, vecs = {}, {}
     for c in conds:
@@ -176,7 +183,7 @@ def run(ctx: Context) -> dict:
         return {(c, k, a, d): h for ((c, k), a, d), h in hits.items()}, base_pred, base_orig
 
     key = (f"id-intervention-n{n}-est{n_est}-grid{ctx.opt('grid')[0]}x{ctx.opt('grid')[1]}-k{'_'.join(map(str, ks))}"
-           f"-a{'_'.join(f'{a:g}' for a in alphas)}-{'_'.join(conds)}-seed{ctx.seed}")
+           f"-a{'_'.join(f'{a:g}' for a in alphas)}-{'_'.join(conds)}{src.tag}-seed{ctx.seed}")
     hits, base_pred, base_orig = ctx.unit(key, compute)
     base = iv.wilson_row(base_pred, n)
     rows = []
@@ -189,7 +196,10 @@ def run(ctx: Context) -> dict:
     ctx.save_table("id_intervention", rows)
     best = {c: _best(rows, c) for c in conds}
     _figures(ctx, rows, conds, ks, alphas, best)
-    summary = {"ids": f"object cells on a {ctx.opt('grid')[0]}x{ctx.opt('grid')[1]} grid (PUG: left/right)",
+    ids = (f"object cells on a {ctx.opt('grid')[0]}x{ctx.opt('grid')[1]} grid (PUG: left/right)" if src.kind == "grid"
+           else "left = ID (0, 0), right = ID (0, 1), as in the paper's PUG images" if src.kind == "photoreal"
+           else "the stimulus folder's object IDs")
+    summary = {"ids": ids, "stimuli": src.describe(),
                "n_heldout": n, "n_estimate": n_est, "k_grid": ks, "alphas": alphas,
                "baseline_repeat_rate": base, "baseline_accuracy": iv.wilson_row(base_orig, n), "best": {}}
     for c in conds:

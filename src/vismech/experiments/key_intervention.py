@@ -8,13 +8,16 @@ every key head of those layers is edited; ``key_heads="top"`` (default) edits th
 (under GQA several query heads share one, ``hooks.kv_head_of``), ``"all"`` every key head of those layers.
 
 Scenes and IDs as in ``id-intervention``: 2-object scene-description trials on a 1x2 grid (left/right, like the
-paper's PUG images), ID = cell. If the ID lives in the keys, feature retrieval's query for B's ID now finds A's
-patches, so the model names A: efficacy = fraction of held-out trials whose greedy answer is A (first token, or
-every token under the ``sequence`` rule of ``models.answers``; Wilson 95% interval), against no edit and a control with random directions of equal norm.
+paper's PUG images), ID = cell; ``--set stimuli=photoreal`` renders them photorealistically (object patches from the
+rendered masks), a folder path takes a user's own (patches from their boxes or masks; ``experiments.sources``).
+If the ID lives in the keys, feature retrieval's query for B's ID now finds A's patches, so the model names A:
+efficacy = fraction of held-out trials whose greedy answer is A (first token, or every token under the
+``sequence`` rule of ``models.answers``; Wilson 95% interval), against no edit and a control with random
+directions of equal norm.
 
 Not for Idefics2 or any model without per-patch image tokens: the summary says it was skipped and why.
 Options: ``n`` held-out trials (64), ``n_estimate`` (64), ``grid`` ((1, 2)), ``alpha`` (2.0), ``top_k`` (20,
-capped at the model's head count), ``key_heads`` ("top"), ``cma_n`` (50).
+capped at the model's head count), ``key_heads`` ("top"), ``cma_n`` (50), ``stimuli`` ("grid"), ``photoreal``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from vismech.experiments.id_intervention import two_object_trials
 
 NAME = "key-intervention"
 DESCRIPTION = "Swap two objects' position IDs in their patch keys before RoPE at the feature-retrieval layers (Fig. 4)"
-DEFAULTS = {"n": 64, "n_estimate": 64, "grid": (1, 2), "alpha": 2.0, "top_k": 20, "key_heads": "top", "cma_n": 50}
+DEFAULTS = {"n": 64, "n_estimate": 64, "grid": (1, 2), "alpha": 2.0, "top_k": 20, "key_heads": "top", "cma_n": 50,
+            "stimuli": "grid", "photoreal": {}}
 LIMITS = {"key_heads": Opt("str", choices=("top", "all"))}
 
 
@@ -96,7 +100,7 @@ def run(ctx: Context) -> dict:
     top = res.top_k("feature_retrieval", min(ctx.opt("top_k"), vlm.n_layers * vlm.n_heads))
     kv = key_heads(vlm, top, ctx.opt("key_heads"))
     n_est, n, alpha = ctx.opt("n_estimate"), ctx.opt("n"), float(ctx.opt("alpha"))
-    trials = two_object_trials(n_est + n, ctx.opt("grid"), ctx.seed)
+    trials, src = two_object_trials(ctx, n_est + n, NAME)
     est, held = trials[:n_est], trials[n_est:]
     vecs = iv.key_id_vectors(vlm, est, kv, ctx.batch_size)
 
@@ -106,7 +110,7 @@ def run(ctx: Context) -> dict:
 
     kv_tag = "_".join(f"{l}.{h}" for l, h in kv)
     hits = ctx.unit(f"key-intervention-n{n}-est{n_est}-grid{ctx.opt('grid')[0]}x{ctx.opt('grid')[1]}-a{alpha:g}"
-                    f"-kv{kv_tag}-seed{ctx.seed}", compute)
+                    f"-kv{kv_tag}{src.tag}-seed{ctx.seed}", compute)
     rows = []
     for d in ("none", "id", "random"):
         w = iv.wilson_row(hits[d], n)
@@ -116,7 +120,7 @@ def run(ctx: Context) -> dict:
     _figure(ctx, rows)
     layers = sorted({l for l, _ in kv})
     return {"alpha": alpha, "n_heldout": n, "n_estimate": n_est, "top_k": len(top), "layers": layers,
-            "key_heads": [list(x) for x in kv], "ids": "object cells (PUG: left/right)",
+            "key_heads": [list(x) for x in kv], "ids": "object cells (PUG: left/right)", "stimuli": src.describe(),
             "efficacy": {r["direction"]: {"rate": r["efficacy"], "ci": [r["ci_low"], r["ci_high"]]} for r in rows},
             "baseline_accuracy": iv.wilson_row(hits["original"], n),
             "id_labels": [list(x) for x in vecs.labels],

@@ -24,6 +24,9 @@ thread here). While probing (only), the OpenBLAS libraries numpy and scipy loade
 threads (default 1; ``null`` leaves them), through their own ``*_set_num_threads`` symbols, and restored after;
 results are unchanged.
 
+``stimuli`` (``experiments.sources``): ``"grid"`` (the PCA set) or a stimulus folder, whose trials with a target are
+used as they are (target position = the target's ID, target features = its name).
+
 Outputs: ``pca.csv`` (one row per layer x label x measure), ``pca_scores.csv`` (PC1/PC2 of every trial at the two
 selected layers), figure ``pca`` (scatter at the position layer coloured by target position, scatter at the
 feature layer coloured and marked by target object, separability by layer).
@@ -43,13 +46,14 @@ from vismech.experiments import figures_rsa as F
 from vismech.experiments.common import Context
 from vismech.experiments.options import Opt
 from vismech.experiments.rsa import accuracy_summary
+from vismech.experiments.sources import folder_trials
 from vismech.scenes.sets import pca_set
 from vismech.scenes.vocab import COLORS
 
 NAME = "pca"
 DESCRIPTION = "Fig. 1b: last-token PCA on the 3x2 set; separability of target position and features by layer"
 DEFAULTS = {"n": 4, "folds": 5, "select_by": "silhouette", "blas_threads": 1, "act_dtype": "float32",
-            "memmap_mb": 512}
+            "memmap_mb": 512, "stimuli": "grid"}
 LIMITS = {"select_by": Opt("str", choices=("silhouette", "probe"))}
 
 LABELS = ("position", "features")
@@ -130,11 +134,11 @@ def _figure(trials, labels, scores_pos, scores_feat, lp, lf, table, n_layers):
     F.legend_below(ax, ncol=3, drop=0.3, markerscale=1.5, handletextpad=0.1, columnspacing=0.8, title="target cell (row, col)",
                    title_fontsize=7)
     ax = axes[0, 1]
-    for obj in sorted({(t.target.color, t.target.shape) for t in trials}):
-        m = labels["features"] == f"{obj[0]} {obj[1]}"
+    for obj in sorted({(t.target.color, t.target.shape, t.target.name) for t in trials}):
+        m = labels["features"] == obj[2]
         rgb = np.array(COLORS.get(obj[0], (80, 80, 80))) / 255
         ax.scatter(scores_feat[m, 0], scores_feat[m, 1], s=9, alpha=0.7, color=rgb, marker=MARKERS.get(obj[1], "o"),
-                   label=f"{obj[0]} {obj[1]}", lw=0)
+                   label=obj[2], lw=0)
     ax.set_title(f"Layer {lf}: target features")
     F.legend_below(ax, ncol=2, drop=0.3, markerscale=1.5, handletextpad=0.1, columnspacing=0.8, title="target object",
                    title_fontsize=7)
@@ -166,7 +170,7 @@ def run(ctx: Context) -> dict:
     k, folds, select = int(ctx.opt("n")), int(ctx.opt("folds")), ctx.opt("select_by")
     if select not in ("silhouette", "probe"):
         raise UserError(f"select_by must be 'silhouette' or 'probe', not {select!r}")
-    trials = pca_set(k=k, seed=ctx.seed)
+    trials = folder_trials(ctx, NAME) or pca_set(k=k, seed=ctx.seed)
     acts = activations.for_context(ctx, trials, commas=False, z=False, desc="pca capture")
     labels = labels_of(trials)
     last = acts.last()

@@ -109,19 +109,26 @@ def _by_layer(heads: list[Head]) -> dict[int, list[int]]:
     return out
 
 
+def head_edits(heads: list[Head], values: torch.Tensor, mode: str, position: int) -> list[hooks.Edit]:
+    """One ``z`` edit per layer setting or adding ``values`` [B, K, d] to ``heads`` at ``position`` of every row."""
+    B = values.shape[0]
+    edits = []
+    for layer, js in _by_layer(heads).items():
+        rows = torch.arange(B).repeat_interleave(len(js))
+        hs = torch.tensor([heads[j][1] for j in js]).repeat(B)
+        vals = values[:, js].reshape(B * len(js), -1)
+        edits.append(hooks.Edit("z", layer, rows, torch.full_like(rows, position), hs, vals, mode))
+    return edits
+
+
 @contextlib.contextmanager
 def _edit_last(vlm, heads: list[Head], values: torch.Tensor, mode: str, length: int, position: int | None = None):
     """Set or add ``values`` [B, K, d] to the heads at ``position`` (default ``length - 1``) of every forward of
     ``length`` tokens (the prompt's forward; generation steps with a cache see one new token and are left alone)."""
-    B = values.shape[0]
     position = length - 1 if position is None else position
     with contextlib.ExitStack() as stack:
-        for layer, js in _by_layer(heads).items():
-            rows = torch.arange(B).repeat_interleave(len(js))
-            hs = torch.tensor([heads[j][1] for j in js]).repeat(B)
-            vals = values[:, js].reshape(B * len(js), -1)
-            edit = hooks.Edit("z", layer, rows, torch.full_like(rows, position), hs, vals, mode)
-            stack.enter_context(hooks.hooked(vlm, "z", layer,
+        for edit in head_edits(heads, values, mode, position):
+            stack.enter_context(hooks.hooked(vlm, "z", edit.layer,
                                              lambda x, e=edit: e.apply(x) if x.shape[1] == length else None))
         yield
 

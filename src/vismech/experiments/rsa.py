@@ -28,6 +28,10 @@ With ``vocab="high"`` the trial set is the same as the entropy experiment's high
 objects fix the target (the one left out), so the prompt's words alone carry the target's features, and
 ``features_last`` is high even with random weights (0.92-0.97 for the untrained organisms); the permutation null
 does not remove this. Compare with the same architecture untrained before reading a high value as the model's own.
+
+``stimuli`` (``experiments.sources``): ``"grid"`` (the sets above) or a stimulus folder, whose trials with a target
+(all describing the same number of objects) are used as they are; positions are the objects' IDs (``id`` in the
+folder, else left-to-right order), features their colour and class.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from vismech.analysis.stats import wilson_ci
 from vismech.experiments import figures_rsa as F
 from vismech.experiments.common import Context
 from vismech.experiments.options import Opt
+from vismech.experiments.sources import folder_trials
 from vismech.scenes.core import Obj, Trial
 from vismech.scenes.sets import all_cells, entropy_set, knn_protocol
 
@@ -48,7 +53,7 @@ NAME = "rsa"
 DESCRIPTION = ("Fig. 1c: RSA of the residual stream by layer (position at prompt tokens, position and features at "
                "the last token) with bootstrap intervals, a permutation null, and per-head maps")
 DEFAULTS = {"grid": (2, 2), "n": 3, "vocab": "high", "n_boot": 200, "n_null": 20, "ci": 0.95, "heads": True,
-            "act_dtype": "float32", "memmap_mb": 512}
+            "act_dtype": "float32", "memmap_mb": 512, "stimuli": "grid"}
 #: the entropy sets are defined on 2x2 and 3x3 grids; vocab is "high", "low" or a list of [colour, shape] pairs
 LIMITS = {"grid": Opt("grid", choices=([2, 2], [3, 3])), "vocab": Opt("any")}
 
@@ -188,7 +193,7 @@ def _figure(results: dict, n_layers: int, title: str):
 def run(ctx: Context) -> dict:
     grid, k, seed = tuple(ctx.opt("grid")), int(ctx.opt("n")), ctx.seed
     n_boot, n_null, ci = int(ctx.opt("n_boot")), int(ctx.opt("n_null")), float(ctx.opt("ci"))
-    trials = rsa_trials(grid, k, ctx.opt("vocab"), seed)
+    trials = folder_trials(ctx, NAME) or rsa_trials(grid, k, ctx.opt("vocab"), seed)
     acts = activations.for_context(ctx, trials, commas=True, z=bool(ctx.opt("heads")), desc="rsa capture")
     prompt = rsa_by_layer(acts.commas(), prompt_targets(trials), n_boot, seed, ci, n_null)
     last = rsa_by_layer(acts.last(), last_targets(trials), n_boot, seed, ci, n_null)

@@ -1,7 +1,8 @@
 """One small spec per supported VLM family: classes, prompt formats, image inputs and image-token layout.
 
 A spec answers, for its family: which transformers class to build, how an image becomes pixel inputs and how many
-image tokens it takes, where each grid cell's tokens lie inside that image-token run, and how a prompt is framed
+image tokens it takes, where each grid cell's tokens lie inside that image-token run (and, for an image file, how its
+pixels reach the token grid: ``picture_views``, so a box or mask finds its tokens), and how a prompt is framed
 (its published chat format, vismech's own format for the models vismech builds, how its processor expands the image
 placeholder, and the plain completion format; ``vismech.models.framing`` applies them). Adding a family means adding a
 spec here; the adapter (`vismech.models.vlm`) and the hooks never branch on the family.
@@ -17,7 +18,8 @@ import torch
 import transformers as tf
 
 from vismech.errors import UserError
-from vismech.scenes.core import Geometry, Layout
+from vismech.scenes.core import Geometry, Layout, Region
+from vismech.scenes.regions import View, coverage, object_tokens
 
 from .framing import ChatFormat
 
@@ -72,14 +74,32 @@ class Family:
     def process_images(self, image_processor, images) -> ImageInputs:
         raise NotImplementedError
 
-    def cell_offsets(self, layout: Layout, cell, n_tokens: int, grid, extra) -> list[int]:
-        """Offsets, inside one image's token run, of the tokens that show the object at ``cell``."""
+    def _require_spatial(self, n_tokens: int) -> None:
         if not self.spatial_tokens:
             raise ValueError(
                 f"{self.name} compresses each image into {n_tokens} resampled tokens with no per-patch "
                 "positions, so analyses of object image tokens (key interventions, object-token RSA) cannot run "
                 "on it; use a Qwen or LLaVA family model for those"
             )
+
+    def picture_views(self, image_processor, image_size: tuple[int, int], grid, extra) -> list[View]:
+        """How an image file of ``image_size`` (W, H) reaches this family's token grid(s)."""
+        raise NotImplementedError
+
+    def region_offsets(self, image_processor, image_size: tuple[int, int], region: Region, n_tokens: int, grid,
+                       extra, min_coverage: float) -> list[tuple[int, float]]:
+        """(offset inside one image's token run, covered fraction) of the tokens that show an object given by its
+        ``region`` in an image file of ``image_size`` (``scenes.regions.object_tokens`` in every view)."""
+        self._require_spatial(n_tokens)
+        out = []
+        for view in self.picture_views(image_processor, image_size, grid, extra):
+            cov = coverage(region, view, image_size=image_size)
+            out += object_tokens(cov, view, min_coverage, what=f"the object in box {list(region.box)}")
+        return out
+
+    def cell_offsets(self, layout: Layout, cell, n_tokens: int, grid, extra) -> list[int]:
+        """Offsets, inside one image's token run, of the tokens that show the object at ``cell``."""
+        self._require_spatial(n_tokens)
         rows, cols = grid
         if rows != layout.grid_tokens or cols != layout.grid_tokens:
             raise ValueError(
@@ -131,6 +151,12 @@ class Qwen2VL(Family):
             patch_size=v.patch_size, merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
             min_pixels=px * px, max_pixels=px * px * 4096)
 
+    def picture_views(self, image_processor, image_size, grid, extra):
+        # the processor resizes the image to exactly the token grid (its smart_resize), without cropping
+        rows, cols = grid
+        t = image_processor.patch_size * image_processor.merge_size
+        return [View(rows, cols, t, (cols * t / image_size[0], rows * t / image_size[1]))]
+
     def process_images(self, image_processor, images) -> ImageInputs:
         out = image_processor(images=images, return_tensors="pt")
         m = image_processor.merge_size
@@ -180,6 +206,34 @@ class Llava(Family):
         self._patch = config.vision_config.patch_size
         return self
 
+    def picture_views(self, image_processor, image_size, grid, extra):
+        # CLIP-style processing: (LlavaImageProcessor's do_pad: pad to a centred square,) resize (shortest edge or
+        # a fixed size), centre crop; the crop is cut into patch-size tokens
+        W, H = image_size
+        ox = oy = 0.0
+        if getattr(image_processor, "do_pad", False):
+            side = max(W, H)
+            ox, oy, W, H = (side - W) // 2, (side - H) // 2, side, side
+        size = image_processor.size
+        if not getattr(image_processor, "do_resize", True):
+            h2, w2 = H, W
+        elif _get(size, "height") and _get(size, "width"):
+            h2, w2 = _get(size, "height"), _get(size, "width")
+        elif _get(size, "shortest_edge") and not _get(size, "longest_edge"):
+            s = _get(size, "shortest_edge")
+            short, long = min(W, H), max(W, H)
+            h2, w2 = (int(s * long / short), s) if W <= H else (s, int(s * long / short))
+        else:
+            raise ValueError(f"vismech cannot map boxes through an image processor with size {size}; use one with "
+                             "a shortest_edge or height/width size")
+        sx, sy = w2 / W, h2 / H
+        left = top = 0
+        if getattr(image_processor, "do_center_crop", False):
+            crop = image_processor.crop_size
+            top, left = (h2 - _get(crop, "height")) // 2, (w2 - _get(crop, "width")) // 2
+        g = grid[0]
+        return [View(g, g, self._patch, (sx, sy), (ox * sx - left, oy * sy - top))]
+
 
 class LlavaOnevision(Llava):
     name = "llava_onevision"
@@ -197,6 +251,10 @@ class LlavaOnevision(Llava):
             size={"height": s, "width": s}, image_grid_pinpoints=config.image_grid_pinpoints)
 
     def process_images(self, image_processor, images) -> ImageInputs:
+        odd = next((im.size for im in images if im.size[0] != im.size[1]), None)
+        if odd is not None:  # anyres unpads a non-square image's tiles, which the token layout here does not follow
+            raise ValueError(f"vismech runs LLaVA-OneVision on square images only; one is {odd[0]}x{odd[1]}: pad or "
+                             "crop your images to squares")
         out = image_processor(images=images, return_tensors="pt")
         pv = out["pixel_values"]
         p = pv.shape[-1] // self._patch
@@ -208,6 +266,15 @@ class LlavaOnevision(Llava):
         n = p * p + hi * (hi + 1)  # base grid, then the high-resolution grid with one newline token per row
         return ImageInputs({"pixel_values": pv, "image_sizes": out["image_sizes"]}, [n] * len(images),
                            [(p, p)] * len(images), [scale] * len(images))
+
+    def picture_views(self, image_processor, image_size, grid, extra):
+        # base image resized to size x size; anyres tiles of the same size, scale x scale of them for a square image
+        W, H = image_size  # square: process_images refuses others
+        S, p, scale = _get(image_processor.size, "height"), grid[0], extra
+        base = View(p, p, self._patch, (S / W, S / H))
+        hi = View(p * scale, p * scale, self._patch, (scale * S / W, scale * S / H), base=p * p,
+                  row_stride=p * scale + 1, tile=(S, p))
+        return [base, hi]
 
     def cell_offsets(self, layout, cell, n_tokens, grid, extra):
         base = super().cell_offsets(layout, cell, n_tokens, grid, extra)
@@ -273,6 +340,11 @@ class Idefics2(Family):
     def bind(self, config):
         self._latents = config.perceiver_config.resampler_n_latents
         return self
+
+
+def _get(size, key: str):
+    """``size[key]`` of an image processor's size (a dict or transformers' SizeDict)."""
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (Qwen2VL(), Qwen25VL(), Llava(), LlavaOnevision(), Idefics2())}

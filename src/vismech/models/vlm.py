@@ -1,9 +1,10 @@
 """The model adapter: a loaded VLM plus what vismech needs to know about it.
 
 ``VLM`` wraps a HF ``...ForConditionalGeneration`` with its tokenizer, image processor and family spec (and the
-ground truth its checkpoint declares, if any: ``models.ground_truth``). It turns
-trials into left-padded batches and records, for every row, the input positions of each object's image tokens,
-each prompt mention, the token after each mention (the paper's "comma" tokens) and the last token. It also
+ground truth its checkpoint declares, if any: ``models.ground_truth``). It turns trials into left-padded batches
+and records, for every row, the input positions of each object's image tokens (from its grid cell, or for a trial
+with a ``Picture`` from its box or mask, with the fraction of each token it covers), each prompt mention, the token
+after each mention (the paper's "comma" tokens) and the last token. It also
 exposes the language model's decoder layers and head sizes for the hooks. It never registers hooks itself.
 """
 
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from vismech.scenes.core import Layout, Trial
+from vismech.scenes.regions import MIN_COVERAGE
 from vismech.scenes.render import pad_to, render
 from vismech.scenes.tasks import question_tasks, with_articles
 
@@ -28,7 +30,8 @@ class Batch:
     """Model inputs for a list of trials, left-padded to one length, with the positions analyses need.
 
     All positions are absolute indices into the padded sequence of length ``length``; the last token of every
-    row is at ``length - 1``.
+    row is at ``length - 1``. ``objects[row][cell]`` are the image-token positions of the object at ``cell`` and
+    ``coverage[row][cell]`` the fraction of each of those tokens it covers (1.0 for drawn scenes).
     """
 
     inputs: dict[str, torch.Tensor]
@@ -39,6 +42,7 @@ class Batch:
     commas: list[list[int]]
     image_tokens: list[list[int]]
     texts: list[str] = field(repr=False)
+    coverage: list[dict[tuple[int, int], list[float]]] = field(default_factory=list, repr=False)
 
     @property
     def last(self) -> int:
@@ -50,6 +54,9 @@ class Batch:
 
 class VLM:
     """A loaded VLM with its tokenizer, image processor and family spec."""
+
+    #: a picture's object owns the image tokens it covers at least this fraction of (``scenes.regions``)
+    min_coverage: float = MIN_COVERAGE
 
     def __init__(self, model, tokenizer, image_processor, family: Family, name: str, prompt_format: str = "chat",
                  framing: framing_.Framing | None = None):
@@ -126,14 +133,25 @@ class VLM:
         return self._image_px or self.layout(trial.scene.grid).canvas_px
 
     def render(self, trial: Trial) -> Image.Image:
-        """The trial's scene drawn on this model's token grid, padded (right and bottom) to its input size."""
+        """The trial's picture file, or its scene drawn on this model's token grid, padded (right and bottom) to
+        its input size."""
+        if trial.picture is not None:
+            try:
+                with Image.open(trial.picture.path) as im:
+                    return im.convert("RGB")
+            except OSError as e:
+                raise ValueError(f"cannot read the image {trial.picture.path}: {e}") from None
         img = render(trial.scene, self.layout(trial.scene.grid))
         return pad_to(img, self._image_px) if self._image_px else img
 
     def _check_images(self, trials: list[Trial], images: list[Image.Image]) -> None:
+        """Rendered scenes must come at the size ``render`` gives (a picture file's objects are found through the
+        processor's own resize, so any size serves)."""
         if len(images) != len(trials):
             raise ValueError(f"{len(images)} images for {len(trials)} trials: give one image per trial")
         for i, (t, im) in enumerate(zip(trials, images)):
+            if t.picture is not None:
+                continue
             px = self.image_px(t)
             if im.size != (px, px):
                 raise ValueError(f"image {i} is {im.size[0]}x{im.size[1]} px, but {self.name} is fed {px}x{px} px for "
@@ -194,21 +212,28 @@ class VLM:
 
             mentions = [span_tokens(*s) for s in t.mentions]
             commas = [span_tokens(*s)[0] for s in t.commas]
-            objects = {}
-            if self.family.spatial_tokens:
+            objects, cover = {}, {}
+            if self.family.spatial_tokens and t.picture is not None:
+                for o in t.scene.objects:
+                    got = self.family.region_offsets(self.image_processor, images[i].size, t.picture.region(o.cell),
+                                                     img.n_tokens[i], img.grid[i], img.extra[i], self.min_coverage)
+                    objects[o.cell] = [image_pos[k] for k, _ in got]
+                    cover[o.cell] = [c for _, c in got]
+            elif self.family.spatial_tokens:
                 layout = self.layout(t.scene.grid)
                 for o in t.scene.objects:
                     off = self.family.cell_offsets(layout, o.cell, img.n_tokens[i], img.grid[i], img.extra[i])
                     objects[o.cell] = [image_pos[k] for k in off]
-            rows.append((ids, image_pos, objects, mentions, commas))
+                    cover[o.cell] = [1.0] * len(off)
+            rows.append((ids, image_pos, objects, mentions, commas, cover))
             texts.append(text)
         length = max(len(r[0]) for r in rows)
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else 0
         input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
-        objects, mentions, commas, image_tokens = [], [], [], []
-        for i, (ids, image_pos, objs, ments, comms) in enumerate(rows):
+        objects, mentions, commas, image_tokens, coverage = [], [], [], [], []
+        for i, (ids, image_pos, objs, ments, comms, cover) in enumerate(rows):
             p = length - len(ids)
             input_ids[i, p:] = torch.tensor(ids)
             mask[i, p:] = 1
@@ -216,9 +241,10 @@ class VLM:
             mentions.append([[x + p for x in m] for m in ments])
             commas.append([x + p for x in comms])
             image_tokens.append([x + p for x in image_pos])
+            coverage.append(cover)
         inputs = {"input_ids": input_ids, "attention_mask": mask, **img.tensors,
                   **self.family.extra_inputs(input_ids, self.image_token_id)}
-        return Batch(inputs, list(trials), length, objects, mentions, commas, image_tokens, texts)
+        return Batch(inputs, list(trials), length, objects, mentions, commas, image_tokens, texts, coverage)
 
     def answer_ids(self, batch: Batch, answers: list[str]) -> torch.Tensor:
         """The first token the model would emit for each answer string, continuing each row's text."""

@@ -202,7 +202,7 @@ def validity(vlm: VLM, spec: plant.PlantSpec, n: int = 256, seed: int = 0, batch
 
 
 def main(argv=None) -> int:
-    """``python -m vismech.organism.validate MODEL [--n N] [--out FILE]``: print (and save) every measure."""
+    """``python -m vismech.organism.validate MODEL [--trials N] [--out FILE]``: print (and save) every measure."""
     import argparse
     import json
 
@@ -210,7 +210,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m vismech.organism.validate", description=__doc__.split("\n")[0])
     p.add_argument("model", help="a planted organism (name or checkpoint folder)")
-    p.add_argument("--n", type=int, default=256, help="held-out trials per measure (ablation: n / 4)")
+    p.add_argument("-n", "--trials", dest="n", type=int, default=256,
+                   help="held-out trials per measure (ablation: a quarter of them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)

@@ -2,10 +2,12 @@
 mediation pairs and rendering aligned to a model's image tokens. No torch; everything is deterministic under a seed.
 
 ``core`` holds the dataclasses, ``vocab`` the words and prompt texts, ``render`` the images, ``tasks`` one trial per
-task, ``sets`` the paper's trial sets, ``counterfactual`` the CMA pairs and ``stimuli`` the registry and files.
+task, ``sets`` the paper's trial sets, ``counterfactual`` the CMA pairs, ``stimuli`` the registry and files,
+``manifest`` the stimulus folder format (any user's images with object boxes or masks), ``regions`` the image tokens
+a box or mask covers, and ``photoreal`` the photorealistic two-object scenes (rendered with Mitsuba 3).
 """
 
-from .core import CounterfactualPair, Geometry, Layout, Obj, Scene, Trial
+from .core import CounterfactualPair, Geometry, Layout, Obj, Picture, Region, Scene, Trial
 from .counterfactual import CONDITIONS, cma_pairs
 from .render import render, shape_mask
 from .sets import (
@@ -22,7 +24,7 @@ from .tasks import (
 from .vocab import COLORS, COUNTING_PROMPT, RELATIONS, SHAPES, TEMPLATE_TEXTS
 
 __all__ = [
-    "Obj", "Scene", "Geometry", "Layout", "Trial", "CounterfactualPair",
+    "Obj", "Scene", "Geometry", "Layout", "Trial", "CounterfactualPair", "Picture", "Region",
     "COLORS", "SHAPES", "RELATIONS", "TEMPLATE_TEXTS", "COUNTING_PROMPT",
     "render", "shape_mask",
     "SCENE_DESCRIPTION", "COLOR_RETRIEVAL", "SPATIAL_RELATION", "COUNTING", "TASKS", "QUESTION_TASKS",

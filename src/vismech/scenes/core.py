@@ -4,6 +4,12 @@ Everything here is a frozen dataclass with no torch dependency, so stimuli can b
 without a model. A *trial* is one (image, prompt, answer) item; the prompt carries the character spans of every
 object mention and of the token that follows it (the paper's "comma" tokens), so that a model adapter can find
 those positions with any tokenizer through its offset mapping.
+
+A trial's image is either drawn from its scene (flat shapes on a grid, aligned to a model's tokens: ``render``) or,
+when ``Trial.picture`` is set, an image file (a photorealistic render, a photograph, a user's own stimulus) with each
+object's ``Region`` in it (a pixel box, optionally a mask file); a model adapter then finds an object's image tokens
+from its region (``scenes.regions``). Either way an object's ``cell`` is its position ID (left = (0, 0), right =
+(0, 1) in two-object pictures, as in the paper's PUG images).
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from vismech.errors import UserError
 
 @dataclass(frozen=True, order=True)
 class Obj:
-    """A coloured shape at a grid cell (row, col)."""
+    """A coloured shape at a grid cell (row, col). In pictures ``shape`` is the object's class ("cube", "dog") and
+    ``color`` may be empty (an object named by its class alone)."""
 
     color: str
     shape: str
@@ -24,8 +31,9 @@ class Obj:
 
     @property
     def name(self) -> str:
-        """The phrase that names the object in a prompt or an answer, e.g. ``"red square"``."""
-        return f"{self.color} {self.shape}"
+        """The phrase that names the object in a prompt or an answer, e.g. ``"red square"`` (``"dog"`` without a
+        colour)."""
+        return f"{self.color} {self.shape}" if self.color else self.shape
 
     def to_json(self) -> dict[str, Any]:
         return {"color": self.color, "shape": self.shape, "cell": list(self.cell)}
@@ -140,6 +148,56 @@ class Layout:
 
 
 @dataclass(frozen=True)
+class Region:
+    """Where an object is in a picture: ``box`` = (x0, y0, x1, y1) in pixels of the image file (x1, y1 exclusive;
+    fractions allowed) and optionally ``mask``, the path of a grey-scale image of the same size whose non-zero
+    pixels are the object (then ``box`` is the mask's bounding box)."""
+
+    box: tuple[float, float, float, float]
+    mask: str | None = None
+
+    def __post_init__(self) -> None:
+        x0, y0, x1, y1 = self.box
+        if not (x1 > x0 and y1 > y0):
+            raise ValueError(f"box {list(self.box)} is empty: give [x0, y0, x1, y1] with x1 > x0 and y1 > y0")
+
+    @property
+    def center(self) -> tuple[float, float]:
+        """(x, y) of the box centre in pixels."""
+        x0, y0, x1, y1 = self.box
+        return (x0 + x1) / 2, (y0 + y1) / 2
+
+    def to_json(self) -> dict[str, Any]:
+        return {"box": list(self.box), **({"mask": self.mask} if self.mask else {})}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "Region":
+        return Region(tuple(float(x) for x in d["box"]), d.get("mask"))
+
+
+@dataclass(frozen=True)
+class Picture:
+    """A trial's image when it is a file rather than a drawing of its scene: the file's ``path`` and the
+    ``regions`` of the scene's objects in it, as (cell, Region) pairs in the order of the scene's objects."""
+
+    path: str
+    regions: tuple[tuple[tuple[int, int], Region], ...] = ()
+
+    def region(self, cell: tuple[int, int]) -> Region:
+        for c, r in self.regions:
+            if c == tuple(cell):
+                return r
+        raise ValueError(f"the picture {self.path} has no region for the object at cell {tuple(cell)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "regions": [[list(c), r.to_json()] for c, r in self.regions]}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "Picture":
+        return Picture(d["path"], tuple((tuple(c), Region.from_json(r)) for c, r in d["regions"]))
+
+
+@dataclass(frozen=True)
 class Trial:
     """One stimulus: a scene, a prompt and the expected answer.
 
@@ -147,7 +205,8 @@ class Trial:
     ``mentioned`` the objects they name; ``commas`` are the character spans of the token that follows each mention
     (a comma, or "and" after the last one): the paper reads the described objects' positions there. ``target`` is
     the object the answer names (None for counting), ``answer`` the full answer string and ``task`` the task name.
-    ``meta`` holds set-specific labels (entropy condition, arrangement, relation, ...).
+    ``meta`` holds set-specific labels (entropy condition, arrangement, relation, ...). ``picture`` is None for a
+    scene drawn on the model's token grid, else the image file and object regions the trial shows.
     """
 
     task: str
@@ -159,9 +218,11 @@ class Trial:
     mentions: tuple[tuple[int, int], ...] = ()
     commas: tuple[tuple[int, int], ...] = ()
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    picture: Picture | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
+            **({"picture": self.picture.to_json()} if self.picture is not None else {}),
             "task": self.task,
             "scene": self.scene.to_json(),
             "prompt": self.prompt,
@@ -185,6 +246,7 @@ class Trial:
             mentions=tuple(tuple(s) for s in d["mentions"]),
             commas=tuple(tuple(s) for s in d["commas"]),
             meta=dict(d.get("meta", {})),
+            picture=Picture.from_json(d["picture"]) if d.get("picture") else None,
         )
 
 

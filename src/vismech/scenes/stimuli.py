@@ -9,35 +9,35 @@ names). ``grid=None`` picks the set's default grid. What ``n`` counts:
 - ``cma-id_retrieval``, ``cma-id_selection``, ``cma-feature_retrieval``: the number of pairs.
 
 ``write_stimuli`` renders each distinct scene once (named ``000000.png``, ... in order of first use) and writes
-``manifest.json`` with sorted keys, so the same items give byte-identical files; images that an older set written
-to the same folder listed and this set lacks are removed. Assumes every item's scene can be
-laid out by ``layout_for_grid`` (a ``Geometry`` or a function from a (rows, cols) grid to a ``Layout``).
+``manifest.json`` (the folder format of ``scenes.manifest``, with every object's pixel box) with sorted keys, so the
+same items give byte-identical files (images that an older set written to the same folder listed and this set lacks
+are removed); ``load_stimuli`` reads such a folder back, or any user's folder in the same
+format. Assumes every item's scene can be laid out by ``layout_for_grid`` (a ``Geometry`` or a function from a
+(rows, cols) grid to a ``Layout``).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
-from vismech.errors import UserError
-
 from .core import CounterfactualPair, Geometry, Layout, Scene, Trial
 from .counterfactual import CONDITIONS, cma_pairs
+from .manifest import MANIFEST, load_layouts, load_stimuli, trial_record, write_manifest  # noqa: F401
 from .render import pad_to, render
 from .sets import (color_retrieval_set, counting_set, entropy_set, pca_set, relabs_set, scene_description_set,
                    spatial_relation_set)
 
 Item = Union[Trial, CounterfactualPair]
 Grid = Union[tuple[int, int], None]
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
 
 
 def _fixed(name: str, grid: Grid, fixed: tuple[int, int]) -> None:
     if grid is not None and tuple(grid) != fixed:
-        raise UserError(f"the {name} set is defined on a {fixed[0]}x{fixed[1]} grid only, got {tuple(grid)}")
+        raise ValueError(f"the {name} set is defined on a {fixed[0]}x{fixed[1]} grid only, got {tuple(grid)}")
 
 
 def _pca(grid: Grid, n: int, seed: int) -> list[Trial]:
@@ -74,7 +74,7 @@ TASK_GENERATORS: dict[str, Callable[[Grid, int, int], list]] = {
 def generate(name: str, grid: Grid, n: int, seed: int) -> list:
     """``TASK_GENERATORS[name](grid, n, seed)`` with a clear error for an unknown name."""
     if name not in TASK_GENERATORS:
-        raise UserError(f"unknown stimulus set {name!r}; sets are {', '.join(TASK_GENERATORS)}")
+        raise ValueError(f"unknown stimulus set {name!r}; sets are {', '.join(TASK_GENERATORS)}")
     return TASK_GENERATORS[name](grid, n, seed)
 
 
@@ -95,11 +95,12 @@ def _old_images(out: Path) -> set[str]:
 
 def write_stimuli(items: Sequence[Item], layout_for_grid: Union[Geometry, Callable[[tuple[int, int]], Layout]],
                   out_dir: Union[str, Path]) -> Path:
-    """Render every distinct scene of ``items`` to ``out_dir`` and write ``manifest.json``; returns its path.
+    """Render every distinct scene of ``items`` to ``out_dir`` (a trial with a ``picture`` has its image and masks
+    copied instead) and write ``manifest.json``; returns its path.
 
-    The manifest holds the geometry (if a ``Geometry`` was given), the layout of each grid, every trial's JSON with
-    its image file name, the pairs (condition, a1, a1*, indices of their clean and counterfactual trials) and the
-    order of the items.
+    The manifest holds the geometry (if a ``Geometry`` was given), the layout of each grid, every trial's record
+    (``scenes.manifest``: image file, prompt, answer, objects with their cells as IDs and pixel boxes, mentions), the
+    pairs (condition, a1, a1*, indices of their clean and counterfactual trials) and the order of the items.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,6 +115,19 @@ def write_stimuli(items: Sequence[Item], layout_for_grid: Union[Geometry, Callab
     trials, pairs, order = [], [], []
 
     def add(trial: Trial, pair: int | None, role: str | None) -> int:
+        if trial.picture is not None:  # an image file (a photoreal render): copied, with its objects' masks
+            pic = trial.picture
+            if pic.path not in images:
+                images[pic.path] = name = f"{len(images):06d}.png"
+                shutil.copyfile(pic.path, out / name)
+                for j, (_, r) in enumerate(pic.regions):
+                    if r.mask:
+                        shutil.copyfile(r.mask, out / f"{name[:-4]}-{j}.png")
+            name = images[pic.path]
+            masks = {c: f"{name[:-4]}-{j}.png" for j, (c, r) in enumerate(pic.regions) if r.mask}
+            rec = trial_record(trial, name, lambda o: pic.region(o.cell).box, lambda o: masks.get(o.cell))
+            trials.append({**rec, "pair": pair, "role": role})
+            return len(trials) - 1
         grid = tuple(trial.scene.grid)
         gkey = f"{grid[0]}x{grid[1]}"
         if gkey not in layouts:
@@ -125,7 +139,8 @@ def write_stimuli(items: Sequence[Item], layout_for_grid: Union[Geometry, Callab
             if geometry is not None and geometry.input_px:  # exactly what the model is fed (VLM.render)
                 img = pad_to(img, geometry.input_px)
             img.save(out / images[key], format="PNG")
-        trials.append({"trial": trial.to_json(), "image": images[key], "layout": gkey, "pair": pair, "role": role})
+        rec = trial_record(trial, images[key], lambda o: layouts[gkey].cell_box(o.cell))
+        trials.append({**rec, "layout": gkey, "pair": pair, "role": role})
         return len(trials) - 1
 
     for item in items:
@@ -139,46 +154,8 @@ def write_stimuli(items: Sequence[Item], layout_for_grid: Union[Geometry, Callab
             order.append(["trial", add(item, None, None)])
         else:
             raise TypeError(f"write_stimuli takes Trials and CounterfactualPairs, got {type(item).__name__}")
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "geometry": None if geometry is None else geometry.to_json(),
-        "layouts": {k: asdict(v) | {"canvas_px": v.canvas_px} for k, v in layouts.items()},
-        "trials": trials,
-        "pairs": pairs,
-        "items": order,
-    }
-    path = out / MANIFEST
-    path.write_text(json.dumps(manifest, sort_keys=True, indent=1) + "\n", encoding="utf-8")
+    path = write_manifest(out, trials, pairs, order, geometry=None if geometry is None else geometry.to_json(),
+                          layouts={k: asdict(v) | {"canvas_px": v.canvas_px} for k, v in layouts.items()})
     for name in stale - set(images.values()):  # images of an older set in the same folder that this set lacks
         (out / name).unlink(missing_ok=True)
     return path
-
-
-def load_stimuli(out_dir: Union[str, Path]) -> list[Item]:
-    """The items written by ``write_stimuli``, in their original order."""
-    path = Path(out_dir) / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"no {MANIFEST} in {out_dir}; write the stimuli with write_stimuli first")
-    m = json.loads(path.read_text(encoding="utf-8"))
-    if m.get("version") != MANIFEST_VERSION:
-        raise UserError(f"{path} has manifest version {m.get('version')}, this vismech reads {MANIFEST_VERSION}")
-    trials = [Trial.from_json(t["trial"]) for t in m["trials"]]
-    items: list[Item] = []
-    for kind, i in m["items"]:
-        if kind == "trial":
-            items.append(trials[i])
-        else:
-            p = m["pairs"][i]
-            items.append(CounterfactualPair(p["condition"], trials[p["clean"]], trials[p["counterfactual"]],
-                                            p["answer"], p["answer_star"]))
-    return items
-
-
-def load_layouts(out_dir: Union[str, Path]) -> dict[tuple[int, int], Layout]:
-    """The layout of each grid recorded in a manifest, keyed by (rows, cols)."""
-    m = json.loads((Path(out_dir) / MANIFEST).read_text(encoding="utf-8"))
-    out = {}
-    for d in m["layouts"].values():
-        d = {k: v for k, v in d.items() if k != "canvas_px"}
-        out[(d["rows"], d["cols"])] = Layout(**d)
-    return out

@@ -31,17 +31,19 @@ COLOR_RETRIEVAL = "color_retrieval"
 SPATIAL_RELATION = "spatial_relation"
 COUNTING = "counting"
 TASKS: tuple[str, ...] = (SCENE_DESCRIPTION, COLOR_RETRIEVAL, SPATIAL_RELATION, COUNTING)
+#: the task name of a user's own question prompt (stimulus folders); any other unknown task name is a completion
+QUESTION = "question"
 
 # Tasks whose prompt is a question (a chat model answers it) vs the completion task (the model continues the text).
-QUESTION_TASKS: frozenset[str] = frozenset({COLOR_RETRIEVAL, SPATIAL_RELATION, COUNTING})
+QUESTION_TASKS: frozenset[str] = frozenset({COLOR_RETRIEVAL, SPATIAL_RELATION, COUNTING, QUESTION})
 COMPLETION_TASKS: frozenset[str] = frozenset({SCENE_DESCRIPTION})
 question_tasks = QUESTION_TASKS
 
 
 def is_question_task(task: str) -> bool:
     """True if ``task``'s prompt is a question, False if it is a sentence to complete."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+    if task not in TASKS and task != QUESTION:
+        raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}, {QUESTION}")
     return task in QUESTION_TASKS
 
 
@@ -103,22 +105,29 @@ def scene_description(scene: Scene, target: Obj, described_order: Sequence[Obj])
         raise ValueError(f"the target {target} must not be among the described objects")
     if len(set(described)) != len(described):
         raise ValueError(f"an object is described twice in {described}")
+    text, mentions, commas = description_prompt([o.name for o in described])
+    return Trial(task=SCENE_DESCRIPTION, scene=scene, prompt=text, answer=target.name, target=target,
+                 mentioned=described, mentions=mentions, commas=commas)
+
+
+def description_prompt(names: Sequence[str]) -> tuple[str, tuple, tuple]:
+    """The scene-description prompt naming ``names`` in order, with the spans of the names and of the token after
+    each ("," or the final "and")."""
     p = _Prompt()
     p.add(DESCRIPTION_OPEN)
     mentions, commas = [], []
-    for i, o in enumerate(described):
+    for i, name in enumerate(names):
         if i:
             p.add(DESCRIPTION_SEP[1:])  # the ", a " separator minus the comma, which was recorded already
-        mentions.append(p.add(o.name))
-        if i < len(described) - 1:
+        mentions.append(p.add(name))
+        if i < len(names) - 1:
             commas.append(p.add(DESCRIPTION_SEP[0]))
         else:
             p.add(DESCRIPTION_CLOSE[0])  # the space before "and"
             commas.append(p.add("and"))
             p.add(DESCRIPTION_CLOSE[4:])
     assert p.text.endswith(DESCRIPTION_CLOSE)
-    return Trial(task=SCENE_DESCRIPTION, scene=scene, prompt=p.text, answer=target.name, target=target,
-                 mentioned=described, mentions=tuple(mentions), commas=tuple(commas))
+    return p.text, tuple(mentions), tuple(commas)
 
 
 def color_retrieval(scene: Scene, target: Obj) -> Trial:
