@@ -29,7 +29,7 @@ def _same(a, b) -> bool:
     if isinstance(a, dict):
         return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, HeadRun):
-        return all(_same(getattr(a, f), getattr(b, f)) for f in ("top", "cand_ids", "cand_logits", "z", "texts"))
+        return all(_same(getattr(a, f), getattr(b, f)) for f in ("top", "cand_hit", "cand_logits", "z", "texts"))
     return a == b
 
 
@@ -41,7 +41,7 @@ VALUES = [
     np.zeros((0, 4), np.float32), np.array([True, False]), np.array(3.25, np.float64), np.float32(1.5),
     np.int64(-3), np.array([1, 2], np.uint16), np.array([0.5], np.float16),
     torch.tensor([[1.5, -2.0]], dtype=torch.bfloat16), torch.arange(4, dtype=torch.int32), torch.zeros(()),
-    HeadRun(np.array([3, 1]), np.zeros((2, 1), np.int64), np.ones((2, 1), np.float32), None, ["a", "b"]),
+    HeadRun(np.array([3, 1]), np.zeros((2, 1), bool), np.ones((2, 1), np.float32), None, ["a", "b"]),
     ([{"trial": 0, "first_token_correct": 1, "generated": ""}], {"x": np.ones(2)}),
 ]
 

@@ -14,8 +14,9 @@ first listed object makes the model list that object again.
    token of the list prompt, where the model is about to name O0, are averaged: ~ID_O0 per head.
 4. **Intervention.** On the target images, the prompt ``In this image there is 1. a O0 2. a`` (O0 the image's own
    first object), the same heads' outputs at the last token are *replaced* by ~ID_O0. Prediction: the model repeats
-   O0. Measure: the arg-max first token at the last position is O0's first token ("repeat rate"), with a Wilson 95%
-   interval per split; the summary gives the mean and range over splits.
+   O0. Measure: the model's greedy answer at the last position is O0 ("repeat rate"; scored by ``models.answers``:
+   O0's first token where that is exact, else its whole token sequence), with a Wilson 95% interval per split; the
+   summary gives the mean and range over splits.
 5. **Controls.** No edit (how often the model repeats O0 anyway), and a random-direction replacement: each head's
    ~ID_O0 replaced by a random vector of the same norm (seeded).
 
@@ -124,7 +125,7 @@ def _figure(ctx: Context, summary: dict) -> None:
         hi = [max(0.0, summary["by_k"][str(k)][key]["max"] - v) for v, k in zip(m, ks)]
         ax.bar(x + off, m, 0.27, yerr=[lo, hi], capsize=3, color=colour, label=label)
     ax.set_xticks(x, [f"top {k}" for k in ks])
-    ax.set_ylabel("Repeats O0 (first token)")
+    ax.set_ylabel("Repeats O0")
     ax.set_ylim(0, 1.05)
     ax.set_title(f"COCO-style lists ({ctx.vlm.name}, {summary['n_kept']} images, {summary['splits']} splits)",
                  fontsize=9)
@@ -194,13 +195,13 @@ def run(ctx: Context) -> dict:
         with ctx.progress(len(targets), "coco") as update:
             for idx in behaviour.batches(targets, bs):
                 b = vlm.encode([targets[i] for i in idx])
-                runs = iv.EditedRuns(vlm, b, first_position=b.last)
-                want = vlm.answer_ids(b, [first[i] for i in idx])
-                hits["none"][idx] = iv.first_token_hits(runs.logits(), want)
+                # the repeat of O0, scored as the model would write it (models.answers: first token where exact)
+                runs = iv.EditedRuns(vlm, b, first_position=b.last, answers=vlm.answers(b, [[first[i]] for i in idx]))
+                hits["none"][idx] = runs.scores().greedy[:, 0].numpy()
                 for key in settings:
                     vec = torch.as_tensor(np.repeat(values[key][None], len(idx), 0), dtype=torch.float32)
                     edits = head_edits(heads[:key[1]], vec, "set", b.last)
-                    hits[key][idx] = iv.first_token_hits(runs.logits(edits), want)
+                    hits[key][idx] = runs.scores(edits).greedy[:, 0].numpy()
                 update(len(idx))
         return hits
 

@@ -176,7 +176,7 @@ def random_heads(heads, n_heads: int, exclude: set, rng: random.Random) -> list[
 def intervention_recovery(ctx: Context, gt) -> tuple[list[dict], dict]:
     vlm = ctx.vlm
     n_est, n = int(ctx.opt("n_estimate")), int(ctx.opt("n"))
-    trials = two_object_trials(n_est + n, ctx.opt("grid"), ctx.seed)
+    trials, _ = two_object_trials(ctx, n_est + n, NAME)  # recovery takes no stimuli option: the grid sets
     est, held = trials[:n_est], trials[n_est:]
     rng = random.Random(ctx.seed)
     declared_all = gt.heads()

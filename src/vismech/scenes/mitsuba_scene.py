@@ -24,6 +24,7 @@ import math
 import numpy as np
 
 from vismech.errors import UserError
+
 from .vocab import COLORS
 
 ENVIRONMENTS: tuple[str, ...] = ("studio", "tiles", "outdoor")

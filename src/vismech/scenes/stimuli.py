@@ -24,6 +24,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
+from vismech.errors import UserError
+
 from .core import CounterfactualPair, Geometry, Layout, Scene, Trial
 from .counterfactual import CONDITIONS, cma_pairs
 from .manifest import MANIFEST, load_layouts, load_stimuli, trial_record, write_manifest  # noqa: F401
@@ -37,7 +39,7 @@ Grid = Union[tuple[int, int], None]
 
 def _fixed(name: str, grid: Grid, fixed: tuple[int, int]) -> None:
     if grid is not None and tuple(grid) != fixed:
-        raise ValueError(f"the {name} set is defined on a {fixed[0]}x{fixed[1]} grid only, got {tuple(grid)}")
+        raise UserError(f"the {name} set is defined on a {fixed[0]}x{fixed[1]} grid only, got {tuple(grid)}")
 
 
 def _pca(grid: Grid, n: int, seed: int) -> list[Trial]:
@@ -74,7 +76,7 @@ TASK_GENERATORS: dict[str, Callable[[Grid, int, int], list]] = {
 def generate(name: str, grid: Grid, n: int, seed: int) -> list:
     """``TASK_GENERATORS[name](grid, n, seed)`` with a clear error for an unknown name."""
     if name not in TASK_GENERATORS:
-        raise ValueError(f"unknown stimulus set {name!r}; sets are {', '.join(TASK_GENERATORS)}")
+        raise UserError(f"unknown stimulus set {name!r}; sets are {', '.join(TASK_GENERATORS)}")
     return TASK_GENERATORS[name](grid, n, seed)
 
 
