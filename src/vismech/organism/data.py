@@ -235,7 +235,7 @@ class _Maker:
 
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
         if self.plant is not None:
-            from .plant import make_batch
+            from .plant_batch import make_batch
 
             batch = make_batch(self.vlm, self.plant, self.seed, step, self.n, self.end)
         else:
@@ -279,7 +279,7 @@ def _make(step: int) -> dict[str, torch.Tensor]:
 class Feeder:
     """Training batches for steps ``start, start+1, ...`` in order, built by ``workers`` processes (0: in this
     process), at most ``prefetch`` batches ahead; ``early`` = (steps, mixture): that mixture before that step;
-    ``plant`` (a ``plant.PlantSpec``): planting batches (``plant.make_batch``, ``batch_size`` bases) instead.
+    ``plant`` (a ``plant.PlantSpec``): planting batches (``plant_batch.make_batch``, ``batch_size`` bases) instead.
     ``pixel_dtype`` bf16 halves what crosses processes; it changes nothing under bf16 autocast, whose first vision
     op casts the pixels to bf16 anyway."""
 

@@ -12,7 +12,7 @@
 - ``probes``: linear probes (ridge, 70/30 split) on the ID-retrieval heads' outputs at each mention's last word:
   the mentioned object's cell, colour and shape, with their chance levels.
 
-Everything reuses planting's batches (``plant.batch_of``) and forwards, so a measure is exactly the training
+Everything reuses planting's batches (``pb.batch_of``) and forwards, so a measure is exactly the training
 objective evaluated on new trials. Each accuracy comes with n and a Wilson 95% interval.
 """
 
@@ -30,6 +30,7 @@ from vismech.scenes.sets import scene_description_set
 
 from . import causal_model as cm
 from . import plant
+from . import plant_batch as pb
 
 END = {"qwen2_5_vl": "<|im_end|>", "llava": "</s>"}
 
@@ -41,9 +42,9 @@ def _rate(k: int, n: int) -> dict:
     return {"rate": k / n, "n": n, "ci_low": float(lo), "ci_high": float(hi)}
 
 
-def _run(vlm: VLM, spec: plant.PlantSpec, plan: plant._Plan, end: str, seed: int):
+def _run(vlm: VLM, spec: plant.PlantSpec, plan: pb._Plan, end: str, seed: int):
     """Clean hits [clean rows], patched hits [intervened rows], and the clean z (for probes)."""
-    b = plant.batch_of(vlm, spec, plan, end, seed)
+    b = pb.batch_of(vlm, spec, plan, end, seed)
     b = {k: v.to(vlm.device) if torch.is_tensor(v) else v for k, v in b.items()}
     with torch.no_grad():
         logits_a, z_a, _, _ = plant.clean_forward(vlm, spec, b)
@@ -52,9 +53,9 @@ def _run(vlm: VLM, spec: plant.PlantSpec, plan: plant._Plan, end: str, seed: int
     return hits_a, hits_b, z_a, b
 
 
-def _plan(bases) -> plant._Plan:
-    plan = plant._Plan()
-    plan.a = [plant._Row(t, t.answer, False, g) for g, t in enumerate(bases)]
+def _plan(bases) -> pb._Plan:
+    plan = pb._Plan()
+    plan.a = [pb._Row(t, t.answer, False, g) for g, t in enumerate(bases)]
     return plan
 
 
@@ -101,17 +102,17 @@ def interchange(vlm, spec, n: int, seed: int, batch_size: int, end: str) -> dict
         plan = _plan(chunk)
         srcs = []
         for g, t in enumerate(chunk):
-            swap, feat = plant._informative_swap(t, rng), cm.feature_source(t, rng)
+            swap, feat = pb._informative_swap(t, rng), cm.feature_source(t, rng)
             srcs.append((swap, feat))
         for swap, feat in srcs:
-            plan.a += [plant._Row(swap, swap.answer, False, 0), plant._Row(feat, feat.answer, False, 0)]
+            plan.a += [pb._Row(swap, swap.answer, False, 0), pb._Row(feat, feat.answer, False, 0)]
         for g, t in enumerate(chunk):
             swap_i, feat_i = len(chunk) + 2 * g, len(chunk) + 2 * g + 1
             swap, feat = srcs[g]
             for kind in kinds:
                 src = feat if kind == "F" else swap
                 ans = cm.counterfactual_answer(t, src, kind[0])
-                plan.b.append((plant._Row(t, ans, False, g), kind, feat_i if kind == "F" else swap_i))
+                plan.b.append((pb._Row(t, ans, False, g), kind, feat_i if kind == "F" else swap_i))
         _, hb, _, _ = _run(vlm, spec, plan, end, seed)
         for k, (row, kind, _) in enumerate(plan.b):
             hits[kind][0] += int(hb[k])
@@ -135,10 +136,10 @@ def ablation(vlm, spec, n: int, seed: int, batch_size: int, end: str) -> dict:
     for s in range(0, len(bases), step):
         chunk = bases[s:s + step]
         plan = _plan(chunk)
-        plan.a += [plant._Row(r, r.answer, False, 0) for r in (cm.resample_source(t, rng) for t in chunk)]
+        plan.a += [pb._Row(r, r.answer, False, 0) for r in (cm.resample_source(t, rng) for t in chunk)]
         for name, hs in settings[1:]:
             for g, t in enumerate(chunk):
-                plan.b.append((plant._Row(t, t.answer, False, g), ("resample", hs), len(chunk) + g))
+                plan.b.append((pb._Row(t, t.answer, False, g), ("resample", hs), len(chunk) + g))
         ha, hb, _, _ = _run(vlm, spec, plan, end, seed)
         clean += int(ha[:len(chunk)].sum())
         for k, (row, kind, _) in enumerate(plan.b):

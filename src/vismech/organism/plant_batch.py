@@ -1,0 +1,253 @@
+"""The rows, positions and masks of one planting step (``plant``), built on the CPU by the data workers.
+
+A step's *plan* (``step_plan``) holds its clean rows (base trials, then each base's swap, feature and resample
+sources from ``causal_model``) and its intervened rows (each a base run with some heads' outputs taken from one of
+those sources, labelled with the counterfactual answer). ``batch_of`` turns a plan into tensors: token ids with the
+answers appended for teacher forcing, labels, pixel inputs, M-RoPE positions, the attention-supervision targets of
+the declared heads (``att_*``), the position-probe targets, and for every intervened row the (position, layer,
+head) mask of what it takes from its source. ``make_batch`` is the plan and tensors of training step ``step``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from vismech.models.vlm import VLM
+from vismech.scenes.core import Trial
+
+from . import causal_model as cm
+from .data import answer_tokens, rope_positions
+from .plant import COMPONENTS, IIT_KINDS, PlantSpec, _split
+
+
+# -- rows of one step ------------------------------------------------------------------------------------------
+@dataclass
+class _Row:
+    trial: Trial
+    answer: str  # the teacher-forced continuation (the base answer, or the counterfactual one)
+    mention_labels: bool
+    group: int  # the base it belongs to (rows of one group share their layout)
+
+
+@dataclass
+class _Plan:
+    a: list[_Row] = field(default_factory=list)  # clean rows: bases, then their sources
+    b: list[tuple[_Row, str, int]] = field(default_factory=list)  # (row, kind, index of its source in a)
+
+
+def _pick(rng: random.Random, table) -> object:
+    names, weights = zip(*table)
+    return rng.choices(names, weights=weights)[0]
+
+
+def step_plan(spec: PlantSpec, seed: int, step: int, n: int) -> _Plan:
+    """The trials of one step: ``n`` bases, their swap, feature and resample sources, and the intervened rows."""
+    rng = random.Random(seed * 1_000_000_007 + step)
+    plan = _Plan()
+    bases, sources = [], []
+    for g in range(n):
+        grid, kind = _pick(rng, spec.grids), _pick(rng, spec.kinds)
+        base = cm.planting_trial(rng, cm.draw_structure(rng, kind, grid), _pick(rng, spec.entropies))
+        swap = _informative_swap(base, rng)
+        feat = cm.feature_source(base, rng)
+        resample = cm.resample_source(base, rng, _pick(rng, spec.entropies))
+        bases.append(base)
+        sources.append((swap, feat, resample))
+    for g, base in enumerate(bases):
+        plan.a.append(_Row(base, base.answer, bool(base.meta["ordered"]), g))
+    for g, (swap, feat, resample) in enumerate(sources):
+        for src in (swap, feat, resample):
+            plan.a.append(_Row(src, src.answer, bool(src.meta["ordered"]), g))
+    for g, base in enumerate(bases):
+        swap_i, feat_i, res_i = n + 3 * g, n + 3 * g + 1, n + 3 * g + 2
+        swap, feat = sources[g][0], sources[g][1]
+        plan.b.append((_Row(base, cm.counterfactual_answer(base, swap, "R"), False, g), "R", swap_i))
+        plan.b.append((_Row(base, cm.counterfactual_answer(base, swap, "S"), False, g),
+                       rng.choice(("S_gathering", "S_selection")), swap_i))
+        plan.b.append((_Row(base, cm.counterfactual_answer(base, feat, "F"), False, g), "F", feat_i))
+        plan.b.append((_Row(base, base.answer, False, g), "strict", res_i))
+    return plan
+
+
+def _informative_swap(base: Trial, rng: random.Random, tries: int = 6) -> Trial:
+    """A swap source whose counterfactual answer differs from the base answer, when one of a few tries finds it."""
+    src = None
+    for _ in range(tries):
+        src, _cells = cm.swap_source(base, rng)
+        if cm.counterfactual_answer(base, src, "R") != base.answer:
+            break
+    return src
+
+
+# -- tensors ---------------------------------------------------------------------------------------------------
+def _naming(row: _Row, last: int, mentions: list[list[int]], answer_len: int) -> list[tuple[int, object, int]]:
+    """(position, object named there, number of mentions before it) of the row's naming positions; ``last`` is the
+    position of the prompt's last token and ``mentions`` the mentions' token positions, in the row's frame."""
+    t = row.trial
+    out = [(last, t.target, len(mentions))]
+    if t.task != "color_retrieval" and answer_len > 2:  # "colour shape" + end: the colour word names the shape
+        out.append((last + 1, t.target, len(mentions)))
+    if row.mention_labels and t.task != "color_retrieval":
+        for j, (m, obj) in enumerate(zip(mentions, t.mentioned)):
+            out += [(m[0] - 1, obj, j), (m[0], obj, j)]
+    return out
+
+
+def make_batch(vlm: VLM, spec: PlantSpec, seed: int, step: int, n: int, end_token: str) -> dict[str, torch.Tensor]:
+    """Every tensor one planting step needs (see the module docstring); built on the CPU."""
+    return batch_of(vlm, spec, step_plan(spec, seed, step, n), end_token, seed * 7919 + step)
+
+
+def batch_of(vlm: VLM, spec: PlantSpec, plan: _Plan, end_token: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The tensors of ``plan``: its clean rows, and its intervened rows, whose kind says what they patch from their
+    source: ``R``, ``S_gathering``, ``S_selection``, ``F`` (the declared heads at the declared positions),
+    ``strict`` (undeclared heads, each with probability ``spec.strict_p``, and declared heads outside their
+    positions), or ``("resample", heads)`` (those heads at every position)."""
+    a_trials = [r.trial for r in plan.a]
+    images = [vlm.render(t) for t in a_trials]
+    enc = vlm.encode(a_trials, images)
+    L, H = vlm.n_layers, vlm.n_heads
+    pad = vlm.tokenizer.pad_token_id or 0
+
+    def prompt_of(i):  # unpadded prompt ids and the left padding of row i of ``enc``
+        mask = enc.inputs["attention_mask"][i].bool()
+        return enc.inputs["input_ids"][i, mask].tolist(), enc.length - int(mask.sum())
+
+    rows_a, rows_b = [], []
+    for i, r in enumerate(plan.a):
+        p, off = prompt_of(i)
+        rows_a.append((p, answer_tokens(vlm, enc.texts[i], r.answer, end_token, prefix=p)[1], off, i))
+    for r, kind, src in plan.b:
+        base_i = r.group  # bases are the first rows of a
+        p, off = prompt_of(base_i)
+        rows_b.append((p, answer_tokens(vlm, enc.texts[base_i], r.answer, end_token, prefix=p)[1], off, base_i))
+    total = max(len(p) + len(a) for p, a, _, _ in rows_a + rows_b)
+
+    def tensors(rows, plan_rows):
+        ids = torch.full((len(rows), total), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        shift = []
+        for k, ((p, a, off, src_i), pr) in enumerate(zip(rows, plan_rows)):
+            start = total - len(p) - len(a)
+            ids[k, start:] = torch.tensor(p + a)
+            mask[k, start:] = 1
+            labels[k, total - len(a):] = torch.tensor(a)
+            sh = start - off  # enc position x of row src_i is position x + sh here
+            shift.append(sh)
+            if pr.mention_labels and pr.trial.task != "color_retrieval":
+                for m in enc.mentions[src_i]:
+                    for x in m:
+                        labels[k, x + sh] = ids[k, x + sh]
+        return ids, mask, labels, shift
+
+    ids_a, mask_a, labels_a, shift_a = tensors(rows_a, plan.a)
+    ids_b, mask_b, labels_b, shift_b = tensors(rows_b, [r for r, _, _ in plan.b])
+    out: dict[str, torch.Tensor] = {}
+    parts = [("a_", ids_a, mask_a, labels_a, images)]
+    if plan.b:  # a plan of clean rows only has no intervened rows to encode
+        parts.append(("b_", ids_b, mask_b, labels_b, [images[r.group] for r, _, _ in plan.b]))
+    for prefix, ids, mask, labels, imgs in parts:
+        img = vlm.family.process_images(vlm.image_processor, imgs)
+        out.update({prefix + k: v for k, v in img.tensors.items()})
+        out.update({prefix + "input_ids": ids, prefix + "attention_mask": mask, prefix + "labels": labels})
+        out.update({prefix + k: v for k, v in vlm.family.extra_inputs(ids, vlm.image_token_id).items()})
+        out.update({prefix + k: v for k, v in rope_positions(vlm.model, _split(out, prefix)).items()})
+
+    # attention supervision on the clean rows: per component, (row, column of att_qpos) and a mask over keys
+    targets = {c: ([], []) for c in COMPONENTS}
+    queries: list[list[int]] = [[] for _ in plan.a]
+
+    def add(comp, row, q, keys):
+        if q not in queries[row]:
+            queries[row].append(q)
+        m = torch.zeros(total, dtype=torch.bool)
+        m[torch.tensor(keys)] = True
+        targets[comp][0].append((row, queries[row].index(q)))
+        targets[comp][1].append(m)
+
+    probe_pos, probe_cls = [], []
+    for i, r in enumerate(plan.a):
+        sh = shift_a[i]
+        ments = [[x + sh for x in m] for m in enc.mentions[i]]
+        objs = {cell: [x + sh for x in toks] for cell, toks in enc.objects[i].items()}
+        first = int(mask_a[i].nonzero()[0])
+        for m, obj in zip(ments, r.trial.mentioned):
+            if len(m) > 1:
+                add("binding", i, m[-1], [m[0]])
+            add("retrieval", i, m[-1], objs[obj.cell])
+        answer_len = len(rows_a[i][1])
+        for pos, obj, before in _naming(r, total - answer_len - 1, ments, answer_len):
+            add("gathering", i, pos, [m[-1] for m in ments[:before]] or [first])
+            add("selection", i, pos, objs[obj.cell])
+            add("features", i, pos, objs[obj.cell])
+        for cell, toks in objs.items():
+            probe_pos += [(i, x) for x in toks]
+            probe_cls += [cell] * len(toks)
+    # unused slots query the last token (a real token in every row: a padded query would attend to nothing)
+    qpos = torch.full((len(plan.a), max(len(q) for q in queries)), total - 1, dtype=torch.long)
+    for i, qs in enumerate(queries):
+        qpos[i, :len(qs)] = torch.tensor(qs)
+    out["att_qpos"] = qpos
+    for comp, (where, masks) in targets.items():
+        out[f"att_{comp}_where"] = torch.tensor(where, dtype=torch.long).reshape(-1, 2)
+        out[f"att_{comp}_keys"] = torch.stack(masks) if masks else torch.zeros(0, total, dtype=torch.bool)
+    out["probe_where"] = torch.tensor(probe_pos, dtype=torch.long)
+    out["probe_cell"] = torch.tensor(probe_cls, dtype=torch.long)
+
+    # intervened rows: which (position, layer, head) take the source row's value
+    patch = torch.zeros(len(plan.b), total, L, H, dtype=torch.bool)
+    src_rows, kinds = [], []
+    gen = torch.Generator().manual_seed(seed)
+    declared = _declared_positions(spec, plan, enc, shift_b, rows_b, total)
+    for k, (r, kind, src) in enumerate(plan.b):
+        src_rows.append(src)
+        if isinstance(kind, tuple):  # ("resample", heads): those heads everywhere
+            kinds.append(IIT_KINDS.index("strict"))
+            for layer, head in kind[1]:
+                patch[k, :, layer, head] = mask_b[k].bool()
+            continue
+        kinds.append(IIT_KINDS.index(kind.split("_")[0]))
+        if kind == "strict":
+            p = torch.rand(L, H, generator=gen) < spec.strict_p
+            m = p[None].expand(total, L, H).clone()
+            for pos, heads in declared[k].values():  # declared heads stay at their declared positions
+                for layer, head in heads:
+                    m[pos, layer, head] = False
+            m[~mask_b[k].bool()] = False
+            patch[k] = m
+        else:
+            comp = {"R": "retrieval", "S_gathering": "gathering", "S_selection": "selection", "F": "features"}[kind]
+            pos, heads = declared[k][comp]
+            for layer, head in heads:
+                patch[k, pos, layer, head] = True
+    out["b_patch"] = patch
+    out["b_source"] = torch.tensor(src_rows, dtype=torch.long)
+    out["b_kind"] = torch.tensor(kinds, dtype=torch.long)
+    return out
+
+
+def _declared_positions(spec: PlantSpec, plan: _Plan, enc, shift_b, rows_b, total) -> list[dict]:
+    """For each intervened row: component -> (positions, heads) where the component's variable lives (the final
+    naming positions for the last-token components; every mention token for retrieval and binding)."""
+    out = []
+    for k, (r, kind, src) in enumerate(plan.b):
+        g = r.group
+        sh = shift_b[k]
+        ments = [[x + sh for x in m] for m in enc.mentions[g]]
+        answer_len = len(rows_b[k][1])
+        last = total - answer_len - 1
+        final = [last] + ([last + 1] if r.trial.task != "color_retrieval" and answer_len > 2 else [])
+        mention_tokens = [x for m in ments for x in m]
+        named = list(final)
+        if plan.a[g].mention_labels and r.trial.task != "color_retrieval":
+            named += [x for m in ments for x in (m[0] - 1, m[0])]
+        out.append({"binding": (torch.tensor(mention_tokens), spec.binding),
+                    "retrieval": (torch.tensor(mention_tokens), spec.retrieval),
+                    "gathering": (torch.tensor(named if kind == "strict" else final), spec.gathering),
+                    "selection": (torch.tensor(named if kind == "strict" else final), spec.selection),
+                    "features": (torch.tensor(named if kind == "strict" else final), spec.features)})
+    return out
