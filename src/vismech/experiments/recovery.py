@@ -244,8 +244,9 @@ def intervention_recovery(ctx: Context, gt) -> tuple[list[dict], dict]:
 def _bars(ax, x, values, width, label, colour, err=None):
     vals = [np.nan if v is None else v for v in values]
     ax.bar(x, np.nan_to_num(vals), width, yerr=err, label=label, color=colour, capsize=3)
-    for xi, v in zip(x, vals):
-        ax.text(xi, (0 if np.isnan(v) else v) + 0.02, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center",
+    above = err[1] if err is not None else [0.0] * len(vals)  # labels sit above the error bar
+    for xi, v, up in zip(x, vals, above):
+        ax.text(xi, (0 if np.isnan(v) else v + up) + 0.02, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center",
                 fontsize=7)
 
 
