@@ -36,6 +36,7 @@ class _Row:
 class _Plan:
     a: list[_Row] = field(default_factory=list)  # clean rows: bases, then their sources
     b: list[tuple[_Row, str, int]] = field(default_factory=list)  # (row, kind, index of its source in a)
+    inv: list[tuple[int, int, int]] = field(default_factory=list)  # (base row, source row, mention) in a
 
 
 def _pick(rng: random.Random, table) -> object:
@@ -69,6 +70,11 @@ def step_plan(spec: PlantSpec, seed: int, step: int, n: int) -> _Plan:
                        rng.choice(("S_gathering", "S_selection")), swap_i))
         plan.b.append((_Row(base, cm.counterfactual_answer(base, feat, "F"), False, g), "F", feat_i))
         plan.b.append((_Row(base, base.answer, False, g), "strict", res_i))
+    if spec.weight("invariance") > 0:  # drawn last, so the other rows are those of the spec without it
+        for g, base in enumerate(bases):
+            src, j = cm.mention_feature_source(base, rng)
+            plan.inv.append((g, len(plan.a), j))
+            plan.a.append(_Row(src, src.answer, bool(src.meta["ordered"]), g))
     return plan
 
 
@@ -195,6 +201,8 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: _Plan, end_token: str, seed: int =
     for comp, (where, masks) in targets.items():
         out[f"att_{comp}_where"] = torch.tensor(where, dtype=torch.long).reshape(-1, 2)
         out[f"att_{comp}_keys"] = torch.stack(masks) if masks else torch.zeros(0, total, dtype=torch.bool)
+    out["inv_where"] = torch.tensor([(g, i, enc.mentions[g][j][-1] + shift_a[g]) for g, i, j in plan.inv],
+                                    dtype=torch.long).reshape(-1, 3)
     out["probe_where"] = torch.tensor(probe_pos, dtype=torch.long)
     out["probe_cell"] = torch.tensor(probe_cls, dtype=torch.long)
 
