@@ -71,7 +71,7 @@ def test_sources_keep_the_layout_and_swaps_look_for_a_changed_answer():
     for _ in range(60):
         kind = rng.choice(cm.KINDS)
         t = cm.planting_trial(rng, cm.draw_structure(rng, kind, rng.choice([(2, 2), (3, 3)])), "any")
-        sw = pb._informative_swap(t, rng)
+        sw = pb.informative_swap(t, rng)
         assert sw.prompt == t.prompt and cm.feature_source(t, rng).prompt == t.prompt
         rs = cm.resample_source(t, rng)
         assert len(rs.prompt.split()) == len(t.prompt.split()) and len(rs.answer.split()) == len(t.answer.split())

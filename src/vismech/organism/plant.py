@@ -107,7 +107,7 @@ def _split(batch: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
 
 
-def _answer_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def answer_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per row: every labelled next token is the arg-max (teacher-forced, so equal to greedy generation)."""
     pred = logits[:, :-1].argmax(-1)
     want = labels[:, 1:]
@@ -174,7 +174,7 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
     metrics, losses = {}, {}
     losses["task"] = _ce(logits_a, labels_a).mean()
     n_base = int((kind == 0).sum())  # one R row per base, and the bases are the first clean rows
-    metrics["base_acc"] = float(_answer_hits(logits_a[:n_base], labels_a[:n_base]).float().mean())
+    metrics["base_acc"] = float(answer_hits(logits_a[:n_base], labels_a[:n_base]).float().mean())
     att_terms = []
     for c in COMPONENTS:
         where, keys = batch[f"att_{c}_where"], batch[f"att_{c}_keys"]
@@ -205,7 +205,7 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
             terms.append(((zb - zs) ** 2).sum(-1) / (zb.pow(2).sum(-1) + zs.pow(2).sum(-1) + 1e-6))
         losses["invariance"] = torch.cat(terms, -1).mean()
     logits_b = patched_forward(vlm, batch, z_a, autocast)
-    ce_b, hits_b = _ce(logits_b, labels_b), _answer_hits(logits_b, labels_b)
+    ce_b, hits_b = _ce(logits_b, labels_b), answer_hits(logits_b, labels_b)
     for k, name in enumerate(IIT_KINDS):
         sel = kind == k
         if sel.any():
