@@ -3,6 +3,10 @@ packed vision attention, and the CUDA ops that take the time (torch.profiler); t
 (data workers producing while the model trains) for each worker count of ``--loop-workers``.
 
     PYTHONPATH=src python benchmarks/organism_step.py --arch qwen2_5_vl --steps 12 --workers 12 --loop-workers 3 15
+
+``--plant`` times a planting step instead (``organism.plant``: the clean and intervened forwards and their loss, the
+vision tower frozen as ``train-organism --plant ids --freeze-vision`` runs it); ``--batch-size`` is then the number
+of base trials (each brings three sources and four intervened rows).
 """
 
 from __future__ import annotations
@@ -33,18 +37,35 @@ def _cpu_max() -> str:
         return "n/a"
 
 
-def loop(a, model, opt, dev, workers: int) -> float:
+def _step(a, model, vlm, probe, b, dev):
+    """The loss of one training step on device batch ``b``: the task loss, or planting's with ``--plant``."""
+    if a.plant:
+        from vismech.organism.plant import PlantSpec, plant_loss
+
+        return plant_loss(vlm, PlantSpec(), probe, b, autocast=lambda: _autocast(dev))[0]
+    with _autocast(dev):
+        return model(**b, use_cache=False).loss
+
+
+def _feeder(a, workers, seed):
+    plant = None
+    if a.plant:
+        from vismech.organism.plant import PlantSpec
+
+        plant = PlantSpec()
+    return data.Feeder(a.arch, seed, a.batch_size, END_TOKEN[a.arch], workers=workers,
+                       pixel_dtype=torch.bfloat16 if a.device == "cuda" else None, label_mentions=True, plant=plant)
+
+
+def loop(a, model, vlm, probe, opt, dev, workers: int) -> float:
     """Steps per second of the training loop as ``train_organism`` runs it, with ``workers`` data workers."""
-    pix = torch.bfloat16 if dev.type == "cuda" else None
-    with data.Feeder(a.arch, 1, a.batch_size, END_TOKEN[a.arch], workers=workers, pixel_dtype=pix,
-                     label_mentions=True) as feeder, packed_vision_attention(model, dev.type == "cuda"):
+    with _feeder(a, workers, 1) as feeder, packed_vision_attention(model, dev.type == "cuda"):
         for i in range(5 + a.loop_steps):
             if i == 5:
                 sync(dev)
                 t = time.perf_counter()
-            b = {k: v.to(dev, non_blocking=True) for k, v in next(feeder).items()}
-            with _autocast(dev):
-                loss = model(**b, use_cache=False).loss
+            b = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(feeder).items()}
+            loss = _step(a, model, vlm, probe, b, dev)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -64,6 +85,8 @@ def main():
     ap.add_argument("--loop-workers", type=int, nargs="*", default=[], help="time the interleaved training loop "
                     "(batches drawn while the model trains) with each of these worker counts")
     ap.add_argument("--loop-steps", type=int, default=40)
+    ap.add_argument("--plant", action="store_true", help="time planting steps (organism.plant) with the vision "
+                    "tower frozen")
     a = ap.parse_args()
     import transformers
 
@@ -73,11 +96,21 @@ def main():
           f"{len(os.sched_getaffinity(0))} usable, cgroup cpu.max {_cpu_max()}")
     model, tok, proc = build_organism(a.arch, 0)
     model.to(dev).train()
-    print("family", family_for_config(model.config).name)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
-    pix = torch.bfloat16 if dev.type == "cuda" else None
-    with data.Feeder(a.arch, 0, a.batch_size, END_TOKEN[a.arch], workers=a.workers, pixel_dtype=pix,
-                     label_mentions=True) as feeder:
+    spec = family_for_config(model.config)
+    print("family", spec.name)
+    vlm, probe = None, None
+    if a.plant:
+        from vismech.models.vlm import VLM
+        from vismech.organism.plant import make_probe
+        from vismech.organism.stages import is_vision
+
+        for n, p in model.named_parameters():
+            p.requires_grad_(not is_vision(n, a.arch))
+        vlm = VLM(model, tok, proc, spec, f"organism:{a.arch}", "chat")
+        probe = make_probe(vlm).to(dev)
+    params = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe else [])
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
+    with _feeder(a, a.workers, 0) as feeder:
         batches = [next(feeder) for _ in range(a.steps)]  # prefetch: data time measured apart
         t = time.perf_counter()
         for _ in range(a.steps):
@@ -89,11 +122,10 @@ def main():
         times = {"fwd": 0.0, "bwd": 0.0, "opt": 0.0}
         with packed_vision_attention(model, packed):
             for i, b in enumerate(batches):
-                b = {k: v.to(dev) for k, v in b.items()}
+                b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
                 sync(dev)
                 t0 = time.perf_counter()
-                with _autocast(dev):
-                    loss = model(**b, use_cache=False).loss
+                loss = _step(a, model, vlm, probe, b, dev)
                 sync(dev)
                 t1 = time.perf_counter()
                 loss.backward()
@@ -111,16 +143,16 @@ def main():
         print(f"packed={packed}: " + ", ".join(f"{k} {v / n * 1000:.0f} ms" for k, v in times.items())
               + f"; {n / sum(times.values()):.2f} steps/s")
     for w in a.loop_workers:
-        print(f"training loop with {w} data workers: {loop(a, model, opt, dev, w):.2f} steps/s", flush=True)
+        print(f"training loop with {w} data workers: {loop(a, model, vlm, probe, opt, dev, w):.2f} steps/s",
+              flush=True)
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with packed_vision_attention(model, True), profile(activities=acts) as prof:
             for b in batches[:3]:
-                b = {k: v.to(dev) for k, v in b.items()}
-                with _autocast(dev):
-                    loss = model(**b, use_cache=False).loss
+                b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
+                loss = _step(a, model, vlm, probe, b, dev)
                 loss.backward()
                 sync(dev)
         key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"

@@ -82,3 +82,18 @@ def test_load_vlm_exposes_a_checkpoint_s_ground_truth(tmp_path):
     (tmp_path / "ground_truth.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match="outside this model"):
         load_vlm(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["organism-ids", "organism-llava-ids"])
+def test_shipped_planted_organisms_declare_the_default_spec_heads_and_meet_their_recorded_validity(name):
+    """Both planted organisms load offline by name with the heads planting declares, and their recorded validity
+    shows the planted heads matter: resampling them all leaves accuracy below chance, while interchange of F moves
+    the answer as the causal model says in >= 90% of trials."""
+    from vismech.models.load import load_vlm, organism_dir
+
+    vlm = load_vlm(name, dtype="fp32", device="cpu")
+    assert vlm.family.name == {"organism-ids": "qwen2_5_vl", "organism-llava-ids": "llava"}[name]
+    assert vlm.ground_truth == ground_truth(PlantSpec())
+    v = json.loads((organism_dir(name) / "validity.json").read_text())
+    assert v["ablation"]["declared_resampled"]["rate"] < v["ablation"]["chance"]
+    assert v["interchange"]["F"]["rate"] >= 0.9

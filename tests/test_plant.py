@@ -147,20 +147,33 @@ def test_patch_masks_touch_only_what_each_row_intervenes_on(vlm):
             assert pos[0] == last and len(pos) <= 2
 
 
-def test_patched_rows_equal_a_patch_made_by_hand(vlm):
-    b = pb.make_batch(vlm, SPEC, seed=4, step=0, n=2, end_token="<|im_end|>")
+@pytest.fixture(scope="module")
+def llava():
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, projection_dim=16)
+    model, tok, proc = build_organism("llava", 0, text=SIZES["text"], vision=vision)
+    return VLM(model.float(), tok, proc, family_for_config(model.config), "tiny-plant-llava", "chat")
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "llava"])
+def test_patched_rows_equal_a_patch_made_by_hand(arch, request):
+    vlm = request.getfixturevalue("vlm" if arch == "qwen2_5_vl" else "llava")
+    b = pb.make_batch(vlm, SPEC, seed=4, step=0, n=2, end_token="<|im_end|>" if arch == "qwen2_5_vl" else "</s>")
     with torch.no_grad():
         logits_a, z_a, att, resid = plant.clean_forward(vlm, SPEC, b)
         logits_b = plant.patched_forward(vlm, b, z_a)
     for k in range(len(b["b_source"])):
         src, mask = int(b["b_source"][k]), b["b_patch"][k]
-        one = {key: v[k:k + 1] for key, v in plant._inputs(b, "b_").items() if key not in ("pixel_values",
-                                                                                          "image_grid_thw")}
-        grid = b["b_image_grid_thw"]
-        per = (grid.prod(-1)).tolist()
-        start = sum(per[:k])
-        one["pixel_values"], one["image_grid_thw"] = b["b_pixel_values"][start:start + per[k]], grid[k:k + 1]
-        one["position_ids"] = b["b_position_ids"][:, k:k + 1]
+        one = {key: v[k:k + 1] for key, v in plant._inputs(b, "b_").items() if key != "image_grid_thw"}
+        assert "pixel_values" not in one  # intervened rows reuse their base's image features
+        g = int(b["b_base"][k])  # the row shows its base's image: run the vision tower on it here
+        if arch == "qwen2_5_vl":  # patches of every image in one tensor, M-RoPE positions
+            grid = b["a_image_grid_thw"]
+            per = (grid.prod(-1)).tolist()
+            start = sum(per[:g])
+            one["pixel_values"], one["image_grid_thw"] = b["a_pixel_values"][start:start + per[g]], grid[g:g + 1]
+            one["position_ids"] = b["b_position_ids"][:, k:k + 1]
+        else:
+            one["pixel_values"] = b["a_pixel_values"][g:g + 1]
         edits = []
         for p, layer, head in mask.nonzero().tolist():
             edits.append(hooks.Edit("z", layer, torch.tensor([0]), torch.tensor([p]), torch.tensor([head]),
@@ -195,7 +208,7 @@ def test_a_few_steps_lower_the_loss_and_reach_every_declared_head(vlm):
 
 
 def test_the_readme_commands_plant_an_organism_and_validate_it(tmp_path, capsys):
-    """``vismech train-organism ... --plant ids`` (a narrow 7-layer model, 2 steps on the CPU) writes the declared
+    """``vismech train-organism --arch llava ... --plant ids`` (a narrow 7-layer model, 2 steps on the CPU) writes the declared
     ground truth, the validity measures and a card that shows both; ``python -m vismech.organism.validate`` reads
     them back from any planted checkpoint."""
     import json
@@ -207,8 +220,9 @@ def test_the_readme_commands_plant_an_organism_and_validate_it(tmp_path, capsys)
     out = tmp_path / "ids"
     sizes = {"text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=7, num_attention_heads=8,
                           num_key_value_heads=4, head_dim=8),
-             "vision": dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, fullatt_block_indexes=[0])}
-    assert main(["train-organism", "--arch", "qwen2_5_vl", "--out", str(out), "--plant", "ids", "--steps", "2",
+             "vision": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            projection_dim=16)}
+    assert main(["train-organism", "--arch", "llava", "--out", str(out), "--plant", "ids", "--steps", "2",
                  "--batch-size", "1", "--eval-n", "2", "--device", "cpu", "--sizes", json.dumps(sizes)]) == 0
     assert load_ground_truth(out) == plant.ground_truth(plant.PlantSpec())
     card = (out / "README.md").read_text()
@@ -232,7 +246,8 @@ def test_the_invariance_term_is_zero_for_a_copy_and_positive_for_other_features(
     source row is the base row itself, and positive for the real source of an untrained model; without the weight
     the step's rows are unchanged."""
     spec = plant.PlantSpec(**{**SPEC.__dict__, "weights": SPEC.weights + (("invariance", 1.0),)})
-    plain = pb.step_plan(SPEC, 5, 2, 3)
+    off = plant.PlantSpec(**{**SPEC.__dict__, "weights": SPEC.weights + (("invariance", 0.0),)})
+    plain = pb.step_plan(off, 5, 2, 3)
     plan = pb.step_plan(spec, 5, 2, 3)
     assert [r.trial for r in plan.a[:len(plain.a)]] == [r.trial for r in plain.a] and not plain.inv
     assert len(plan.inv) == 3 and len(plan.a) == len(plain.a) + 3
@@ -260,10 +275,10 @@ def test_plant_weights_on_the_command_line_and_in_the_card(capsys, tmp_path):
     from vismech.cli import main
     from vismech.organism.card import reproduce_command
 
-    spec = plant.PlantSpec(weights=plant.PlantSpec().weights + (("invariance", 1.0),))
+    spec = plant.PlantSpec(weights=plant.PlantSpec().weights + (("invariance", 2.0),))
     info = {"arch": "qwen2_5_vl", "out": "runs/x", "planned_steps": 10, "seed": 0, "batch_size": 4, "lr": 0.001,
             "plant": spec, "device": "cuda"}
-    assert " --plant ids --plant-weight invariance=1 " in reproduce_command(info) + " "
+    assert " --plant ids --plant-weight invariance=2 " in reproduce_command(info) + " "
     assert "--plant-weight" not in reproduce_command({**info, "plant": plant.PlantSpec()})
     assert main(["train-organism", "--arch", "qwen2_5_vl", "--out", str(tmp_path / "o"), "--plant-weight",
                  "invariance=1"]) == 2

@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "heads by interchange intervention training (vismech.organism.plant) and declare them in "
                    "ground_truth.json, instead of training on the task mixture")
     s.add_argument("--plant-weight", action="append", metavar="TERM=W", help="a loss weight of planting (terms: "
-                   "task, attention, probe, R, S, F, strict, invariance; invariance is 0 unless set); repeatable")
+                   "task, attention, probe, R, S, F, strict, invariance; 0 drops a term); repeatable")
     s.add_argument("--weight", action="append", metavar="COMPONENT=W", help="change a training-mixture weight "
                    "(vismech.organism.data.MIXTURE names, e.g. color_2x2=0.3; 0 drops it); repeatable")
     s.add_argument("--snapshots", choices=["analysis", "accuracy"], default="analysis",

@@ -30,7 +30,8 @@ from .vlm import VLM
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
-ORGANISMS = {"organism": "qwen2_5_vl", "organism-llava": "llava", "organism-ids": "qwen2_5_vl"}
+ORGANISMS = {"organism": "qwen2_5_vl", "organism-llava": "llava", "organism-ids": "qwen2_5_vl",
+             "organism-llava-ids": "llava"}
 
 
 def organism_dir(name: str) -> Path:

@@ -165,17 +165,24 @@ def feature_source(trial: Trial, rng: random.Random) -> Trial:
     return _rebuild(trial, {o: (new if o == t else o) for o in trial.scene.objects})
 
 
-def mention_feature_source(trial: Trial, rng: random.Random) -> tuple[Trial, int]:
-    """``trial`` with one described object's colour and shape replaced at the same cell by ones no object of the
-    scene has (the prompt names the new object: same length), and the index of that mention. R, the mentioned
-    object's cell, is the same in both: what ID retrieval heads write there must not depend on the features."""
+def mention_feature_source(trial: Trial, rng: random.Random) -> tuple[Trial, int] | None:
+    """``trial`` with one described object's colour and shape replaced at the same cell by others (the prompt names
+    the new object: same length), and the index of that mention; None when nothing is described. R, the mentioned
+    object's cell, is the same in both: what ID retrieval heads write there must not depend on the features. The
+    new shape is one no object of the scene has (the old one when the vocabulary has none left, so a shape stays
+    unique), the new colour one no object has where some are left, else any other than the old one that makes no
+    conjunction the scene already holds."""
+    if not trial.mentioned:
+        return None
     j = rng.randrange(len(trial.mentioned))
     old = trial.mentioned[j]
-    used_c = {o.color for o in trial.scene.objects}
-    used_s = {o.shape for o in trial.scene.objects}
-    new = Obj(rng.choice([c for c in COLORS if c not in used_c]), rng.choice([s for s in SHAPES if s not in used_s]),
-              old.cell)
-    return _rebuild(trial, {o: (new if o == old else o) for o in trial.scene.objects}), j
+    objs = trial.scene.objects
+    shape = rng.choice([s for s in SHAPES if s not in {o.shape for o in objs}] or [old.shape])
+    free = [c for c in COLORS if c not in {o.color for o in objs}]
+    color = rng.choice(free or [c for c in COLORS if c != old.color and Obj(c, shape, (0, 0)).name not in
+                                {o.name for o in objs}])
+    new = Obj(color, shape, old.cell)
+    return _rebuild(trial, {o: (new if o == old else o) for o in objs}), j
 
 
 def resample_source(trial: Trial, rng: random.Random, entropy: str = "any") -> Trial:

@@ -244,7 +244,7 @@ class _Maker:
                                     label_mentions=self.label_mentions)
             batch.update(rope_positions(self.vlm.model, batch))
         if self.dtype is not None:
-            batch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
+            batch = {k: v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
         return batch
 
 

@@ -20,7 +20,7 @@ Method (one training step; ``PlantSpec`` holds the heads and weights):
 4. *Strict* rows (SIIT, Gupta et al. 2024): every head outside the declared set, and every declared head outside
    its declared positions, is resampled from an independent trial of the same layout with probability
    ``strict_p``; the label is the base answer, so nothing but the declared heads may carry what the answer needs.
-5. *Invariance* (only with a ``invariance`` weight, off in the default spec): each base gets a source with one
+5. *Invariance* (with an ``invariance`` weight; 1 in the default spec): each base gets a source with one
    described object's features replaced at its cell (``causal_model.mention_feature_source``); the ID-retrieval
    heads' outputs at that mention's last word must be equal in the two (squared difference over squared norms), so
    they carry the cell and nothing of the features.
@@ -66,10 +66,10 @@ class PlantSpec:
     features: Heads = ((6, 0), (6, 1))
     probe_layer: int = 1
     kinds: tuple[tuple[str, float], ...] = (("describe", 0.45), ("describe_ordered", 0.3), ("color", 0.25))
-    grids: tuple[tuple[tuple[int, int], float], ...] = (((2, 2), 0.35), ((3, 3), 0.65))
+    grids: tuple[tuple[tuple[int, int], float], ...] = (((2, 2), 0.25), ((3, 3), 0.75))
     entropies: tuple[tuple[str, float], ...] = (("high", 0.3), ("any", 0.5), ("low", 0.2))
-    weights: tuple[tuple[str, float], ...] = (("task", 1.0), ("attention", 1.0), ("probe", 0.5), ("R", 1.0),
-                                              ("S", 1.0), ("F", 1.0), ("strict", 1.0))
+    weights: tuple[tuple[str, float], ...] = (("task", 1.0), ("attention", 1.0), ("probe", 1.0), ("R", 1.0),
+                                              ("S", 1.0), ("F", 1.0), ("strict", 1.0), ("invariance", 1.0))
     strict_p: float = 0.5
 
     def weight(self, name: str) -> float:
@@ -136,7 +136,13 @@ def clean_forward(vlm: VLM, spec: PlantSpec, batch: dict, autocast=contextlib.nu
     attention at the supervised queries, and the residual stream after ``spec.probe_layer``."""
     z: dict[int, torch.Tensor] = {}
     resid: dict[str, torch.Tensor] = {}
+
+    def keep_embeddings(module, args, kwargs):  # the language model's input: text embeddings and image features
+        z["embeddings"] = kwargs["inputs_embeds"]
+
+    handle = hooks.language_model(vlm).register_forward_pre_hook(keep_embeddings, with_kwargs=True)
     with contextlib.ExitStack() as stack:
+        stack.callback(handle.remove)
         for layer in range(vlm.n_layers):
             stack.enter_context(hooks.hooked(vlm, "z", layer, lambda x, layer=layer: z.__setitem__(layer, x)))
         stack.enter_context(hooks.hooked(vlm, "resid", spec.probe_layer, lambda x: resid.__setitem__("x", x)))
@@ -146,23 +152,31 @@ def clean_forward(vlm: VLM, spec: PlantSpec, batch: dict, autocast=contextlib.nu
     return logits, z, att, resid["x"][:, :, 0]
 
 
-def patched_forward(vlm: VLM, batch: dict, z_a: dict[int, torch.Tensor], autocast=contextlib.nullcontext):
+def patched_forward(vlm: VLM, batch: dict, z_a: dict, autocast=contextlib.nullcontext):
     """The intervened rows: row k runs its own inputs with the head outputs that ``b_patch[k]`` marks taken from
-    clean row ``b_source[k]`` (same positions)."""
+    clean row ``b_source[k]`` (same positions). Row k shows the image of clean row ``b_base[k]``: its image
+    features are taken from the clean forward (``z_a["embeddings"]``, the language model's input there) instead of
+    running the vision tower again."""
     patch, source = batch["b_patch"], batch["b_source"]
 
     def fn(layer):
         return lambda x: torch.where(patch[:, :, layer, :, None], z_a[layer][source], x)
 
+    ids_a, ids_b, base = batch["a_input_ids"], batch["b_input_ids"], batch["b_base"]
+    image = vlm.image_token_id
+    embeds = vlm.model.get_input_embeddings()(ids_b)
+    features = z_a["embeddings"][base][ids_a[base] == image]
+    embeds = embeds.masked_scatter((ids_b == image)[..., None], features.to(embeds.dtype))
+    inputs = {k: v for k, v in _inputs(batch, "b_").items() if k not in ("input_ids", "image_grid_thw")}
     with contextlib.ExitStack() as stack:
         for layer in range(vlm.n_layers):
             stack.enter_context(hooks.hooked(vlm, "z", layer, fn(layer)))
         with autocast():
-            return vlm.model(**_inputs(batch, "b_"), use_cache=False).logits
+            return vlm.model(inputs_embeds=embeds, **inputs, use_cache=False).logits
 
 
 def _inputs(batch: dict, prefix: str) -> dict:
-    return {k: v for k, v in _split(batch, prefix).items() if k not in ("labels", "patch", "source", "kind")}
+    return {k: v for k, v in _split(batch, prefix).items() if k not in ("labels", "patch", "source", "kind", "base")}
 
 
 def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, autocast=None) -> tuple:
@@ -173,8 +187,8 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
     logits_a, z_a, att, resid = clean_forward(vlm, spec, batch, autocast)
     metrics, losses = {}, {}
     losses["task"] = _ce(logits_a, labels_a).mean()
-    n_base = int((kind == 0).sum())  # one R row per base, and the bases are the first clean rows
-    metrics["base_acc"] = float(answer_hits(logits_a[:n_base], labels_a[:n_base]).float().mean())
+    n_base = batch["n_base"]  # one R row per base, and the bases are the first clean rows
+    metrics["base_acc"] = answer_hits(logits_a[:n_base], labels_a[:n_base]).float().mean()
     att_terms = []
     for c in COMPONENTS:
         where, keys = batch[f"att_{c}_where"], batch[f"att_{c}_keys"]
@@ -186,15 +200,14 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
             masses.append((p * keys.to(p.dtype)).sum(-1))
         mass = torch.stack(masses)
         att_terms.append(-(mass + 1e-6).log().mean())
-        metrics[f"att_{c}"] = float(mass.detach().mean())
+        metrics[f"att_{c}"] = mass.detach().mean()
     losses["attention"] = torch.stack(att_terms).mean()
     feats = resid[batch["probe_where"][:, 0], batch["probe_where"][:, 1]].float()
     cells = batch["probe_cell"]
     row_logits, col_logits = probe(feats).split(3, -1)
     losses["probe"] = (torch.nn.functional.cross_entropy(row_logits, cells[:, 0])
                        + torch.nn.functional.cross_entropy(col_logits, cells[:, 1]))
-    metrics["probe_acc"] = float(((row_logits.argmax(-1) == cells[:, 0]) & (col_logits.argmax(-1) == cells[:, 1]))
-                                 .float().mean())
+    metrics["probe_acc"] = ((row_logits.argmax(-1) == cells[:, 0]) & (col_logits.argmax(-1) == cells[:, 1])).float().mean()
     inv = batch.get("inv_where")
     if inv is not None and len(inv):
         terms = []
@@ -206,13 +219,14 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
         losses["invariance"] = torch.cat(terms, -1).mean()
     logits_b = patched_forward(vlm, batch, z_a, autocast)
     ce_b, hits_b = _ce(logits_b, labels_b), answer_hits(logits_b, labels_b)
+    kinds = set(batch["b_kinds"])  # which kinds the batch holds, known on the CPU (no device sync)
     for k, name in enumerate(IIT_KINDS):
         sel = kind == k
-        if sel.any():
+        if k in kinds:
             losses[name] = ce_b[sel].mean()
-            metrics[f"iit_{name}_acc"] = float(hits_b[sel].float().mean())
+            metrics[f"iit_{name}_acc"] = hits_b[sel].float().mean()
     total = sum(spec.weight(k) * v for k, v in losses.items())
-    metrics.update({f"loss_{k}": float(v.detach()) for k, v in losses.items()})
+    metrics.update({f"loss_{k}": v.detach() for k, v in losses.items()})
     return total, metrics
 
 

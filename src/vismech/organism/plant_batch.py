@@ -72,7 +72,10 @@ def step_plan(spec: PlantSpec, seed: int, step: int, n: int) -> Plan:
         plan.b.append((Row(base, base.answer, False, g), "strict", res_i))
     if spec.weight("invariance") > 0:  # drawn last, so the other rows are those of the spec without it
         for g, base in enumerate(bases):
-            src, j = cm.mention_feature_source(base, rng)
+            drawn = cm.mention_feature_source(base, rng)
+            if drawn is None:  # nothing described (the colour question): no mention to hold invariant
+                continue
+            src, j = drawn
             plan.inv.append((g, len(plan.a), j))
             plan.a.append(Row(src, src.answer, bool(src.meta["ordered"]), g))
     return plan
@@ -102,12 +105,12 @@ def _naming(row: Row, last: int, mentions: list[list[int]], answer_len: int) -> 
     return out
 
 
-def make_batch(vlm: VLM, spec: PlantSpec, seed: int, step: int, n: int, end_token: str) -> dict[str, torch.Tensor]:
+def make_batch(vlm: VLM, spec: PlantSpec, seed: int, step: int, n: int, end_token: str) -> dict:
     """Every tensor one planting step needs (see the module docstring); built on the CPU."""
     return batch_of(vlm, spec, step_plan(spec, seed, step, n), end_token, seed * 7919 + step)
 
 
-def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 0) -> dict[str, torch.Tensor]:
+def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 0) -> dict:
     """The tensors of ``plan``: its clean rows, and its intervened rows, whose kind says what they patch from their
     source: ``R``, ``S_gathering``, ``S_selection``, ``F`` (the declared heads at the declared positions),
     ``strict`` (undeclared heads, each with probability ``spec.strict_p``, and declared heads outside their
@@ -153,12 +156,18 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
     ids_a, mask_a, labels_a, shift_a = tensors(rows_a, plan.a)
     ids_b, mask_b, labels_b, shift_b = tensors(rows_b, [r for r, _, _ in plan.b])
     out: dict[str, torch.Tensor] = {}
-    parts = [("a_", ids_a, mask_a, labels_a, images)]
+    parts = [("a_", ids_a, mask_a, labels_a)]
     if plan.b:  # a plan of clean rows only has no intervened rows to encode
-        parts.append(("b_", ids_b, mask_b, labels_b, [images[r.group] for r, _, _ in plan.b]))
-    for prefix, ids, mask, labels, imgs in parts:
-        img = vlm.family.process_images(vlm.image_processor, imgs)
-        out.update({prefix + k: v for k, v in img.tensors.items()})
+        parts.append(("b_", ids_b, mask_b, labels_b))
+    per_image = vlm.family.process_images(vlm.image_processor, images).tensors
+    base = torch.tensor([r.group for r, _, _ in plan.b], dtype=torch.long)  # bases are the first rows of a
+    for prefix, ids, mask, labels in parts:
+        if prefix == "a_":
+            out.update({prefix + k: v for k, v in per_image.items()})
+        else:  # an intervened row shows its base's image: no pixels, the forward reuses the clean image features
+            out["b_base"] = base
+            out.update({prefix + k: v[base] for k, v in per_image.items() if k != "pixel_values"})
+            assert all(len(v) == len(images) for k, v in per_image.items() if k != "pixel_values"), per_image.keys()
         out.update({prefix + "input_ids": ids, prefix + "attention_mask": mask, prefix + "labels": labels})
         out.update({prefix + k: v for k, v in vlm.family.extra_inputs(ids, vlm.image_token_id).items()})
         out.update({prefix + k: v for k, v in rope_positions(vlm.model, _split(out, prefix)).items()})
@@ -235,6 +244,9 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
     out["b_patch"] = patch
     out["b_source"] = torch.tensor(src_rows, dtype=torch.long)
     out["b_kind"] = torch.tensor(kinds, dtype=torch.long)
+    # known on the CPU, so the loss needs no device sync to find them: the kinds present and the number of bases
+    out["b_kinds"] = tuple(sorted(set(kinds)))
+    out["n_base"] = len({r.group for r in plan.a})
     return out
 
 

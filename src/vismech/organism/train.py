@@ -310,7 +310,7 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
                 cur_lr = lr_at(step, steps, lr, warmup, min_lr_ratio)
                 for g in opt.param_groups:
                     g["lr"] = cur_lr
-                batch = {k: v.to(dev, non_blocking=True) for k, v in next(feeder).items()}
+                batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(feeder).items()}
                 if plant is not None:
                     from .plant import plant_loss
 
@@ -331,7 +331,7 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
                     row = {"step": done, "loss": round(last_loss, 5), "lr": cur_lr, "grad_norm": round(float(gnorm), 4),
                            "seconds": round(time.time() - t0, 2)}
                     if metrics:
-                        row["plant"] = {k: round(v, 4) for k, v in metrics.items()}  # this step's
+                        row["plant"] = {k: round(float(v), 4) for k, v in metrics.items()}  # this step's
                     logged_loss.zero_()
                     n_logged = 0
                     if is_eval:
