@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-from vismech import distributed, hooks, patching
+from vismech import distributed
+from vismech.engine import hooks, patching
 from vismech.models.load import load_vlm
 from vismech.scenes.counterfactual import cma_pairs
 

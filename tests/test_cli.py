@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from vismech.cli import build_parser, main
+from vismech.app.cli import build_parser, main
 
 
 def test_every_command_has_help(capsys):

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from vismech.cli import main
+from vismech.app.cli import main
 from vismech.experiments import coco
 from vismech.scenes.answers import parse_object_list, same_object
 from vismech.scenes.stimuli import generate, write_stimuli

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from conftest import tiny
-from vismech import hooks
+from vismech.engine import hooks
+from vismech.engine.edits import run_heads
 from vismech.experiments import binding_errors, cma, relabs_patch, reuse
+from vismech.experiments.cma import select_heads
 from vismech.experiments.common import Context, resolve_options
-from vismech.io import read_csv
+from vismech.store.io import read_csv
 from vismech.scenes.sets import entropy_set, spatial_relation_set
 
 HEADS = [(1, 0), (2, 3), (2, 1)]
@@ -26,7 +28,7 @@ def _ctx(vlm, mod, path, **opts):
 def test_capture_matches_a_plain_capture_and_prototypes_are_exact_means():
     vlm = tiny("llava")
     trials = entropy_set((2, 2), "high", k=1)[:6]
-    r = reuse.run_heads(vlm, trials, HEADS, capture=True, batch_size=4)
+    r = run_heads(vlm, trials, HEADS, capture=True, batch_size=4)
     b = vlm.encode(trials)
     with hooks.capture(vlm, [("z", 1), ("z", 2)]) as got:
         vlm.logits(b)
@@ -47,11 +49,11 @@ def test_replacing_with_a_single_trial_prototype_is_exact_and_other_values_move_
     vlm = tiny(family)
     t = entropy_set((2, 2), "low", k=1)[5]
     cand = [["red circle", "blue square", "red square"]]
-    r = reuse.run_heads(vlm, [t], HEADS, candidates=cand, capture=True)
+    r = run_heads(vlm, [t], HEADS, candidates=cand, capture=True)
     protos, _ = binding_errors.prototypes(r.z, [t.target.cell], [True])
-    same = reuse.run_heads(vlm, [t], HEADS, protos[t.target.cell][None], "set", cand)
+    same = run_heads(vlm, [t], HEADS, protos[t.target.cell][None], "set", cand)
     assert np.array_equal(same.cand_logits, r.cand_logits) and np.array_equal(same.top, r.top)
-    other = reuse.run_heads(vlm, [t], HEADS, r.z + 5.0, "set", cand)
+    other = run_heads(vlm, [t], HEADS, r.z + 5.0, "set", cand)
     assert np.abs(other.cand_logits - r.cand_logits).max() > 1e-4
 
 
@@ -65,8 +67,8 @@ def test_pure_addition_with_alpha_zero_changes_nothing(family):
     base = reuse.steer(vlm, trials, HEADS, vectors, cells, None, controls, gen_tokens=2)
     zero = reuse.steer(vlm, trials, HEADS, vectors, cells, 0.0, controls, gen_tokens=2)
     assert base == zero
-    r0 = reuse.run_heads(vlm, trials, HEADS, candidates=[[t.answer] for t in trials])
-    rz = reuse.run_heads(vlm, trials, HEADS, np.zeros((3, len(HEADS), vlm.head_dim)), "add",
+    r0 = run_heads(vlm, trials, HEADS, candidates=[[t.answer] for t in trials])
+    rz = run_heads(vlm, trials, HEADS, np.zeros((3, len(HEADS), vlm.head_dim)), "add",
                          [[t.answer] for t in trials])
     assert np.array_equal(r0.cand_logits, rz.cand_logits)
 
@@ -76,9 +78,9 @@ def test_generation_carries_the_edit_of_the_prompt_forward():
     and nowhere else, so decoding steps do not fail on the shorter sequences)."""
     vlm = tiny("llava")
     trials = entropy_set((2, 2), "low", k=1)[:4]
-    base = reuse.run_heads(vlm, trials, HEADS, candidates=[[t.answer] for t in trials], gen_tokens=2)
+    base = run_heads(vlm, trials, HEADS, candidates=[[t.answer] for t in trials], gen_tokens=2)
     vals = torch.randn(4, len(HEADS), vlm.head_dim, generator=torch.Generator().manual_seed(0)) * 50
-    ed = reuse.run_heads(vlm, trials, HEADS, vals, "add", [[t.answer] for t in trials], gen_tokens=2)
+    ed = run_heads(vlm, trials, HEADS, vals, "add", [[t.answer] for t in trials], gen_tokens=2)
     assert (ed.top != base.top).any()
     for i in range(4):
         assert ed.texts[i].split()[0] == vlm.tokenizer.decode([int(ed.top[i])]).strip()
@@ -156,8 +158,8 @@ def test_relabs_self_patch_changes_nothing():
     _, second = relabs_patch.build_pairs(1, seed=0)
     second = second[:4]
     cand = [[t.meta["absolute_answer"], t.meta["relative_answer"]] for t in second]
-    base = reuse.run_heads(vlm, second, HEADS, candidates=cand, capture=True)
-    same = reuse.run_heads(vlm, second, HEADS, base.z, "set", cand)
+    base = run_heads(vlm, second, HEADS, candidates=cand, capture=True)
+    same = run_heads(vlm, second, HEADS, base.z, "set", cand)
     assert np.array_equal(base.cand_logits, same.cand_logits)
     assert relabs_patch.outcomes(base, "x") == relabs_patch.outcomes(same, "x")
 
@@ -213,15 +215,15 @@ def test_experiments_run_end_to_end(family, tmp_path):
 def test_default_heads_come_from_the_cma_ranking(tmp_path):
     vlm = tiny("llava")
     ctx = _ctx(vlm, relabs_patch, tmp_path, n=1, k=2, cma_n=2)
-    heads, source = reuse.select_heads(ctx, 2)
+    heads, source = select_heads(ctx, 2)
     assert source == "cma top-2 id_selection" and len(heads) == 2
     assert heads == cma.cma_scores(ctx).top_k("id_selection", 2)
     s = relabs_patch.run(ctx)
     assert s["heads"] == [list(h) for h in heads]
-    capped, _ = reuse.select_heads(ctx, 10_000)
+    capped, _ = select_heads(ctx, 10_000)
     assert len(capped) == vlm.n_layers * vlm.n_heads
     with pytest.raises(ValueError, match="out of range"):
-        reuse.select_heads(ctx, 2, heads=[[9, 0]])
+        select_heads(ctx, 2, heads=[[9, 0]])
 
 
 def test_binding_errors_caption_with_and_without_a_permutation_null():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny
-from vismech import hooks
-from vismech import interventions as iv
+from vismech.engine import hooks
+from vismech.engine import interventions as iv
 from vismech.experiments import cma, counting_ablation, id_intervention, key_intervention
 from vismech.experiments.common import Context, resolve_options
 from vismech.scenes.sets import scene_description_set

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from conftest import tiny
-from vismech import activations
+from vismech.engine import activations
 from vismech.analysis.rsa import position_rsm, rsa_score
-from vismech.cli import main
+from vismech.app.cli import main
 from vismech.experiments import get
 from vismech.experiments.common import Context, resolve_options
 from vismech.experiments.rsa import last_targets, rsa_trials
-from vismech.io import read_csv
+from vismech.store.io import read_csv
 
 SMALL = {"n_boot": 20, "n_null": 3, "folds": 2, "grids": [[2, 2]]}
 

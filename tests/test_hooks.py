@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import two_object_trials
-from vismech import hooks
+from vismech.engine import hooks
 
 
 def _batch(vlm):

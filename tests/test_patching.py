@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import two_object_trials
-from vismech import hooks, patching
+from vismech.engine import hooks, patching
 from vismech.analysis.cma import logit_diff_score
 
 
@@ -97,7 +97,7 @@ def test_attribution_is_exact_for_a_linear_readout_and_ranks_like_exact_patching
     from scipy.stats import spearmanr
 
     from conftest import tiny
-    from vismech.attribution import attribution_scores
+    from vismech.engine.attribution import attribution_scores
 
     vlm = tiny("qwen2_5_vl")
     clean, pos, src, tid = _setup(vlm)

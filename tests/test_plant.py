@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from vismech import hooks
+from vismech.engine import hooks
 from vismech.models.families import family_for_config
 from vismech.models.vlm import VLM
 from vismech.organism import causal_model as cm
@@ -200,7 +200,7 @@ def test_the_readme_commands_plant_an_organism_and_validate_it(tmp_path, capsys)
     them back from any planted checkpoint."""
     import json
 
-    from vismech.cli import main
+    from vismech.app.cli import main
     from vismech.models.ground_truth import load_ground_truth
     from vismech.organism import validate
 

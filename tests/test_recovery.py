@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from vismech.cli import main
+from vismech.app.cli import main
 from vismech.experiments import recovery
 from vismech.experiments.cma import CMAResult
 from vismech.models.ground_truth import Declared, GroundTruth

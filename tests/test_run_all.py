@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import FAMILIES
-from vismech.cli import main
+from vismech.app.cli import main
 from vismech.experiments import EXPERIMENTS as EVERY, NOT_IN_ALL
 
 EXPERIMENTS = [n for n in EVERY if n not in NOT_IN_ALL]  # what "all" runs

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vismech.cli import main
+from vismech.app.cli import main
 
 ARGS = ["run", "behaviour", "--model", "tiny:llava", "--n", "6", "--batch-size", "2",
         "--set", 'tasks=["scene_description","color_retrieval","spatial_relation"]', "--set", "generate=false"]
@@ -64,7 +64,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
 
 
 def test_report_embeds_figures_and_escapes_user_strings(tmp_path):
-    from vismech.report import write_report
+    from vismech.app.report import write_report
 
     run = tmp_path / "run"
     (run / "results").mkdir(parents=True)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import FAMILIES, tiny
-from vismech.cli import main
+from vismech.app.cli import main
 from vismech.scenes import answers
 from vismech.scenes.core import Obj, Scene, Trial
 from vismech.scenes.manifest import load_stimuli

@@ -31,6 +31,8 @@ __all__ = [
     "empirical_pvalue",
     "benjamini_hochberg",
     "holm",
+    "rate",
+    "paired_diff",
 ]
 
 
@@ -155,3 +157,24 @@ def _flat_pvals(pvals):
 def _check_ci(ci):
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
+
+
+def rate(k: int, n: int) -> dict:
+    """k successes out of n as ``{"n", "value", "ci_low", "ci_high"}``: the proportion with its Wilson 95% interval
+    (NaN when n = 0). The one way every experiment reports a rate (accuracy, efficacy, repeat rate)."""
+    if n == 0:
+        return {"n": 0, "value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+    lo, hi = wilson_ci(k, n)
+    return {"n": int(n), "value": k / n, "ci_low": float(lo), "ci_high": float(hi)}
+
+
+def paired_diff(after, before, seed: int = 0) -> dict:
+    """Mean of after - before over the same trials, with a percentile bootstrap 95% interval."""
+    d = np.asarray(after, float) - np.asarray(before, float)
+    if d.size == 0:
+        return {"n": 0, "value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+    m, lo, hi = bootstrap_ci(d, np.mean, n_boot=1000, seed=seed)
+    return {"n": int(d.size), "value": float(m), "ci_low": float(lo), "ci_high": float(hi)}
+
+
+# -- the experiment ---------------------------------------------------------------------------------------------

@@ -46,9 +46,12 @@ import numpy as np
 
 from vismech.analysis.pca import chance_accuracy, fit_probe, pca, probe_accuracy
 from vismech.analysis.stats import empirical_pvalue
-from vismech.experiments import behaviour, cma
-from vismech.experiments.common import Context
-from vismech.experiments.reuse import paired_diff, rate, run_heads, select_heads, unit_key
+from vismech.engine import evaluate
+from vismech.experiments import cma
+from vismech.experiments.common import Context, pct
+from vismech.analysis.stats import paired_diff, rate
+from vismech.engine.edits import run_heads
+from vismech.experiments.cma import select_heads
 from vismech.scenes import answers
 from vismech.scenes.core import Trial
 from vismech.scenes.sets import all_cells, entropy_set
@@ -155,9 +158,6 @@ def _cell(s: str):
 
 
 def _figure(ctx: Context, table: list[dict], trace: dict, k: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
@@ -204,7 +204,7 @@ def run(ctx: Context, heads=None) -> dict:
     cells = all_cells(grid)
     rng = random.Random(seed + 3)
     control = [rng.choice([c for c in cells if c != t.target.cell]) for t in low]
-    gen = behaviour.GEN_TOKENS["scene_description"] if ctx.opt("generate") else 0
+    gen = evaluate.GEN_TOKENS["scene_description"] if ctx.opt("generate") else 0
     kw = dict(gen_tokens=gen, batch_size=ctx.batch_size)
 
     def compute():
@@ -219,7 +219,7 @@ def run(ctx: Context, heads=None) -> dict:
             rc = run_heads(vlm, low, heads, np.stack([protos[c] for c in control]), "set", cand, progress=update, **kw)
         return rh, rl, rp, rc, fallback
 
-    rh, rl, rp, rc, fallback = ctx.unit(unit_key(ctx, NAME, heads), compute)
+    rh, rl, rp, rc, fallback = ctx.unit(ctx.unit_key(NAME, heads=heads), compute)
 
     # (c) the probe: fit on correct high-entropy trials, decode the low-entropy ones
     index = {c: i for i, c in enumerate(cells)}
@@ -305,14 +305,12 @@ def run(ctx: Context, heads=None) -> dict:
 
 
 def caption(summary: dict) -> str:
-    from vismech.experiments.reuse import _pct
-
     m = "generation" if "low_generation_accuracy" in summary else "first_token"
     d = summary[f"low+patch-low_{m}_accuracy_change"]
-    text = (f"{m.replace('_', '-')} accuracy: high entropy {_pct(summary[f'high_{m}_accuracy'])}, low "
-            f"{_pct(summary[f'low_{m}_accuracy'])}, low + prototype patch {_pct(summary[f'low+patch_{m}_accuracy'])} "
+    text = (f"{m.replace('_', '-')} accuracy: high entropy {pct(summary[f'high_{m}_accuracy'])}, low "
+            f"{pct(summary[f'low_{m}_accuracy'])}, low + prototype patch {pct(summary[f'low+patch_{m}_accuracy'])} "
             f"(change {100 * d['value']:+.1f} points [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]), "
-            f"wrong-cell patch {_pct(summary[f'low+control_{m}_accuracy'])}.")
+            f"wrong-cell patch {pct(summary[f'low+control_{m}_accuracy'])}.")
     tr = summary["tracing"].get("answer_is_object_at_decoded_cell")
     if tr and tr["n"]:
         null = tr["permutation_mean"]

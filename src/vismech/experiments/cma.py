@@ -61,7 +61,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vismech import distributed, patching
+from vismech import distributed
+from vismech.engine import patching
 from vismech.analysis.cma import head_significance, logit_diff_score, stage_map, top_k_heads
 from vismech.analysis.stats import mean_se
 from vismech.errors import UserError
@@ -284,6 +285,24 @@ def cma_scores(ctx: Context, options: dict | None = None) -> CMAResult:
 
 
 # -- the experiment -------------------------------------------------------------------------------------------
+def select_heads(ctx: Context, k: int, heads=None, condition: str = "id_selection") -> tuple[list[tuple[int, int]], str]:
+    """The heads to edit and where they came from: an explicit list, else the top-k of the CMA ranking."""
+    vlm = ctx.vlm
+    if heads is None:
+        heads = ctx.options.get("heads")
+    if heads:
+        out = [(int(l), int(h)) for l, h in heads]
+        for l, h in out:
+            if not (0 <= l < vlm.n_layers and 0 <= h < vlm.n_heads):
+                raise UserError(f"head ({l}, {h}) is out of range: {vlm.name} has {vlm.n_layers} layers x "
+                                f"{vlm.n_heads} heads")
+        if len(set(out)) != len(out):
+            raise UserError(f"a head is listed twice in {out}")
+        return out, "given"
+    k = min(int(k), vlm.n_layers * vlm.n_heads)
+    return [tuple(map(int, h)) for h in cma_scores(ctx).top_k(condition, k)], f"cma top-{k} {condition}"
+
+
 def _layer_range(mask: np.ndarray) -> str:
     layers = np.nonzero(mask)[0]
     return "none" if layers.size == 0 else f"{layers.min()}-{layers.max()}" if layers.min() != layers.max() \
@@ -300,9 +319,6 @@ def _ticks(ax, L: int, H: int) -> None:
 
 
 def _figures(ctx: Context, res: CMAResult) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 

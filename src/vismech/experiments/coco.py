@@ -36,12 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vismech import interventions as iv
+from vismech.engine import interventions as iv
 from vismech.analysis.stats import wilson_ci
 from vismech.errors import UserError
-from vismech.experiments import behaviour, cma
+from vismech.engine import evaluate
+from vismech.experiments import cma
 from vismech.experiments.common import Context
-from vismech.experiments.reuse import head_edits, run_heads, select_heads, unit_key
+from vismech.engine.edits import head_edits, run_heads
+from vismech.experiments.cma import select_heads
 from vismech.scenes.answers import OBJECT_LIST_PROMPT, parse_object_list, same_object
 from vismech.scenes.core import Picture, Scene, Trial
 
@@ -109,9 +111,6 @@ def _rate(k: int, n: int) -> dict:
 
 
 def _figure(ctx: Context, summary: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ks = summary["k"]
@@ -156,7 +155,7 @@ def run(ctx: Context) -> dict:
                           gen_tokens=ctx.opt("max_new_tokens"), batch_size=bs, progress=update)
         return r.texts, r.z
 
-    texts, z = ctx.unit(unit_key(ctx, "coco-lists", heads) + f"-{len(files)}", lists)
+    texts, z = ctx.unit(ctx.unit_key("coco-lists", heads=heads) + f"-{len(files)}", lists)
     rows, kept = [], []
     for i, (f, text) in enumerate(zip(files, texts)):
         items = parse_object_list(text)
@@ -193,7 +192,7 @@ def run(ctx: Context) -> dict:
             values[(s, k, d)] = mean if d == "id" else random_like(mean, seed + 1000 * s + k)
         hits = {key: np.zeros(len(kept), bool) for key in ["none", *settings]}
         with ctx.progress(len(targets), "coco") as update:
-            for idx in behaviour.batches(targets, bs):
+            for idx in evaluate.batches(targets, bs):
                 b = vlm.encode([targets[i] for i in idx])
                 # the repeat of O0, scored as the model would write it (models.answers: first token where exact)
                 runs = iv.EditedRuns(vlm, b, first_position=b.last, answers=vlm.answers(b, [[first[i]] for i in idx]))
@@ -205,7 +204,7 @@ def run(ctx: Context) -> dict:
                 update(len(idx))
         return hits
 
-    hits = ctx.unit(unit_key(ctx, "coco-interventions", heads) + f"-{len(files)}", interventions)
+    hits = ctx.unit(ctx.unit_key("coco-interventions", heads=heads) + f"-{len(files)}", interventions)
     out = []
     for s, (src, tgt) in enumerate(splits):
         for k in ks:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vismech.errors import UserError
-from vismech.io import atomic_write, csv_text, json_text
+from vismech.store.io import atomic_write, csv_text, json_text
 
 _MISSING = object()
 
@@ -32,7 +32,7 @@ class Context:
     batch_size: int = 16
     shared: dict[str, Any] = field(default_factory=dict)  # state other experiments of the same run reuse
     show_progress: bool = True
-    ledger: Any = None  # a vismech.rundir.Ledger: checksums of what the run writes, checked before reuse
+    ledger: Any = None  # a vismech.store.rundir.Ledger: checksums of what the run writes, checked before reuse
     written: list[Path] = field(default_factory=list)  # every file this experiment wrote, in order
 
     def __post_init__(self) -> None:
@@ -49,14 +49,25 @@ class Context:
     def figures_dir(self) -> Path:
         return self.out / "figures"
 
+    def unit_key(self, name: str, **extra: Any) -> str:
+        """The key of a resumable unit: ``name`` plus a hash of every option of this experiment, the run's seed
+        and ``extra`` (whatever else the unit's result depends on, e.g. the heads it edits). Built from the full
+        option set, so a resumed run never reuses a unit computed under other options."""
+        import hashlib
+        import json
+
+        blob = json.dumps({"options": self.options, "seed": self.seed, **extra}, sort_keys=True, default=str)
+        return f"{name}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
+
     def unit(self, key: str, compute):
         """A resumable unit of work: ``compute()`` once, its result stored atomically under ``units/``; a resumed
         run loads the stored result instead of recomputing. ``key`` names the unit within this run (include every
         option the result depends on that is not fixed for the run). Results may hold tensors, arrays, lists,
-        tuples, dicts and ``vismech.units.unit_type`` dataclasses; they are stored as safetensors plus JSON
-        (``vismech.units``), never as pickles. A stored unit that fails its checksum or cannot be read is
+        tuples, dicts and ``vismech.store.units.unit_type`` dataclasses; they are stored as safetensors plus JSON
+        (``vismech.store.units``), never as pickles. A stored unit that fails its checksum or cannot be read is
         recomputed, with one line on stderr."""
-        from vismech import distributed, units
+        from vismech import distributed
+        from vismech.store import units
 
         path = self.out / "units" / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", key) + ".safetensors")
         value, why = _MISSING, None
@@ -134,13 +145,13 @@ class Context:
 
 
 def notice(line: str) -> None:
-    """One line on stderr from the main process (what a resumed run recomputes, and why)."""
-    import sys
+    """One warning from the main process (what a resumed run recomputes, and why), through the ``vismech`` logger."""
+    import logging
 
     from vismech import distributed
 
     if distributed.is_main():
-        print(f"vismech: {line}", file=sys.stderr, flush=True)
+        logging.getLogger("vismech").warning(line)
 
 
 def resolve_options(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -149,3 +160,10 @@ def resolve_options(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str
     if unknown:
         raise UserError(f"unknown option(s) {', '.join(unknown)}; this experiment takes {', '.join(sorted(defaults))}")
     return {**defaults, **given}
+
+
+def pct(r: dict | None) -> str:
+    """A rate dict (``analysis.stats.rate``) as "62% [48, 74]" for captions; "n/a" without trials."""
+    if not r or r["n"] == 0 or r["value"] != r["value"]:
+        return "n/a"
+    return f"{100 * r['value']:.0f}% [{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}]"

@@ -25,7 +25,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from vismech import interventions as iv
+from vismech.engine import interventions as iv
 from vismech.errors import UserError
 from vismech.experiments.cma import cma_scores
 from vismech.experiments.common import Context
@@ -63,9 +63,6 @@ def _accuracy(ctx: Context, batches, heads) -> tuple[list[int], list[int]]:
 
 
 def _figure(ctx: Context, rows: list[dict], total: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     measures = [m for m in ("generation", "first_token") if any(r["measure"] == m for r in rows)]

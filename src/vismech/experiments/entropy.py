@@ -8,7 +8,7 @@ paper uses 100 on 2x2 and 50 on 3x3).
 Per grid and condition:
 
 - accuracy: first-token accuracy from the same forward that captures the states (``activations``), and, with
-  ``generate``, greedy-generation accuracy (``behaviour.evaluate``, a second pass); Wilson 95% intervals;
+  ``generate``, greedy-generation accuracy (``evaluate.evaluate``, a second pass); Wilson 95% intervals;
 - position RSA by layer at the prompt (comma) tokens (ID retrieval: the described objects' cells) and at the last
   token (ID selection: the target's cell), with percentile bootstrap intervals over trials, and averaged over
   layers (the average of each bootstrap sample over layers gives the interval of the average);
@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from vismech import activations
+from vismech.engine import activations
 from vismech.analysis.rsa import position_rsm
 from vismech.analysis.stats import wilson_ci
-from vismech.experiments import behaviour
-from vismech.experiments import figures_rsa as F
+from vismech.engine import evaluate
+from vismech.experiments import figures as F
 from vismech.experiments.common import Context
 from vismech.experiments.options import Opt
 from vismech.experiments.rsa import _f, accuracy_summary, peak, prompt_targets, rsa_by_layer
@@ -138,7 +138,7 @@ def run(ctx: Context) -> dict:
             acts = activations.for_context(ctx, trials, commas=True, z=False, desc=f"entropy {gname} {cond}")
             acc = {"first_token": accuracy_summary(acts.correct)}
             if ctx.opt("generate"):
-                rows = behaviour.evaluate(ctx.vlm, trials, ctx.batch_size, generate=True)
+                rows = evaluate.evaluate(ctx.vlm, trials, ctx.batch_size, generate=True)
                 vals = [r["generation_correct"] for r in rows]
                 lo, hi = wilson_ci(sum(vals), len(vals))
                 acc["generation"] = {"n": len(vals), "correct": int(sum(vals)), "accuracy": sum(vals) / len(vals),

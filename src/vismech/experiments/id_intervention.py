@@ -37,7 +37,7 @@ import itertools
 
 import numpy as np
 
-from vismech import interventions as iv
+from vismech.engine import interventions as iv
 from vismech.errors import UserError
 from vismech.experiments.cma import LABELS, cma_scores, condition_positions
 from vismech.experiments.common import Context
@@ -109,9 +109,6 @@ def _best(rows: list[dict], condition: str) -> dict:
 
 
 def _figures(ctx: Context, rows: list[dict], conds, ks, alphas, best: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(conds), figsize=(4.2 * len(conds), 3.4), squeeze=False)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vismech import interventions as iv
+from vismech.engine import interventions as iv
 from vismech.errors import UserError
 from vismech.experiments.cma import cma_scores
 from vismech.experiments.common import Context
@@ -72,9 +72,6 @@ def key_hits(vlm, held, vecs, alpha: float, batch_size: int, seed: int, update=N
 
 
 def _figure(ctx: Context, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(3.8, 3.2))

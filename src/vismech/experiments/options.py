@@ -189,3 +189,20 @@ def arg_type(r: Opt, flag: str):
         except UserError:
             raise argparse.ArgumentTypeError(f"must be {r.describe()}, not {s!r}") from None
     return parse
+
+
+def option_help(module) -> str:
+    """Every option of an experiment module: its default, what values it takes (``DEFAULTS``/``LIMITS``/``COMMON``)
+    and what it means (the sentences of the module's docstring that name it, ``like_this``)."""
+    import re
+
+    doc = " ".join((module.__doc__ or "").split())
+    sentences = re.split(r"(?<=[.;])\s+(?=[A-Z`(])", doc)
+    lines = [f"{module.NAME}: {module.DESCRIPTION}", "", "options (--set KEY=VALUE, JSON values):"]
+    for key, default in module.DEFAULTS.items():
+        r = rule(key, default, getattr(module, "LIMITS", None))
+        lines.append(f"  {key} = {json.dumps(default)}    ({r.describe()})")
+        said = [s for s in sentences if f"``{key}``" in s]
+        for s in said[:2]:
+            lines.append(f"      {s}")
+    return "\n".join(lines)

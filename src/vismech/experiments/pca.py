@@ -39,10 +39,10 @@ import ctypes
 
 import numpy as np
 
-from vismech import activations
+from vismech.engine import activations
 from vismech.analysis.pca import chance_accuracy, pca, probe_accuracy, silhouette
 from vismech.errors import UserError
-from vismech.experiments import figures_rsa as F
+from vismech.experiments import figures as F
 from vismech.experiments.common import Context
 from vismech.experiments.options import Opt
 from vismech.experiments.rsa import accuracy_summary

@@ -32,8 +32,8 @@ import random
 import numpy as np
 import torch
 
-from vismech import activations
-from vismech import interventions as iv
+from vismech.engine import activations
+from vismech.engine import interventions as iv
 from vismech.errors import UserError
 from vismech.experiments.cma import LABELS, cma_scores, condition_positions
 from vismech.experiments.common import Context

@@ -39,9 +39,11 @@ import numpy as np
 
 from vismech.errors import UserError
 from vismech.experiments import cma
-from vismech.experiments.common import Context
+from vismech.experiments.common import Context, pct
 from vismech.experiments.options import Opt
-from vismech.experiments.reuse import paired_diff, rate, run_heads, select_heads, unit_key
+from vismech.analysis.stats import paired_diff, rate
+from vismech.engine.edits import run_heads
+from vismech.experiments.cma import select_heads
 from vismech.scenes.core import Obj, Scene, Trial
 from vismech.scenes.sets import RELABS_CONJUNCTIONS, RELABS_ORIGINS, relabs_set
 from vismech.scenes.tasks import scene_description
@@ -123,9 +125,6 @@ def summarize(rows: list[dict], seed: int = 0) -> list[dict]:
 
 
 def _figure(ctx: Context, table: list[dict], k: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
@@ -161,7 +160,7 @@ def run(ctx: Context, heads=None) -> dict:
             patched = run_heads(vlm, second, heads, src.z, "set", cand, batch_size=ctx.batch_size, progress=update)
         return src, base, patched
 
-    src, base, patched = ctx.unit(unit_key(ctx, NAME, heads), compute)
+    src, base, patched = ctx.unit(ctx.unit_key(NAME, heads=heads), compute)
     rows = []
     for i, (t1, t2, b, p) in enumerate(zip(first, second, outcomes(base, "baseline"), outcomes(patched, "patched"))):
         rows.append({"pair": i, "source_arrangement": t1.meta["arrangement"], "arrangement": t2.meta["arrangement"],
@@ -185,12 +184,10 @@ def run(ctx: Context, heads=None) -> dict:
 
 
 def caption(summary: dict) -> str:
-    from vismech.experiments.reuse import _pct
-
     shift = summary["choice_relative_patched-baseline"]
     return (f"Between the two missing objects, answers name the relative match in "
-            f"{_pct(summary['choice_relative_baseline'])} of pairs without a patch and "
-            f"{_pct(summary['choice_relative_patched'])} with image 1's ID-selection outputs patched in (shift "
+            f"{pct(summary['choice_relative_baseline'])} of pairs without a patch and "
+            f"{pct(summary['choice_relative_patched'])} with image 1's ID-selection outputs patched in (shift "
             f"{100 * shift['value']:+.1f} points [{100 * shift['ci_low']:+.1f}, {100 * shift['ci_high']:+.1f}], "
             f"n={shift['n']}); a shift toward relative means relative position coding, toward absolute (the "
             f"complement) absolute coding.")

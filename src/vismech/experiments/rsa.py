@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from vismech import activations
+from vismech.engine import activations
 from vismech.analysis.rsa import _pearson, cosine_rsm, feature_rsm, identity_rsm, layerwise_rsa, position_rsm, \
     rsa_bootstrap
 from vismech.analysis.stats import wilson_ci
-from vismech.experiments import figures_rsa as F
+from vismech.experiments import figures as F
 from vismech.experiments.common import Context
 from vismech.experiments.options import Opt
 from vismech.experiments.sources import folder_trials

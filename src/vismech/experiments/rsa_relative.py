@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from vismech import activations
+from vismech.engine import activations
 from vismech.analysis.rsa import feature_rsm, position_rsm
-from vismech.experiments import figures_rsa as F
+from vismech.experiments import figures as F
 from vismech.experiments.common import Context
 from vismech.experiments.rsa import _f, accuracy_summary, curve_rows, curve_summary, rsa_by_layer
 from vismech.scenes.sets import relabs_set

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vismech import activations
+from vismech.engine import activations
 from vismech.analysis.cma import head_significance
 from vismech.analysis.rsa import layerwise_rsa
 from vismech.experiments import cma as cma_exp

@@ -27,9 +27,10 @@ from typing import Callable
 
 import torch
 
-from . import distributed, hooks
-from .models.answers import AnswerSet
-from .models.vlm import VLM, Batch
+from vismech import distributed
+from vismech.engine import hooks
+from vismech.models.answers import AnswerSet
+from vismech.models.vlm import VLM, Batch
 
 
 @dataclass

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 from vismech.errors import UserError
-from vismech.io import atomic_write
-from vismech.rundir import output_dir
+from vismech.store.io import atomic_write
+from vismech.store.rundir import output_dir
 
 #: What the paper (arXiv 2506.15871 v2) reports for each experiment, in one or two sentences.
 PAPER = {

@@ -31,9 +31,9 @@ from typing import Callable, Hashable, Iterator, Sequence
 import torch
 
 from . import hooks, patching
-from .models.answers import AnswerSet
-from .models.vlm import VLM, Batch
-from .scenes.core import Trial
+from vismech.models.answers import AnswerSet
+from vismech.models.vlm import VLM, Batch
+from vismech.scenes.core import Trial
 
 
 @dataclass
@@ -283,7 +283,7 @@ def zero_heads(vlm: VLM, heads: Sequence[tuple[int, int]]) -> Iterator[None]:
 
 def wilson_row(k: int, n: int) -> dict:
     """rate, ci_low, ci_high and n of k successes out of n (Wilson 95%)."""
-    from .analysis.stats import wilson_ci
+    from vismech.analysis.stats import wilson_ci
 
     lo, hi = wilson_ci(k, n)
     return {"rate": k / n, "ci_low": float(lo), "ci_high": float(hi), "n": n}

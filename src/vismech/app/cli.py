@@ -5,6 +5,8 @@ Numeric arguments are checked by the same rules as experiment options (``vismech
 from __future__ import annotations
 
 import argparse
+import ast
+import logging
 import os
 import sys
 import time
@@ -13,7 +15,11 @@ from pathlib import Path
 
 from vismech.errors import UserError
 from vismech.experiments.options import GRID, MAX_GRID, TRIALS, Opt, arg_type
-from vismech.rundir import output_dir
+from vismech.store.rundir import output_dir
+from vismech.version import __version__
+
+MODEL_HELP = ("HF hub id or local checkpoint dir, organism (the tiny VLM vismech ships), organism-llava, "
+              "organism-ids, tiny:FAMILY (tiny random model), random:PRESET (real size, random weights)")
 
 
 #: rules of the CLI's numeric arguments (``--trials`` shares the experiments' rule of ``n``)
@@ -49,8 +55,7 @@ def _trials(p: argparse.ArgumentParser, default, help: str) -> None:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny:qwen2_5_vl",
-                   help="HF hub id or local checkpoint dir, tiny:FAMILY, random:PRESET, organism, organism-llava")
+    g.add_argument("--model", default=None, help="required: " + MODEL_HELP)
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto (multi-GPU)")
@@ -62,9 +67,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check_model_args(args) -> None:
-    """What can be checked about the model arguments before loading anything (the device)."""
+    """What can be checked about the model arguments before loading anything (a model is named, the device)."""
     from vismech.models.load import resolve_device
 
+    if hasattr(args, "model") and not args.model:
+        raise UserError("name a model with --model: " + MODEL_HELP)
     resolve_device(args.device)
 
 
@@ -119,7 +126,7 @@ def cmd_stimuli(args) -> int:
 def cmd_inspect(args) -> int:
     import json
 
-    from vismech.inspection import inspect, report
+    from vismech.app.inspection import inspect, report
     from vismech.models.load import load_vlm
 
     vlm = load_vlm(args.model, dtype=args.dtype, device=args.device, prompt_format="chat",
@@ -134,8 +141,8 @@ def cmd_inspect(args) -> int:
 def cmd_eval(args) -> int:
     from tqdm import tqdm
 
-    from vismech.experiments import behaviour
-    from vismech.io import write_csv, write_json
+    from vismech.engine import evaluate
+    from vismech.store.io import write_csv, write_json
     from vismech.scenes.stimuli import TASK_GENERATORS, generate
 
     bad = [t for t in args.task if t not in TASK_GENERATORS]
@@ -154,12 +161,12 @@ def cmd_eval(args) -> int:
     rows: list[dict] = []
     with tqdm(total=sum(map(len, sets.values())), desc="eval", unit="trial") as bar:
         for trials in sets.values():  # trials.csv grows after each task, so an interruption loses one task at most
-            for r in behaviour.evaluate(vlm, trials, args.batch_size, generate=not args.no_generate,
+            for r in evaluate.evaluate(vlm, trials, args.batch_size, generate=not args.no_generate,
                                         progress=bar.update):
                 rows.append({**r, "trial": len(rows)})
             write_csv(rows, out / "trials.csv")
-    summary = behaviour.summarize(rows)
-    cells = behaviour.summarize(rows, by=("task", "grid", "entropy", "target_cell"))
+    summary = evaluate.summarize(rows)
+    cells = evaluate.summarize(rows, by=("task", "grid", "entropy", "target_cell"))
     write_csv(summary + cells, out / "accuracy.csv")
     write_json({"model": args.model, "prompt_format": args.prompt_format, "dtype": args.dtype, "seed": args.seed,
                 "tasks": args.task, "n": args.n, "grid": list(args.grid), "seconds": time.time() - t0,
@@ -186,14 +193,33 @@ def _parse_sets(pairs: list[str]) -> dict:
     return out
 
 
-def cmd_run(args) -> int:
+def experiment_list() -> str:
+    """One line per experiment (name and description), read from the modules' source without importing them."""
     from vismech.experiments import EXPERIMENTS, NOT_IN_ALL
-    from vismech.runner import run_experiments
+
+    here = Path(__file__).resolve().parent.parent / "experiments"
+    lines = []
+    for name, rel in EXPERIMENTS.items():
+        tree = ast.parse((here / (rel.lstrip(".") + ".py")).read_text())
+        desc = next((n.value.value for n in tree.body if isinstance(n, ast.Assign) and
+                     getattr(n.targets[0], "id", None) == "DESCRIPTION"), "")
+        lines.append(f"  {name:18s} {desc}{' (not in all)' if name in NOT_IN_ALL else ''}")
+    return "\n".join(lines)
+
+
+def cmd_run(args) -> int:
+    from vismech.experiments import EXPERIMENTS, NOT_IN_ALL, get
+    from vismech.app.runner import run_experiments
 
     names = [n for n in EXPERIMENTS if n not in NOT_IN_ALL] if args.experiments == ["all"] else args.experiments
     for n in names:
         if n not in EXPERIMENTS:
             raise UserError(f"unknown experiment {n!r}; choose from {', '.join(EXPERIMENTS)} or all")
+    if getattr(args, "help_options", False):
+        from vismech.experiments.options import option_help
+
+        print("\n\n".join(option_help(get(n)) for n in names))
+        return 0
     overrides = _parse_sets(args.set or [])
     if args.n is not None:
         overrides.setdefault("n", args.n)
@@ -224,7 +250,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from vismech.report import write_report
+    from vismech.app.report import write_report
 
     path = write_report(Path(args.run_dir))
     print(f"report: {path}")
@@ -293,7 +319,8 @@ def cmd_train_organism(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="vismech", description="Find, measure and edit the position-ID binding mechanisms of "
                "vision-language models.")
-    p.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
+    p.add_argument("--version", action="version", version=f"vismech {__version__}")
+    _verbosity(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("models", help="list supported families, presets and organisms")
@@ -339,8 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/eval")
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("run", help="run experiments (names, or all) and write results, figures and a manifest")
-    s.add_argument("experiments", nargs="+", help="experiment names, or all")
+    s = sub.add_parser("run", help="run experiments (names, or all) and write results, figures and a manifest",
+                       epilog="experiments:\n" + experiment_list() + "\n\nvismech run EXPERIMENT --help-options "
+                       "lists an experiment's options with their defaults and meanings",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("experiments", nargs="+", help="experiment names (listed below), or all")
+    s.add_argument("--help-options", action="store_true",
+                   help="list each option of the named experiments with its default and meaning, and exit")
     _model_args(s)
     s.add_argument("--out", default=None, help="run directory (default runs/<model>)")
     _trials(s, None, "trials per condition, passed to every experiment (its option n)")
@@ -411,18 +443,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sizes", default=None, help="'small' (a toy organism for checks) or JSON overrides of "
                    "vismech.organism.config sizes, e.g. '{\"text\": {\"num_hidden_layers\": 4}}'")
     s.set_defaults(fn=cmd_train_organism)
-    for command in sub.choices.values():  # --debug is accepted after the command too
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    for command in sub.choices.values():  # --debug, -q and -v are accepted after the command too
+        _verbosity(command, hidden=True)
     return p
+
+
+def _verbosity(p: argparse.ArgumentParser, hidden: bool = False) -> None:
+    """--debug, -q, -v; ``hidden``: repeated on each command (accepted after it too), not shown in its help."""
+    def kw(default, help):
+        return {"default": argparse.SUPPRESS, "help": argparse.SUPPRESS} if hidden else {"default": default,
+                                                                                          "help": help}
+    p.add_argument("--debug", action="store_true", **kw(False, "show the traceback of user errors too"))
+    p.add_argument("-q", "--quiet", action="count", **kw(0, "less output: warnings and errors only, no progress bars"))
+    p.add_argument("-v", "--verbose", action="count", **kw(0, "more output (debug messages)"))
+
+
+def setup_logging(verbosity: int) -> None:
+    """The ``vismech`` logger: progress messages to stdout, warnings to stderr as ``vismech: ...`` lines;
+    ``verbosity`` < 0 keeps warnings only, > 0 adds debug messages."""
+    log = logging.getLogger("vismech")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(lambda r: r.levelno < logging.WARNING)
+    out.setFormatter(logging.Formatter("%(message)s"))
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter("vismech: %(message)s"))
+    log.addHandler(out)
+    log.addHandler(err)
+    log.propagate = False
+    log.setLevel(logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG)
 
 
 def main(argv: list[str] | None = None) -> int:
     from vismech import distributed
 
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("MPLBACKEND", "Agg")  # figures go to files; a library user's backend is left alone
     distributed.init()
     if not distributed.is_main():  # data parallel: one process speaks
         sys.stdout = open(os.devnull, "w")
+    args.progress = not args.quiet
+    setup_logging(args.verbose - args.quiet)
     try:
         return args.fn(args)
     except UserError as e:  # anything else is a bug and keeps its traceback

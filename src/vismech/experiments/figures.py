@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import functools
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 import numpy as np  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
 

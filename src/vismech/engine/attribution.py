@@ -13,7 +13,7 @@ import contextlib
 import torch
 
 from . import hooks, patching
-from .models.vlm import VLM, Batch
+from vismech.models.vlm import VLM, Batch
 
 
 @contextlib.contextmanager
