@@ -72,10 +72,12 @@ def run(experiments: list[str] | str, vlm, out: str | Path | None = None, *, see
         get(n)  # unknown names: a clear error
     loaded = None if isinstance(vlm, str) else vlm
     model = vlm if isinstance(vlm, str) else vlm.name
-    args = SimpleNamespace(out=out, model=model, seed=seed, batch_size=batch_size, progress=progress,
-                           dtype=dtype if loaded is None else str(loaded.dtype).removeprefix("torch."),
-                           device=device, device_map=None, trust_remote_code=False,
-                           prompt_format=prompt_format if loaded is None else loaded.prompt_format)
+    if loaded is not None:  # what the run records, in the CLI's words (so the CLI can resume the run and back)
+        dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(loaded.dtype)[6:], dtype)
+        choice = loaded.prompt_format_choice
+        prompt_format = choice["prompt_format"] if choice.get("chosen_by") == "given" else "auto"
+    args = SimpleNamespace(out=out, model=model, seed=seed, batch_size=batch_size, progress=progress, dtype=dtype,
+                           device=device, device_map=None, trust_remote_code=False, prompt_format=prompt_format)
     options = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
     summaries: dict[str, Any] = {}
     path = run_experiments(names, args, options, resume=resume, vlm=loaded, summaries=summaries)

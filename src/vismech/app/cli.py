@@ -173,7 +173,7 @@ def cmd_eval(args) -> int:
                 "framing": vlm.framing_record(args.seed), "accuracy": summary}, out / "summary.json")
     for s in summary:
         print(f"{s['task']:18s} {s['grid']} {s['entropy'] or '-':5s} {s['measure']:12s} "
-              f"{s['accuracy']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] n={s['n']}")
+              f"{s['value']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] n={s['n']}")
     print(f"results in {out}")
     return 0
 
@@ -308,7 +308,7 @@ def cmd_train_organism(args) -> int:
                          init_from=args.init_from, freeze_vision=args.freeze_vision,
                          packed_attention=False if args.no_packed_attention else None, **kw)
     s = res.summary
-    accs = " ".join(f"{g}={a['accuracy']:.3f}" for g, a in s.get("final_accuracy", {}).items())
+    accs = " ".join(f"{g}={a['value']:.3f}" for g, a in s.get("final_accuracy", {}).items())
     print(f"organism {s['arch']}: {s['steps']}/{s['planned_steps']} steps in {s['seconds'] / 60:.1f} min on "
           f"{s['device']}, {s['params']:,} params ({s.get('bytes', 0) / 1e6:.2f} MB), final loss "
           f"{s['loss'] if s['loss'] is None else round(s['loss'], 4)}; held-out first-token accuracy: {accs} "

@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from . import hooks, patching
+from vismech.engine import hooks, patching
 from vismech.models.vlm import VLM, Batch
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from vismech.analysis.stats import wilson_ci
+from vismech.analysis.stats import rate
 from vismech.models.vlm import VLM
 from vismech.scenes import answers
 from vismech.scenes.core import Trial
@@ -67,8 +67,6 @@ def summarize(rows: list[dict], by: tuple[str, ...] = ("task", "grid", "entropy"
             vals = [r[measure] for r in rs if r[measure] != ""]
             if not vals:
                 continue
-            k, n = sum(vals), len(vals)
-            lo, hi = wilson_ci(k, n)
-            out.append({**dict(zip(by, key)), "measure": measure.replace("_correct", ""), "n": n,
-                        "accuracy": k / n, "ci_low": float(lo), "ci_high": float(hi)})
+            out.append({**dict(zip(by, key)), "measure": measure.replace("_correct", ""),
+                        **rate(sum(vals), len(vals))})
     return out

@@ -135,6 +135,13 @@ def _reader(vlm: VLM, clean: Batch, source_z, positions, token_ids):
     return clean, source_z, positions, aset.tail, lambda logits: aset.reduce(logits).scores
 
 
+def pad_positions(positions: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """Per-row position lists made one width by repeating each row's last position, and the true lengths (a
+    repeated position is read or written again with the same value, so padding changes no result)."""
+    width = max(len(p) for p in positions)
+    return [list(p) + [p[-1]] * (width - len(p)) for p in positions], [len(p) for p in positions]
+
+
 def _row_positions(positions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     rows = torch.tensor([i for i, ps in enumerate(positions) for _ in ps], dtype=torch.long)
     pos = torch.tensor([p for ps in positions for p in ps], dtype=torch.long)

@@ -32,7 +32,7 @@ def run(ctx: Context) -> dict:
                 return evaluate.evaluate(ctx.vlm, trials, ctx.batch_size, generate=ctx.opt("generate"),
                                           progress=update, max_new_tokens=ctx.opt("max_new_tokens"))
 
-        rows += ctx.unit(f"behaviour-{task}-n{ctx.opt('n')}", compute)
+        rows += ctx.unit(ctx.unit_key(f"behaviour-{task}"), compute)
     summary = evaluate.summarize(rows)
     ctx.save_table("behaviour_trials", rows)
     ctx.save_table("behaviour", summary + evaluate.summarize(rows, by=("task", "grid", "entropy", "target_cell")))
@@ -40,7 +40,7 @@ def run(ctx: Context) -> dict:
 
 
 def caption(summary: dict) -> str:
-    parts = [f"{r['task'].replace('_', ' ')} {r['grid']}: {100 * r['accuracy']:.0f}% "
+    parts = [f"{r['task'].replace('_', ' ')} {r['grid']}: {100 * r['value']:.0f}% "
              f"[{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}] (n={r['n']})"
              for r in summary["accuracy"] if r["measure"] == "first_token"]
     return "First-token accuracy: " + "; ".join(parts) + "."

@@ -140,11 +140,6 @@ def null_partners(pairs: list[CounterfactualPair], condition: str, seed: int) ->
     return out
 
 
-def _pad(positions: list[list[int]]) -> tuple[list[list[int]], list[int]]:
-    width = max(len(p) for p in positions)
-    return [p + [p[-1]] * (width - len(p)) for p in positions], [len(p) for p in positions]
-
-
 def _baseline(vlm, clean, src, pos, tid, engine: str) -> torch.Tensor:
     """Clean scores [B, 2] of the two answers, computed the way the engine computes patched ones."""
     if engine == "naive":
@@ -184,7 +179,7 @@ def condition_scores(vlm, pairs: list[CounterfactualPair], condition: str, batch
         clean = vlm.encode([p.clean for p in part])
         cf = vlm.encode([p.counterfactual for p in part])
         patching.check_same_layout(clean, cf)
-        pos, lens = _pad(condition_positions(clean, condition))
+        pos, lens = patching.pad_positions(condition_positions(clean, condition))
         names = [[p.answer, p.answer_star] for p in part]
         tid = vlm.answers(clean, names)
         tid.check_distinct(names)
@@ -269,9 +264,9 @@ def cma_scores(ctx: Context, options: dict | None = None) -> CMAResult:
             # the two ID conditions patch the same pairs (as in the paper), feature retrieval has its own
             pairs = src.cma_pairs(vlm, c, o["n"], tuple(o["grid"]), ctx.seed + (c == "feature_retrieval"),
                                   progress=ctx.show_progress)
+            # keyed by the CMA options alone, so every experiment of a run that asks for them shares the unit;
             # "null2": the clean-value re-paired null (units of the earlier null design are not reused)
-            key = (f"cma-{c}-n{o['n']}-grid{o['grid'][0]}x{o['grid'][1]}-{o['engine']}-null2{src.tag}"
-                   f"-seed{ctx.seed}")
+            key = ctx.unit_key(f"cma-{c}", options=o, null="null2", stimuli=src.tag)
             s, nl = ctx.unit(key, lambda pairs=pairs, c=c: condition_scores(
                 vlm, pairs, c, ctx.batch_size, o["engine"], ctx.seed, progress=update))
             res.scores[c], res.null_scores[c] = s, nl

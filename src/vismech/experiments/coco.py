@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from vismech.engine import interventions as iv
-from vismech.analysis.stats import wilson_ci
+from vismech.analysis.stats import rate
 from vismech.errors import UserError
 from vismech.engine import evaluate
 from vismech.experiments import cma
@@ -105,9 +105,7 @@ def random_like(vec: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _rate(k: int, n: int) -> dict:
-    lo, hi = wilson_ci(k, n) if n else (float("nan"), float("nan"))
-    return {"n": int(n), "repeats": int(k), "rate": k / n if n else float("nan"), "ci_low": float(lo),
-            "ci_high": float(hi)}
+    return {"repeats": int(k), **rate(k, n)}
 
 
 def _figure(ctx: Context, summary: dict) -> None:
@@ -155,7 +153,7 @@ def run(ctx: Context) -> dict:
                           gen_tokens=ctx.opt("max_new_tokens"), batch_size=bs, progress=update)
         return r.texts, r.z
 
-    texts, z = ctx.unit(ctx.unit_key("coco-lists", heads=heads) + f"-{len(files)}", lists)
+    texts, z = ctx.unit(ctx.unit_key("coco-lists", heads=heads, files=len(files)), lists)
     rows, kept = [], []
     for i, (f, text) in enumerate(zip(files, texts)):
         items = parse_object_list(text)
@@ -204,7 +202,7 @@ def run(ctx: Context) -> dict:
                 update(len(idx))
         return hits
 
-    hits = ctx.unit(ctx.unit_key("coco-interventions", heads=heads) + f"-{len(files)}", interventions)
+    hits = ctx.unit(ctx.unit_key("coco-interventions", heads=heads, files=len(files)), interventions)
     out = []
     for s, (src, tgt) in enumerate(splits):
         for k in ks:
@@ -215,7 +213,7 @@ def run(ctx: Context) -> dict:
     for k in ks:
         summary["by_k"][str(k)] = {}
         for d in ("id", "random", "none"):
-            v = [r["rate"] for r in out if r["k"] == k and r["direction"] == d]
+            v = [r["value"] for r in out if r["k"] == k and r["direction"] == d]
             summary["by_k"][str(k)][d] = {"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v)),
                                           "per_split": [r for r in out if r["k"] == k and r["direction"] == d]}
     _figure(ctx, summary)

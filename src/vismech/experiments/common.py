@@ -49,14 +49,16 @@ class Context:
     def figures_dir(self) -> Path:
         return self.out / "figures"
 
-    def unit_key(self, name: str, **extra: Any) -> str:
-        """The key of a resumable unit: ``name`` plus a hash of every option of this experiment, the run's seed
-        and ``extra`` (whatever else the unit's result depends on, e.g. the heads it edits). Built from the full
-        option set, so a resumed run never reuses a unit computed under other options."""
+    def unit_key(self, name: str, options: dict[str, Any] | None = None, **extra: Any) -> str:
+        """The key of a resumable unit: ``name`` plus a hash of the full option set (this experiment's, or
+        ``options`` for a unit shared between experiments, such as the CMA scores), the run's seed and ``extra``
+        (whatever else the unit's result depends on, e.g. the heads it edits), so a resumed run never reuses a
+        unit computed under other options. The one way units are keyed."""
         import hashlib
         import json
 
-        blob = json.dumps({"options": self.options, "seed": self.seed, **extra}, sort_keys=True, default=str)
+        blob = json.dumps({"options": self.options if options is None else options, "seed": self.seed, **extra},
+                          sort_keys=True, default=str)
         return f"{name}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
 
     def unit(self, key: str, compute):

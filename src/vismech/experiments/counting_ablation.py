@@ -20,12 +20,12 @@ goes to 500 of 2,560), ``random_draws`` (3), ``max_new_tokens`` (96), ``generate
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 
 import numpy as np
 
 from vismech.engine import interventions as iv
+from vismech.analysis.stats import rate
 from vismech.errors import UserError
 from vismech.experiments.cma import cma_scores
 from vismech.experiments.common import Context
@@ -110,19 +110,17 @@ def run(ctx: Context) -> dict:
         for d in range(ctx.opt("random_draws")):
             settings.append(("random", d, k, [order[i] for i in sorted(rng.choice(total, k, replace=False))]))
     rows, cache = [], {}
-    tag = f"n{len(trials)}-tok{ctx.opt('max_new_tokens')}-gen{int(bool(ctx.opt('generate')))}-seed{ctx.seed}"
     with ctx.progress(len(settings), "counting-ablation") as update:
         for ranking, draw, k, heads in settings:
             key = tuple(sorted(heads))
             if key not in cache:  # K = 0 and K = all heads are the same set for every ranking
-                digest = hashlib.sha1(repr(key).encode()).hexdigest()[:10]
-                cache[key] = ctx.unit(f"counting-k{k}-{digest}-{tag}",
+                cache[key] = ctx.unit(ctx.unit_key(f"counting-k{k}", heads=key),
                                       lambda heads=heads: _accuracy(ctx, batches, heads))
             for measure, hits in zip(("first_token", "generation"), cache[key]):
                 if hits:
-                    w = iv.wilson_row(sum(hits), len(hits))
+                    w = rate(sum(hits), len(hits))
                     rows.append({"ranking": ranking, "draw": draw, "k": k, "measure": measure, "n": w["n"],
-                                 "accuracy": w["rate"], "ci_low": w["ci_low"], "ci_high": w["ci_high"]})
+                                 "accuracy": w["value"], "ci_low": w["ci_low"], "ci_high": w["ci_high"]})
             update(1)
     ctx.save_table("counting_ablation", rows)
     _figure(ctx, rows, total)

@@ -27,12 +27,12 @@ import numpy as np
 
 from vismech.engine import activations
 from vismech.analysis.rsa import position_rsm
-from vismech.analysis.stats import wilson_ci
+from vismech.analysis.stats import finite as _f, rate
 from vismech.engine import evaluate
 from vismech.experiments import figures as F
 from vismech.experiments.common import Context
 from vismech.experiments.options import Opt
-from vismech.experiments.rsa import _f, accuracy_summary, peak, prompt_targets, rsa_by_layer
+from vismech.experiments.rsa import peak, prompt_targets, rsa_by_layer
 from vismech.scenes.sets import entropy_set
 
 NAME = "entropy"
@@ -111,7 +111,7 @@ def _by_layer_figure(out: dict, grids: list[str]):
 def _bars_figure(out: dict, grids: list[str], measure: str):
     fig, axes = F.figure(3, 1, w=2.3, h=2.3)
     acc = {c: tuple(np.array([out[g]["accuracy"][c][measure][k] for g in grids])
-                    for k in ("accuracy", "ci_low", "ci_high")) for c in CONDITIONS}
+                    for k in ("value", "ci_low", "ci_high")) for c in CONDITIONS}
     F.bars(axes[0, 0], grids, {f"{c} entropy": acc[c] for c in CONDITIONS},
            {f"{c} entropy": COLORS[c] for c in CONDITIONS}, "Accuracy", f"Accuracy ({measure.replace('_', '-')})")
     axes[0, 0].set_ylim(0, 1)
@@ -136,13 +136,11 @@ def run(ctx: Context) -> dict:
         for ci_, cond in enumerate(CONDITIONS):
             trials = entropy_set(grid, cond, k=k, seed=ctx.seed)
             acts = activations.for_context(ctx, trials, commas=True, z=False, desc=f"entropy {gname} {cond}")
-            acc = {"first_token": accuracy_summary(acts.correct)}
+            acc = {"first_token": rate(int(np.sum(acts.correct)), len(acts.correct))}
             if ctx.opt("generate"):
                 rows = evaluate.evaluate(ctx.vlm, trials, ctx.batch_size, generate=True)
                 vals = [r["generation_correct"] for r in rows]
-                lo, hi = wilson_ci(sum(vals), len(vals))
-                acc["generation"] = {"n": len(vals), "correct": int(sum(vals)), "accuracy": sum(vals) / len(vals),
-                                     "ci_low": float(lo), "ci_high": float(hi)}
+                acc["generation"] = rate(sum(vals), len(vals))
             for m, a in acc.items():
                 acc_rows.append({"grid": gname, "condition": cond, "measure": m, **a})
             res = condition_rsa(acts, trials, n_boot, ctx.seed + 2 * gi + ci_, ci)
@@ -179,7 +177,7 @@ def caption(summary: dict) -> str:
     """Accuracy and layer-averaged position RSA, low vs high entropy, per grid."""
     parts = []
     for grid, g in summary["grids"].items():
-        acc = {c: g["accuracy"][c]["first_token"]["accuracy"] for c in ("high", "low")}
+        acc = {c: g["accuracy"][c]["first_token"]["value"] for c in ("high", "low")}
         d = g["high_minus_low_layer_mean"]
         parts.append(f"{grid}: accuracy high {100 * acc['high']:.0f}% vs low {100 * acc['low']:.0f}%; "
                      f"position RSA high - low {d['prompt']['r']:+.3f} [{d['prompt']['lo']:+.3f}, "

@@ -38,6 +38,7 @@ import itertools
 import numpy as np
 
 from vismech.engine import interventions as iv
+from vismech.analysis.stats import rate
 from vismech.errors import UserError
 from vismech.experiments.cma import LABELS, cma_scores, condition_positions
 from vismech.experiments.common import Context
@@ -179,16 +180,15 @@ def run(ctx: Context) -> dict:
                                                    update)
         return {(c, k, a, d): h for ((c, k), a, d), h in hits.items()}, base_pred, base_orig
 
-    key = (f"id-intervention-n{n}-est{n_est}-grid{ctx.opt('grid')[0]}x{ctx.opt('grid')[1]}-k{'_'.join(map(str, ks))}"
-           f"-a{'_'.join(f'{a:g}' for a in alphas)}-{'_'.join(conds)}{src.tag}-seed{ctx.seed}")
+    key = ctx.unit_key(NAME, heads=sorted(head_sets.items()), conditions=conds, stimuli=src.tag)
     hits, base_pred, base_orig = ctx.unit(key, compute)
-    base = iv.wilson_row(base_pred, n)
+    base = rate(base_pred, n)
     rows = []
     for (c, k, a, d), h in hits.items():
-        w = iv.wilson_row(h, n)
+        w = rate(h, n)
         rows.append({"condition": c, "site": SITE[c], "k": k, "alpha": a, "direction": d, "n": n,
-                     "efficacy": w["rate"], "ci_low": w["ci_low"], "ci_high": w["ci_high"],
-                     "baseline_rate": base["rate"], "baseline_ci_low": base["ci_low"],
+                     "efficacy": w["value"], "ci_low": w["ci_low"], "ci_high": w["ci_high"],
+                     "baseline_rate": base["value"], "baseline_ci_low": base["ci_low"],
                      "baseline_ci_high": base["ci_high"]})
     ctx.save_table("id_intervention", rows)
     best = {c: _best(rows, c) for c in conds}
@@ -198,7 +198,7 @@ def run(ctx: Context) -> dict:
            else "the stimulus folder's object IDs")
     summary = {"ids": ids, "stimuli": src.describe(),
                "n_heldout": n, "n_estimate": n_est, "k_grid": ks, "alphas": alphas,
-               "baseline_repeat_rate": base, "baseline_accuracy": iv.wilson_row(base_orig, n), "best": {}}
+               "baseline_repeat_rate": base, "baseline_accuracy": rate(base_orig, n), "best": {}}
     for c in conds:
         b = best[c]
         ctl = next(r for r in rows if r["condition"] == c and r["direction"] == "random" and r["k"] == b["k"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from vismech.engine import interventions as iv
+from vismech.analysis.stats import rate
 from vismech.errors import UserError
 from vismech.experiments.cma import cma_scores
 from vismech.experiments.common import Context
@@ -106,12 +107,11 @@ def run(ctx: Context) -> dict:
             return key_hits(vlm, held, vecs, alpha, ctx.batch_size, ctx.seed, update)
 
     kv_tag = "_".join(f"{l}.{h}" for l, h in kv)
-    hits = ctx.unit(f"key-intervention-n{n}-est{n_est}-grid{ctx.opt('grid')[0]}x{ctx.opt('grid')[1]}-a{alpha:g}"
-                    f"-kv{kv_tag}{src.tag}-seed{ctx.seed}", compute)
+    hits = ctx.unit(ctx.unit_key(NAME, kv=kv_tag, stimuli=src.tag), compute)
     rows = []
     for d in ("none", "id", "random"):
-        w = iv.wilson_row(hits[d], n)
-        rows.append({"direction": d, "alpha": 0.0 if d == "none" else alpha, "n": n, "efficacy": w["rate"],
+        w = rate(hits[d], n)
+        rows.append({"direction": d, "alpha": 0.0 if d == "none" else alpha, "n": n, "efficacy": w["value"],
                      "ci_low": w["ci_low"], "ci_high": w["ci_high"]})
     ctx.save_table("key_intervention", rows)
     _figure(ctx, rows)
@@ -119,7 +119,7 @@ def run(ctx: Context) -> dict:
     return {"alpha": alpha, "n_heldout": n, "n_estimate": n_est, "top_k": len(top), "layers": layers,
             "key_heads": [list(x) for x in kv], "ids": "object cells (PUG: left/right)", "stimuli": src.describe(),
             "efficacy": {r["direction"]: {"rate": r["efficacy"], "ci": [r["ci_low"], r["ci_high"]]} for r in rows},
-            "baseline_accuracy": iv.wilson_row(hits["original"], n),
+            "baseline_accuracy": rate(hits["original"], n),
             "id_labels": [list(x) for x in vecs.labels],
             "mean_id_difference_norm": float(np.linalg.norm(vecs.vectors[0] - vecs.vectors[-1], axis=-1).mean())}
 

@@ -21,8 +21,7 @@ paper: position at layer 19, features at layer 27.
 Speed: the probe makes thousands of small matrix products, which a multi-threaded OpenBLAS runs many times slower
 than one thread does (a 5-fold probe of 288 x 3,584 states: 8 s with 16 threads on the GPU host, 0.4 s on one
 thread here). While probing (only), the OpenBLAS libraries numpy and scipy loaded are set to ``blas_threads``
-threads (default 1; ``null`` leaves them), through their own ``*_set_num_threads`` symbols, and restored after;
-results are unchanged.
+threads (default 1; ``null`` leaves them) through ``threadpoolctl``, and restored after; results are unchanged.
 
 ``stimuli`` (``experiments.sources``): ``"grid"`` (the PCA set) or a stimulus folder, whose trials with a target are
 used as they are (target position = the target's ID, target features = its name).
@@ -35,17 +34,16 @@ feature layer coloured and marked by target object, separability by layer).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 
 import numpy as np
 
 from vismech.engine import activations
 from vismech.analysis.pca import chance_accuracy, pca, probe_accuracy, silhouette
+from vismech.analysis.stats import finite as _f, rate
 from vismech.errors import UserError
 from vismech.experiments import figures as F
 from vismech.experiments.common import Context
 from vismech.experiments.options import Opt
-from vismech.experiments.rsa import accuracy_summary
 from vismech.experiments.sources import folder_trials
 from vismech.scenes.sets import pca_set
 from vismech.scenes.vocab import COLORS
@@ -62,39 +60,17 @@ MARKERS = {"circle": "o", "triangle": "^", "square": "s", "star": "*", "heart": 
            "diamond": "D", "pentagon": "p", "hexagon": "h"}
 
 
-def _openblas_libs():
-    """(set, get) thread-count functions of every OpenBLAS library loaded in this process (Linux; else none)."""
-    names = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads")
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower() and ".so" in ln})
-    except OSError:
-        return []
-    out = []
-    for p in paths:
-        try:
-            lib = ctypes.CDLL(p)
-        except OSError:
-            continue
-        for name in names:
-            if hasattr(lib, name) and hasattr(lib, name.replace("set_", "get_")):
-                out.append((getattr(lib, name), getattr(lib, name.replace("set_", "get_"))))
-                break
-    return out
-
-
 @contextlib.contextmanager
 def blas_threads(n: int | None):
-    """Run the block with ``n`` OpenBLAS threads (None: unchanged); the old counts are restored after."""
-    libs = [] if n is None else _openblas_libs()
-    old = [get() for _, get in libs]
-    for set_, _ in libs:
-        set_(int(n))
-    try:
+    """Run the block with ``n`` BLAS threads in every BLAS library loaded (``threadpoolctl``; None: unchanged);
+    the old counts are restored after."""
+    if n is None:
         yield
-    finally:
-        for (set_, _), k in zip(libs, old):
-            set_(k)
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=int(n), user_api="blas"):
+        yield
 
 
 def labels_of(trials) -> dict[str, np.ndarray]:
@@ -114,11 +90,6 @@ def layer_scores(X, labels: dict, folds: int, seed: int, threads: int | None = 1
             acc, se = probe_accuracy(X, y, folds=min(folds, len(y)), seed=seed)
         out[(name, "probe_accuracy")] = (acc, se, chance_accuracy(y))
     return scores, ratio, out
-
-
-def _f(x):
-    x = float(x)
-    return None if not np.isfinite(x) else x
 
 
 @F.paper_style
@@ -216,7 +187,7 @@ def run(ctx: Context) -> dict:
             "probe_chance": {label: _f(table[0][(label, "probe_accuracy")][2]) for label in LABELS},
             "explained_variance": {"position_layer": [_f(x) for x in ratios[lp]],
                                    "feature_layer": [_f(x) for x in ratios[lf]]},
-            "first_token_accuracy": accuracy_summary(acts.correct),
+            "first_token_accuracy": rate(int(np.sum(acts.correct)), len(acts.correct)),
             "paper_qwen2_vl": {"position_layer": 19, "feature_layer": 27},
             "figures": [str(p) for p in figs]}
 

@@ -34,6 +34,7 @@ import torch
 
 from vismech.engine import activations
 from vismech.engine import interventions as iv
+from vismech.analysis.stats import rate
 from vismech.errors import UserError
 from vismech.experiments.cma import LABELS, cma_scores, condition_positions
 from vismech.experiments.common import Context
@@ -199,8 +200,7 @@ def intervention_recovery(ctx: Context, gt) -> tuple[list[dict], dict]:
         return {f"{c}|{tag}|{a:g}|{d}": h for ((c, tag), a, d), h in hits.items()}, base_pred, base_orig
 
     heads_tag = hashlib.sha1(repr(sorted(head_sets.items())).encode()).hexdigest()[:10]  # results depend on them
-    key = (f"recovery-id-n{n}-est{n_est}-grid{ctx.opt('grid')[0]}x{ctx.opt('grid')[1]}-a"
-           + "_".join(f"{a:g}" for a in alphas) + f"-heads{heads_tag}-seed{ctx.seed}")
+    key = ctx.unit_key("recovery-id", heads=heads_tag)
     hits, base_pred, _ = ctx.unit(key, compute)
     for c in STAGES:
         if c not in gt.stages:
@@ -208,15 +208,15 @@ def intervention_recovery(ctx: Context, gt) -> tuple[list[dict], dict]:
         eff = {a: hits[f"{c}|declared|{a:g}|id"] / n for a in alphas}
         best = max(alphas, key=lambda a: (eff[a], -a))
         rand = [hits[f"{c}|random{k}|{best:g}|id"] for k in range(int(ctx.opt("random_sets")))]
-        w = iv.wilson_row(hits[f"{c}|declared|{best:g}|id"], n)
-        wr = iv.wilson_row(sum(rand), n * len(rand))
-        wd = iv.wilson_row(hits[f"{c}|declared|{best:g}|random"], n)
+        w = rate(hits[f"{c}|declared|{best:g}|id"], n)
+        wr = rate(sum(rand), n * len(rand))
+        wd = rate(hits[f"{c}|declared|{best:g}|random"], n)
         out[c] = {"site": SITE[c], "alpha": best, "declared": w, "random_heads": wr, "random_direction": wd,
                   "random_head_sets": [head_sets[(c, f"random{k}")] for k in range(len(rand))]}
         for tag, ww in (("declared", w), ("random_heads", wr), ("random_direction", wd)):
             rows.append({"analysis": "id_intervention", "stage": c, "heads": tag, "alpha": best, "measure": "efficacy",
-                         "value": ww["rate"], "ci_low": ww["ci_low"], "ci_high": ww["ci_high"], "n": ww["n"]})
-    out["baseline_repeat_rate"] = iv.wilson_row(base_pred, n)
+                         "value": ww["value"], "ci_low": ww["ci_low"], "ci_high": ww["ci_high"], "n": ww["n"]})
+    out["baseline_repeat_rate"] = rate(base_pred, n)
     if "feature_retrieval" in gt.stages and vlm.family.spatial_tokens:
         kv = iv.kv_heads_for(vlm, list(gt.stages["feature_retrieval"].heads))
         others = [(layer, k) for layer in sorted({a for a, _ in kv}) for k in range(vlm.n_kv_heads)
@@ -228,13 +228,12 @@ def intervention_recovery(ctx: Context, gt) -> tuple[list[dict], dict]:
                 continue
             kvec = iv.key_id_vectors(vlm, est, heads, ctx.batch_size)
             kv_tag = "_".join(f"{a}.{b}" for a, b in heads)
-            h = ctx.unit(f"recovery-key-{kv_tag}-n{n}-est{n_est}-grid{ctx.opt('grid')[0]}x{ctx.opt('grid')[1]}"
-                         f"-a{alpha:g}-seed{ctx.seed}",
+            h = ctx.unit(ctx.unit_key("recovery-key", heads=kv_tag),
                          lambda kvec=kvec: key_hits(vlm, held, kvec, alpha, ctx.batch_size, ctx.seed))
-            w = iv.wilson_row(h["id"], n)
+            w = rate(h["id"], n)
             key_out[tag] = {"key_heads": [list(x) for x in heads], **w}
             rows.append({"analysis": "key_intervention", "stage": "feature_retrieval", "heads": tag, "alpha": alpha,
-                         "measure": "efficacy", "value": w["rate"], "ci_low": w["ci_low"], "ci_high": w["ci_high"],
+                         "measure": "efficacy", "value": w["value"], "ci_low": w["ci_low"], "ci_high": w["ci_high"],
                          "n": n})
         out["key_intervention"] = {"alpha": alpha, **key_out}
     return rows, out
@@ -264,9 +263,9 @@ def _figure(ctx: Context, cma: dict, rsa: dict, inter: dict) -> None:
            [max(0.0, rsa[c]["ci_at_declared"][1] - v) for v, c in zip(r, stages)]]
     _bars(axes[1], x, r, 0.5, "bootstrap 95% CI", "tab:green", err)
     axes[1].set_title("RSA at the declared layer (position, position, features)", fontsize=9)
-    _bars(axes[2], x - 0.2, [inter[c]["declared"]["rate"] if c in inter else None for c in stages], 0.4,
+    _bars(axes[2], x - 0.2, [inter[c]["declared"]["value"] if c in inter else None for c in stages], 0.4,
           "declared heads", "tab:blue")
-    _bars(axes[2], x + 0.2, [inter[c]["random_heads"]["rate"] if c in inter else None for c in stages], 0.4,
+    _bars(axes[2], x + 0.2, [inter[c]["random_heads"]["value"] if c in inter else None for c in stages], 0.4,
           "random heads, same layers", "tab:gray")
     axes[2].set_title("ID intervention efficacy", fontsize=9)
     for ax in axes:

@@ -41,7 +41,7 @@ import numpy as np
 from vismech.engine import activations
 from vismech.analysis.rsa import _pearson, cosine_rsm, feature_rsm, identity_rsm, layerwise_rsa, position_rsm, \
     rsa_bootstrap
-from vismech.analysis.stats import wilson_ci
+from vismech.analysis.stats import finite as _f, rate
 from vismech.experiments import figures as F
 from vismech.experiments.common import Context
 from vismech.experiments.options import Opt
@@ -135,11 +135,6 @@ def peak(r) -> tuple[int | None, float | None]:
     return i, float(r[i])
 
 
-def _f(x):
-    x = float(x)
-    return None if not np.isfinite(x) else x
-
-
 def curve_summary(res: dict) -> dict:
     layer, value = peak(res["r"])
     out = {"peak_layer": layer, "peak_r": value}
@@ -148,12 +143,6 @@ def curve_summary(res: dict) -> dict:
         if "null_lo" in res:
             out["null_range_at_peak"] = [_f(res["null_lo"][layer]), _f(res["null_hi"][layer])]
     return out
-
-
-def accuracy_summary(correct) -> dict:
-    k, n = int(np.sum(correct)), int(len(correct))
-    lo, hi = wilson_ci(k, n)
-    return {"n": n, "correct": k, "accuracy": k / n, "ci_low": float(lo), "ci_high": float(hi)}
 
 
 def curve_rows(name: str, token: str, target: str, res: dict, extra: dict) -> list[dict]:
@@ -204,7 +193,7 @@ def run(ctx: Context) -> dict:
     L = acts.n_layers
     summary = {"grid": list(grid), "k": k, "n_trials": len(trials), "n_layers": L, "n_boot": n_boot,
                "n_null": n_null, "ci": ci, "vocab": ctx.opt("vocab"),
-               "first_token_accuracy": accuracy_summary(acts.correct),
+               "first_token_accuracy": rate(int(np.sum(acts.correct)), len(acts.correct)),
                "curves": {c: curve_summary(results[c]) for c, _, _ in CURVES}, "figures": []}
     if ctx.opt("vocab") == "high":
         summary["note"] = ("every object has its own colour and shape (vocab='high'), so colour, shape and features "

@@ -23,9 +23,10 @@ import numpy as np
 
 from vismech.engine import activations
 from vismech.analysis.rsa import feature_rsm, position_rsm
+from vismech.analysis.stats import finite as _f, rate
 from vismech.experiments import figures as F
 from vismech.experiments.common import Context
-from vismech.experiments.rsa import _f, accuracy_summary, curve_rows, curve_summary, rsa_by_layer
+from vismech.experiments.rsa import curve_rows, curve_summary, rsa_by_layer
 from vismech.scenes.sets import relabs_set
 
 NAME = "rsa-relative"
@@ -88,7 +89,7 @@ def run(ctx: Context) -> dict:
     both = np.fmax(res["absolute"]["r"], res["relative"]["r"])
     summary = {"k": k, "n_trials": len(trials), "n_layers": L, "n_boot": n_boot, "n_null": n_null, "ci": ci,
                "curves": {t: curve_summary(res[t]) for t in TARGETS},
-               "first_token_accuracy": accuracy_summary(acts.correct)}
+               "first_token_accuracy": rate(int(np.sum(acts.correct)), len(acts.correct))}
     if np.isfinite(both).any():
         p = int(np.nanargmax(both))
         lo, hi = diff["lo"][p], diff["hi"][p]
