@@ -134,3 +134,22 @@ def test_model_is_required_and_verbosity_flags(tmp_path, capsys):
     assert code == 0 and "[behaviour]" not in out.out and out.err == ""
     code, out = _run(["-v", *argv, "--out", tmp_path / "a", "--resume"], capsys)
     assert code == 0 and "[behaviour] already done, skipped" in out.out
+
+
+def test_readme_python_api_runs_as_written(tmp_path, monkeypatch):
+    """Both code blocks of the README's Python API section, run as written (in a scratch directory)."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Python API"):text.index("\n## ", text.index("## Python API") + 3)]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(blocks[0], "README:python-api-1", "exec"), scope)
+    assert set(scope["res"]) == {"rsa", "cma"} and (tmp_path / "runs" / "api" / "report.html").exists()
+    assert {r["condition"] for r in scope["heads"]} == {"id_retrieval", "id_selection", "feature_retrieval"}
+    assert len(scope["heads"]) == 3 * scope["vlm"].n_layers * scope["vlm"].n_heads
+    scope = {}
+    exec(compile(blocks[1], "README:python-api-2", "exec"), scope)
+    assert tuple(scope["acts"][("z", 2)].shape[::2]) == (8, scope["vlm"].n_heads)

@@ -207,7 +207,7 @@ def test_golden_pca_finds_the_position_and_feature_layers(tmp_path, monkeypatch)
 
 def test_permutation_null_equals_rsa_of_explicitly_permuted_targets():
     from vismech.analysis.rsa import cosine_rsm
-    from vismech.experiments.rsa import permutation_null
+    from vismech.analysis.rsa import permutation_null
 
     rng = np.random.default_rng(1)
     X = [rng.normal(size=(2, 10, 5)) for _ in range(2)]  # 2 comma slots, 2 layers, 10 trials

@@ -139,7 +139,7 @@ def test_out_of_memory_halves_the_stacked_heads_and_gives_the_same_result(monkey
 @pytest.mark.parametrize("condition", ["id_retrieval", "id_selection", "feature_retrieval"])
 def test_fast_engine_equals_naive_on_the_organism(condition):
     """The shipped organism, every CMA condition, a spread of heads: fast == naive within 1e-4."""
-    from vismech.experiments.cma import condition_positions
+    from vismech.engine.mediation import condition_positions
     from vismech.models.load import load_vlm
     from vismech.scenes.counterfactual import cma_pairs
 

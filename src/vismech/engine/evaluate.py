@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Callable
 
-import torch
 
 from vismech.analysis.stats import rate
 from vismech.models.vlm import VLM

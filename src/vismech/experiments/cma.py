@@ -33,8 +33,8 @@ removal lowers a1's logit raises s too), not mediation; heads must beat it. (An 
 pair whose variable *differed*; on a model with planted position IDs (``organism-ids``) that null moved the
 answer nearly as much as the real patch, since any other ID redirects the model, and hid the planted ID-retrieval
 heads.) Where no pair has the clean value, any pair whose variable differs serves. One re-paired patch per
-(head, pair) gives null per-pair scores [L, H, n];
-``null_samples`` null *mean* scores are drawn from them by picking a random head and resampling n of its pairs
+(head, pair) gives null per-pair scores [L, H, n] (the sweep and its re-pairing: ``engine.mediation``);
+``null_samples`` null *mean* scores (``analysis.cma.null_mean_scores``) are drawn from them by picking a random head and resampling n of its pairs
 with replacement (a head's mean under the null), and ``analysis.cma.head_significance`` tests every head's mean
 against this pooled null (one-sided, Benjamini-Hochberg at ``q``; the uncorrected count above the null's 1-q
 quantile is reported too, as in Yang et al. 2025). Cost: twice the patching of the scores alone.
@@ -54,22 +54,17 @@ condition's scores are one resumable unit (``ctx.unit``).
 
 from __future__ import annotations
 
-import contextlib
-import random
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from vismech import distributed
-from vismech.engine import patching
-from vismech.analysis.cma import head_significance, logit_diff_score, stage_map, top_k_heads
+from vismech.analysis.cma import head_significance, null_mean_scores, stage_map, top_k_heads
 from vismech.analysis.stats import mean_se
 from vismech.errors import UserError
 from vismech.experiments.common import Context
 from vismech.experiments.options import MAX_TRIALS, Opt
 from vismech.experiments.sources import source
-from vismech.scenes.core import CounterfactualPair
+from vismech.engine.mediation import condition_scores
 from vismech.scenes.counterfactual import CONDITIONS
 
 NAME = "cma"
@@ -103,126 +98,6 @@ class CMAResult:
     def max_score(self) -> np.ndarray:
         """[L, H]: each head's highest mean score over the conditions (the App. C ranking)."""
         return np.max(np.stack([self.mean[c] for c in self.conditions]), axis=0)
-
-
-def condition_positions(batch, condition: str) -> list[list[int]]:
-    """Where a condition patches, per row: the described object's mention tokens, or the last token."""
-    if condition == "id_retrieval":
-        return [list(m[0]) for m in batch.mentions]
-    if condition in ("id_selection", "feature_retrieval"):
-        return [[batch.last] for _ in range(len(batch))]
-    raise UserError(f"unknown CMA condition {condition!r}; conditions are {', '.join(CONDITIONS)}")
-
-
-def condition_variable(pair: CounterfactualPair, condition: str, context: str = "counterfactual"):
-    """What the counterfactual changes in ``condition``, read in the pair's ``counterfactual`` or ``clean`` context."""
-    trial = pair.counterfactual if context == "counterfactual" else pair.clean
-    if condition == "id_retrieval":
-        return tuple(trial.mentioned[0].cell)
-    if condition == "id_selection":
-        return tuple(trial.target.cell)
-    return (pair.answer_star if context == "counterfactual" else pair.answer).split()[0]
-
-
-def null_partners(pairs: list[CounterfactualPair], condition: str, seed: int) -> list[int]:
-    """For each pair, another pair whose counterfactual carries this pair's clean value of the condition variable
-    (else one whose counterfactual value differs from this pair's, else any other pair)."""
-    if len(pairs) < 2:
-        raise UserError("the re-paired null needs at least 2 pairs per condition; use n >= 2")
-    rng = random.Random(seed)
-    cf = [condition_variable(p, condition) for p in pairs]
-    clean = [condition_variable(p, condition, "clean") for p in pairs]
-    out = []
-    for i in range(len(pairs)):
-        others = [j for j in range(len(pairs)) if j != i]
-        cand = ([j for j in others if cf[j] == clean[i]] or [j for j in others if cf[j] != cf[i]] or others)
-        out.append(rng.choice(cand))
-    return out
-
-
-def _baseline(vlm, clean, src, pos, tid, engine: str) -> torch.Tensor:
-    """Clean scores [B, 2] of the two answers, computed the way the engine computes patched ones."""
-    if engine == "naive":
-        return vlm.score_answers(clean, tid).scores
-    # the text-only path of head_patch with an exact no-op edit (adding 0), so its numerics match the patches
-    return patching.head_patch(vlm, clean, src, pos, tid, heads=[(0, 0)], mode="add", scale=0.0)[0]
-
-
-def _patched(vlm, clean, src, pos, tid, engine: str, progress) -> torch.Tensor:
-    """Patched logits [L*H, B, 2] of the two answer tokens, by the chosen engine."""
-    if engine == "naive":
-        out = patching.naive_head_patch(vlm, clean, src, pos, tid)
-        if progress:
-            progress(out.shape[0])
-        return out
-    return patching.head_patch(vlm, clean, src, pos, tid, progress=progress)
-
-
-def condition_scores(vlm, pairs: list[CounterfactualPair], condition: str, batch_size: int = 16,
-                     engine: str = "fast", seed: int = 0, null: bool = True, progress=None
-                     ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per-pair CMA scores [L, H, n] of every head, and re-paired null scores [L, H, n] (None if ``null`` off).
-
-    Pairs are processed in chunks of ``batch_size``. Data parallel (``torchrun``): with at least as many chunks
-    as processes, each process takes every world()-th chunk whole (encoding, captures, prefix cache and every head;
-    nothing is repeated across processes), the counterfactual values the null needs are exchanged, and the scores
-    gathered; with fewer chunks the engine splits the heads instead. Either way every process returns the full
-    arrays, equal to a one-process run (same chunks, same numbers)."""
-    if engine not in ("fast", "naive"):
-        raise UserError(f"engine must be 'fast' or 'naive', not {engine!r}")
-    L, H, n = vlm.n_layers, vlm.n_heads, len(pairs)
-    starts = list(range(0, n, batch_size))
-    by_chunk = distributed.active() and len(starts) >= distributed.world()
-    chunks = []
-    for s in (distributed.shard(starts) if by_chunk else starts):
-        part = pairs[s:s + batch_size]
-        clean = vlm.encode([p.clean for p in part])
-        cf = vlm.encode([p.counterfactual for p in part])
-        patching.check_same_layout(clean, cf)
-        pos, lens = patching.pad_positions(condition_positions(clean, condition))
-        names = [[p.answer, p.answer_star] for p in part]
-        tid = vlm.answers(clean, names)
-        tid.check_distinct(names)
-        src = patching.capture_z(vlm, cf, pos)
-        chunks.append((list(range(s, s + len(part))), clean, pos, lens, tid, src))
-    partner = null_partners(pairs, condition, seed) if null else None
-    if null:  # pair i's null patches pair partner[i]'s counterfactual values: every process needs all of them
-        shared = [(idx, lens, src) for idx, _, _, lens, _, src in chunks]
-        if by_chunk:
-            mine = [(idx, lens, {l: v.cpu() for l, v in src.items()}) for idx, lens, src in shared]
-            shared = [c for got in distributed.gather(mine) for c in got]
-        where = {i: (lens, src, r) for idx, lens, src in shared for r, i in enumerate(idx)}
-    scores = np.zeros((L, H, n))
-    nulls = np.zeros((L, H, n)) if null else None
-    with distributed.solo() if by_chunk else contextlib.nullcontext():
-        for idx, clean, pos, lens, tid, src in chunks:
-            zero, one = np.zeros(len(idx), int), np.ones(len(idx), int)
-            base = _baseline(vlm, clean, src, pos, tid, engine).numpy()
-            out = _patched(vlm, clean, src, pos, tid, engine, progress)
-            scores[..., idx] = logit_diff_score(base, out.numpy(), zero, one).reshape(L, H, -1)
-            if null:
-                nsrc = {l: torch.empty_like(v) for l, v in src.items()}
-                for r, i in enumerate(idx):
-                    jlens, jsrc, rj = where[partner[i]]
-                    take = [min(k, lens[r] - 1, jlens[rj] - 1) for k in range(len(pos[0]))]
-                    for l in nsrc:
-                        nsrc[l][r] = jsrc[l][rj, take].to(nsrc[l].device)
-                out = _patched(vlm, clean, nsrc, pos, tid, engine, progress)
-                nulls[..., idx] = logit_diff_score(base, out.numpy(), zero, one).reshape(L, H, -1)
-    if by_chunk:  # each process filled its own pairs' columns; the others are zero
-        scores = sum(distributed.gather(scores))
-        nulls = sum(distributed.gather(nulls)) if null else None
-    return scores, nulls
-
-
-def null_mean_scores(null: np.ndarray, samples: int, seed: int = 0) -> np.ndarray:
-    """``samples`` null mean scores: a random head's per-pair null scores, n resampled with replacement."""
-    L, H, n = null.shape
-    rng = np.random.default_rng(seed)
-    flat = null.reshape(L * H, n)
-    heads = rng.integers(L * H, size=samples)
-    idx = rng.integers(n, size=(samples, n))
-    return flat[heads[:, None], idx].mean(1)
 
 
 def _options(ctx: Context, options: dict | None) -> dict:

@@ -40,7 +40,8 @@ import numpy as np
 from vismech.engine import interventions as iv
 from vismech.analysis.stats import rate
 from vismech.errors import UserError
-from vismech.experiments.cma import LABELS, cma_scores, condition_positions
+from vismech.engine.mediation import condition_positions
+from vismech.experiments.cma import LABELS, cma_scores
 from vismech.experiments.common import Context
 from vismech.experiments.sources import source
 from vismech.scenes.counterfactual import CONDITIONS

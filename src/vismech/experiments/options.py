@@ -130,6 +130,10 @@ def infer(default: Any) -> Opt:
 
 
 TRIALS = Opt("int", 1, MAX_TRIALS)
+#: rules of the command line's own numeric arguments
+BATCH = Opt("int", 1, 1 << 16)
+SEED = Opt("int", 0, 2 ** 32 - 1)
+COUNT = Opt("int", 1)
 GRID = Opt("grid", 2)
 UNIT = Opt("float", 0, 1, open=True)
 HEADS = Opt("list", none=True, length=(1, None), each=Opt("list", length=(2, 2), each=Opt("int", 0)))

@@ -36,7 +36,8 @@ from vismech.engine import activations
 from vismech.engine import interventions as iv
 from vismech.analysis.stats import rate
 from vismech.errors import UserError
-from vismech.experiments.cma import LABELS, cma_scores, condition_positions
+from vismech.engine.mediation import condition_positions
+from vismech.experiments.cma import LABELS, cma_scores
 from vismech.experiments.common import Context
 from vismech.experiments.id_intervention import SITE, edit_hits, id_labels, two_object_trials
 from vismech.experiments.key_intervention import key_hits

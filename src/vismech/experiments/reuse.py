@@ -34,7 +34,6 @@ from __future__ import annotations
 import random
 
 import numpy as np
-import torch
 
 from vismech.analysis.stats import paired_diff, rate
 from vismech.engine import interventions

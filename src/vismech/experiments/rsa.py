@@ -39,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 from vismech.engine import activations
-from vismech.analysis.rsa import _pearson, cosine_rsm, feature_rsm, identity_rsm, layerwise_rsa, position_rsm, \
+from vismech.analysis.rsa import feature_rsm, identity_rsm, layerwise_rsa, permutation_null, position_rsm, \
     rsa_bootstrap
 from vismech.analysis.stats import finite as _f, rate
 from vismech.experiments import figures as F
@@ -92,24 +92,6 @@ def last_targets(trials: list[Trial], names=("position", "features", "color", "s
 
 
 # ------------------------------------------------------------------------------------------------ scores
-def permutation_null(X, targets: dict, n_perm: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """RSA with trial labels permuted: dict name -> [n_perm, L]. The model RSMs are built once per layer."""
-    groups = X if isinstance(X, (list, tuple)) else [X]
-    tg = {k: (v if isinstance(v, (list, tuple)) else [v]) for k, v in targets.items()}
-    L, n = groups[0].shape[0], groups[0].shape[-2]
-    rng = np.random.default_rng(seed)
-    perms = [rng.permutation(n) for _ in range(n_perm)]
-    a, b = np.tril_indices(n, -1)
-    out = {k: np.empty((n_perm, L)) for k in tg}
-    for layer in range(L):  # permuted targets are gathered pair by pair: never n_perm x n x n in memory
-        x = np.concatenate([cosine_rsm(g[layer])[a, b] for g in groups])
-        for k, ts in tg.items():
-            for i, p in enumerate(perms):
-                y = np.concatenate([np.asarray(t, dtype=np.float64)[p[a], p[b]] for t in ts])
-                out[k][i, layer] = _pearson(x, y)
-    return out
-
-
 def rsa_by_layer(X, targets: dict, n_boot: int, seed: int, ci: float = 0.95, n_null: int = 0,
                  samples: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """Per named target: r, lo, hi [L] (bootstrap over trials), null_mean/null_lo/null_hi [L] (``n_null`` > 0) and,
