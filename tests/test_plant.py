@@ -71,7 +71,7 @@ def test_sources_keep_the_layout_and_swaps_look_for_a_changed_answer():
     for _ in range(60):
         kind = rng.choice(cm.KINDS)
         t = cm.planting_trial(rng, cm.draw_structure(rng, kind, rng.choice([(2, 2), (3, 3)])), "any")
-        sw = pb._informative_swap(t, rng)
+        sw = pb.informative_swap(t, rng)
         assert sw.prompt == t.prompt and cm.feature_source(t, rng).prompt == t.prompt
         rs = cm.resample_source(t, rng)
         assert len(rs.prompt.split()) == len(t.prompt.split()) and len(rs.answer.split()) == len(t.answer.split())
@@ -224,3 +224,48 @@ def test_the_readme_commands_plant_an_organism_and_validate_it(tmp_path, capsys)
     again = json.loads(capsys.readouterr().out)
     assert again["accuracy"].keys() == measures["accuracy"].keys()
     assert all(r["n"] == 4 and 0 <= r["rate"] <= 1 for r in again["accuracy"].values())
+
+
+def test_the_invariance_term_is_zero_for_a_copy_and_positive_for_other_features(vlm):
+    """With an invariance weight each base gets a source whose described object has other features at the same
+    cell; the term compares the ID-retrieval heads' outputs at that mention's last word. It is exactly 0 when the
+    source row is the base row itself, and positive for the real source of an untrained model; without the weight
+    the step's rows are unchanged."""
+    spec = plant.PlantSpec(**{**SPEC.__dict__, "weights": SPEC.weights + (("invariance", 1.0),)})
+    plain = pb.step_plan(SPEC, 5, 2, 3)
+    plan = pb.step_plan(spec, 5, 2, 3)
+    assert [r.trial for r in plan.a[:len(plain.a)]] == [r.trial for r in plain.a] and not plain.inv
+    assert len(plan.inv) == 3 and len(plan.a) == len(plain.a) + 3
+    for g, i, j in plan.inv:
+        base, src = plan.a[g].trial, plan.a[i].trial
+        assert base.mentioned[j].cell == src.mentioned[j].cell and base.mentioned[j].name != src.mentioned[j].name
+        assert len(vlm.tokenizer(base.prompt)["input_ids"]) == len(vlm.tokenizer(src.prompt)["input_ids"])
+    b = pb.batch_of(vlm, spec, plan, "<|im_end|>", 0)
+    ids = b["a_input_ids"]
+    for g, i, pos in b["inv_where"].tolist():  # the position is the changed mention's shape word in both rows
+        assert vlm.tokenizer.convert_ids_to_tokens(int(ids[g, pos])) in {o.shape for o in plan.a[g].trial.mentioned}
+        assert ids[g, pos] != ids[i, pos] or ids[g, pos - 1] != ids[i, pos - 1]
+    probe = plant.make_probe(vlm)
+    with torch.no_grad():
+        _, m = plant.plant_loss(vlm, spec, probe, b)
+        assert m["loss_invariance"] > 0
+        same = dict(b, inv_where=b["inv_where"][:, [0, 0, 2]])
+        _, m0 = plant.plant_loss(vlm, spec, probe, same)
+    assert m0["loss_invariance"] == 0.0
+    with pytest.raises(ValueError, match="unknown or negative"):
+        plant.PlantSpec(weights=(("invariant", 1.0),)).check(8, 8)
+
+
+def test_plant_weights_on_the_command_line_and_in_the_card(capsys, tmp_path):
+    from vismech.cli import main
+    from vismech.organism.card import reproduce_command
+
+    spec = plant.PlantSpec(weights=plant.PlantSpec().weights + (("invariance", 1.0),))
+    info = {"arch": "qwen2_5_vl", "out": "runs/x", "planned_steps": 10, "seed": 0, "batch_size": 4, "lr": 0.001,
+            "plant": spec, "device": "cuda"}
+    assert " --plant ids --plant-weight invariance=1 " in reproduce_command(info) + " "
+    assert "--plant-weight" not in reproduce_command({**info, "plant": plant.PlantSpec()})
+    assert main(["train-organism", "--arch", "qwen2_5_vl", "--out", str(tmp_path / "o"), "--plant-weight",
+                 "invariance=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give --plant ids too" in err[0] and not (tmp_path / "o").exists()

@@ -48,10 +48,14 @@ def cmd_train_organism(args) -> int:
         raise UserError("--early-weight needs --early-steps N: the step before which those weights apply")
     if args.early_steps:
         kw["early"] = (args.early_steps, reweighted(weights(args.early_weight, "--early-weight"), kw["mixture"]))
+    if args.plant_weight and not args.plant:
+        raise UserError("--plant-weight sets a loss weight of planting: give --plant ids too")
     if args.plant:
         from vismech.organism.plant import PlantSpec
 
-        kw["plant"] = PlantSpec()
+        w = dict(PlantSpec().weights)
+        w.update(weights(args.plant_weight, "--plant-weight"))
+        kw["plant"] = PlantSpec(weights=tuple(w.items()))
     if args.snapshots == "analysis":
         from vismech.organism.snapshot import AnalysisSnapshot
 
@@ -103,6 +107,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--plant", choices=["ids"], default=None, help="ids: plant the paper's three stages in declared "
                    "heads by interchange intervention training (vismech.organism.plant) and declare them in "
                    "ground_truth.json, instead of training on the task mixture")
+    s.add_argument("--plant-weight", action="append", metavar="TERM=W", help="a loss weight of planting (terms: "
+                   "task, attention, probe, R, S, F, strict, invariance; invariance is 0 unless set); repeatable")
     s.add_argument("--weight", action="append", metavar="COMPONENT=W", help="change a training-mixture weight "
                    "(vismech.organism.data.MIXTURE names, e.g. color_2x2=0.3; 0 drops it); repeatable")
     s.add_argument("--snapshots", choices=["analysis", "accuracy"], default="analysis",

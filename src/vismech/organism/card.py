@@ -36,7 +36,13 @@ def reproduce_command(info: dict) -> str:
     if info.get("label_mentions"):
         cmd += " --label-mentions"
     if info.get("plant") is not None:
+        from .plant import PlantSpec
+
         cmd += " --plant ids"
+        default = dict(PlantSpec().weights)
+        for term, w in info["plant"].weights:
+            if default.get(term) != w:
+                cmd += f" --plant-weight {term}={w:g}"
     if info.get("stopped_early") and info.get("max_minutes"):
         cmd += f" --max-minutes {info['max_minutes']}"
     used = {c.name: c.weight for c in info.get("mixture", MIXTURE)} if info.get("plant") is None else {}

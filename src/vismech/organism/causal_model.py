@@ -19,8 +19,9 @@ random order (``describe``), the same with the described objects in reading orde
 every "a" and every colour word is a naming position, trained as such), and the colour question (``color``), on
 2x2 and 3x3 grids with 2-9 objects, colours and shapes drawn from the whole vocabulary ("random vocabulary").
 Their counterfactual sources have the same prompt length: ``swap_source`` (two occupied cells exchange objects;
-same prompt), ``feature_source`` (the target's features replaced at its cell; same prompt) and ``resample_source``
-(an independent trial of the same structure). ``counterfactual_answer`` is what the model should say when one
+same prompt), ``feature_source`` (the target's features replaced at its cell; same prompt), ``resample_source``
+(an independent trial of the same structure) and ``mention_feature_source`` (a described object's features replaced
+at its cell: R unchanged). ``counterfactual_answer`` is what the model should say when one
 variable takes its value from a source.
 """
 
@@ -162,6 +163,19 @@ def feature_source(trial: Trial, rng: random.Random) -> Trial:
                                                                       [s for s in SHAPES if s != t.shape])
     new = Obj(color, shape, t.cell)
     return _rebuild(trial, {o: (new if o == t else o) for o in trial.scene.objects})
+
+
+def mention_feature_source(trial: Trial, rng: random.Random) -> tuple[Trial, int]:
+    """``trial`` with one described object's colour and shape replaced at the same cell by ones no object of the
+    scene has (the prompt names the new object: same length), and the index of that mention. R, the mentioned
+    object's cell, is the same in both: what ID retrieval heads write there must not depend on the features."""
+    j = rng.randrange(len(trial.mentioned))
+    old = trial.mentioned[j]
+    used_c = {o.color for o in trial.scene.objects}
+    used_s = {o.shape for o in trial.scene.objects}
+    new = Obj(rng.choice([c for c in COLORS if c not in used_c]), rng.choice([s for s in SHAPES if s not in used_s]),
+              old.cell)
+    return _rebuild(trial, {o: (new if o == old else o) for o in trial.scene.objects}), j
 
 
 def resample_source(trial: Trial, rng: random.Random, entropy: str = "any") -> Trial:

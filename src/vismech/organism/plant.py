@@ -20,7 +20,11 @@ Method (one training step; ``PlantSpec`` holds the heads and weights):
 4. *Strict* rows (SIIT, Gupta et al. 2024): every head outside the declared set, and every declared head outside
    its declared positions, is resampled from an independent trial of the same layout with probability
    ``strict_p``; the label is the base answer, so nothing but the declared heads may carry what the answer needs.
-5. A linear *position probe* on the residual stream after ``probe_layer`` at every object's image tokens predicts
+5. *Invariance* (only with a ``invariance`` weight, off in the default spec): each base gets a source with one
+   described object's features replaced at its cell (``causal_model.mention_feature_source``); the ID-retrieval
+   heads' outputs at that mention's last word must be equal in the two (squared difference over squared norms), so
+   they carry the cell and nothing of the features.
+6. A linear *position probe* on the residual stream after ``probe_layer`` at every object's image tokens predicts
    the object's row and column: the language model must write a content-free position code into the image tokens
    that retrieval, selection and feature heads can read. (The Qwen2.5-VL vision tower cannot: with 2-D rotary
    positions only, a plain background gives it no absolute position, so the code comes from the language model's
@@ -48,6 +52,7 @@ from vismech.models.vlm import VLM
 Heads = tuple[tuple[int, int], ...]
 IIT_KINDS = ("R", "S", "F", "strict")
 COMPONENTS = ("binding", "retrieval", "gathering", "selection", "features")
+LOSS_TERMS = ("task", "attention", "probe", "R", "S", "F", "strict", "invariance")
 
 
 @dataclass(frozen=True)
@@ -68,13 +73,18 @@ class PlantSpec:
     strict_p: float = 0.5
 
     def weight(self, name: str) -> float:
-        return dict(self.weights)[name]
+        """The weight of loss term ``name`` (0 for a term the spec does not list)."""
+        return dict(self.weights).get(name, 0.0)
 
     @property
     def planted(self) -> Heads:
         return self.binding + self.retrieval + self.gathering + self.selection + self.features
 
     def check(self, n_layers: int, n_heads: int) -> None:
+        bad = sorted(t for t, w in self.weights if t not in LOSS_TERMS or not w >= 0)
+        if bad:
+            raise UserError(f"planting loss weight(s) {', '.join(bad)} unknown or negative; the terms are "
+                            f"{', '.join(LOSS_TERMS)}, each >= 0")
         heads = self.planted
         if len(set(heads)) != len(heads):
             raise UserError(f"a head is declared twice in {heads}")
@@ -97,7 +107,7 @@ def _split(batch: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
 
 
-def _answer_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def answer_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per row: every labelled next token is the arg-max (teacher-forced, so equal to greedy generation)."""
     pred = logits[:, :-1].argmax(-1)
     want = labels[:, 1:]
@@ -164,7 +174,7 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
     metrics, losses = {}, {}
     losses["task"] = _ce(logits_a, labels_a).mean()
     n_base = int((kind == 0).sum())  # one R row per base, and the bases are the first clean rows
-    metrics["base_acc"] = float(_answer_hits(logits_a[:n_base], labels_a[:n_base]).float().mean())
+    metrics["base_acc"] = float(answer_hits(logits_a[:n_base], labels_a[:n_base]).float().mean())
     att_terms = []
     for c in COMPONENTS:
         where, keys = batch[f"att_{c}_where"], batch[f"att_{c}_keys"]
@@ -185,8 +195,17 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
                        + torch.nn.functional.cross_entropy(col_logits, cells[:, 1]))
     metrics["probe_acc"] = float(((row_logits.argmax(-1) == cells[:, 0]) & (col_logits.argmax(-1) == cells[:, 1]))
                                  .float().mean())
+    inv = batch.get("inv_where")
+    if inv is not None and len(inv):
+        terms = []
+        for layer in sorted({a for a, _ in spec.retrieval}):
+            hs = [h for a, h in spec.retrieval if a == layer]
+            zb = z_a[layer][inv[:, 0], inv[:, 2]][:, hs].float()
+            zs = z_a[layer][inv[:, 1], inv[:, 2]][:, hs].float()
+            terms.append(((zb - zs) ** 2).sum(-1) / (zb.pow(2).sum(-1) + zs.pow(2).sum(-1) + 1e-6))
+        losses["invariance"] = torch.cat(terms, -1).mean()
     logits_b = patched_forward(vlm, batch, z_a, autocast)
-    ce_b, hits_b = _ce(logits_b, labels_b), _answer_hits(logits_b, labels_b)
+    ce_b, hits_b = _ce(logits_b, labels_b), answer_hits(logits_b, labels_b)
     for k, name in enumerate(IIT_KINDS):
         sel = kind == k
         if sel.any():

@@ -25,7 +25,7 @@ from .plant import COMPONENTS, IIT_KINDS, PlantSpec, _split
 
 # -- rows of one step ------------------------------------------------------------------------------------------
 @dataclass
-class _Row:
+class Row:
     trial: Trial
     answer: str  # the teacher-forced continuation (the base answer, or the counterfactual one)
     mention_labels: bool
@@ -33,9 +33,10 @@ class _Row:
 
 
 @dataclass
-class _Plan:
-    a: list[_Row] = field(default_factory=list)  # clean rows: bases, then their sources
-    b: list[tuple[_Row, str, int]] = field(default_factory=list)  # (row, kind, index of its source in a)
+class Plan:
+    a: list[Row] = field(default_factory=list)  # clean rows: bases, then their sources
+    b: list[tuple[Row, str, int]] = field(default_factory=list)  # (row, kind, index of its source in a)
+    inv: list[tuple[int, int, int]] = field(default_factory=list)  # (base row, source row, mention) in a
 
 
 def _pick(rng: random.Random, table) -> object:
@@ -43,36 +44,41 @@ def _pick(rng: random.Random, table) -> object:
     return rng.choices(names, weights=weights)[0]
 
 
-def step_plan(spec: PlantSpec, seed: int, step: int, n: int) -> _Plan:
+def step_plan(spec: PlantSpec, seed: int, step: int, n: int) -> Plan:
     """The trials of one step: ``n`` bases, their swap, feature and resample sources, and the intervened rows."""
     rng = random.Random(seed * 1_000_000_007 + step)
-    plan = _Plan()
+    plan = Plan()
     bases, sources = [], []
     for g in range(n):
         grid, kind = _pick(rng, spec.grids), _pick(rng, spec.kinds)
         base = cm.planting_trial(rng, cm.draw_structure(rng, kind, grid), _pick(rng, spec.entropies))
-        swap = _informative_swap(base, rng)
+        swap = informative_swap(base, rng)
         feat = cm.feature_source(base, rng)
         resample = cm.resample_source(base, rng, _pick(rng, spec.entropies))
         bases.append(base)
         sources.append((swap, feat, resample))
     for g, base in enumerate(bases):
-        plan.a.append(_Row(base, base.answer, bool(base.meta["ordered"]), g))
+        plan.a.append(Row(base, base.answer, bool(base.meta["ordered"]), g))
     for g, (swap, feat, resample) in enumerate(sources):
         for src in (swap, feat, resample):
-            plan.a.append(_Row(src, src.answer, bool(src.meta["ordered"]), g))
+            plan.a.append(Row(src, src.answer, bool(src.meta["ordered"]), g))
     for g, base in enumerate(bases):
         swap_i, feat_i, res_i = n + 3 * g, n + 3 * g + 1, n + 3 * g + 2
         swap, feat = sources[g][0], sources[g][1]
-        plan.b.append((_Row(base, cm.counterfactual_answer(base, swap, "R"), False, g), "R", swap_i))
-        plan.b.append((_Row(base, cm.counterfactual_answer(base, swap, "S"), False, g),
+        plan.b.append((Row(base, cm.counterfactual_answer(base, swap, "R"), False, g), "R", swap_i))
+        plan.b.append((Row(base, cm.counterfactual_answer(base, swap, "S"), False, g),
                        rng.choice(("S_gathering", "S_selection")), swap_i))
-        plan.b.append((_Row(base, cm.counterfactual_answer(base, feat, "F"), False, g), "F", feat_i))
-        plan.b.append((_Row(base, base.answer, False, g), "strict", res_i))
+        plan.b.append((Row(base, cm.counterfactual_answer(base, feat, "F"), False, g), "F", feat_i))
+        plan.b.append((Row(base, base.answer, False, g), "strict", res_i))
+    if spec.weight("invariance") > 0:  # drawn last, so the other rows are those of the spec without it
+        for g, base in enumerate(bases):
+            src, j = cm.mention_feature_source(base, rng)
+            plan.inv.append((g, len(plan.a), j))
+            plan.a.append(Row(src, src.answer, bool(src.meta["ordered"]), g))
     return plan
 
 
-def _informative_swap(base: Trial, rng: random.Random, tries: int = 6) -> Trial:
+def informative_swap(base: Trial, rng: random.Random, tries: int = 6) -> Trial:
     """A swap source whose counterfactual answer differs from the base answer, when one of a few tries finds it."""
     src = None
     for _ in range(tries):
@@ -83,7 +89,7 @@ def _informative_swap(base: Trial, rng: random.Random, tries: int = 6) -> Trial:
 
 
 # -- tensors ---------------------------------------------------------------------------------------------------
-def _naming(row: _Row, last: int, mentions: list[list[int]], answer_len: int) -> list[tuple[int, object, int]]:
+def _naming(row: Row, last: int, mentions: list[list[int]], answer_len: int) -> list[tuple[int, object, int]]:
     """(position, object named there, number of mentions before it) of the row's naming positions; ``last`` is the
     position of the prompt's last token and ``mentions`` the mentions' token positions, in the row's frame."""
     t = row.trial
@@ -101,7 +107,7 @@ def make_batch(vlm: VLM, spec: PlantSpec, seed: int, step: int, n: int, end_toke
     return batch_of(vlm, spec, step_plan(spec, seed, step, n), end_token, seed * 7919 + step)
 
 
-def batch_of(vlm: VLM, spec: PlantSpec, plan: _Plan, end_token: str, seed: int = 0) -> dict[str, torch.Tensor]:
+def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """The tensors of ``plan``: its clean rows, and its intervened rows, whose kind says what they patch from their
     source: ``R``, ``S_gathering``, ``S_selection``, ``F`` (the declared heads at the declared positions),
     ``strict`` (undeclared heads, each with probability ``spec.strict_p``, and declared heads outside their
@@ -195,6 +201,8 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: _Plan, end_token: str, seed: int =
     for comp, (where, masks) in targets.items():
         out[f"att_{comp}_where"] = torch.tensor(where, dtype=torch.long).reshape(-1, 2)
         out[f"att_{comp}_keys"] = torch.stack(masks) if masks else torch.zeros(0, total, dtype=torch.bool)
+    out["inv_where"] = torch.tensor([(g, i, enc.mentions[g][j][-1] + shift_a[g]) for g, i, j in plan.inv],
+                                    dtype=torch.long).reshape(-1, 3)
     out["probe_where"] = torch.tensor(probe_pos, dtype=torch.long)
     out["probe_cell"] = torch.tensor(probe_cls, dtype=torch.long)
 
@@ -230,7 +238,7 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: _Plan, end_token: str, seed: int =
     return out
 
 
-def _declared_positions(spec: PlantSpec, plan: _Plan, enc, shift_b, rows_b, total) -> list[dict]:
+def _declared_positions(spec: PlantSpec, plan: Plan, enc, shift_b, rows_b, total) -> list[dict]:
     """For each intervened row: component -> (positions, heads) where the component's variable lives (the final
     naming positions for the last-token components; every mention token for retrieval and binding)."""
     out = []

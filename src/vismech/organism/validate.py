@@ -42,20 +42,20 @@ def _rate(k: int, n: int) -> dict:
     return {"rate": k / n, "n": n, "ci_low": float(lo), "ci_high": float(hi)}
 
 
-def _run(vlm: VLM, spec: plant.PlantSpec, plan: pb._Plan, end: str, seed: int):
+def _run(vlm: VLM, spec: plant.PlantSpec, plan: pb.Plan, end: str, seed: int):
     """Clean hits [clean rows], patched hits [intervened rows], and the clean z (for probes)."""
     b = pb.batch_of(vlm, spec, plan, end, seed)
     b = {k: v.to(vlm.device) if torch.is_tensor(v) else v for k, v in b.items()}
     with torch.no_grad():
         logits_a, z_a, _, _ = plant.clean_forward(vlm, spec, b)
-        hits_a = plant._answer_hits(logits_a, b["a_labels"]).cpu()
-        hits_b = plant._answer_hits(plant.patched_forward(vlm, b, z_a), b["b_labels"]).cpu() if plan.b else None
+        hits_a = plant.answer_hits(logits_a, b["a_labels"]).cpu()
+        hits_b = plant.answer_hits(plant.patched_forward(vlm, b, z_a), b["b_labels"]).cpu() if plan.b else None
     return hits_a, hits_b, z_a, b
 
 
-def _plan(bases) -> pb._Plan:
-    plan = pb._Plan()
-    plan.a = [pb._Row(t, t.answer, False, g) for g, t in enumerate(bases)]
+def _plan(bases) -> pb.Plan:
+    plan = pb.Plan()
+    plan.a = [pb.Row(t, t.answer, False, g) for g, t in enumerate(bases)]
     return plan
 
 
@@ -102,17 +102,17 @@ def interchange(vlm, spec, n: int, seed: int, batch_size: int, end: str) -> dict
         plan = _plan(chunk)
         srcs = []
         for g, t in enumerate(chunk):
-            swap, feat = pb._informative_swap(t, rng), cm.feature_source(t, rng)
+            swap, feat = pb.informative_swap(t, rng), cm.feature_source(t, rng)
             srcs.append((swap, feat))
         for swap, feat in srcs:
-            plan.a += [pb._Row(swap, swap.answer, False, 0), pb._Row(feat, feat.answer, False, 0)]
+            plan.a += [pb.Row(swap, swap.answer, False, 0), pb.Row(feat, feat.answer, False, 0)]
         for g, t in enumerate(chunk):
             swap_i, feat_i = len(chunk) + 2 * g, len(chunk) + 2 * g + 1
             swap, feat = srcs[g]
             for kind in kinds:
                 src = feat if kind == "F" else swap
                 ans = cm.counterfactual_answer(t, src, kind[0])
-                plan.b.append((pb._Row(t, ans, False, g), kind, feat_i if kind == "F" else swap_i))
+                plan.b.append((pb.Row(t, ans, False, g), kind, feat_i if kind == "F" else swap_i))
         _, hb, _, _ = _run(vlm, spec, plan, end, seed)
         for k, (row, kind, _) in enumerate(plan.b):
             hits[kind][0] += int(hb[k])
@@ -136,10 +136,10 @@ def ablation(vlm, spec, n: int, seed: int, batch_size: int, end: str) -> dict:
     for s in range(0, len(bases), step):
         chunk = bases[s:s + step]
         plan = _plan(chunk)
-        plan.a += [pb._Row(r, r.answer, False, 0) for r in (cm.resample_source(t, rng) for t in chunk)]
+        plan.a += [pb.Row(r, r.answer, False, 0) for r in (cm.resample_source(t, rng) for t in chunk)]
         for name, hs in settings[1:]:
             for g, t in enumerate(chunk):
-                plan.b.append((pb._Row(t, t.answer, False, g), ("resample", hs), len(chunk) + g))
+                plan.b.append((pb.Row(t, t.answer, False, g), ("resample", hs), len(chunk) + g))
         ha, hb, _, _ = _run(vlm, spec, plan, end, seed)
         clean += int(ha[:len(chunk)].sum())
         for k, (row, kind, _) in enumerate(plan.b):
