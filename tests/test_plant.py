@@ -257,7 +257,7 @@ def test_the_invariance_term_is_zero_for_a_copy_and_positive_for_other_features(
 
 
 def test_plant_weights_on_the_command_line_and_in_the_card(capsys, tmp_path):
-    from vismech.cli import main
+    from vismech.app.cli import main
     from vismech.organism.card import reproduce_command
 
     spec = plant.PlantSpec(weights=plant.PlantSpec().weights + (("invariance", 1.0),))
