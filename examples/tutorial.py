@@ -35,8 +35,9 @@ print(res)
 print("first-token accuracy:", res["rsa"]["first_token_accuracy"])
 
 # %% [markdown]
-# Each experiment's summary is a dict; its tables are tidy rows (`res.table(name)`): here the RSA by layer, and
-# every head's mean CMA score with its BH-corrected significance.
+# Each experiment's summary is a dict; its tables are tidy rows (`res.table(name)`), every one with the same core
+# columns (`model, experiment, measure, value, ci_low, ci_high, n`) and then its conditions: here the RSA by layer,
+# and every head's mean CMA score with its BH-corrected significance.
 
 # %%
 rsa_rows = res.table("rsa")
@@ -45,14 +46,15 @@ L, H = vlm.n_layers, vlm.n_heads
 selection = np.zeros((L, H))
 for r in heads:
     if r["condition"] == "id_selection":
-        selection[r["layer"], r["head"]] = r["mean"]
+        selection[r["layer"], r["head"]] = r["value"]
 print("significant ID-selection heads:", sum(r["significant"] for r in heads if r["condition"] == "id_selection"))
 
 # %%
 fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3))
 for curve in ("position_prompt", "position_last", "features_last"):
     rows = [r for r in rsa_rows if r["curve"] == curve]
-    a.plot([r["layer"] for r in rows], [r["r"] for r in rows], marker="o", label=curve.replace("_", " at "))
+    a.plot([r["layer"] for r in rows], [r["value"] for r in rows], marker="o", label=curve.replace("_", " at "))
+    a.fill_between([r["layer"] for r in rows], [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], alpha=0.2)
 a.set(xlabel="layer", ylabel="RSA r", title="RSA by layer")
 a.legend(fontsize=7)
 im = b.imshow(selection, cmap="viridis", aspect="auto")
@@ -60,3 +62,12 @@ b.set(xlabel="head", ylabel="layer", title="CMA: ID selection")
 fig.colorbar(im, ax=b)
 fig.tight_layout()
 fig.savefig(os.path.join(OUT, "tutorial.png"), dpi=120)
+
+# %% [markdown]
+# The run's own figures (`OUT/figures/`) are drawn from the stored results alone, so they can be redrawn at any
+# time without the model: `vismech plot OUT` on the command line, or:
+
+# %%
+from vismech.app.replot import replot
+
+print(len(replot(OUT)), "figure files redrawn")

@@ -39,7 +39,8 @@ def test_run_with_a_loaded_model_equals_the_cli_run(tmp_path, monkeypatch, capsy
     rows = res.table("behaviour")
     assert {r["task"] for r in rows} == {"scene_description", "color_retrieval"}
     assert all(isinstance(r["value"], float) and isinstance(r["n"], int) for r in rows)
-    assert [r["n"] for r in rows if r["target_cell"] == ""] == [2, 2]
+    assert [r["n"] for r in rows if r["target_row"] == ""] == [2, 2]
+    assert all(isinstance(r["target_row"], int) for r in rows if r["target_row"] != "")  # no "0,1" strings
     again = vismech.run(["behaviour"], vlm=TINY, out=tmp_path / "api", resume=True, **FAST)  # by name, resumed
     assert again["behaviour"] == res["behaviour"]
 
@@ -77,6 +78,7 @@ def test_the_tutorial_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Results(['rsa', 'cma']" in r.stdout
     assert (tmp_path / "t" / "tutorial.png").stat().st_size > 10_000
+    assert "12 figure files redrawn" in r.stdout  # rsa, rsa_heads, cma_stage_map, cma_CONDITION x3; png + pdf
     assert json.loads((tmp_path / "t" / "results" / "rsa.json").read_text())["k"] == 4
 
 

@@ -125,6 +125,11 @@ CASES = [
     (["report", "{root}/no-such-run"], "not a vismech run directory"),
     (["report", "{run-truncated}"], "behaviour.json"),
     (["report", "{run-list-manifest}"], "manifest.json"),
+    (["report", "{run-truncated}", "--replot"], "behaviour.json"),
+    # plot
+    (["plot", "{root}/no-such-run"], "not a vismech run directory"),
+    (["plot", "{run-list-manifest}"], "manifest.json"),
+    (["plot", "{afile}"], "not a vismech run directory"),
     # train-organism
     (["train-organism", "--arch", "llava", "--steps", "-1"], "--steps"),
     (["train-organism", "--arch", "llava", "--steps", "0"], "--steps"),

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny
+from vismech.app.runner import run_one
 from vismech.engine import hooks
 from vismech.engine.edits import run_heads
 from vismech.experiments import binding_errors, cma, relabs_patch, reuse
@@ -191,15 +192,15 @@ def test_experiments_run_end_to_end(family, tmp_path):
     heads = [list(h) for h in HEADS]
     gen = family == "llava"
     grid = (3, 3) if gen else (2, 2)
-    s = reuse.run(_ctx(vlm, reuse, tmp_path, n=1, n_estimate=1, heads=heads, generate=gen, grid=grid))
+    s = run_one(reuse, _ctx(vlm, reuse, tmp_path, n=1, n_estimate=1, heads=heads, generate=gen, grid=grid))
     assert s["head_source"] == "given" and s["baseline_first_token_accuracy"]["n"] == 4
     assert len(s["id_vector_norms"]) == grid[0] * grid[1] and "before" in reuse.caption(s)
-    s = relabs_patch.run(_ctx(vlm, relabs_patch, tmp_path, n=1, heads=heads))
+    s = run_one(relabs_patch, _ctx(vlm, relabs_patch, tmp_path, n=1, heads=heads))
     assert s["n_pairs"] == 16 and s["choice_absolute_baseline"]["value"] + s["choice_relative_baseline"]["value"] == 1
     assert "relative match" in relabs_patch.caption(s)
     pairs = read_csv(tmp_path / "results" / "relabs_patch_trials.csv")
     assert any(p["baseline_logit_abs_minus_rel"] != p["patched_logit_abs_minus_rel"] for p in pairs)
-    s = binding_errors.run(_ctx(vlm, binding_errors, tmp_path, n=1, heads=heads, n_perm=50, generate=gen))
+    s = run_one(binding_errors, _ctx(vlm, binding_errors, tmp_path, n=1, heads=heads, n_perm=50, generate=gen))
     assert s["low_first_token_accuracy"]["n"] == 16 and "decoded_accuracy_low" in s["tracing"]
     assert ("low+patch_generation_accuracy" in s) == gen and ("answer_is_object_at_decoded_cell" in s["tracing"]) == gen
     assert "high entropy" in binding_errors.caption(s)

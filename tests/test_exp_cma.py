@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, tiny
+from vismech.app.runner import run_one
 from vismech.analysis.cma import null_mean_scores
 from vismech.engine import mediation
 from vismech.experiments import cma
@@ -179,10 +180,10 @@ def test_cma_scores_is_computed_once_and_downstream_options_apply(tmp_path, monk
 def test_cma_runs_end_to_end(family, tmp_path):
     vlm = tiny(family)
     ctx = _ctx(vlm, tmp_path, n=3, null_samples=500)
-    summary = cma.run(ctx)
+    summary = run_one(cma, ctx)
     json.dumps(summary)
     rows = (tmp_path / "results" / "cma_heads.csv").read_text().splitlines()
-    assert rows[0] == "condition,layer,head,mean,se,p,p_adjusted,significant,n_pairs"
+    assert rows[0] == "model,experiment,measure,value,ci_low,ci_high,n,condition,layer,head,se,p,p_adjusted,significant"
     assert len(rows) == 1 + 3 * vlm.n_layers * vlm.n_heads
     for name in ["cma_stage_map"] + [f"cma_{c}" for c in cma.CONDITIONS]:
         for ext in ("png", "pdf"):

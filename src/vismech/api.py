@@ -28,21 +28,12 @@ class Results(dict):
     def table(self, name: str) -> list[dict[str, Any]]:
         """The rows of ``results/NAME.csv`` (an experiment's main table, e.g. ``"rsa"``, ``"cma"``), numbers as
         numbers."""
-        from vismech.store.io import read_csv
+        from vismech.store.results import read_table
 
-        return [{k: _number(v) for k, v in row.items()} for row in read_csv(self.out / "results" / f"{name}.csv")]
+        return read_table(self.out / "results" / f"{name}.csv")
 
     def __repr__(self) -> str:
         return f"Results({list(self)}, out={str(self.out)!r})"
-
-
-def _number(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
 
 
 def load(name: str, *, dtype: str = "fp32", device: str | None = None, device_map: str | None = None,

@@ -137,13 +137,15 @@ def top_k_heads(mean_scores, k: int) -> list[tuple[int, int]]:
     return [(int(layer[i]), int(head[i])) for i in order]
 
 
-def stage_map(mean_scores_by_condition) -> np.ndarray:
+def stage_map(mean_scores_by_condition, colours: list[str] | None = None) -> np.ndarray:
     """Fig. 1d-style map: [L, H, 3] RGB in [0, 1], one channel per condition.
 
     Input: a dict name -> mean scores [L, H] (channels in insertion order, e.g. id_retrieval -> red,
     id_selection -> green, feature_retrieval -> blue) or an array [C, L, H], with C <= 3. Each channel is the
     positive part of its scores divided by that condition's own maximum, because the conditions' scales differ by
-    an order of magnitude; a condition with no positive score is all 0. Missing channels are 0.
+    an order of magnitude; a condition with no positive score is all 0. Missing channels are 0. With ``colours``
+    (one "#rrggbb" per condition, e.g. a colour-blind-safe palette), each condition's weight scales its colour
+    instead of one channel, and the colours add (clipped at 1).
     """
     if isinstance(mean_scores_by_condition, dict):
         maps = [np.asarray(v, dtype=np.float64) for v in mean_scores_by_condition.values()]
@@ -160,7 +162,12 @@ def stage_map(mean_scores_by_condition) -> np.ndarray:
         top = pos.max()
         if top > 0:
             rgb[..., c] = pos / top
-    return rgb
+    if colours is None:
+        return rgb
+    if len(colours) != len(maps):
+        raise ValueError(f"stage_map got {len(colours)} colours for {len(maps)} conditions")
+    cols = np.array([[int(h.lstrip("#")[i:i + 2], 16) / 255 for i in (0, 2, 4)] for h in colours])  # [C, 3]
+    return np.clip(rgb[..., :len(maps)] @ cols, 0.0, 1.0)
 
 
 def null_mean_scores(null: np.ndarray, samples: int, seed: int = 0) -> np.ndarray:

@@ -247,8 +247,11 @@ def cmd_demo(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from vismech.app.replot import replot
     from vismech.app.report import write_report
 
+    if args.replot:  # replot rebuilds the report too
+        print(f"{len(replot(args.run_dir))} figure files redrawn in {Path(args.run_dir) / 'figures'}")
     path = write_report(Path(args.run_dir))
     print(f"report: {path}")
     return 0
@@ -339,7 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="rebuild RUN_DIR/report.html from the stored results")
     s.add_argument("run_dir")
+    s.add_argument("--replot", action="store_true", help="redraw every figure from the stored results first")
     s.set_defaults(fn=cmd_report)
+    s = sub.add_parser("plot", help="redraw every figure of RUN_DIR from its stored results (and the report)")
+    s.add_argument("run_dir")
+    s.set_defaults(fn=cmd_report, replot=True)
 
     add_train_parser(sub)
     for command in sub.choices.values():  # --debug, -q and -v are accepted after the command too

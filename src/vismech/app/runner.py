@@ -27,6 +27,7 @@ from vismech.experiments import get
 from vismech.experiments.common import Context, notice
 from vismech.experiments.options import check_options
 from vismech.store.io import json_text, write_json
+from vismech.store.results import Stored, file_stem
 from vismech.store.rundir import Ledger, Lock, fingerprint, output_dir
 
 log = logging.getLogger("vismech")
@@ -219,7 +220,7 @@ def run_experiments(names: list[str], args, overrides: dict, resume: bool = Fals
         shared: dict = {}
         for m in mods:
             distributed.barrier()
-            done = out / "results" / f"{m.NAME}.json"
+            done = out / "results" / f"{file_stem(m.NAME)}.json"
             state = distributed.from_main(_stored(ledger, manifest, m.NAME, done) if distributed.is_main() else None)
             if state == "ok":
                 log.info("[%s] already done, skipped", m.NAME)
@@ -228,9 +229,10 @@ def run_experiments(names: list[str], args, overrides: dict, resume: bool = Fals
             if state is not None:
                 notice(f"[{m.NAME}] {state}; running it again (its stored units are reused)")
             ctx = Context(vlm, out, options[m.NAME], seed=args.seed, batch_size=args.batch_size, shared=shared,
-                          ledger=ledger, show_progress=getattr(args, "progress", True))
+                          ledger=ledger, show_progress=getattr(args, "progress", True), model=args.model,
+                          experiment=m.NAME)
             t0 = time.time()
-            summary = m.run(ctx)
+            summary = run_one(m, ctx)
             manifest["wall_seconds"][m.NAME] = round(time.time() - t0, 2)
             outputs[m.NAME] = [ledger.rel(p) for p in ctx.written + [done] if p.parent.name != "units"]
             ctx.write_file(done, json_text(summary).encode())  # its checksum (and the manifest) go first
@@ -248,6 +250,27 @@ def run_experiments(names: list[str], args, overrides: dict, resume: bool = Fals
     finally:
         lock.release()
     return out
+
+
+def run_one(module, ctx: Context) -> dict:
+    """Run one experiment in ``ctx`` and draw its figures from what it stored (``draw``); returns its summary as
+    it will be stored (JSON types)."""
+    from vismech import distributed
+
+    summary = json.loads(json_text(module.run(ctx)))
+    if distributed.is_main():
+        draw(module, Stored(ctx.out, module.NAME, summary, model=ctx.model or getattr(ctx.vlm, "name", None)), ctx)
+    return summary
+
+
+def draw(module, stored: Stored, ctx: Context) -> list[Path]:
+    """Draw the figures of one experiment from its stored results (the module's ``plot(stored)``: figure name ->
+    matplotlib figure) and save them through ``ctx`` (PNG and PDF, checksums in the manifest)."""
+    plot = getattr(module, "plot", None)
+    paths: list[Path] = []
+    for name, fig in (plot(stored) if plot else {}).items():
+        paths += ctx.save_figure(fig, name)
+    return paths
 
 
 def _one_line(module, summary: dict) -> str:

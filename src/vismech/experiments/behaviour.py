@@ -39,6 +39,12 @@ def run(ctx: Context) -> dict:
     return {"accuracy": summary}
 
 
+def report_rows(st):
+    """For the report: accuracy per task (every target cell: in the CSV)."""
+    rows = [r for r in st.table("behaviour") if r.get("target_row", "") == ""]
+    return "Accuracy per task", rows, "results/behaviour.csv (also per target cell), behaviour_trials.csv"
+
+
 def caption(summary: dict) -> str:
     parts = [f"{r['task'].replace('_', ' ')} {r['grid']}: {100 * r['value']:.0f}% "
              f"[{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}] (n={r['n']})"

@@ -61,6 +61,7 @@ import numpy as np
 from vismech.analysis.cma import head_significance, null_mean_scores, stage_map, top_k_heads
 from vismech.analysis.stats import mean_se
 from vismech.errors import UserError
+from vismech.experiments import figures as F
 from vismech.experiments.common import Context
 from vismech.experiments.options import MAX_TRIALS, Opt
 from vismech.experiments.sources import source
@@ -188,34 +189,45 @@ def _ticks(ax, L: int, H: int) -> None:
         ax.set_yticks(range(0, L, max(1, L // 10)))
 
 
-def _figures(ctx: Context, res: CMAResult) -> None:
-    import matplotlib.pyplot as plt
+@F.paper_style
+def plot(st) -> dict:
+    """Figures ``cma_stage_map`` (every head coloured by the stages it mediates) and ``cma_CONDITION`` (mean score
+    per head, significant heads circled) from the stored table ``cma_heads``."""
     from matplotlib.patches import Patch
 
-    L, H = next(iter(res.mean.values())).shape
-    rgb = stage_map({c: res.mean[c] for c in res.conditions})
-    fig, ax = plt.subplots(figsize=(max(4, H * 0.25 + 2), max(3, L * 0.2 + 1.5)))
-    ax.imshow(rgb, origin="lower", aspect="auto", interpolation="nearest")
+    rows, sm = st.table("cma_heads"), st.summary
+    conds = [c for c in CONDITIONS if c in sm["conditions"]]
+    L, H = 1 + max(r["layer"] for r in rows), 1 + max(r["head"] for r in rows)
+
+    def grid(c, key):
+        return F.column(sorted(F.where(rows, condition=c), key=lambda r: (r["layer"], r["head"])), key).reshape(L, H)
+
+    mean = {c: grid(c, "value") for c in conds}
+    w, h = min(6.8, max(2.6, 0.16 * H + 1.6)), min(6.0, max(2.0, 0.14 * L + 1.0))
+    fig, axes = F.figure(1, 1, w=w, h=h)
+    ax = axes[0, 0]
+    ax.imshow(stage_map(mean, [F.STAGE[c] for c in conds]), origin="lower", aspect="auto", interpolation="nearest")
     _ticks(ax, L, H)
-    ax.set_title(f"CMA heads by stage ({ctx.vlm.name})")
-    colours = ["red", "green", "blue"]
-    ax.legend(handles=[Patch(color=colours[i], label=LABELS[c]) for i, c in enumerate(res.conditions)],
-              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    ctx.save_figure(fig, "cma_stage_map")
-    for c in res.conditions:
-        m, sig = res.mean[c], res.significance[c]["mask"]
+    ax.set_title(f"CMA heads by stage ({st.model})")
+    ax.legend(handles=[Patch(color=F.STAGE[c], label=LABELS[c]) for c in conds], loc="upper left",
+              bbox_to_anchor=(1.01, 1))
+    figs = {"cma_stage_map": fig}
+    for c in conds:
+        m, sig = mean[c], grid(c, "significant") > 0
         lim = float(np.nanmax(np.abs(m))) or 1.0
-        fig, ax = plt.subplots(figsize=(max(4, H * 0.25 + 2), max(3, L * 0.2 + 1.5)))
+        fig, axes = F.figure(1, 1, w=w + 0.6, h=h)
+        ax = axes[0, 0]
         im = ax.imshow(m, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
         ys, xs = np.nonzero(sig)
-        ax.scatter(xs, ys, s=12, facecolors="none", edgecolors="black", linewidths=0.8,
-                   label=f"significant (BH q={res.significance[c]['q']})")
-        _ticks(ax, L, H)
-        ax.set_title(f"{LABELS[c]}: mean CMA score (n={res.scores[c].shape[-1]} pairs)")
-        fig.colorbar(im, ax=ax, label="CMA score s")
         if ys.size:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.25, 1), fontsize=8)
-        ctx.save_figure(fig, f"cma_{c}")
+            ax.scatter(xs, ys, s=14, facecolors="none", edgecolors="black", linewidths=0.8,
+                       label=f"significant (BH q={sm['q']})")
+            ax.legend(loc="lower left", bbox_to_anchor=(0, 1.08), ncol=1)
+        _ticks(ax, L, H)
+        ax.set_title(f"{LABELS[c]}: mean CMA score (n={sm['conditions'][c]['n_pairs']} pairs)")
+        fig.colorbar(im, ax=ax, label="CMA score s")
+        figs[f"cma_{c}"] = fig
+    return figs
 
 
 def run(ctx: Context) -> dict:
@@ -228,10 +240,9 @@ def run(ctx: Context) -> dict:
         L, H = res.mean[c].shape
         for l in range(L):
             for h in range(H):
-                rows.append({"condition": c, "layer": l, "head": h, "mean": float(res.mean[c][l, h]),
-                             "se": float(res.se[c][l, h]), "p": float(sig["pvalues"][l, h]),
-                             "p_adjusted": float(sig["p_adjusted"][l, h]), "significant": int(sig["mask"][l, h]),
-                             "n_pairs": n})
+                rows.append({"measure": "cma_score", "value": float(res.mean[c][l, h]), "n": n, "condition": c,
+                             "layer": l, "head": h, "se": float(res.se[c][l, h]), "p": float(sig["pvalues"][l, h]),
+                             "p_adjusted": float(sig["p_adjusted"][l, h]), "significant": int(sig["mask"][l, h])})
         above = res.mean[c] > sig["threshold"]
         top = res.top_k(c, ctx.opt("top_k"))
         summary["conditions"][c] = {
@@ -244,10 +255,21 @@ def run(ctx: Context) -> dict:
             "line": f"{LABELS[c]} heads: {sig['count']} significant, layers {_layer_range(sig['mask'])}",
         }
     ctx.save_table("cma_heads", rows)
-    ctx.save_arrays("cma_scores", {f"{k}_{c}": getattr(res, k)[c] for c in res.conditions
-                                   for k in ("scores", "null_scores", "null_means")})
-    _figures(ctx, res)
+    dims = {"scores": ("layer", "head", "pair"), "null_scores": ("layer", "head", "pair"), "null_means": ("sample",)}
+    arrays = {f"{k}_{c}": getattr(res, k)[c] for c in res.conditions for k in dims}
+    ctx.save_arrays("cma_scores", arrays, {f"{k}_{c}": d for c in res.conditions for k, d in dims.items()})
     return summary
+
+
+def report_rows(st):
+    """For the report: the top heads of each condition."""
+    rows = st.table("cma_heads")
+    out = []
+    for c in CONDITIONS:
+        got = sorted(F.where(rows, condition=c), key=lambda r: -r["value"])[:5]
+        out += [{k: r[k] for k in ("condition", "layer", "head", "measure", "value", "se", "p_adjusted",
+                                   "significant", "n")} for r in got]
+    return "Top 5 heads per condition (mean CMA score)", out, "results/cma_heads.csv (every head)"
 
 
 def caption(summary: dict) -> str:

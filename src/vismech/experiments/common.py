@@ -2,9 +2,12 @@
 
 An experiment is a module in ``vismech.experiments`` with ``NAME``, ``DESCRIPTION``, ``DEFAULTS`` (its options
 and their default values; an optional ``LIMITS`` beside it adds ranges and choices, see ``experiments.options``)
-and ``run(ctx) -> dict`` (a JSON-able summary). It writes tidy tables with ``ctx.save_table`` and figures with
-``ctx.save_figure`` (everything it writes gets its checksum in the run's manifest); it never loads a model or
-registers a hook itself.
+and ``run(ctx) -> dict`` (a JSON-able summary). It writes tidy tables with ``ctx.save_table`` (long format, the
+core columns of ``store.results`` first) and arrays with ``ctx.save_arrays`` (with dimension names); everything it
+writes gets its checksum in the run's manifest. Its figures come from ``plot(stored) -> {name: figure}``, which
+reads only the stored results (``store.results.Stored``): the runner calls it after ``run``, and ``vismech plot
+RUN_DIR`` calls it again without the model. An optional ``report_rows(stored)`` picks the rows the report shows.
+It never loads a model or registers a hook itself.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from vismech.errors import UserError
 from vismech.store.io import atomic_write, csv_text, json_text
 
 _MISSING = object()
+#: no creation date in saved figures, so a redrawn figure has the same bytes as the first
+_NO_DATE = {"png": {"Software": None}, "pdf": {"CreationDate": None, "ModDate": None}}
 
 
 @dataclass
@@ -34,6 +39,8 @@ class Context:
     show_progress: bool = True
     ledger: Any = None  # a vismech.store.rundir.Ledger: checksums of what the run writes, checked before reuse
     written: list[Path] = field(default_factory=list)  # every file this experiment wrote, in order
+    model: str = ""  # the run's model name (the ``model`` column of every table)
+    experiment: str = ""  # the experiment's name (the ``experiment`` column; its files start with its stem)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -98,22 +105,33 @@ class Context:
         self.written.append(path)
         return atomic_write(path, data)
 
+    def _file(self, kind: str, name: str) -> str:
+        """``name`` checked against the one naming scheme: the experiment's stem, or stem + "_" + part."""
+        from vismech.store.results import file_stem
+
+        stem = file_stem(self.experiment) if self.experiment else name
+        if name != stem and not name.startswith(stem + "_"):
+            raise ValueError(f"{kind} {name!r} of experiment {self.experiment!r} must be named {stem} or {stem}_*")
+        return name
+
     def save_table(self, name: str, rows: list[dict]) -> Path:
-        """Write ``results/NAME.csv`` (long format: one row per measurement with its condition columns)."""
+        """Write ``results/NAME.csv``: long format, the core columns first (``store.results.tidy``)."""
+        from vismech.store.results import tidy
+
+        rows = tidy(rows, self.model or getattr(self.vlm, "name", ""), self.experiment, self._file("table", name))
         return self.write_file(self.results_dir / f"{name}.csv", csv_text(rows).encode())
 
     def save_json(self, name: str, obj: Any) -> Path:
-        return self.write_file(self.results_dir / f"{name}.json", json_text(obj).encode())
+        return self.write_file(self.results_dir / f"{self._file('JSON file', name)}.json", json_text(obj).encode())
 
-    def save_arrays(self, name: str, arrays: dict[str, Any]) -> Path:
-        """Write ``results/NAME.npz`` (compressed; read it with ``numpy.load(path, allow_pickle=False)``)."""
-        import io
+    def save_arrays(self, name: str, arrays: dict[str, Any], dims: dict[str, tuple[str, ...]]) -> Path:
+        """Write ``results/NAME.npz`` (compressed; ``numpy.load(path, allow_pickle=False)``) and
+        ``results/NAME.dims.json``, the names of every array's dimensions (``store.results.read_arrays``)."""
+        from vismech.store.results import arrays_bytes
 
-        import numpy as np
-
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
-        return self.write_file(self.results_dir / f"{name}.npz", buf.getvalue())
+        data, names = arrays_bytes(arrays, dims)
+        self.write_file(self.results_dir / f"{self._file('arrays', name)}.dims.json", names)
+        return self.write_file(self.results_dir / f"{name}.npz", data)
 
     def save_figure(self, fig, name: str) -> list[Path]:
         """Save a matplotlib figure as PNG and PDF under ``figures/`` and close it."""
@@ -123,13 +141,14 @@ class Context:
 
         from vismech import distributed
 
+        self._file("figure", name)
         if not distributed.is_main():
             plt.close(fig)
             return []
         paths = []
         for ext in ("png", "pdf"):
             buf = io.BytesIO()
-            fig.savefig(buf, format=ext, dpi=150, bbox_inches="tight")
+            fig.savefig(buf, format=ext, dpi=200, bbox_inches="tight", metadata=_NO_DATE.get(ext))
             paths.append(self.write_file(self.figures_dir / f"{name}.{ext}", buf.getvalue()))
         plt.close(fig)
         return paths

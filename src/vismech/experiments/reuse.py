@@ -42,6 +42,7 @@ from vismech.errors import UserError
 from vismech.engine import evaluate
 from vismech.experiments import cma
 from vismech.experiments.cma import select_heads
+from vismech.experiments import figures as F
 from vismech.experiments.common import Context, pct
 from vismech.experiments.options import Opt
 from vismech.scenes import answers
@@ -130,31 +131,30 @@ def summarize(rows: list[dict], seed: int = 0) -> list[dict]:
     return out
 
 
-def _figure(ctx: Context, table: list[dict], alpha: float, k: int) -> None:
-    import matplotlib.pyplot as plt
-
+@F.paper_style
+def plot(st) -> dict:
+    """Figure ``reuse`` from the stored table: first-token accuracy and wrong-cell answers per relation, before,
+    after the ID edit and with a wrong cell's ID."""
+    table, sm = st.table("reuse"), st.summary
+    alpha, k = sm["alpha"], len(sm["heads"])
     rels = [*RELATIONS, "all"]
-    conds = [("baseline", "Before", "#999999"), ("target_id", f"After (+{alpha:g} d)", "#1f77b4"),
-             ("control_id", "Control (wrong-cell d)", "#d62728")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, stat, ylabel in ((axes[0], "accuracy", "Accuracy"),
-                             (axes[1], "control_object_rate", "Answer = wrong cell's object")):
-        for j, (cond, label, colour) in enumerate(conds):
-            got = {r["relation"]: r for r in table if r["measure"] == "first_token" and r["stat"] == stat
-                   and r["condition"] == cond}
-            x = np.arange(len(rels)) + (j - 1) * 0.27
-            v = np.array([got[r]["value"] for r in rels])
-            err = np.array([[got[r]["value"] - got[r]["ci_low"] for r in rels],
-                            [got[r]["ci_high"] - got[r]["value"] for r in rels]])
-            ax.bar(x, v, 0.27, yerr=err, capsize=2, color=colour, label=label)
-        ax.set_xticks(np.arange(len(rels)), [r.capitalize() for r in rels])
-        ax.set_ylabel(ylabel)
+    conds = [("baseline", "Before", F.ROLE["none"]), ("target_id", f"After (+{alpha:g} d)", F.ROLE["edit"]),
+             ("control_id", "Control (wrong-cell d)", F.ROLE["top"])]
+    fig, axes = F.figure(2, 1, w=3.4, h=2.6)
+    for ax, stat, ylabel in ((axes[0, 0], "accuracy", "Accuracy"),
+                             (axes[0, 1], "control_object_rate", "Answer = wrong cell's object")):
+        series = {}
+        for cond, label, _ in conds:
+            got = [F.where(table, measure="first_token", stat=stat, condition=cond, relation=r)[0] for r in rels]
+            series[label] = tuple(F.column(got, c) for c in ("value", "ci_low", "ci_high"))
+        F.bars(ax, [r.capitalize() for r in rels], series, {label: c for _, label, c in conds}, ylabel)
         ax.set_ylim(0, 1)
-    n = next(r["n"] for r in table if r["relation"] == "above" and r["condition"] == "baseline")
-    axes[0].set_title(f"Spatial relation, top-{k} ID-selection heads (n={n} per relation)")
-    axes[1].set_title("Control: ID of a wrong cell")
-    axes[0].legend(fontsize=8)
-    ctx.save_figure(fig, "reuse")
+    n = F.where(table, relation="above", condition="baseline")[0]["n"]
+    axes[0, 0].set_title(f"Top-{k} ID-selection heads (n={n} per relation)")
+    axes[0, 1].set_title("Control: ID of a wrong cell")
+    F.legend_below(axes[0, 0], ncol=3, drop=0.35)
+    fig.tight_layout()
+    return {"reuse": fig}
 
 
 def run(ctx: Context, heads=None) -> dict:
@@ -185,7 +185,6 @@ def run(ctx: Context, heads=None) -> dict:
         r.update(alpha=alpha, k=len(heads))
     ctx.save_table("reuse_trials", rows)
     ctx.save_table("reuse", table)
-    _figure(ctx, table, alpha, len(heads))
     pick = {(r["condition"], r["measure"], r["stat"]): r for r in table if r["relation"] == "all"}
     summary = {"head_source": source, "alpha": alpha, "grid": list(grid), "n_per_relation": int(ctx.opt("n")),
                "n_estimate_per_cell": int(ctx.opt("n_estimate"))}
@@ -203,6 +202,13 @@ def run(ctx: Context, heads=None) -> dict:
     summary["heads"] = [list(h) for h in heads]
     summary["id_vector_norms"] = {f"{c[0]},{c[1]}": float(np.linalg.norm(v)) for c, v in vectors.items()}
     return summary
+
+
+def report_rows(st):
+    """For the report: every condition over all relations."""
+    keep = ("condition", "measure", "stat", "value", "ci_low", "ci_high", "n")
+    return "All relations", [{k: r[k] for k in keep} for r in F.where(st.table("reuse"), relation="all")], \
+        "results/reuse.csv (per relation), reuse_trials.csv"
 
 
 def caption(summary: dict) -> str:
