@@ -238,3 +238,27 @@ def test_binding_errors_caption_with_and_without_a_permutation_null():
     many = binding_errors.caption({**base, "tracing": {"answer_is_object_at_decoded_cell": {
         **trace, "n": 6, "permutation_mean": 0.25, "p_permutation": 0.04}}})
     assert "On 6 error trials" in many and "permutation null 25%, p = 0.04" in many
+
+
+def test_binding_errors_figure_draws_the_accuracy_rows(tmp_path):
+    """The figure is drawn from the stored tables. The old one keyed the rows of a condition by measure alone, so
+    the control-object rate (a later row with the same condition and measure) replaced the accuracy: on the
+    organism's demo the low-entropy generation bar showed 0.08 instead of 0.75."""
+    from vismech.store.io import csv_text
+    from vismech.store.results import Stored, tidy
+
+    rows = [{"condition": c, "measure": m, "stat": "accuracy", "value": v, "ci_low": v - 0.1, "ci_high": min(1, v + 0.1),
+             "n": 64} for m, vals in (("first_token", (1, 1, 1, 1)), ("generation", (1, 0.75, 0.5, 0.25)))
+            for c, v in zip(binding_errors.CONDITIONS, vals)]
+    rows += [{"condition": c, "measure": "generation", "stat": "control_object_rate", "value": 0.078, "n": 64}
+             for c in ("low+control", "low")]
+    trace = [{"measure": "answer_is_object_at_decoded_cell", "value": 0.4, "ci_low": 0.1, "ci_high": 0.7, "n": 5,
+              "chance": 1 / 3, "permutation_mean": 0.3, "permutation_low": 0.2, "permutation_high": 0.5}]
+    (tmp_path / "results").mkdir()
+    for name, rs in (("binding_errors", rows), ("binding_errors_tracing", trace)):
+        (tmp_path / "results" / f"{name}.csv").write_text(csv_text(tidy(rs, "m", "binding-errors", name)))
+    fig = binding_errors.plot(Stored(tmp_path, "binding-errors", {"heads": [[0, 0]] * 3, "grid": [2, 2]},
+                                     model="m"))["binding_errors"]
+    bars = [p.get_height() for p in fig.axes[0].patches]  # per condition: first token, generation
+    assert bars == [1, 1, 1, 0.75, 1, 0.5, 1, 0.25]
+    assert [p.get_height() for p in fig.axes[1].patches] == pytest.approx([0.4, 1 / 3, 0.3])

@@ -140,6 +140,7 @@ def cmd_eval(args) -> int:
 
     from vismech.engine import evaluate
     from vismech.store.io import write_csv, write_json
+    from vismech.store.results import tidy
     from vismech.scenes.stimuli import TASK_GENERATORS, generate
 
     bad = [t for t in args.task if t not in TASK_GENERATORS]
@@ -161,10 +162,10 @@ def cmd_eval(args) -> int:
             for r in evaluate.evaluate(vlm, trials, args.batch_size, generate=not args.no_generate,
                                         progress=bar.update):
                 rows.append({**r, "trial": len(rows)})
-            write_csv(rows, out / "trials.csv")
+            write_csv(tidy(rows, args.model, "eval", "eval_trials"), out / "trials.csv")
     summary = evaluate.summarize(rows)
     cells = evaluate.summarize(rows, by=("task", "grid", "entropy", "target_cell"))
-    write_csv(summary + cells, out / "accuracy.csv")
+    write_csv(tidy(summary + cells, args.model, "eval", "eval"), out / "accuracy.csv")  # the run's table shape
     write_json({"model": args.model, "prompt_format": args.prompt_format, "dtype": args.dtype, "seed": args.seed,
                 "tasks": args.task, "n": args.n, "grid": list(args.grid), "seconds": time.time() - t0,
                 "framing": vlm.framing_record(args.seed), "accuracy": summary}, out / "summary.json")

@@ -87,8 +87,8 @@ def plot(st) -> dict:
         ax.set_ylabel("Counting accuracy")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title("generation" if m == "generation" else "first token")
-        F.legend_below(ax, ncol=2)
     fig.tight_layout()
+    F.figure_legend(fig, axes[0], ncol=4)
     return {"counting_ablation": fig}
 
 
