@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from vismech import patching
-from vismech.attribution import attribution_scores
+from vismech.engine import patching
+from vismech.engine.attribution import attribution_scores
 from vismech.models.load import load_vlm
 from vismech.scenes.counterfactual import CONDITIONS, cma_pairs
 

@@ -43,7 +43,7 @@ def sweep(args) -> None:
     import torch
 
     from vismech import distributed
-    from vismech.experiments.cma import condition_scores
+    from vismech.engine.mediation import condition_scores
     from vismech.models.load import load_vlm
     from vismech.scenes.counterfactual import CONDITIONS, cma_pairs
 

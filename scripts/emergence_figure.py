@@ -6,7 +6,7 @@ from pathlib import Path
 from vismech.organism.emergence import plot_emergence, read, seed_table
 
 root = Path(__file__).resolve().parent.parent
-org = root / "src" / "vismech" / "organisms"
+org = root / "src" / "vismech" / "checkpoints"
 stages = root / "docs" / "organism-stages"
 
 

@@ -8,7 +8,7 @@ import pickle
 import shutil
 from pathlib import Path
 
-from vismech.cli import main
+from vismech.app.cli import main
 
 
 def cli(argv: list[str], capsys) -> tuple[int, list[str]]:

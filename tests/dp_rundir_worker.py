@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from vismech import distributed, runner
+from vismech import distributed
+from vismech.app import runner
 from vismech.errors import UserError
 from vismech.experiments.common import Context
-from vismech.io import write_json
-from vismech.rundir import Ledger
+from vismech.store.io import write_json
+from vismech.store.rundir import Ledger
 
 ROUNDS = 12
 distributed.init()

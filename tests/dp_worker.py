@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-from vismech import distributed, hooks, patching
+from vismech import distributed
+from vismech.engine import hooks, patching
 from vismech.models.load import load_vlm
 from vismech.scenes.counterfactual import cma_pairs
 
@@ -22,7 +23,7 @@ if distributed.is_main():
     torch.save({"out": out, "world": distributed.world()}, sys.argv[1])
 
 # the CMA sweep with its null: 3 chunks of 2 pairs, so 2 processes split the chunks (not the heads)
-from vismech.experiments.cma import condition_scores  # noqa: E402
+from vismech.engine.mediation import condition_scores  # noqa: E402
 
 scores, nulls = condition_scores(vlm, cma_pairs("id_retrieval", 6, seed=2), "id_retrieval", batch_size=2, seed=0)
 # and in bf16, where any change in how rows are grouped would move the rounding: 2 chunks, one a process

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny
-from vismech import activations, hooks
-from vismech.activations import CaptureSpec
+from vismech.engine import activations, hooks
+from vismech.engine.activations import CaptureSpec
 from vismech.analysis.pca import StreamingMoments
-from vismech.experiments.behaviour import batches
+from vismech.engine.evaluate import batches
 from vismech.experiments.common import Context
 from vismech.scenes.sets import entropy_set
 

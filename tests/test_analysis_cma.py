@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vismech.analysis import head_significance, logit_diff, logit_diff_score, stage_map, summarize_heads, top_k_heads
+from vismech.analysis import head_significance, logit_diff, logit_diff_score, stage_map, top_k_heads
 
 CLEAN = np.array([[1.0, 2.0, 3.0], [0.0, 5.0, 1.0]])
 PATCHED = np.array([[4.0, 0.0, 1.0], [2.0, 2.0, 7.0]])
@@ -35,14 +35,6 @@ def test_bad_token_ids_raise():
         logit_diff(CLEAN, np.array([0, 3]), A1_STAR)
     with pytest.raises(ValueError, match="one token id per pair"):
         logit_diff(CLEAN, np.array([0]), A1_STAR)
-
-
-def test_summarize_heads():
-    scores = np.zeros((2, 3, 4))
-    scores[1, 2] = [1.0, 2.0, 3.0, 4.0]
-    mean, se = summarize_heads(scores)
-    assert mean.shape == se.shape == (2, 3)
-    assert mean[1, 2] == 2.5 and se[1, 2] == pytest.approx(np.sqrt(5 / 3) / 2)
 
 
 def test_planted_heads_found():

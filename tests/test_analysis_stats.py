@@ -67,3 +67,31 @@ def test_empirical_pvalue():
     p = empirical_pvalue(np.array([[5, 10], [0, 9]]), null)
     np.testing.assert_allclose(p, [[6 / 10, 1 / 10], [10 / 10, 2 / 10]])
     assert empirical_pvalue(1, null, alternative="less") == pytest.approx(2 / 10)
+
+
+def test_benjamini_hochberg_and_bootstrap_agree_with_scipy():
+    """The thin wrappers give scipy's numbers: BH-adjusted p-values equal ``false_discovery_control``'s, the
+    bootstrap interval equals ``scipy.stats.bootstrap``'s percentile interval under the same generator."""
+    from scipy import stats
+
+    p = np.random.default_rng(3).uniform(0, 0.2, size=(6, 7))
+    reject, adj = benjamini_hochberg(p, q=0.1)
+    np.testing.assert_allclose(adj.ravel(), stats.false_discovery_control(p.ravel(), method="bh"))
+    np.testing.assert_array_equal(reject, adj <= 0.1)
+    x = np.random.default_rng(4).normal(size=50)
+    point, lo, hi = bootstrap_ci(x, np.median, n_boot=300, ci=0.9, seed=7)
+    ref = stats.bootstrap((x,), np.median, n_resamples=300, confidence_level=0.9, method="percentile",
+                          rng=np.random.default_rng(7)).confidence_interval
+    assert (point, lo, hi) == (np.median(x), pytest.approx(ref.low), pytest.approx(ref.high))
+    X = np.random.default_rng(5).normal(size=(40, 3))  # rows resampled together: a vector statistic
+    _, lo3, hi3 = bootstrap_ci(X, lambda a: a.mean(0), n_boot=200, seed=1)
+    assert lo3.shape == (3,) and np.all(lo3 < X.mean(0)) and np.all(X.mean(0) < hi3)
+    assert bootstrap_ci(np.array([2.5]))[1:] == (2.5, 2.5)
+
+
+def test_rate_is_the_wilson_interval_and_nan_without_trials():
+    from vismech.analysis.stats import rate
+
+    r = rate(0, 20)  # hand: z^2 / (n + z^2) with z = 1.959964
+    assert r == {"n": 20, "value": 0.0, "ci_low": 0.0, "ci_high": pytest.approx(3.841459 / 23.841459, abs=1e-6)}
+    assert rate(7, 10)["value"] == 0.7 and np.isnan(rate(0, 0)["value"]) and rate(0, 0)["n"] == 0

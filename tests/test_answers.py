@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, tiny, two_object_trials
-from vismech import patching
+from vismech.engine import patching
 from vismech.models.answers import AnswerSet, continuation
 from vismech.scenes.counterfactual import cma_pairs
 
@@ -151,8 +151,8 @@ def test_answer_tokens_are_what_the_template_writes_for_the_assistant(family):
 def test_edited_runs_score_sequences_with_each_rows_own_edit(family):
     """EditedRuns on scoring rows: an edit of batch row 1 reaches all of row 1's scoring rows and no other; the
     scores equal each trial run alone with the edit at its own last token."""
-    from vismech import hooks
-    from vismech import interventions as iv
+    from vismech.engine import hooks
+    from vismech.engine import interventions as iv
 
     vlm = tiny(family)
     trials = two_object_trials()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from vismech.cli import build_parser, main
+from vismech.app.cli import build_parser, main
 
 
 def test_every_command_has_help(capsys):
@@ -43,7 +43,9 @@ def test_eval_writes_tidy_results(tmp_path):
     tasks = {r["task"] for r in summary["accuracy"]}
     assert tasks == {"scene_description", "color_retrieval"}
     lines = (out / "trials.csv").read_text().splitlines()
-    assert len(lines) == 1 + 6 and lines[0].startswith("trial,task,grid")
+    assert len(lines) == 1 + 6 and lines[0].startswith("model,experiment,trial,task,grid")
+    acc = (out / "accuracy.csv").read_text().splitlines()
+    assert acc[0].startswith("model,experiment,measure,value,ci_low,ci_high,n,task,grid")
 
 
 def test_user_errors_exit_2_with_one_line(capsys, tmp_path):

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from cli_probe import cli, damaged_checkpoints, permissions_apply, tree
-from vismech.cli import main
+from vismech.app.cli import main
 
 RUN = ["run", "behaviour", "--model", "tiny:llava", "-n", "1", "--set", "generate=false"]
 
@@ -125,6 +125,11 @@ CASES = [
     (["report", "{root}/no-such-run"], "not a vismech run directory"),
     (["report", "{run-truncated}"], "behaviour.json"),
     (["report", "{run-list-manifest}"], "manifest.json"),
+    (["report", "{run-truncated}", "--replot"], "behaviour.json"),
+    # plot
+    (["plot", "{root}/no-such-run"], "not a vismech run directory"),
+    (["plot", "{run-list-manifest}"], "manifest.json"),
+    (["plot", "{afile}"], "not a vismech run directory"),
     # train-organism
     (["train-organism", "--arch", "llava", "--steps", "-1"], "--steps"),
     (["train-organism", "--arch", "llava", "--steps", "0"], "--steps"),
@@ -173,12 +178,11 @@ def test_debug_shows_the_traceback_of_a_user_error(tmp_path, capsys):
 
 def test_internal_errors_keep_their_traceback(monkeypatch, tmp_path):
     """A bug (any exception but a UserError) is not turned into one line: it propagates with its traceback."""
-    from vismech.experiments import behaviour
-
+    from vismech.engine import evaluate
     def broken(*a, **k):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr(behaviour, "evaluate", broken)
+    monkeypatch.setattr(evaluate, "evaluate", broken)
     with pytest.raises(ValueError, match="an internal bug"):
         main(RUN + ["--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()  # and, as no work was stored, the run left nothing behind

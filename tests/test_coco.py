@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from vismech.cli import main
+from vismech.store.results import read_table
+from vismech.app.cli import main
 from vismech.experiments import coco
 from vismech.scenes.answers import parse_object_list, same_object
 from vismech.scenes.stimuli import generate, write_stimuli
@@ -63,28 +64,27 @@ def test_run_coco_on_the_organism(tmp_path):
                  "--set", f"heads={heads}", "--set", "k=[4, 64]", "--set", "splits=2",
                  "--set", "max_new_tokens=6"]) == 0
     s = json.loads((out / "results" / "coco.json").read_text())
-    lists = (out / "results" / "coco_lists.csv").read_text().splitlines()
-    assert s["images"] == 8 and len(lists) == 9  # the 8 PNGs, not the text file
+    lists = read_table(out / "results" / "coco_trials.csv")
+    assert s["images"] == 8 and len(lists) == 8  # the 8 PNGs, not the text file
     assert s["k"] == [4, 16] and s["splits"] == 2 and s["heads_from"] == "given"  # K capped at the 16 heads
-    kept = [ln for ln in lists[1:] if ",1," in ln]
+    kept = [r for r in lists if r["kept"] == 1]
     assert s["n_kept"] == len(kept) >= 4  # the organism lists "orange star heart ..."
-    rows = [ln.split(",") for ln in (out / "results" / "coco.csv").read_text().splitlines()[1:]]
+    rows = read_table(out / "results" / "coco.csv")
     assert len(rows) == 2 * 2 * 3  # splits x K x (none, id, random)
     n_target = s["n_kept"] // 2
-    assert all(int(r[4]) == n_target for r in rows)
+    assert all(r["n"] == n_target and r["measure"] == "repeat_rate" for r in rows)
     # no-edit repeat rate = the plain model's arg-max at "... 1. a O0 2. a", computed here independently
     from vismech.models.load import load_vlm
     from vismech.scenes.answers import parse_object_list as parse
 
     vlm = load_vlm("organism")
     files = coco.list_images(images)
-    texts = [ln.split(",")[1] for ln in lists[1:]]
-    firsts = [(f, parse(t)[0]) for f, t, ln in zip(files, texts, lists[1:]) if ",1," in ln]
+    firsts = [(f, parse(r["generated"])[0]) for f, r in zip(files, lists) if r["kept"] == 1]
     b = vlm.encode([coco.list_trial(f, o) for f, o in firsts])
     plain = (vlm.logits(b).argmax(-1) == vlm.answer_ids(b, [o for _, o in firsts])).numpy()
     for split, (_, tgt) in enumerate(coco.split_halves(len(firsts), 2, 0)):
-        none = [r for r in rows if r[0] == str(split) and r[2] == "none"]
-        assert all(int(r[5]) == int(plain[tgt].sum()) for r in none)
+        none = [r for r in rows if r["split"] == split and r["direction"] == "none"]
+        assert none and all(r["repeats"] == int(plain[tgt].sum()) for r in none)
     assert (out / "figures" / "coco.png").exists()
 
 

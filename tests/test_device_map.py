@@ -5,7 +5,7 @@ benchmarks/multi_gpu.py)."""
 import pytest
 import torch
 
-from vismech.experiments import cma
+from vismech.engine import mediation
 from vismech.models.families import family_for_config
 from vismech.models.random_weights import random_model
 from vismech.models.tiny import tiny_config
@@ -50,8 +50,8 @@ def test_dispatched_random_model_has_the_same_weights_and_cma_scores(family):
     other = random_model(cfg, torch.float32, "cpu", seed=4)
     assert not torch.equal(other.lm_head.weight, plain.lm_head.weight)
     pairs = cma_pairs("id_selection", 3, 0, (2, 2))
-    s1, n1 = cma.condition_scores(_vlm(plain, "plain"), pairs, "id_selection", seed=0)
-    s2, n2 = cma.condition_scores(_vlm(mapped, "mapped"), pairs, "id_selection", seed=0)
+    s1, n1 = mediation.condition_scores(_vlm(plain, "plain"), pairs, "id_selection", seed=0)
+    s2, n2 = mediation.condition_scores(_vlm(mapped, "mapped"), pairs, "id_selection", seed=0)
     assert s1.shape == (cfg.text_config.num_hidden_layers, cfg.text_config.num_attention_heads, 3)
     assert abs(s1).max() > 0
     assert torch.allclose(torch.as_tensor(s1), torch.as_tensor(s2), atol=1e-6)

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from conftest import tiny
-from vismech import hooks
+from vismech.app.runner import run_one
+from vismech.engine import hooks
+from vismech.engine.edits import run_heads
 from vismech.experiments import binding_errors, cma, relabs_patch, reuse
+from vismech.experiments.cma import select_heads
 from vismech.experiments.common import Context, resolve_options
-from vismech.io import read_csv
+from vismech.store.io import read_csv
 from vismech.scenes.sets import entropy_set, spatial_relation_set
 
 HEADS = [(1, 0), (2, 3), (2, 1)]
@@ -26,7 +29,7 @@ def _ctx(vlm, mod, path, **opts):
 def test_capture_matches_a_plain_capture_and_prototypes_are_exact_means():
     vlm = tiny("llava")
     trials = entropy_set((2, 2), "high", k=1)[:6]
-    r = reuse.run_heads(vlm, trials, HEADS, capture=True, batch_size=4)
+    r = run_heads(vlm, trials, HEADS, capture=True, batch_size=4)
     b = vlm.encode(trials)
     with hooks.capture(vlm, [("z", 1), ("z", 2)]) as got:
         vlm.logits(b)
@@ -47,11 +50,11 @@ def test_replacing_with_a_single_trial_prototype_is_exact_and_other_values_move_
     vlm = tiny(family)
     t = entropy_set((2, 2), "low", k=1)[5]
     cand = [["red circle", "blue square", "red square"]]
-    r = reuse.run_heads(vlm, [t], HEADS, candidates=cand, capture=True)
+    r = run_heads(vlm, [t], HEADS, candidates=cand, capture=True)
     protos, _ = binding_errors.prototypes(r.z, [t.target.cell], [True])
-    same = reuse.run_heads(vlm, [t], HEADS, protos[t.target.cell][None], "set", cand)
+    same = run_heads(vlm, [t], HEADS, protos[t.target.cell][None], "set", cand)
     assert np.array_equal(same.cand_logits, r.cand_logits) and np.array_equal(same.top, r.top)
-    other = reuse.run_heads(vlm, [t], HEADS, r.z + 5.0, "set", cand)
+    other = run_heads(vlm, [t], HEADS, r.z + 5.0, "set", cand)
     assert np.abs(other.cand_logits - r.cand_logits).max() > 1e-4
 
 
@@ -65,8 +68,8 @@ def test_pure_addition_with_alpha_zero_changes_nothing(family):
     base = reuse.steer(vlm, trials, HEADS, vectors, cells, None, controls, gen_tokens=2)
     zero = reuse.steer(vlm, trials, HEADS, vectors, cells, 0.0, controls, gen_tokens=2)
     assert base == zero
-    r0 = reuse.run_heads(vlm, trials, HEADS, candidates=[[t.answer] for t in trials])
-    rz = reuse.run_heads(vlm, trials, HEADS, np.zeros((3, len(HEADS), vlm.head_dim)), "add",
+    r0 = run_heads(vlm, trials, HEADS, candidates=[[t.answer] for t in trials])
+    rz = run_heads(vlm, trials, HEADS, np.zeros((3, len(HEADS), vlm.head_dim)), "add",
                          [[t.answer] for t in trials])
     assert np.array_equal(r0.cand_logits, rz.cand_logits)
 
@@ -76,9 +79,9 @@ def test_generation_carries_the_edit_of_the_prompt_forward():
     and nowhere else, so decoding steps do not fail on the shorter sequences)."""
     vlm = tiny("llava")
     trials = entropy_set((2, 2), "low", k=1)[:4]
-    base = reuse.run_heads(vlm, trials, HEADS, candidates=[[t.answer] for t in trials], gen_tokens=2)
+    base = run_heads(vlm, trials, HEADS, candidates=[[t.answer] for t in trials], gen_tokens=2)
     vals = torch.randn(4, len(HEADS), vlm.head_dim, generator=torch.Generator().manual_seed(0)) * 50
-    ed = reuse.run_heads(vlm, trials, HEADS, vals, "add", [[t.answer] for t in trials], gen_tokens=2)
+    ed = run_heads(vlm, trials, HEADS, vals, "add", [[t.answer] for t in trials], gen_tokens=2)
     assert (ed.top != base.top).any()
     for i in range(4):
         assert ed.texts[i].split()[0] == vlm.tokenizer.decode([int(ed.top[i])]).strip()
@@ -156,8 +159,8 @@ def test_relabs_self_patch_changes_nothing():
     _, second = relabs_patch.build_pairs(1, seed=0)
     second = second[:4]
     cand = [[t.meta["absolute_answer"], t.meta["relative_answer"]] for t in second]
-    base = reuse.run_heads(vlm, second, HEADS, candidates=cand, capture=True)
-    same = reuse.run_heads(vlm, second, HEADS, base.z, "set", cand)
+    base = run_heads(vlm, second, HEADS, candidates=cand, capture=True)
+    same = run_heads(vlm, second, HEADS, base.z, "set", cand)
     assert np.array_equal(base.cand_logits, same.cand_logits)
     assert relabs_patch.outcomes(base, "x") == relabs_patch.outcomes(same, "x")
 
@@ -189,15 +192,15 @@ def test_experiments_run_end_to_end(family, tmp_path):
     heads = [list(h) for h in HEADS]
     gen = family == "llava"
     grid = (3, 3) if gen else (2, 2)
-    s = reuse.run(_ctx(vlm, reuse, tmp_path, n=1, n_estimate=1, heads=heads, generate=gen, grid=grid))
+    s = run_one(reuse, _ctx(vlm, reuse, tmp_path, n=1, n_estimate=1, heads=heads, generate=gen, grid=grid))
     assert s["head_source"] == "given" and s["baseline_first_token_accuracy"]["n"] == 4
     assert len(s["id_vector_norms"]) == grid[0] * grid[1] and "before" in reuse.caption(s)
-    s = relabs_patch.run(_ctx(vlm, relabs_patch, tmp_path, n=1, heads=heads))
+    s = run_one(relabs_patch, _ctx(vlm, relabs_patch, tmp_path, n=1, heads=heads))
     assert s["n_pairs"] == 16 and s["choice_absolute_baseline"]["value"] + s["choice_relative_baseline"]["value"] == 1
     assert "relative match" in relabs_patch.caption(s)
     pairs = read_csv(tmp_path / "results" / "relabs_patch_trials.csv")
     assert any(p["baseline_logit_abs_minus_rel"] != p["patched_logit_abs_minus_rel"] for p in pairs)
-    s = binding_errors.run(_ctx(vlm, binding_errors, tmp_path, n=1, heads=heads, n_perm=50, generate=gen))
+    s = run_one(binding_errors, _ctx(vlm, binding_errors, tmp_path, n=1, heads=heads, n_perm=50, generate=gen))
     assert s["low_first_token_accuracy"]["n"] == 16 and "decoded_accuracy_low" in s["tracing"]
     assert ("low+patch_generation_accuracy" in s) == gen and ("answer_is_object_at_decoded_cell" in s["tracing"]) == gen
     assert "high entropy" in binding_errors.caption(s)
@@ -213,15 +216,15 @@ def test_experiments_run_end_to_end(family, tmp_path):
 def test_default_heads_come_from_the_cma_ranking(tmp_path):
     vlm = tiny("llava")
     ctx = _ctx(vlm, relabs_patch, tmp_path, n=1, k=2, cma_n=2)
-    heads, source = reuse.select_heads(ctx, 2)
+    heads, source = select_heads(ctx, 2)
     assert source == "cma top-2 id_selection" and len(heads) == 2
     assert heads == cma.cma_scores(ctx).top_k("id_selection", 2)
     s = relabs_patch.run(ctx)
     assert s["heads"] == [list(h) for h in heads]
-    capped, _ = reuse.select_heads(ctx, 10_000)
+    capped, _ = select_heads(ctx, 10_000)
     assert len(capped) == vlm.n_layers * vlm.n_heads
     with pytest.raises(ValueError, match="out of range"):
-        reuse.select_heads(ctx, 2, heads=[[9, 0]])
+        select_heads(ctx, 2, heads=[[9, 0]])
 
 
 def test_binding_errors_caption_with_and_without_a_permutation_null():
@@ -235,3 +238,27 @@ def test_binding_errors_caption_with_and_without_a_permutation_null():
     many = binding_errors.caption({**base, "tracing": {"answer_is_object_at_decoded_cell": {
         **trace, "n": 6, "permutation_mean": 0.25, "p_permutation": 0.04}}})
     assert "On 6 error trials" in many and "permutation null 25%, p = 0.04" in many
+
+
+def test_binding_errors_figure_draws_the_accuracy_rows(tmp_path):
+    """The figure is drawn from the stored tables. The old one keyed the rows of a condition by measure alone, so
+    the control-object rate (a later row with the same condition and measure) replaced the accuracy: on the
+    organism's demo the low-entropy generation bar showed 0.08 instead of 0.75."""
+    from vismech.store.io import csv_text
+    from vismech.store.results import Stored, tidy
+
+    rows = [{"condition": c, "measure": m, "stat": "accuracy", "value": v, "ci_low": v - 0.1, "ci_high": min(1, v + 0.1),
+             "n": 64} for m, vals in (("first_token", (1, 1, 1, 1)), ("generation", (1, 0.75, 0.5, 0.25)))
+            for c, v in zip(binding_errors.CONDITIONS, vals)]
+    rows += [{"condition": c, "measure": "generation", "stat": "control_object_rate", "value": 0.078, "n": 64}
+             for c in ("low+control", "low")]
+    trace = [{"measure": "answer_is_object_at_decoded_cell", "value": 0.4, "ci_low": 0.1, "ci_high": 0.7, "n": 5,
+              "chance": 1 / 3, "permutation_mean": 0.3, "permutation_low": 0.2, "permutation_high": 0.5}]
+    (tmp_path / "results").mkdir()
+    for name, rs in (("binding_errors", rows), ("binding_errors_tracing", trace)):
+        (tmp_path / "results" / f"{name}.csv").write_text(csv_text(tidy(rs, "m", "binding-errors", name)))
+    fig = binding_errors.plot(Stored(tmp_path, "binding-errors", {"heads": [[0, 0]] * 3, "grid": [2, 2]},
+                                     model="m"))["binding_errors"]
+    bars = [p.get_height() for p in fig.axes[0].patches]  # per condition: first token, generation
+    assert bars == [1, 1, 1, 0.75, 1, 0.5, 1, 0.25]
+    assert [p.get_height() for p in fig.axes[1].patches] == pytest.approx([0.4, 1 / 3, 0.3])

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from conftest import FAMILIES, tiny
+from vismech.app.runner import run_one
+from vismech.analysis.cma import null_mean_scores
+from vismech.engine import mediation
 from vismech.experiments import cma
 from vismech.experiments.common import Context, resolve_options
 from vismech.scenes.core import CounterfactualPair
@@ -43,7 +46,7 @@ def _hand_patch(vlm, clean_trial, src_trial, pos_clean, pos_src, layer, head, an
 
 
 def _hand_score(vlm, pair, condition, layer, head):
-    pos = cma.condition_positions(vlm.encode([pair.clean]), condition)[0]
+    pos = mediation.condition_positions(vlm.encode([pair.clean]), condition)[0]
     return _hand_patch(vlm, pair.clean, pair.counterfactual, pos, pos, layer, head, (pair.answer, pair.answer_star))
 
 
@@ -52,7 +55,7 @@ def test_experiment_score_equals_hand_written_hook(family):
     vlm = tiny(family)
     for condition in ("id_retrieval", "feature_retrieval"):
         pairs = cma_pairs(condition, 2, seed=3)
-        scores, _ = cma.condition_scores(vlm, pairs, condition, null=False)
+        scores, _ = mediation.condition_scores(vlm, pairs, condition, null=False)
         assert scores.shape == (vlm.n_layers, vlm.n_heads, 2)
         for layer, head in [(0, 1), (vlm.n_layers - 1, 3)]:
             hand = [_hand_score(vlm, p, condition, layer, head) for p in pairs]
@@ -67,9 +70,9 @@ def test_patching_from_an_identical_context_scores_exactly_zero(family):
     pairs = [CounterfactualPair(p.condition, p.clean, p.clean, p.answer, p.answer_star)
              for p in cma_pairs("id_retrieval", 3, seed=1)]
     for condition in ("id_retrieval", "id_selection"):
-        exact, _ = cma.condition_scores(vlm, pairs, condition, engine="naive", null=False)
+        exact, _ = mediation.condition_scores(vlm, pairs, condition, engine="naive", null=False)
         assert (exact == 0).all()
-        fast, _ = cma.condition_scores(vlm, pairs, condition, engine="fast", null=False)
+        fast, _ = mediation.condition_scores(vlm, pairs, condition, engine="fast", null=False)
         assert np.abs(fast).max() < 1e-5
 
 
@@ -80,9 +83,9 @@ def test_rows_with_different_position_counts_and_their_null_match_hand_patches(m
     pairs = cma_pairs("feature_retrieval", 4, seed=5)
     uneven = lambda batch, condition: [[batch.last - 2, batch.last] if i % 2 == 0 else [batch.last]  # noqa: E731
                                        for i in range(len(batch))]
-    monkeypatch.setattr(cma, "condition_positions", uneven)
-    scores, null = cma.condition_scores(vlm, pairs, "feature_retrieval", batch_size=4, seed=0)
-    partner = cma.null_partners(pairs, "feature_retrieval", seed=0)
+    monkeypatch.setattr(mediation, "condition_positions", uneven)
+    scores, null = mediation.condition_scores(vlm, pairs, "feature_retrieval", batch_size=4, seed=0)
+    partner = mediation.null_partners(pairs, "feature_retrieval", seed=0)
     last = vlm.encode([pairs[0].clean]).last
     pos = [[last - 2, last] if i % 2 == 0 else [last] for i in range(4)]
     layer, head = vlm.n_layers - 1, 2
@@ -103,17 +106,17 @@ def test_layout_mismatch_is_a_clear_error():
     bad = CounterfactualPair("id_selection", a.clean, b.clean, a.answer, a.answer_star)
     assert a.clean.prompt != b.clean.prompt
     with pytest.raises(ValueError, match="tokenize differently|differ in shape"):
-        cma.condition_scores(vlm, [bad], "id_selection", null=False)
+        mediation.condition_scores(vlm, [bad], "id_selection", null=False)
 
 
 def test_null_partners_carry_the_clean_value_of_the_condition_variable():
     """A re-paired source has the variable's clean value (so a head that only carries the variable does nothing
     under the null) wherever another pair has it, else a value unlike the real counterfactual's."""
-    cf, clean = cma.condition_variable, lambda p, c: cma.condition_variable(p, c, "clean")
+    cf, clean = mediation.condition_variable, lambda p, c: mediation.condition_variable(p, c, "clean")
     for condition, n in (("id_retrieval", 12), ("id_selection", 12), ("feature_retrieval", 40)):
         pairs = cma_pairs(condition, n, seed=0)
         matched = 0
-        for i, j in enumerate(cma.null_partners(pairs, condition, seed=0)):
+        for i, j in enumerate(mediation.null_partners(pairs, condition, seed=0)):
             assert j != i
             have = any(cf(pairs[k], condition) == clean(pairs[i], condition) for k in range(n) if k != i)
             if have:
@@ -129,7 +132,7 @@ def test_null_partners_carry_the_clean_value_of_the_condition_variable():
 def test_null_mean_scores_resample_one_head_at_a_time():
     null = np.zeros((2, 3, 5))
     null[1, 2] = 10.0  # one head's null is all 10: its resampled means are exactly 10, the rest exactly 0
-    m = cma.null_mean_scores(null, 600, seed=0)
+    m = null_mean_scores(null, 600, seed=0)
     assert set(np.unique(m)) == {0.0, 10.0}
     assert 0.05 < (m == 10).mean() < 0.3  # about 1/6 of the draws pick that head
 
@@ -177,10 +180,10 @@ def test_cma_scores_is_computed_once_and_downstream_options_apply(tmp_path, monk
 def test_cma_runs_end_to_end(family, tmp_path):
     vlm = tiny(family)
     ctx = _ctx(vlm, tmp_path, n=3, null_samples=500)
-    summary = cma.run(ctx)
+    summary = run_one(cma, ctx)
     json.dumps(summary)
     rows = (tmp_path / "results" / "cma_heads.csv").read_text().splitlines()
-    assert rows[0] == "condition,layer,head,mean,se,p,p_adjusted,significant,n_pairs"
+    assert rows[0] == "model,experiment,measure,value,ci_low,ci_high,n,condition,layer,head,se,p,p_adjusted,significant"
     assert len(rows) == 1 + 3 * vlm.n_layers * vlm.n_heads
     for name in ["cma_stage_map"] + [f"cma_{c}" for c in cma.CONDITIONS]:
         for ext in ("png", "pdf"):

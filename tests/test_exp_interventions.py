@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import tiny
-from vismech import hooks
-from vismech import interventions as iv
+from vismech.app.runner import run_one
+from vismech.engine import hooks
+from vismech.engine import interventions as iv
 from vismech.experiments import cma, counting_ablation, id_intervention, key_intervention
 from vismech.experiments.common import Context, resolve_options
 from vismech.scenes.sets import scene_description_set
@@ -207,14 +208,15 @@ def _figures_exist(tmp_path, names):
 def test_id_intervention_end_to_end(family, tmp_path):
     vlm = tiny(family)
     ctx = _ctx(id_intervention, vlm, tmp_path, n=5, n_estimate=6, k_grid=[1, 3], alphas=[0, 30])
-    summary = id_intervention.run(ctx)
+    summary = run_one(id_intervention, ctx)
     json.dumps(summary)
     rows = [r.split(",") for r in (tmp_path / "results" / "id_intervention.csv").read_text().splitlines()]
     head, rows = rows[0], [dict(zip(rows[0], r)) for r in rows[1:]]
-    assert len(rows) == 3 * 2 * 2 * 2 and {"efficacy", "ci_low", "ci_high", "n", "baseline_rate"} <= set(head)
+    assert len(rows) == 3 * 2 * 2 * 2 and {"value", "ci_low", "ci_high", "n", "baseline_rate"} <= set(head)
+    assert {r["measure"] for r in rows} == {"efficacy"}
     for r in rows:  # alpha = 0 changes nothing: efficacy is exactly the no-edit repeat rate
         if float(r["alpha"]) == 0:
-            assert r["efficacy"] == r["baseline_rate"]
+            assert r["value"] == r["baseline_rate"]
     assert set(summary["best"]) == set(cma.CONDITIONS) and summary["best"]["feature_retrieval"]["site"] == "q"
     _figures_exist(tmp_path, ["id_intervention_surface", "id_intervention_best"])
 
@@ -230,7 +232,7 @@ def test_id_intervention_computes_cma_when_the_run_has_not(tmp_path):
 @pytest.mark.parametrize("family", TWO)
 def test_key_intervention_end_to_end(family, tmp_path):
     vlm = tiny(family)
-    summary = key_intervention.run(_ctx(key_intervention, vlm, tmp_path, n=4, n_estimate=4, top_k=3))
+    summary = run_one(key_intervention, _ctx(key_intervention, vlm, tmp_path, n=4, n_estimate=4, top_k=3))
     json.dumps(summary)
     assert set(summary["efficacy"]) == {"none", "id", "random"} and summary["alpha"] == 2.0
     top = _planted_cma(vlm).top_k("feature_retrieval", 3)
@@ -248,7 +250,7 @@ def test_key_intervention_skips_idefics2_with_a_note(tmp_path):
 def test_counting_ablation_end_to_end(family, tmp_path):
     vlm = tiny(family)
     total = vlm.n_layers * vlm.n_heads
-    summary = counting_ablation.run(_ctx(counting_ablation, vlm, tmp_path, n=3, k_grid=[0, 2, total],
+    summary = run_one(counting_ablation, _ctx(counting_ablation, vlm, tmp_path, n=3, k_grid=[0, 2, total],
                                          random_draws=2, max_new_tokens=4))
     json.dumps(summary)
     acc = summary["accuracy"]

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from conftest import tiny
-from vismech import activations
+from vismech.app.runner import run_one
+from vismech.engine import activations
 from vismech.analysis.rsa import position_rsm, rsa_score
-from vismech.cli import main
+from vismech.app.cli import main
 from vismech.experiments import get
 from vismech.experiments.common import Context, resolve_options
 from vismech.experiments.rsa import last_targets, rsa_trials
-from vismech.io import read_csv
+from vismech.store.io import read_csv
 
 SMALL = {"n_boot": 20, "n_null": 3, "folds": 2, "grids": [[2, 2]]}
 
@@ -24,7 +25,7 @@ def run_exp(name, vlm, out, shared=None, **opts):
     given = {k: v for k, v in {**SMALL, **opts}.items() if k in m.DEFAULTS}
     ctx = Context(vlm, out, resolve_options(m.DEFAULTS, given), seed=0, batch_size=16,
                   shared={} if shared is None else shared, show_progress=False)
-    return m.run(ctx)
+    return run_one(m, ctx)
 
 
 def _rows(out, name):
@@ -41,14 +42,14 @@ def _check_design(out, vlm, n_grids=1):
     L, H = vlm.n_layers, vlm.n_heads
     pca = _rows(out, "pca")
     assert len(pca) == L * 2 * 2
-    assert {"layer", "label", "measure", "value", "se", "chance", "n_trials"} <= set(pca[0])
+    assert {"layer", "label", "measure", "value", "se", "chance", "n"} <= set(pca[0])
     assert {(r["label"], r["measure"]) for r in pca} == {(a, b) for a in ("position", "features")
                                                         for b in ("silhouette", "probe_accuracy")}
-    assert len(_rows(out, "pca_scores")) == 2 * 36
+    assert len(_rows(out, "pca_trials")) == 2 * 36
     rsa = _rows(out, "rsa")
     assert len(rsa) == L * 6
-    assert {"curve", "token", "target", "layer", "r", "ci_low", "ci_high", "null_mean", "null_low",
-            "null_high", "n_trials"} <= set(rsa[0])
+    assert {"curve", "token", "target", "layer", "value", "ci_low", "ci_high", "null_mean", "null_low",
+            "null_high", "n"} <= set(rsa[0]) and {r["measure"] for r in rsa} == {"pearson_r"}
     assert all(float(r["ci_low"]) <= float(r["ci_high"]) for r in rsa)
     assert len(_rows(out, "rsa_heads")) == 2 * L * H
     assert len(_rows(out, "rsa_relative")) == L * 4
@@ -73,7 +74,7 @@ def test_cli_runs_all_four_on_tiny_qwen_and_reuses_the_capture(tmp_path):
     assert set(s["curves"]) == {"position_prompt", "position_last", "features_last", "features_prompt",
                                 "color_last", "shape_last"}
     assert s["n_trials"] == 16 and s["first_token_accuracy"]["n"] == 16
-    s = json.loads((out / "results" / "rsa-relative.json").read_text())
+    s = json.loads((out / "results" / "rsa_relative.json").read_text())
     assert s["n_trials"] == 64 and s["comparison"]["winner"] in ("relative", "absolute", "neither")
     s = json.loads((out / "results" / "entropy.json").read_text())
     assert s["grids"]["2x2"]["n_trials"] == {"low": 16, "high": 16}
@@ -143,8 +144,8 @@ def test_golden_rsa_position_at_layer_0_features_at_layer_1(tmp_path, monkeypatc
     rows = _rows(tmp_path, "rsa")
     pos_last, feat_last = _by(rows, curve="position_last"), _by(rows, curve="features_last")
     pos_prompt = _by(rows, curve="position_prompt")
-    assert float(pos_last[0]["r"]) == pytest.approx(1, abs=1e-9)
-    assert float(pos_prompt[0]["r"]) > 0.999
+    assert float(pos_last[0]["value"]) == pytest.approx(1, abs=1e-9)
+    assert float(pos_prompt[0]["value"]) > 0.999
     assert float(pos_last[0]["ci_low"]) > 0.99
     # the model RSM at layer 0 IS the position target, so its feature r is the targets' own correlation, small
     # because identities are balanced across cells in the K x N x N design (not 0: pairs i != j only)
@@ -152,13 +153,13 @@ def test_golden_rsa_position_at_layer_0_features_at_layer_1(tmp_path, monkeypatc
     T = last_targets(trials)
     expected = rsa_score(T["position"], T["features"])
     assert abs(expected) < 0.15
-    assert float(feat_last[0]["r"]) == pytest.approx(expected, abs=1e-9)
-    assert float(feat_last[1]["r"]) == pytest.approx(1, abs=1e-9)
-    assert float(pos_last[1]["r"]) == pytest.approx(expected, abs=1e-9)
+    assert float(feat_last[0]["value"]) == pytest.approx(expected, abs=1e-9)
+    assert float(feat_last[1]["value"]) == pytest.approx(1, abs=1e-9)
+    assert float(pos_last[1]["value"]) == pytest.approx(expected, abs=1e-9)
     for layer in (0, 1):  # permuted labels: no structure left
         assert abs(float(pos_last[layer]["null_mean"])) < 0.1 and float(pos_last[layer]["null_high"]) < 0.5
     assert s["curves"]["position_last"]["peak_layer"] == 0 and s["curves"]["features_last"]["peak_layer"] == 1
-    assert s["first_token_accuracy"]["accuracy"] == 1.0  # the fake predicts every answer
+    assert s["first_token_accuracy"]["value"] == 1.0  # the fake predicts every answer
 
 
 def test_golden_relative_coding_wins(tmp_path, monkeypatch):
@@ -183,7 +184,7 @@ def test_golden_entropy_detects_noisier_ids_in_low_entropy(tmp_path, monkeypatch
         assert g["rsa_layer_mean"]["high"][tok]["r"] == pytest.approx(1, abs=1e-6)
         assert g["rsa_layer_mean"]["low"][tok]["r"] < 0.8
         assert g["high_minus_low_layer_mean"][tok]["lo"] > 0
-    assert g["accuracy"]["low"]["first_token"]["accuracy"] == 1.0
+    assert g["accuracy"]["low"]["first_token"]["value"] == 1.0
 
 
 def test_golden_pca_finds_the_position_and_feature_layers(tmp_path, monkeypatch):
@@ -207,7 +208,7 @@ def test_golden_pca_finds_the_position_and_feature_layers(tmp_path, monkeypatch)
 
 def test_permutation_null_equals_rsa_of_explicitly_permuted_targets():
     from vismech.analysis.rsa import cosine_rsm
-    from vismech.experiments.rsa import permutation_null
+    from vismech.analysis.rsa import permutation_null
 
     rng = np.random.default_rng(1)
     X = [rng.normal(size=(2, 10, 5)) for _ in range(2)]  # 2 comma slots, 2 layers, 10 trials
@@ -226,20 +227,26 @@ def test_rsa_smoke_on_every_family(tmp_path, family):
     vlm = tiny(family)
     s = run_exp("rsa", vlm, tmp_path, n=1, n_boot=10, n_null=2)
     rows = _rows(tmp_path, "rsa")
-    assert len(rows) == 6 * vlm.n_layers and all(np.isfinite(float(r["r"])) for r in rows)
+    assert len(rows) == 6 * vlm.n_layers and all(np.isfinite(float(r["value"])) for r in rows)
     assert len(_rows(tmp_path, "rsa_heads")) == 2 * vlm.n_layers * vlm.n_heads
     assert s["curves"]["position_last"]["peak_layer"] in range(vlm.n_layers)
 
 
 def test_blas_threads_restores_counts_and_changes_no_result():
     from vismech.analysis.pca import probe_accuracy
-    from vismech.experiments.pca import _openblas_libs, blas_threads
+    from threadpoolctl import threadpool_info
+
+    from vismech.experiments.pca import blas_threads
+
+    def counts():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
 
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(60, 20)), rng.integers(0, 3, 60)
-    before = [get() for _, get in _openblas_libs()]
+    before = counts()
+    assert before, "numpy's BLAS is seen"
     with blas_threads(1):
-        assert all(get() == 1 for _, get in _openblas_libs())
+        assert counts() == [1] * len(before)
         one = probe_accuracy(X, y, folds=3)
-    assert [get() for _, get in _openblas_libs()] == before
+    assert counts() == before
     assert probe_accuracy(X, y, folds=3) == one

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import two_object_trials
-from vismech import hooks
+from vismech.engine import hooks
 
 
 def _batch(vlm):
@@ -58,21 +58,23 @@ def test_corrupted_upstream_patch_reproduces_corrupted_run(vlm):
 
 def test_single_head_patch_moves_only_that_head(vlm):
     b, layer, head = _batch(vlm), 1, 2
-    with hooks.capture(vlm, [("z", layer)]) as before:
-        vlm.logits(b)
+    with hooks.capture(vlm, [("z", layer), ("z", layer + 1)]) as before:
+        ref = vlm.logits(b)
     value = torch.randn(vlm.head_dim)
     edit = hooks.Edit("z", layer, torch.tensor([0]), torch.tensor([b.last]), torch.tensor([head]), value[None])
     with hooks.intervene(vlm, [edit]):
         # capture is registered after the edit, so it sees the edited tensor
         with hooks.capture(vlm, [("z", layer), ("z", layer + 1)]) as after:
-            vlm.logits(b)
+            edited = vlm.logits(b)
     d = (after[("z", layer)] - before[("z", layer)]).abs()
     assert torch.equal(after[("z", layer)][0, b.last, head], value)
     d[0, b.last, head] = 0
     assert d.max() == 0
-    # the change propagates downstream only in the edited row
-    nxt = vlm.logits(b)
-    assert torch.equal(nxt, vlm.logits(b))
+    # the change propagates downstream only in the edited row: the next layer's heads and the logits of row 0
+    # move, row 1 is bit-identical to the clean run
+    nxt, was = after[("z", layer + 1)], before[("z", layer + 1)]
+    assert not torch.equal(nxt[0, b.last], was[0, b.last]) and torch.equal(nxt[1], was[1])
+    assert not torch.equal(edited[0], ref[0]) and torch.equal(edited[1], ref[1])
 
 
 def test_no_hook_survives_its_context_even_after_an_exception(vlm):
@@ -98,6 +100,20 @@ def test_bad_site_and_layer_are_clear_errors(vlm):
             pass
 
 
-def test_kv_head_of_groups_query_heads(vlm):
-    g = vlm.n_heads // vlm.n_kv_heads
-    assert [hooks.kv_head_of(vlm, h) for h in range(vlm.n_heads)] == [h // g for h in range(vlm.n_heads)]
+def test_kv_head_of_is_the_key_head_each_query_head_reads(vlm):
+    """Scrambling key head j moves the outputs of exactly the query heads that kv_head_of maps to j."""
+    b, layer = _batch(vlm), 1
+    with hooks.capture(vlm, [("z", layer)]) as before:
+        vlm.logits(b)
+    gen = torch.Generator().manual_seed(0)
+    for j in range(vlm.n_kv_heads):
+        def scramble(k, j=j):
+            k = k.clone()
+            k[:, :, j] = 10 * torch.randn(k[:, :, j].shape, generator=gen, dtype=k.dtype)
+            return k
+
+        with hooks.hooked(vlm, "k", layer, scramble), hooks.capture(vlm, [("z", layer)]) as after:
+            vlm.logits(b)
+        moved = {h for h in range(vlm.n_heads)
+                 if not torch.equal(after[("z", layer)][:, :, h], before[("z", layer)][:, :, h])}
+        assert moved == {h for h in range(vlm.n_heads) if hooks.kv_head_of(vlm, h) == j}

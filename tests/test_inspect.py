@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from real_tokenizers import checkpoint_folder
-from vismech.cli import main
+from vismech.app.cli import main
 
 
 def test_inspect_tiny_and_organism(tmp_path, capsys):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import SPATIAL, tiny, two_object_trials
-from vismech import hooks
+from vismech.engine import hooks
 from vismech.models.load import geometry_for, load_vlm
 from vismech.scenes import tasks
 from vismech.scenes.core import Obj, Scene

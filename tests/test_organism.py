@@ -205,7 +205,7 @@ def test_resume_after_two_steps_then_one_equals_three_straight_steps(tmp_path):
 
 
 def test_cli_train_organism_prints_a_summary(tmp_path, capsys):
-    from vismech.cli import main
+    from vismech.app.cli import main
 
     out = tmp_path / "cli"
     assert main(["train-organism", "--arch", "llava", "--out", str(out), "--steps", "1", "--batch-size", "2",
@@ -276,7 +276,7 @@ def test_rope_settings_of_the_qwen_organism_can_be_changed():
 
 
 def test_an_early_mixture_feeds_the_first_steps_and_the_card_and_resume_know_it(tmp_path, capsys):
-    from vismech.cli import main
+    from vismech.app.cli import main
     from vismech.organism.card import reproduce_command
     from vismech.organism.config import END_TOKEN, SMALL_SIZES
 
@@ -314,7 +314,7 @@ def test_an_early_mixture_feeds_the_first_steps_and_the_card_and_resume_know_it(
 
 def test_a_second_stage_starts_from_a_trained_tower_keeps_it_frozen_and_its_card_chains_the_commands(tmp_path,
                                                                                                     capsys):
-    from vismech.cli import main
+    from vismech.app.cli import main
     from vismech.models.load import load_vlm
     from vismech.organism.card import reproduce_of
     from vismech.organism.stages import is_vision
@@ -364,7 +364,7 @@ def test_a_second_stage_starts_from_a_trained_tower_keeps_it_frozen_and_its_card
 
 
 def test_cli_can_turn_packed_vision_attention_off(tmp_path, monkeypatch):
-    from vismech import cli
+    from vismech.app import cli
     from vismech.organism import train
 
     seen = {}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import two_object_trials
-from vismech import hooks, patching
+from vismech.engine import hooks, patching
 from vismech.analysis.cma import logit_diff_score
 
 
@@ -97,7 +97,7 @@ def test_attribution_is_exact_for_a_linear_readout_and_ranks_like_exact_patching
     from scipy.stats import spearmanr
 
     from conftest import tiny
-    from vismech.attribution import attribution_scores
+    from vismech.engine.attribution import attribution_scores
 
     vlm = tiny("qwen2_5_vl")
     clean, pos, src, tid = _setup(vlm)
@@ -139,7 +139,7 @@ def test_out_of_memory_halves_the_stacked_heads_and_gives_the_same_result(monkey
 @pytest.mark.parametrize("condition", ["id_retrieval", "id_selection", "feature_retrieval"])
 def test_fast_engine_equals_naive_on_the_organism(condition):
     """The shipped organism, every CMA condition, a spread of heads: fast == naive within 1e-4."""
-    from vismech.experiments.cma import condition_positions
+    from vismech.engine.mediation import condition_positions
     from vismech.models.load import load_vlm
     from vismech.scenes.counterfactual import cma_pairs
 

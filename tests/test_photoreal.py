@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import SPATIAL, tiny
-from vismech.cli import main
+from vismech.app.cli import main
 from vismech.scenes import mitsuba_scene, photoreal
 from vismech.scenes.core import Picture
 from vismech.scenes.manifest import load_stimuli

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from vismech import hooks
+from vismech.engine import hooks
 from vismech.models.families import family_for_config
 from vismech.models.vlm import VLM
 from vismech.organism import causal_model as cm
@@ -213,7 +213,7 @@ def test_the_readme_commands_plant_an_organism_and_validate_it(tmp_path, capsys)
     them back from any planted checkpoint."""
     import json
 
-    from vismech.cli import main
+    from vismech.app.cli import main
     from vismech.models.ground_truth import load_ground_truth
     from vismech.organism import validate
 
@@ -272,7 +272,7 @@ def test_the_invariance_term_is_zero_for_a_copy_and_positive_for_other_features(
 
 
 def test_plant_weights_on_the_command_line_and_in_the_card(capsys, tmp_path):
-    from vismech.cli import main
+    from vismech.app.cli import main
     from vismech.organism.card import reproduce_command
 
     spec = plant.PlantSpec(weights=plant.PlantSpec().weights + (("invariance", 2.0),))

@@ -209,7 +209,7 @@ def test_onevision_stimulus_files_are_what_the_model_is_fed(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from vismech.cli import main
+    from vismech.app.cli import main
     from vismech.scenes.stimuli import load_stimuli
 
     _, _, vlm = checkpoint("llava_onevision")

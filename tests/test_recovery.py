@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from vismech.cli import main
+from vismech.app.cli import main
 from vismech.experiments import recovery
 from vismech.experiments.cma import CMAResult
 from vismech.models.ground_truth import Declared, GroundTruth
@@ -74,7 +74,7 @@ def test_recovery_finds_the_planted_heads_and_not_deliberately_wrong_ones(tmp_pa
     for stage in ("id_retrieval", "feature_retrieval"):
         assert s["cma"][stage]["precision"] == 1.0 and s["cma"][stage]["recall"] == 1.0, s["cma"][stage]
         inter = s["interventions"][stage]
-        assert inter["declared"]["rate"] > 0.7 > inter["random_heads"]["rate"], inter
+        assert inter["declared"]["value"] > 0.7 > inter["random_heads"]["value"], inter
     assert s["rsa"]["id_retrieval"]["declared_layer"] == 2 and -1 <= s["rsa"]["id_retrieval"]["r_at_declared"] <= 1
     assert (out / "figures" / "recovery.png").exists() and (out / "results" / "recovery_cma.csv").exists()
     assert "id='recovery'" in (out / "report.html").read_text()

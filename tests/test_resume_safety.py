@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cli_probe import Payload, cli, tree
-from vismech.cli import main
+from vismech.app.cli import main
 
 ARGS = ["run", "behaviour", "--model", "tiny:llava", "-n", "3", "--batch-size", "2", "--set", "generate=false",
         "--set", 'tasks=["scene_description","color_retrieval"]']
@@ -143,7 +143,7 @@ def test_a_failed_start_leaves_the_directory_as_it_was(tmp_path, capsys):
 
 
 def test_a_second_run_into_the_same_out_is_refused(tmp_path, capsys):
-    from vismech.rundir import Lock
+    from vismech.store.rundir import Lock
 
     out = tmp_path / "run"
     out.mkdir()

@@ -2,12 +2,15 @@
 meaningless); ``recovery``, which needs declared ground truth, has its own tests."""
 
 import json
+import math
 
 import pytest
 
 from conftest import FAMILIES
-from vismech.cli import main
+from vismech.app.cli import main
 from vismech.experiments import EXPERIMENTS as EVERY, NOT_IN_ALL
+from vismech.store.results import CORE, file_stem, read_arrays
+from vismech.store.io import read_csv
 
 EXPERIMENTS = [n for n in EVERY if n not in NOT_IN_ALL]  # what "all" runs
 
@@ -23,12 +26,54 @@ def test_run_all_on_every_family(family, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["finished"] and set(manifest["wall_seconds"]) == set(EXPERIMENTS)
     for name in EXPERIMENTS:
-        summary = json.loads((out / "results" / f"{name}.json").read_text())
+        summary = json.loads((out / "results" / f"{file_stem(name)}.json").read_text())
         if "skipped" in summary:  # object-token edits on a model without per-patch tokens; coco without --images
             assert (family == "idefics2" and name == "key-intervention") or name == "coco"
             continue
-        assert list((out / "results").glob(f"{name.replace('-', '_')}*.csv")) or list(
-            (out / "results").glob(f"{name}*.csv")), name
+        assert list((out / "results").glob(f"{file_stem(name)}*.csv")), name
     assert len(list((out / "figures").glob("*.png"))) >= len(EXPERIMENTS) - 2
     html = (out / "report.html").read_text()
     assert all(f"id='{n}'" in html for n in EXPERIMENTS)
+    check_tidy(out, family)
+    if family == "qwen2_5_vl":
+        check_replot(out)
+
+
+def check_tidy(out, family):
+    """One naming scheme; every table long format with the core columns first and numbers as numbers; arrays with
+    dimension names."""
+    stems = {file_stem(n) for n in EXPERIMENTS}
+    for f in list((out / "results").iterdir()) + list((out / "figures").iterdir()):
+        assert any(f.name.split(".")[0] == s or f.name.startswith(s + "_") for s in stems), f.name
+    for f in (out / "results").glob("*.csv"):
+        rows = read_csv(f)
+        cols = list(rows[0])
+        trials = f.stem.endswith("_trials")
+        assert cols[:2 if trials else len(CORE)] == list(CORE[:2 if trials else len(CORE)]), f.name
+        assert {r["model"] for r in rows} == {f"tiny:{family}"}
+        for r in rows:
+            for k, v in r.items():
+                assert not ("," in v and all(x.strip().lstrip("-").isdigit() for x in v.split(","))), (f.name, k, v)
+            if not trials:
+                assert r["value"] == "" or isinstance(float(r["value"]), float)
+                assert r["n"] == "" or float(r["n"]) >= 0
+                for c in ("ci_low", "ci_high"):
+                    assert r[c] == "" or not math.isnan(float(r[c])) or math.isnan(float(r["value"] or "nan"))
+    arrays = read_arrays(out / "results" / "cma_scores.npz")
+    assert arrays["scores_id_selection"][0] == ("layer", "head", "pair")
+    assert arrays["scores_id_selection"][1].ndim == 3 and arrays["null_means_id_selection"][0] == ("sample",)
+
+
+def check_replot(out):
+    """`vismech plot` redraws every figure from the stored results: the same files, the same pixels."""
+    before = {p.name: p.read_bytes() for p in (out / "figures").iterdir()}
+    for p in (out / "figures").iterdir():
+        p.unlink()
+    assert main(["plot", str(out)]) == 0
+    after = {p.name: p.read_bytes() for p in (out / "figures").iterdir()}
+    assert set(after) == set(before) and len(after) >= 2 * (len(EXPERIMENTS) - 2)
+    assert all(after[n] == before[n] for n in after if n.endswith(".png"))
+    # the report embeds each experiment's own figures: rsa's section holds rsa.png, not rsa_relative.png
+    html = (out / "report.html").read_text()
+    rsa = html[html.index("id='rsa'"):html.index("id='rsa-relative'")]
+    assert "figures/rsa.png" in rsa and "rsa_relative" not in rsa

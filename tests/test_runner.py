@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vismech.cli import main
+from vismech.app.cli import main
 
 ARGS = ["run", "behaviour", "--model", "tiny:llava", "--n", "6", "--batch-size", "2",
         "--set", 'tasks=["scene_description","color_retrieval","spatial_relation"]', "--set", "generate=false"]
@@ -64,16 +64,20 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
 
 
 def test_report_embeds_figures_and_escapes_user_strings(tmp_path):
-    from vismech.report import write_report
+    from vismech.app.report import write_report
+    from vismech.store.io import csv_text
+    from vismech.store.results import tidy
 
     run = tmp_path / "run"
     (run / "results").mkdir(parents=True)
     (run / "figures").mkdir()
     evil = "<script>alert(1)</script>"
-    (run / "manifest.json").write_text(json.dumps({"model": evil, "experiments": ["behaviour"], "seed": 0}))
-    (run / "results" / "behaviour.json").write_text(json.dumps({"accuracy": [
-        {"task": evil, "grid": "2x2", "entropy": "", "measure": "first_token", "n": 4, "accuracy": 0.5,
-         "ci_low": 0.15, "ci_high": 0.85}]}))
+    (run / "manifest.json").write_text(json.dumps({"model": evil, "experiments": ["behaviour"], "seed": 0, "outputs": {
+        "behaviour": ["results/behaviour.csv", "figures/behaviour.png", "results/behaviour.json"]}}))
+    row = {"task": evil, "grid": "2x2", "entropy": "", "measure": "first_token", "n": 4, "value": 0.5,
+           "ci_low": 0.15, "ci_high": 0.85}
+    (run / "results" / "behaviour.json").write_text(json.dumps({"accuracy": [row]}))
+    (run / "results" / "behaviour.csv").write_text(csv_text(tidy([row], evil, "behaviour", "behaviour")))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,3 +90,4 @@ def test_report_embeds_figures_and_escapes_user_strings(tmp_path):
     assert evil not in html and "&lt;script&gt;" in html
     assert "data:image/png;base64," in html and "http" not in html.split("<body>")[1].split("Manifest")[0]
     assert "50%" in html  # the caption computed from the results
+    assert "<td>[0.15, 0.85]</td>" in html  # the table: the interval in one column, low first

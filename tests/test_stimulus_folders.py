@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import FAMILIES, tiny
-from vismech.cli import main
+from vismech.app.cli import main
 from vismech.scenes import answers
 from vismech.scenes.core import Obj, Scene, Trial
 from vismech.scenes.manifest import load_stimuli
@@ -79,7 +79,7 @@ def test_every_family_encodes_and_evaluates_a_users_folder(tmp_path, family):
     out = tmp_path / "ev"
     assert main(["eval", "--model", f"tiny:{family}", "--stimuli", str(folder), "--out", str(out)]) == 0
     lines = (out / "trials.csv").read_text().splitlines()
-    assert len(lines) == 3 and {"scene_description", "question"} <= {ln.split(",")[1] for ln in lines[1:]}
+    assert len(lines) == 3 and {"scene_description", "question"} <= {ln.split(",")[3] for ln in lines[1:]}
 
 
 def test_qwen_tokens_of_a_users_box_and_mask(tmp_path):

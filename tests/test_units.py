@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from vismech import units
-from vismech.experiments.reuse import HeadRun
+from vismech.store import units
+from vismech.engine.edits import HeadRun
 
 
 def _same(a, b) -> bool:

@@ -1,5 +1,5 @@
 import sys
 
-from vismech.cli import main
+from vismech.app.cli import main
 
 sys.exit(main())

@@ -4,7 +4,7 @@ Nothing here loads a model, renders an image or needs torch; every function take
 and returns numbers or arrays. The experiments layer captures activations and logits and calls these.
 """
 
-from .cma import head_significance, logit_diff, logit_diff_score, stage_map, summarize_heads, top_k_heads
+from .cma import head_significance, logit_diff, logit_diff_score, null_mean_scores, stage_map, top_k_heads
 from .pca import StreamingMoments, chance_accuracy, pca, probe_accuracy, silhouette
 from .rsa import (
     bootstrap_indices,
@@ -12,12 +12,13 @@ from .rsa import (
     feature_rsm,
     identity_rsm,
     layerwise_rsa,
+    permutation_null,
     position_rsm,
     rsa_bootstrap,
     rsa_score,
     rsa_score_resampled,
 )
-from .stats import benjamini_hochberg, bootstrap_ci, empirical_pvalue, holm, mean_se, wilson_ci
+from .stats import benjamini_hochberg, bootstrap_ci, empirical_pvalue, finite, holm, mean_se, paired_diff, rate, wilson_ci
 
 __all__ = [
     # rsa
@@ -28,6 +29,7 @@ __all__ = [
     "rsa_score",
     "rsa_score_resampled",
     "layerwise_rsa",
+    "permutation_null",
     "bootstrap_indices",
     "rsa_bootstrap",
     # pca
@@ -39,7 +41,7 @@ __all__ = [
     # cma
     "logit_diff",
     "logit_diff_score",
-    "summarize_heads",
+    "null_mean_scores",
     "head_significance",
     "top_k_heads",
     "stage_map",
@@ -50,4 +52,7 @@ __all__ = [
     "empirical_pvalue",
     "benjamini_hochberg",
     "holm",
+    "rate",
+    "paired_diff",
+    "finite",
 ]

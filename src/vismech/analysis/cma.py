@@ -10,7 +10,7 @@ averages it over counterfactual pairs per head, decides which heads matter, and 
 
 - ``logit_diff`` / ``logit_diff_score``: the score for every pair, vectorised over any leading dims of the patched
   logits (e.g. [layers, heads, n_pairs, vocab]), so a whole layer x head sweep is scored in one call.
-- ``summarize_heads``: mean and standard error over pairs.
+- ``null_mean_scores``: the null distribution of mean scores, resampled from the per-pair null scores.
 - ``head_significance``: one-sided empirical test of each head's mean score against a null distribution of mean
   scores from control patches that should have no effect (Yang et al. 2025 use 5,000 null trials and report the
   null's 95th percentile as the threshold), with Benjamini-Hochberg or Holm correction over heads.
@@ -28,12 +28,12 @@ import warnings
 
 import numpy as np
 
-from .stats import benjamini_hochberg, empirical_pvalue, holm, mean_se
+from .stats import benjamini_hochberg, empirical_pvalue, holm
 
 __all__ = [
     "logit_diff",
     "logit_diff_score",
-    "summarize_heads",
+    "null_mean_scores",
     "head_significance",
     "top_k_heads",
     "stage_map",
@@ -70,11 +70,6 @@ def logit_diff_score(clean_logits, patched_logits, a1, a1_star):
     dims such as [layers, heads]). Returns [..., n_pairs]. Identical clean and patched logits give exactly 0.
     """
     return logit_diff(patched_logits, a1, a1_star) - logit_diff(clean_logits, a1, a1_star)
-
-
-def summarize_heads(scores):
-    """Mean and standard error over pairs (the last axis): scores [L, H, n_pairs] -> (mean [L, H], se [L, H])."""
-    return mean_se(scores, axis=-1)
 
 
 def head_significance(scores, null_scores, q: float = 0.05, method: str = "bh") -> dict:
@@ -142,13 +137,15 @@ def top_k_heads(mean_scores, k: int) -> list[tuple[int, int]]:
     return [(int(layer[i]), int(head[i])) for i in order]
 
 
-def stage_map(mean_scores_by_condition) -> np.ndarray:
+def stage_map(mean_scores_by_condition, colours: list[str] | None = None) -> np.ndarray:
     """Fig. 1d-style map: [L, H, 3] RGB in [0, 1], one channel per condition.
 
     Input: a dict name -> mean scores [L, H] (channels in insertion order, e.g. id_retrieval -> red,
     id_selection -> green, feature_retrieval -> blue) or an array [C, L, H], with C <= 3. Each channel is the
     positive part of its scores divided by that condition's own maximum, because the conditions' scales differ by
-    an order of magnitude; a condition with no positive score is all 0. Missing channels are 0.
+    an order of magnitude; a condition with no positive score is all 0. Missing channels are 0. With ``colours``
+    (one "#rrggbb" per condition, e.g. a colour-blind-safe palette), each condition's weight scales its colour
+    instead of one channel, and the colours add (clipped at 1).
     """
     if isinstance(mean_scores_by_condition, dict):
         maps = [np.asarray(v, dtype=np.float64) for v in mean_scores_by_condition.values()]
@@ -165,4 +162,19 @@ def stage_map(mean_scores_by_condition) -> np.ndarray:
         top = pos.max()
         if top > 0:
             rgb[..., c] = pos / top
-    return rgb
+    if colours is None:
+        return rgb
+    if len(colours) != len(maps):
+        raise ValueError(f"stage_map got {len(colours)} colours for {len(maps)} conditions")
+    cols = np.array([[int(h.lstrip("#")[i:i + 2], 16) / 255 for i in (0, 2, 4)] for h in colours])  # [C, 3]
+    return np.clip(rgb[..., :len(maps)] @ cols, 0.0, 1.0)
+
+
+def null_mean_scores(null: np.ndarray, samples: int, seed: int = 0) -> np.ndarray:
+    """``samples`` null mean scores: a random head's per-pair null scores, n resampled with replacement."""
+    L, H, n = null.shape
+    rng = np.random.default_rng(seed)
+    flat = null.reshape(L * H, n)
+    heads = rng.integers(L * H, size=samples)
+    idx = rng.integers(n, size=(samples, n))
+    return flat[heads[:, None], idx].mean(1)

@@ -30,6 +30,7 @@ import numpy as np
 
 __all__ = [
     "cosine_rsm",
+    "permutation_null",
     "position_rsm",
     "identity_rsm",
     "feature_rsm",
@@ -283,3 +284,23 @@ def rsa_bootstrap(X, targets, n_boot: int = 1000, seed: int = 0, ci: float = 0.9
         tup = (v[:, 0].reshape(batch)[()], iv[..., 0][()], iv[..., 1][()])
         out[k] = tup + (v[:, 1:].reshape(batch + (n_boot,)),) if return_samples else tup
     return out if named else out["_"]
+
+
+def permutation_null(X, targets: dict, n_perm: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The permutation null of layerwise RSA: the RSA of ``X`` (one [L, n, d] array or a list of groups) with each
+    target's trial labels permuted, ``n_perm`` times: dict name -> [n_perm, L]. The model RSMs are built once per
+    layer, and permuted targets are gathered pair by pair."""
+    groups = X if isinstance(X, (list, tuple)) else [X]
+    tg = {k: (v if isinstance(v, (list, tuple)) else [v]) for k, v in targets.items()}
+    L, n = groups[0].shape[0], groups[0].shape[-2]
+    rng = np.random.default_rng(seed)
+    perms = [rng.permutation(n) for _ in range(n_perm)]
+    a, b = np.tril_indices(n, -1)
+    out = {k: np.empty((n_perm, L)) for k in tg}
+    for layer in range(L):  # permuted targets are gathered pair by pair: never n_perm x n x n in memory
+        x = np.concatenate([cosine_rsm(g[layer])[a, b] for g in groups])
+        for k, ts in tg.items():
+            for i, p in enumerate(perms):
+                y = np.concatenate([np.asarray(t, dtype=np.float64)[p[a], p[b]] for t in ts])
+                out[k][i, layer] = _pearson(x, y)
+    return out

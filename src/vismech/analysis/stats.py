@@ -31,6 +31,9 @@ __all__ = [
     "empirical_pvalue",
     "benjamini_hochberg",
     "holm",
+    "rate",
+    "paired_diff",
+    "finite",
 ]
 
 
@@ -49,23 +52,24 @@ def mean_se(x, axis=0):
 
 
 def bootstrap_ci(x, statistic: Callable = np.mean, n_boot: int = 1000, ci: float = 0.95, seed: int = 0):
-    """Percentile bootstrap interval for ``statistic`` of a sample (trials along axis 0).
+    """Percentile bootstrap interval for ``statistic`` of a sample (trials along axis 0): ``scipy.stats.bootstrap``
+    resampling whole rows of ``x`` with replacement.
 
     Returns ``(point, lo, hi)`` where ``point = statistic(x)`` and ``lo, hi`` are the (1-ci)/2 and (1+ci)/2
-    quantiles of ``statistic`` over ``n_boot`` resamples of the rows of ``x`` with replacement. The statistic may
-    return a scalar or an array (then lo, hi have its shape).
+    quantiles of ``statistic`` over ``n_boot`` resamples. The statistic may return a scalar or an array (then lo,
+    hi have its shape). One sample gives the degenerate interval [point, point].
     """
     x = np.asarray(x)
     if x.shape[0] < 1:
         raise ValueError("bootstrap_ci needs at least one sample along axis 0")
     _check_ci(ci)
-    rng = np.random.default_rng(seed)
-    n = x.shape[0]
     point = np.asarray(statistic(x), dtype=np.float64)
-    boots = np.empty((n_boot,) + point.shape, dtype=np.float64)
-    for b in range(n_boot):
-        boots[b] = statistic(x[rng.integers(0, n, size=n)])
-    lo, hi = np.quantile(boots, [(1 - ci) / 2, (1 + ci) / 2], axis=0)
+    if x.shape[0] == 1:
+        return point[()], point[()], point[()]
+    res = _sps.bootstrap((np.arange(x.shape[0]),), lambda idx: statistic(x[idx]), n_resamples=n_boot,
+                         confidence_level=ci, method="percentile", vectorized=False,
+                         rng=np.random.default_rng(seed))
+    lo, hi = np.asarray(res.confidence_interval.low), np.asarray(res.confidence_interval.high)
     return point[()], lo[()], hi[()]
 
 
@@ -112,19 +116,14 @@ def empirical_pvalue(observed, null, alternative: str = "greater"):
 
 
 def benjamini_hochberg(pvals, q: float = 0.05):
-    """Benjamini-Hochberg step-up procedure controlling the false discovery rate at ``q``.
+    """Benjamini-Hochberg step-up procedure controlling the false discovery rate at ``q``
+    (``scipy.stats.false_discovery_control``).
 
-    Returns ``(reject, p_adjusted)``, both with the shape of ``pvals``. Hypothesis i is rejected when
-    p_(i) <= i q / m for some rank i at or above it; p_adjusted(i) = min_{j >= i} m p_(j) / j, capped at 1
-    (the same as R's ``p.adjust(method="BH")``), and reject == p_adjusted <= q.
+    Returns ``(reject, p_adjusted)``, both with the shape of ``pvals``: p_adjusted(i) = min_{j >= i} m p_(j) / j,
+    capped at 1 (R's ``p.adjust(method="BH")``), and reject == p_adjusted <= q.
     """
     p, shape = _flat_pvals(pvals)
-    m = p.size
-    order = np.argsort(p, kind="stable")
-    ranked = p[order] * m / np.arange(1, m + 1)
-    adj_sorted = np.minimum.accumulate(ranked[::-1])[::-1]
-    adj = np.empty(m)
-    adj[order] = np.minimum(adj_sorted, 1.0)
+    adj = np.asarray(_sps.false_discovery_control(p, method="bh"), dtype=np.float64)
     return (adj <= q).reshape(shape), adj.reshape(shape)
 
 
@@ -155,3 +154,30 @@ def _flat_pvals(pvals):
 def _check_ci(ci):
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
+
+
+def rate(k: int, n: int) -> dict:
+    """k successes out of n as ``{"n", "value", "ci_low", "ci_high"}``: the proportion with its Wilson 95% interval
+    (NaN when n = 0). The one way every experiment reports a rate (accuracy, efficacy, repeat rate)."""
+    if n == 0:
+        return {"n": 0, "value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+    lo, hi = wilson_ci(k, n)
+    return {"n": int(n), "value": k / n, "ci_low": float(lo), "ci_high": float(hi)}
+
+
+def paired_diff(after, before, seed: int = 0) -> dict:
+    """Mean of after - before over the same trials, with a percentile bootstrap 95% interval."""
+    d = np.asarray(after, float) - np.asarray(before, float)
+    if d.size == 0:
+        return {"n": 0, "value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+    m, lo, hi = bootstrap_ci(d, np.mean, n_boot=1000, seed=seed)
+    return {"n": int(d.size), "value": float(m), "ci_low": float(lo), "ci_high": float(hi)}
+
+
+# -- the experiment ---------------------------------------------------------------------------------------------
+
+
+def finite(x) -> float | None:
+    """``x`` as a float, None when it is NaN or infinite (what JSON summaries and tables store for "undefined")."""
+    x = float(x)
+    return x if np.isfinite(x) else None

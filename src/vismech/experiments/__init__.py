@@ -13,7 +13,7 @@ from vismech.errors import UserError
 
 #: name -> module (relative to this package), in run order
 EXPERIMENTS: dict[str, str] = {
-    "behaviour": ".behaviour_experiment",
+    "behaviour": ".behaviour",
     "pca": ".pca",
     "rsa": ".rsa",
     "rsa-relative": ".rsa_relative",

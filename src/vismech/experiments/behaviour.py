@@ -1,74 +1,52 @@
-"""Behaviour: how often the model names the right answer, by task, grid, entropy condition and target cell.
+"""``behaviour``: accuracy on every task of the paper, by task, grid, entropy condition and target cell.
 
-Two measures per trial: first-token accuracy (the correct answer is the model's greedy answer: the arg-max of the
-last-token logits over the whole vocabulary is its token where the task's answers are single tokens, else every
-token of it, teacher forced; ``models.answers``, whose per-task rule each row records in ``scoring``) and generation
-accuracy (greedy decoding of a few tokens, parsed by ``vismech.scenes.answers``). Intervals are Wilson 95%
-intervals over trials.
+Each task is one resumable unit. Options: ``tasks``, ``grid`` (for scene description and colour retrieval; the
+spatial-relation and counting sets use their own 3x3 grids), ``n`` trials per task, ``generate`` (also decode and
+parse answers), ``max_new_tokens`` (None: the task's default; counting's default leaves room for the enumeration
+the App. C prompt asks for).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Callable
+from vismech.engine import evaluate
+from vismech.experiments.common import Context
+from vismech.experiments.options import Opt
+from vismech.scenes.stimuli import generate
 
-import torch
-
-from vismech.analysis.stats import wilson_ci
-from vismech.models.vlm import VLM
-from vismech.scenes import answers
-from vismech.scenes.core import Trial
-
-GEN_TOKENS = {"scene_description": 4, "color_retrieval": 3, "spatial_relation": 3, "counting": 48}
-
-
-def batches(trials: list[Trial], size: int) -> list[list[int]]:
-    """Indices of ``trials`` in chunks of at most ``size`` that share a grid (one canvas size per batch)."""
-    by_grid: dict[tuple, list[int]] = defaultdict(list)
-    for i, t in enumerate(trials):
-        by_grid[(t.scene.grid, t.task)].append(i)
-    return [idx[s:s + size] for idx in by_grid.values() for s in range(0, len(idx), size)]
+NAME = "behaviour"
+DESCRIPTION = "Accuracy (first-token and generated) on scene description, colour retrieval, spatial relation, counting"
+DEFAULTS = {"tasks": ["scene_description", "color_retrieval", "spatial_relation", "counting"], "grid": [2, 2],
+            "n": 16, "generate": True, "max_new_tokens": None}
+LIMITS = {"tasks": Opt("list", length=(1, None), each=Opt("str", choices=tuple(evaluate.GEN_TOKENS)))}
+GRIDDED = ("scene_description", "color_retrieval")
 
 
-def evaluate(vlm: VLM, trials: list[Trial], batch_size: int = 16, generate: bool = True,
-             progress: Callable[[int], None] | None = None, max_new_tokens: int | None = None) -> list[dict]:
-    """One tidy row per trial: labels, the answer, first-token and (optionally) generation correctness."""
-    rows: list[dict] = [{} for _ in trials]
-    for idx in batches(trials, batch_size):
-        chunk = [trials[i] for i in idx]
-        b = vlm.encode(chunk)
-        aset = vlm.answers(b, [[t.answer] for t in chunk])
-        hit = vlm.score_answers(b, aset).greedy[:, 0]
-        n_new = max_new_tokens or GEN_TOKENS.get(chunk[0].task, 4)
-        texts = vlm.generate(b, n_new) if generate else [None] * len(chunk)
-        for j, (i, t) in enumerate(zip(idx, chunk)):
-            rows[i] = {
-                "trial": i, "task": t.task, "grid": f"{t.scene.grid[0]}x{t.scene.grid[1]}",
-                "entropy": t.meta.get("entropy") or "", "n_objects": len(t.scene.objects),
-                "target_cell": "" if t.target is None else f"{t.target.cell[0]},{t.target.cell[1]}",
-                "answer": t.answer, "first_token_correct": int(hit[j]), "scoring": aset.rule,
-                "generated": texts[j] if texts[j] is not None else "",
-                "parsed": "" if texts[j] is None else (answers.parse(t, texts[j]) or ""),
-                "generation_correct": "" if texts[j] is None else int(answers.is_correct(t, texts[j])),
-            }
-        if progress:
-            progress(len(chunk))
-    return rows
+def run(ctx: Context) -> dict:
+    rows = []
+    for task in ctx.opt("tasks"):
+        grid = tuple(ctx.opt("grid")) if task in GRIDDED else None
+        trials = generate(task, grid, ctx.opt("n"), ctx.seed)
+
+        def compute(trials=trials, task=task):
+            with ctx.progress(len(trials), f"behaviour {task}") as update:
+                return evaluate.evaluate(ctx.vlm, trials, ctx.batch_size, generate=ctx.opt("generate"),
+                                          progress=update, max_new_tokens=ctx.opt("max_new_tokens"))
+
+        rows += ctx.unit(ctx.unit_key(f"behaviour-{task}"), compute)
+    summary = evaluate.summarize(rows)
+    ctx.save_table("behaviour_trials", rows)
+    ctx.save_table("behaviour", summary + evaluate.summarize(rows, by=("task", "grid", "entropy", "target_cell")))
+    return {"accuracy": summary}
 
 
-def summarize(rows: list[dict], by: tuple[str, ...] = ("task", "grid", "entropy")) -> list[dict]:
-    """Accuracy with Wilson 95% intervals per group of ``by`` columns, for both measures."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[tuple(r[k] for k in by)].append(r)
-    out = []
-    for key, rs in sorted(groups.items()):
-        for measure in ("first_token_correct", "generation_correct"):
-            vals = [r[measure] for r in rs if r[measure] != ""]
-            if not vals:
-                continue
-            k, n = sum(vals), len(vals)
-            lo, hi = wilson_ci(k, n)
-            out.append({**dict(zip(by, key)), "measure": measure.replace("_correct", ""), "n": n,
-                        "accuracy": k / n, "ci_low": float(lo), "ci_high": float(hi)})
-    return out
+def report_rows(st):
+    """For the report: accuracy per task (every target cell: in the CSV)."""
+    rows = [r for r in st.table("behaviour") if r.get("target_row", "") == ""]
+    return "Accuracy per task", rows, "results/behaviour.csv (also per target cell), behaviour_trials.csv"
+
+
+def caption(summary: dict) -> str:
+    parts = [f"{r['task'].replace('_', ' ')} {r['grid']}: {100 * r['value']:.0f}% "
+             f"[{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}] (n={r['n']})"
+             for r in summary["accuracy"] if r["measure"] == "first_token"]
+    return "First-token accuracy: " + "; ".join(parts) + "."

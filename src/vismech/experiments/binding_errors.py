@@ -46,9 +46,13 @@ import numpy as np
 
 from vismech.analysis.pca import chance_accuracy, fit_probe, pca, probe_accuracy
 from vismech.analysis.stats import empirical_pvalue
-from vismech.experiments import behaviour, cma
-from vismech.experiments.common import Context
-from vismech.experiments.reuse import paired_diff, rate, run_heads, select_heads, unit_key
+from vismech.engine import evaluate
+from vismech.experiments import cma
+from vismech.experiments import figures as F
+from vismech.experiments.common import Context, pct
+from vismech.analysis.stats import paired_diff, rate
+from vismech.engine.edits import run_heads
+from vismech.experiments.cma import select_heads
 from vismech.scenes import answers
 from vismech.scenes.core import Trial
 from vismech.scenes.sets import all_cells, entropy_set
@@ -154,46 +158,48 @@ def _cell(s: str):
     return None if s == "" else tuple(int(x) for x in s.split(","))
 
 
-def _figure(ctx: Context, table: list[dict], trace: dict, k: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
-    ax = axes[0]
-    measures = [m for m in ("first_token", "generation") if any(r["measure"] == m for r in table)]
-    colours = {"high": "#1f77b4", "low": "#ff7f0e", "low+patch": "#2ca02c", "low+control": "#999999"}
-    w = 0.8 / len(CONDITIONS)
-    for j, cond in enumerate(CONDITIONS):
-        got = {r["measure"]: r for r in table if r["condition"] == cond}
-        v = np.array([got[m]["value"] for m in measures])
-        err = np.array([[got[m]["value"] - got[m]["ci_low"] for m in measures],
-                        [got[m]["ci_high"] - got[m]["value"] for m in measures]])
-        label = {"low+patch": "low + ID patch", "low+control": "low + wrong-cell patch"}.get(cond, f"{cond} entropy")
-        ax.bar(np.arange(len(measures)) + (j - 1.5) * w, v, w, yerr=np.clip(np.nan_to_num(err), 0, None), capsize=3,
-               color=colours[cond], label=label)
-    ax.set_xticks(np.arange(len(measures)), [m.replace("_", "-") for m in measures])
-    ax.set_ylabel("Accuracy")
+@F.paper_style
+def plot(st) -> dict:
+    """Figure ``binding_errors`` from the stored tables: Table 1's accuracies, and the error tracing against
+    chance and its permutation null."""
+    table, tracing, k = st.table("binding_errors"), st.table("binding_errors_tracing"), len(st.summary["heads"])
+    fig, axes = F.figure(2, 1, w=3.2, h=2.6, gridspec_kw={"width_ratios": [3, 2]})
+    ax = axes[0, 0]
+    measures = [m for m in ("first_token", "generation") if F.where(table, measure=m)]
+    colours = {"high": F.ROLE["high"], "low": F.ROLE["low"], "low+patch": F.ROLE["patch"],
+               "low+control": F.ROLE["control"]}
+    names = {"low+patch": "low + ID patch", "low+control": "low + wrong-cell patch"}
+    series = {}
+    for cond in CONDITIONS:
+        got = [F.where(table, condition=cond, measure=m, stat="accuracy")[0] for m in measures]
+        series[names.get(cond, f"{cond} entropy")] = tuple(F.column(got, c) for c in ("value", "ci_low", "ci_high"))
+    F.bars(ax, [m.replace("_", "-") for m in measures], series,
+           {names.get(c, f"{c} entropy"): colours[c] for c in CONDITIONS}, "Accuracy")
     ax.set_ylim(0, 1)
-    n = next(r["n"] for r in table if r["condition"] == "low")
-    ax.set_title(f"Table 1: top-{k} ID-selection heads (n={n} trials per condition)", fontsize=10)
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    names = ["answer = object\nat decoded cell", "chance\n1/(N-1)", "permutation\nnull"]
-    vals = [trace["fraction"], trace["chance"], trace["null_mean"]]
-    err = [[trace["fraction"] - trace["ci_low"], 0, trace["null_mean"] - trace["null_low"]],
-           [trace["ci_high"] - trace["fraction"], 0, trace["null_high"] - trace["null_mean"]]]
+    n = F.where(table, condition="low", stat="accuracy")[0]["n"]
+    ax.set_title(f"Table 1: top-{k} ID-selection heads (n={n} per condition)")
+    F.legend_below(ax, ncol=2, drop=0.3)  # under the axes: it covers no bar
+    ax = axes[0, 1]
+    tr = (F.where(tracing, measure="answer_is_object_at_decoded_cell") or [{}])[0]
+    nan = float("nan")
+    get = {c: (nan if tr.get(c, "") == "" else tr[c]) for c in ("value", "ci_low", "ci_high", "chance",
+                                                                 "permutation_mean", "permutation_low",
+                                                                 "permutation_high")}
+    chance = get["chance"] if get["chance"] == get["chance"] else 1 / (st.summary["grid"][0] * st.summary["grid"][1] - 1)
+    vals = [get["value"], chance, get["permutation_mean"]]
     # a percentile interval of a discrete null need not contain its mean: draw only the part on each side
-    ax.bar(range(3), np.nan_to_num(vals), yerr=np.clip(np.nan_to_num(err), 0, None), capsize=3,
-           color=["#d62728", "#999999", "#bbbbbb"])
-    ax.set_xticks(range(3), names, fontsize=8)
+    err = F.error(vals, [get["ci_low"], chance, get["permutation_low"]], [get["ci_high"], chance, get["permutation_high"]])
+    ax.bar(range(3), np.nan_to_num(vals), yerr=err, capsize=2, color=[F.PALETTE["vermillion"], F.ROLE["control"],
+                                                                     F.ROLE["none"]], error_kw={"lw": 0.8})
+    ax.set_xticks(range(3), ["answer = object\nat decoded cell", "chance\n1/(N-1)", "permutation\nnull"])
     ax.set_ylabel("Fraction of error trials")
     ax.set_ylim(0, 1)
-    ax.set_title(f"Error tracing (n={trace['n_error_decoded_wrong']} errors, decoded ID wrong)", fontsize=10)
-    if not trace["n_error_decoded_wrong"]:
-        ax.text(0, 0.5, "no error trials\nwith a wrong\ndecoded ID", ha="center", fontsize=8)
-    ctx.save_figure(fig, "binding_errors")
+    n_err = int(tr.get("n") or 0)
+    ax.set_title(f"Error tracing (n={n_err} errors,\ndecoded ID wrong)")
+    if not n_err:
+        ax.text(0, 0.5, "no error trials\nwith a wrong\ndecoded ID", ha="center")
+    fig.tight_layout()
+    return {"binding_errors": fig}
 
 
 def run(ctx: Context, heads=None) -> dict:
@@ -204,7 +210,7 @@ def run(ctx: Context, heads=None) -> dict:
     cells = all_cells(grid)
     rng = random.Random(seed + 3)
     control = [rng.choice([c for c in cells if c != t.target.cell]) for t in low]
-    gen = behaviour.GEN_TOKENS["scene_description"] if ctx.opt("generate") else 0
+    gen = evaluate.GEN_TOKENS["scene_description"] if ctx.opt("generate") else 0
     kw = dict(gen_tokens=gen, batch_size=ctx.batch_size)
 
     def compute():
@@ -219,7 +225,7 @@ def run(ctx: Context, heads=None) -> dict:
             rc = run_heads(vlm, low, heads, np.stack([protos[c] for c in control]), "set", cand, progress=update, **kw)
         return rh, rl, rp, rc, fallback
 
-    rh, rl, rp, rc, fallback = ctx.unit(unit_key(ctx, NAME, heads), compute)
+    rh, rl, rp, rc, fallback = ctx.unit(ctx.unit_key(NAME, heads=heads), compute)
 
     # (c) the probe: fit on correct high-entropy trials, decode the low-entropy ones
     index = {c: i for i, c in enumerate(cells)}
@@ -262,9 +268,9 @@ def run(ctx: Context, heads=None) -> dict:
     # (c) tracing on the unedited low-entropy trials
     trace_rows, trace = [], {}
     dec_ok = [r["decoded_cell"] == r["target_cell"] for r in lo_rows]
-    trace_rows.append({"stat": "probe_cv_accuracy_high", "value": float(cv[0]), "se": float(cv[1]),
+    trace_rows.append({"measure": "probe_cv_accuracy_high", "value": float(cv[0]), "se": float(cv[1]),
                        "n": int(fit.sum()), "chance": chance_accuracy(y_high[fit])})
-    trace_rows.append({"stat": "decoded_accuracy_low", **rate(sum(dec_ok), len(dec_ok)), "chance": 1 / len(cells)})
+    trace_rows.append({"measure": "decoded_accuracy_low", **rate(sum(dec_ok), len(dec_ok)), "chance": 1 / len(cells)})
     if gen:
         records = [(_cell(r["baseline_answered_cell"]), _cell(r["decoded_cell"]), _cell(r["target_cell"]))
                    for r in lo_rows]
@@ -272,12 +278,12 @@ def run(ctx: Context, heads=None) -> dict:
         error = [r[0] is not None and r[0] != r[2] for r in records]
         for name, mask in (("decoded_accuracy_correct_trials", correct), ("decoded_accuracy_error_trials", error)):
             k_ = sum(d for d, m in zip(dec_ok, mask) if m)
-            trace_rows.append({"stat": name, **rate(k_, sum(mask)), "chance": 1 / len(cells)})
+            trace_rows.append({"measure": name, **rate(k_, sum(mask)), "chance": 1 / len(cells)})
         trace = error_tracing(records, len(cells))
         ci = rate(trace["n_match"], trace["n_error_decoded_wrong"])
         trace.update(ci_low=ci["ci_low"], ci_high=ci["ci_high"])
         trace.update(permutation_null(records, int(ctx.opt("n_perm")), seed))
-        trace_rows.append({"stat": "answer_is_object_at_decoded_cell", "n": trace["n_error_decoded_wrong"],
+        trace_rows.append({"measure": "answer_is_object_at_decoded_cell", "n": trace["n_error_decoded_wrong"],
                            "value": trace["fraction"], "ci_low": trace["ci_low"], "ci_high": trace["ci_high"],
                            "chance": trace["chance"], "permutation_mean": trace["null_mean"],
                            "permutation_low": trace["null_low"], "permutation_high": trace["null_high"],
@@ -287,16 +293,11 @@ def run(ctx: Context, heads=None) -> dict:
     ctx.save_table("binding_errors_trials", rows)
     ctx.save_table("binding_errors", table)
     ctx.save_table("binding_errors_tracing", trace_rows)
-    if gen:
-        _figure(ctx, table, trace, len(heads))
-    else:
-        _figure(ctx, table, {"fraction": np.nan, "chance": 1 / (len(cells) - 1), "null_mean": np.nan,
-                             "ci_low": np.nan, "ci_high": np.nan, "null_low": np.nan, "null_high": np.nan,
-                             "n_error_decoded_wrong": 0}, len(heads))
     pick = {f"{r['condition']}_{r['measure']}_{r['stat']}": {k: r[k] for k in ("n", "value", "ci_low", "ci_high")}
             for r in table}
     return {"head_source": source, "grid": list(grid), "n_per_combination": n, **pick,
-            "tracing": {r["stat"]: {k: v for k, v in r.items() if k not in ("stat", "grid", "k")} for r in trace_rows},
+            "tracing": {r["measure"]: {k: v for k, v in r.items() if k not in ("measure", "grid", "k")}
+                        for r in trace_rows},
             "prototype_fallback_cells": [list(c) for c in fallback],
             "probe_fit_on": "correct high-entropy trials" if fit is correct_high
             else "all high-entropy trials (too few correct)",
@@ -305,14 +306,12 @@ def run(ctx: Context, heads=None) -> dict:
 
 
 def caption(summary: dict) -> str:
-    from vismech.experiments.reuse import _pct
-
     m = "generation" if "low_generation_accuracy" in summary else "first_token"
     d = summary[f"low+patch-low_{m}_accuracy_change"]
-    text = (f"{m.replace('_', '-')} accuracy: high entropy {_pct(summary[f'high_{m}_accuracy'])}, low "
-            f"{_pct(summary[f'low_{m}_accuracy'])}, low + prototype patch {_pct(summary[f'low+patch_{m}_accuracy'])} "
+    text = (f"{m.replace('_', '-')} accuracy: high entropy {pct(summary[f'high_{m}_accuracy'])}, low "
+            f"{pct(summary[f'low_{m}_accuracy'])}, low + prototype patch {pct(summary[f'low+patch_{m}_accuracy'])} "
             f"(change {100 * d['value']:+.1f} points [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]), "
-            f"wrong-cell patch {_pct(summary[f'low+control_{m}_accuracy'])}.")
+            f"wrong-cell patch {pct(summary[f'low+control_{m}_accuracy'])}.")
     tr = summary["tracing"].get("answer_is_object_at_decoded_cell")
     if tr and tr["n"]:
         null = tr["permutation_mean"]

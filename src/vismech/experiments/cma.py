@@ -33,8 +33,8 @@ removal lowers a1's logit raises s too), not mediation; heads must beat it. (An 
 pair whose variable *differed*; on a model with planted position IDs (``organism-ids``) that null moved the
 answer nearly as much as the real patch, since any other ID redirects the model, and hid the planted ID-retrieval
 heads.) Where no pair has the clean value, any pair whose variable differs serves. One re-paired patch per
-(head, pair) gives null per-pair scores [L, H, n];
-``null_samples`` null *mean* scores are drawn from them by picking a random head and resampling n of its pairs
+(head, pair) gives null per-pair scores [L, H, n] (the sweep and its re-pairing: ``engine.mediation``);
+``null_samples`` null *mean* scores (``analysis.cma.null_mean_scores``) are drawn from them by picking a random head and resampling n of its pairs
 with replacement (a head's mean under the null), and ``analysis.cma.head_significance`` tests every head's mean
 against this pooled null (one-sided, Benjamini-Hochberg at ``q``; the uncorrected count above the null's 1-q
 quantile is reported too, as in Yang et al. 2025). Cost: twice the patching of the scores alone.
@@ -54,21 +54,18 @@ condition's scores are one resumable unit (``ctx.unit``).
 
 from __future__ import annotations
 
-import contextlib
-import random
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from vismech import distributed, patching
-from vismech.analysis.cma import head_significance, logit_diff_score, stage_map, top_k_heads
+from vismech.analysis.cma import head_significance, null_mean_scores, stage_map, top_k_heads
 from vismech.analysis.stats import mean_se
 from vismech.errors import UserError
+from vismech.experiments import figures as F
 from vismech.experiments.common import Context
 from vismech.experiments.options import MAX_TRIALS, Opt
 from vismech.experiments.sources import source
-from vismech.scenes.core import CounterfactualPair
+from vismech.engine.mediation import condition_scores
 from vismech.scenes.counterfactual import CONDITIONS
 
 NAME = "cma"
@@ -102,131 +99,6 @@ class CMAResult:
     def max_score(self) -> np.ndarray:
         """[L, H]: each head's highest mean score over the conditions (the App. C ranking)."""
         return np.max(np.stack([self.mean[c] for c in self.conditions]), axis=0)
-
-
-def condition_positions(batch, condition: str) -> list[list[int]]:
-    """Where a condition patches, per row: the described object's mention tokens, or the last token."""
-    if condition == "id_retrieval":
-        return [list(m[0]) for m in batch.mentions]
-    if condition in ("id_selection", "feature_retrieval"):
-        return [[batch.last] for _ in range(len(batch))]
-    raise UserError(f"unknown CMA condition {condition!r}; conditions are {', '.join(CONDITIONS)}")
-
-
-def condition_variable(pair: CounterfactualPair, condition: str, context: str = "counterfactual"):
-    """What the counterfactual changes in ``condition``, read in the pair's ``counterfactual`` or ``clean`` context."""
-    trial = pair.counterfactual if context == "counterfactual" else pair.clean
-    if condition == "id_retrieval":
-        return tuple(trial.mentioned[0].cell)
-    if condition == "id_selection":
-        return tuple(trial.target.cell)
-    return (pair.answer_star if context == "counterfactual" else pair.answer).split()[0]
-
-
-def null_partners(pairs: list[CounterfactualPair], condition: str, seed: int) -> list[int]:
-    """For each pair, another pair whose counterfactual carries this pair's clean value of the condition variable
-    (else one whose counterfactual value differs from this pair's, else any other pair)."""
-    if len(pairs) < 2:
-        raise UserError("the re-paired null needs at least 2 pairs per condition; use n >= 2")
-    rng = random.Random(seed)
-    cf = [condition_variable(p, condition) for p in pairs]
-    clean = [condition_variable(p, condition, "clean") for p in pairs]
-    out = []
-    for i in range(len(pairs)):
-        others = [j for j in range(len(pairs)) if j != i]
-        cand = ([j for j in others if cf[j] == clean[i]] or [j for j in others if cf[j] != cf[i]] or others)
-        out.append(rng.choice(cand))
-    return out
-
-
-def _pad(positions: list[list[int]]) -> tuple[list[list[int]], list[int]]:
-    width = max(len(p) for p in positions)
-    return [p + [p[-1]] * (width - len(p)) for p in positions], [len(p) for p in positions]
-
-
-def _baseline(vlm, clean, src, pos, tid, engine: str) -> torch.Tensor:
-    """Clean scores [B, 2] of the two answers, computed the way the engine computes patched ones."""
-    if engine == "naive":
-        return vlm.score_answers(clean, tid).scores
-    # the text-only path of head_patch with an exact no-op edit (adding 0), so its numerics match the patches
-    return patching.head_patch(vlm, clean, src, pos, tid, heads=[(0, 0)], mode="add", scale=0.0)[0]
-
-
-def _patched(vlm, clean, src, pos, tid, engine: str, progress) -> torch.Tensor:
-    """Patched logits [L*H, B, 2] of the two answer tokens, by the chosen engine."""
-    if engine == "naive":
-        out = patching.naive_head_patch(vlm, clean, src, pos, tid)
-        if progress:
-            progress(out.shape[0])
-        return out
-    return patching.head_patch(vlm, clean, src, pos, tid, progress=progress)
-
-
-def condition_scores(vlm, pairs: list[CounterfactualPair], condition: str, batch_size: int = 16,
-                     engine: str = "fast", seed: int = 0, null: bool = True, progress=None
-                     ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per-pair CMA scores [L, H, n] of every head, and re-paired null scores [L, H, n] (None if ``null`` off).
-
-    Pairs are processed in chunks of ``batch_size``. Data parallel (``torchrun``): with at least as many chunks
-    as processes, each process takes every world()-th chunk whole (encoding, captures, prefix cache and every head;
-    nothing is repeated across processes), the counterfactual values the null needs are exchanged, and the scores
-    gathered; with fewer chunks the engine splits the heads instead. Either way every process returns the full
-    arrays, equal to a one-process run (same chunks, same numbers)."""
-    if engine not in ("fast", "naive"):
-        raise UserError(f"engine must be 'fast' or 'naive', not {engine!r}")
-    L, H, n = vlm.n_layers, vlm.n_heads, len(pairs)
-    starts = list(range(0, n, batch_size))
-    by_chunk = distributed.active() and len(starts) >= distributed.world()
-    chunks = []
-    for s in (distributed.shard(starts) if by_chunk else starts):
-        part = pairs[s:s + batch_size]
-        clean = vlm.encode([p.clean for p in part])
-        cf = vlm.encode([p.counterfactual for p in part])
-        patching.check_same_layout(clean, cf)
-        pos, lens = _pad(condition_positions(clean, condition))
-        names = [[p.answer, p.answer_star] for p in part]
-        tid = vlm.answers(clean, names)
-        tid.check_distinct(names)
-        src = patching.capture_z(vlm, cf, pos)
-        chunks.append((list(range(s, s + len(part))), clean, pos, lens, tid, src))
-    partner = null_partners(pairs, condition, seed) if null else None
-    if null:  # pair i's null patches pair partner[i]'s counterfactual values: every process needs all of them
-        shared = [(idx, lens, src) for idx, _, _, lens, _, src in chunks]
-        if by_chunk:
-            mine = [(idx, lens, {l: v.cpu() for l, v in src.items()}) for idx, lens, src in shared]
-            shared = [c for got in distributed.gather(mine) for c in got]
-        where = {i: (lens, src, r) for idx, lens, src in shared for r, i in enumerate(idx)}
-    scores = np.zeros((L, H, n))
-    nulls = np.zeros((L, H, n)) if null else None
-    with distributed.solo() if by_chunk else contextlib.nullcontext():
-        for idx, clean, pos, lens, tid, src in chunks:
-            zero, one = np.zeros(len(idx), int), np.ones(len(idx), int)
-            base = _baseline(vlm, clean, src, pos, tid, engine).numpy()
-            out = _patched(vlm, clean, src, pos, tid, engine, progress)
-            scores[..., idx] = logit_diff_score(base, out.numpy(), zero, one).reshape(L, H, -1)
-            if null:
-                nsrc = {l: torch.empty_like(v) for l, v in src.items()}
-                for r, i in enumerate(idx):
-                    jlens, jsrc, rj = where[partner[i]]
-                    take = [min(k, lens[r] - 1, jlens[rj] - 1) for k in range(len(pos[0]))]
-                    for l in nsrc:
-                        nsrc[l][r] = jsrc[l][rj, take].to(nsrc[l].device)
-                out = _patched(vlm, clean, nsrc, pos, tid, engine, progress)
-                nulls[..., idx] = logit_diff_score(base, out.numpy(), zero, one).reshape(L, H, -1)
-    if by_chunk:  # each process filled its own pairs' columns; the others are zero
-        scores = sum(distributed.gather(scores))
-        nulls = sum(distributed.gather(nulls)) if null else None
-    return scores, nulls
-
-
-def null_mean_scores(null: np.ndarray, samples: int, seed: int = 0) -> np.ndarray:
-    """``samples`` null mean scores: a random head's per-pair null scores, n resampled with replacement."""
-    L, H, n = null.shape
-    rng = np.random.default_rng(seed)
-    flat = null.reshape(L * H, n)
-    heads = rng.integers(L * H, size=samples)
-    idx = rng.integers(n, size=(samples, n))
-    return flat[heads[:, None], idx].mean(1)
 
 
 def _options(ctx: Context, options: dict | None) -> dict:
@@ -268,9 +140,9 @@ def cma_scores(ctx: Context, options: dict | None = None) -> CMAResult:
             # the two ID conditions patch the same pairs (as in the paper), feature retrieval has its own
             pairs = src.cma_pairs(vlm, c, o["n"], tuple(o["grid"]), ctx.seed + (c == "feature_retrieval"),
                                   progress=ctx.show_progress)
+            # keyed by the CMA options alone, so every experiment of a run that asks for them shares the unit;
             # "null2": the clean-value re-paired null (units of the earlier null design are not reused)
-            key = (f"cma-{c}-n{o['n']}-grid{o['grid'][0]}x{o['grid'][1]}-{o['engine']}-null2{src.tag}"
-                   f"-seed{ctx.seed}")
+            key = ctx.unit_key(f"cma-{c}", options=o, null="null2", stimuli=src.tag)
             s, nl = ctx.unit(key, lambda pairs=pairs, c=c: condition_scores(
                 vlm, pairs, c, ctx.batch_size, o["engine"], ctx.seed, progress=update))
             res.scores[c], res.null_scores[c] = s, nl
@@ -284,6 +156,24 @@ def cma_scores(ctx: Context, options: dict | None = None) -> CMAResult:
 
 
 # -- the experiment -------------------------------------------------------------------------------------------
+def select_heads(ctx: Context, k: int, heads=None, condition: str = "id_selection") -> tuple[list[tuple[int, int]], str]:
+    """The heads to edit and where they came from: an explicit list, else the top-k of the CMA ranking."""
+    vlm = ctx.vlm
+    if heads is None:
+        heads = ctx.options.get("heads")
+    if heads:
+        out = [(int(l), int(h)) for l, h in heads]
+        for l, h in out:
+            if not (0 <= l < vlm.n_layers and 0 <= h < vlm.n_heads):
+                raise UserError(f"head ({l}, {h}) is out of range: {vlm.name} has {vlm.n_layers} layers x "
+                                f"{vlm.n_heads} heads")
+        if len(set(out)) != len(out):
+            raise UserError(f"a head is listed twice in {out}")
+        return out, "given"
+    k = min(int(k), vlm.n_layers * vlm.n_heads)
+    return [tuple(map(int, h)) for h in cma_scores(ctx).top_k(condition, k)], f"cma top-{k} {condition}"
+
+
 def _layer_range(mask: np.ndarray) -> str:
     layers = np.nonzero(mask)[0]
     return "none" if layers.size == 0 else f"{layers.min()}-{layers.max()}" if layers.min() != layers.max() \
@@ -299,37 +189,45 @@ def _ticks(ax, L: int, H: int) -> None:
         ax.set_yticks(range(0, L, max(1, L // 10)))
 
 
-def _figures(ctx: Context, res: CMAResult) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+@F.paper_style
+def plot(st) -> dict:
+    """Figures ``cma_stage_map`` (every head coloured by the stages it mediates) and ``cma_CONDITION`` (mean score
+    per head, significant heads circled) from the stored table ``cma_heads``."""
     from matplotlib.patches import Patch
 
-    L, H = next(iter(res.mean.values())).shape
-    rgb = stage_map({c: res.mean[c] for c in res.conditions})
-    fig, ax = plt.subplots(figsize=(max(4, H * 0.25 + 2), max(3, L * 0.2 + 1.5)))
-    ax.imshow(rgb, origin="lower", aspect="auto", interpolation="nearest")
+    rows, sm = st.table("cma_heads"), st.summary
+    conds = [c for c in CONDITIONS if c in sm["conditions"]]
+    L, H = 1 + max(r["layer"] for r in rows), 1 + max(r["head"] for r in rows)
+
+    def grid(c, key):
+        return F.column(sorted(F.where(rows, condition=c), key=lambda r: (r["layer"], r["head"])), key).reshape(L, H)
+
+    mean = {c: grid(c, "value") for c in conds}
+    w, h = min(6.8, max(2.6, 0.16 * H + 1.6)), min(6.0, max(2.0, 0.14 * L + 1.0))
+    fig, axes = F.figure(1, 1, w=w, h=h)
+    ax = axes[0, 0]
+    ax.imshow(stage_map(mean, [F.STAGE[c] for c in conds]), origin="lower", aspect="auto", interpolation="nearest")
     _ticks(ax, L, H)
-    ax.set_title(f"CMA heads by stage ({ctx.vlm.name})")
-    colours = ["red", "green", "blue"]
-    ax.legend(handles=[Patch(color=colours[i], label=LABELS[c]) for i, c in enumerate(res.conditions)],
-              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    ctx.save_figure(fig, "cma_stage_map")
-    for c in res.conditions:
-        m, sig = res.mean[c], res.significance[c]["mask"]
+    ax.set_title(f"CMA heads by stage ({st.model})")
+    ax.legend(handles=[Patch(color=F.STAGE[c], label=LABELS[c]) for c in conds], loc="upper left",
+              bbox_to_anchor=(1.01, 1))
+    figs = {"cma_stage_map": fig}
+    for c in conds:
+        m, sig = mean[c], grid(c, "significant") > 0
         lim = float(np.nanmax(np.abs(m))) or 1.0
-        fig, ax = plt.subplots(figsize=(max(4, H * 0.25 + 2), max(3, L * 0.2 + 1.5)))
+        fig, axes = F.figure(1, 1, w=w + 0.6, h=h)
+        ax = axes[0, 0]
         im = ax.imshow(m, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
         ys, xs = np.nonzero(sig)
-        ax.scatter(xs, ys, s=12, facecolors="none", edgecolors="black", linewidths=0.8,
-                   label=f"significant (BH q={res.significance[c]['q']})")
-        _ticks(ax, L, H)
-        ax.set_title(f"{LABELS[c]}: mean CMA score (n={res.scores[c].shape[-1]} pairs)")
-        fig.colorbar(im, ax=ax, label="CMA score s")
         if ys.size:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.25, 1), fontsize=8)
-        ctx.save_figure(fig, f"cma_{c}")
+            ax.scatter(xs, ys, s=14, facecolors="none", edgecolors="black", linewidths=0.8,
+                       label=f"significant (BH q={sm['q']})")
+            ax.legend(loc="lower left", bbox_to_anchor=(0, 1.08), ncol=1)
+        _ticks(ax, L, H)
+        ax.set_title(f"{LABELS[c]}: mean CMA score (n={sm['conditions'][c]['n_pairs']} pairs)")
+        fig.colorbar(im, ax=ax, label="CMA score s")
+        figs[f"cma_{c}"] = fig
+    return figs
 
 
 def run(ctx: Context) -> dict:
@@ -342,10 +240,9 @@ def run(ctx: Context) -> dict:
         L, H = res.mean[c].shape
         for l in range(L):
             for h in range(H):
-                rows.append({"condition": c, "layer": l, "head": h, "mean": float(res.mean[c][l, h]),
-                             "se": float(res.se[c][l, h]), "p": float(sig["pvalues"][l, h]),
-                             "p_adjusted": float(sig["p_adjusted"][l, h]), "significant": int(sig["mask"][l, h]),
-                             "n_pairs": n})
+                rows.append({"measure": "cma_score", "value": float(res.mean[c][l, h]), "n": n, "condition": c,
+                             "layer": l, "head": h, "se": float(res.se[c][l, h]), "p": float(sig["pvalues"][l, h]),
+                             "p_adjusted": float(sig["p_adjusted"][l, h]), "significant": int(sig["mask"][l, h])})
         above = res.mean[c] > sig["threshold"]
         top = res.top_k(c, ctx.opt("top_k"))
         summary["conditions"][c] = {
@@ -358,10 +255,21 @@ def run(ctx: Context) -> dict:
             "line": f"{LABELS[c]} heads: {sig['count']} significant, layers {_layer_range(sig['mask'])}",
         }
     ctx.save_table("cma_heads", rows)
-    ctx.save_arrays("cma_scores", {f"{k}_{c}": getattr(res, k)[c] for c in res.conditions
-                                   for k in ("scores", "null_scores", "null_means")})
-    _figures(ctx, res)
+    dims = {"scores": ("layer", "head", "pair"), "null_scores": ("layer", "head", "pair"), "null_means": ("sample",)}
+    arrays = {f"{k}_{c}": getattr(res, k)[c] for c in res.conditions for k in dims}
+    ctx.save_arrays("cma_scores", arrays, {f"{k}_{c}": d for c in res.conditions for k, d in dims.items()})
     return summary
+
+
+def report_rows(st):
+    """For the report: the top heads of each condition."""
+    rows = st.table("cma_heads")
+    out = []
+    for c in CONDITIONS:
+        got = sorted(F.where(rows, condition=c), key=lambda r: -r["value"])[:5]
+        out += [{k: r[k] for k in ("condition", "layer", "head", "measure", "value", "se", "p_adjusted",
+                                   "significant", "n")} for r in got]
+    return "Top 5 heads per condition (mean CMA score)", out, "results/cma_heads.csv (every head)"
 
 
 def caption(summary: dict) -> str:

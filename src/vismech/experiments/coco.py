@@ -24,7 +24,7 @@ K takes the values of ``k`` (the paper's 50, 100, 200), each capped at the model
 of the run's CMA ranking of ID selection (``experiments.cma.cma_scores``, synthetic pairs; options ``cma_n``,
 ``cma_grid``) unless ``heads`` lists them. ``annotations`` (optional): a COCO instances JSON; the images it lists are
 used, and the summary reports how often O0 and O1 are among each image's annotated category names (how grounded
-the lists are). Outputs: ``coco_lists.csv`` (every image: its continuation, O0, O1, kept or why not),
+the lists are). Outputs: ``coco_trials.csv`` (every image: its continuation, O0, O1, kept or why not),
 ``coco.csv`` (split x K x direction rows), figure ``coco``.
 """
 
@@ -36,12 +36,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vismech import interventions as iv
-from vismech.analysis.stats import wilson_ci
+from vismech.engine import interventions as iv
+from vismech.analysis.stats import rate
 from vismech.errors import UserError
-from vismech.experiments import behaviour, cma
+from vismech.engine import evaluate
+from vismech.experiments import cma
+from vismech.experiments import figures as F
 from vismech.experiments.common import Context
-from vismech.experiments.reuse import head_edits, run_heads, select_heads, unit_key
+from vismech.engine.edits import head_edits, run_heads
+from vismech.experiments.cma import select_heads
 from vismech.scenes.answers import OBJECT_LIST_PROMPT, parse_object_list, same_object
 from vismech.scenes.core import Picture, Scene, Trial
 
@@ -103,34 +106,30 @@ def random_like(vec: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _rate(k: int, n: int) -> dict:
-    lo, hi = wilson_ci(k, n) if n else (float("nan"), float("nan"))
-    return {"n": int(n), "repeats": int(k), "rate": k / n if n else float("nan"), "ci_low": float(lo),
-            "ci_high": float(hi)}
+    return {"repeats": int(k), **rate(k, n)}
 
 
-def _figure(ctx: Context, summary: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = summary["k"]
-    fig, ax = plt.subplots(figsize=(1.3 * len(ks) + 2.4, 3.2))
-    x = np.arange(len(ks))
-    for off, key, label, colour in ((-0.27, "id", "mean ID of O0", "tab:blue"),
-                                    (0, "random", "random direction", "tab:gray"), (0.27, "none", "no edit",
-                                                                                    "lightgray")):
-        m = [summary["by_k"][str(k)][key]["mean"] for k in ks]
-        lo = [max(0.0, v - summary["by_k"][str(k)][key]["min"]) for v, k in zip(m, ks)]
-        hi = [max(0.0, summary["by_k"][str(k)][key]["max"] - v) for v, k in zip(m, ks)]
-        ax.bar(x + off, m, 0.27, yerr=[lo, hi], capsize=3, color=colour, label=label)
-    ax.set_xticks(x, [f"top {k}" for k in ks])
-    ax.set_ylabel("Repeats O0")
+@F.paper_style
+def plot(st) -> dict:
+    """Figure ``coco`` from the stored summary: how often the model repeats O0 per K (mean and range over splits),
+    with the ID edit, a random direction and no edit."""
+    sm = st.summary
+    if not sm.get("by_k"):
+        return {}
+    ks = sm["k"]
+    fig, axes = F.figure(1, 1, w=0.9 * len(ks) + 1.8, h=2.4)
+    ax = axes[0, 0]
+    series = {}
+    for key, label in (("id", "mean ID of O0"), ("random", "random direction"), ("none", "no edit")):
+        v = [sm["by_k"][str(k)][key] for k in ks]
+        series[label] = tuple(np.array([x[c] for x in v]) for c in ("mean", "min", "max"))
+    F.bars(ax, [f"top {k}" for k in ks], series, {"mean ID of O0": F.ROLE["edit"], "random direction":
+                                                  F.ROLE["control"], "no edit": F.ROLE["none"]}, "Repeats O0",
+           f"COCO-style lists ({st.model}, {sm['n_kept']} images, {sm['splits']} splits)")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"COCO-style lists ({ctx.vlm.name}, {summary['n_kept']} images, {summary['splits']} splits)",
-                 fontsize=9)
-    ax.legend(fontsize=7)
-    ctx.save_figure(fig, "coco")
+    F.legend_below(ax, ncol=3, drop=0.35)
+    fig.tight_layout()
+    return {"coco": fig}
 
 
 def run(ctx: Context) -> dict:
@@ -156,7 +155,7 @@ def run(ctx: Context) -> dict:
                           gen_tokens=ctx.opt("max_new_tokens"), batch_size=bs, progress=update)
         return r.texts, r.z
 
-    texts, z = ctx.unit(unit_key(ctx, "coco-lists", heads) + f"-{len(files)}", lists)
+    texts, z = ctx.unit(ctx.unit_key("coco-lists", heads=heads, files=len(files)), lists)
     rows, kept = [], []
     for i, (f, text) in enumerate(zip(files, texts)):
         items = parse_object_list(text)
@@ -169,7 +168,7 @@ def run(ctx: Context) -> dict:
         rows.append(row)
         if not why:
             kept.append(i)
-    ctx.save_table("coco_lists", rows)
+    ctx.save_table("coco_trials", rows)
     summary = {"images": len(files), "n_kept": len(kept), "splits": int(ctx.opt("splits")), "k": ks,
                "heads_from": heads_from, "max_new_tokens": ctx.opt("max_new_tokens"), "by_k": {}}
     if names is not None:
@@ -177,7 +176,7 @@ def run(ctx: Context) -> dict:
                                 "o1": float(np.mean([r["o1_annotated"] for r in rows if r["kept"]] or [np.nan]))}
     if len(kept) < 2:
         summary["note"] = (f"only {len(kept)} of {len(files)} images gave a list of two different objects, so there "
-                           "is nothing to split; see coco_lists.csv for what the model wrote")
+                           "is nothing to split; see coco_trials.csv for what the model wrote")
         return summary
     first = [rows[i]["o0"] for i in kept]
     targets = [list_trial(files[i], o) for i, o in zip(kept, first)]
@@ -193,7 +192,7 @@ def run(ctx: Context) -> dict:
             values[(s, k, d)] = mean if d == "id" else random_like(mean, seed + 1000 * s + k)
         hits = {key: np.zeros(len(kept), bool) for key in ["none", *settings]}
         with ctx.progress(len(targets), "coco") as update:
-            for idx in behaviour.batches(targets, bs):
+            for idx in evaluate.batches(targets, bs):
                 b = vlm.encode([targets[i] for i in idx])
                 # the repeat of O0, scored as the model would write it (models.answers: first token where exact)
                 runs = iv.EditedRuns(vlm, b, first_position=b.last, answers=vlm.answers(b, [[first[i]] for i in idx]))
@@ -205,21 +204,21 @@ def run(ctx: Context) -> dict:
                 update(len(idx))
         return hits
 
-    hits = ctx.unit(unit_key(ctx, "coco-interventions", heads) + f"-{len(files)}", interventions)
+    hits = ctx.unit(ctx.unit_key("coco-interventions", heads=heads, files=len(files)), interventions)
     out = []
     for s, (src, tgt) in enumerate(splits):
         for k in ks:
             for d in ("none", "id", "random"):
                 h = hits["none" if d == "none" else (s, k, d)][tgt]  # each split scores its target half
-                out.append({"split": s, "k": k, "direction": d, "n_source": len(src), **_rate(int(h.sum()), len(h))})
+                out.append({"measure": "repeat_rate", **_rate(int(h.sum()), len(h)), "split": s, "k": k,
+                            "direction": d, "n_source": len(src)})
     ctx.save_table("coco", out)
     for k in ks:
         summary["by_k"][str(k)] = {}
         for d in ("id", "random", "none"):
-            v = [r["rate"] for r in out if r["k"] == k and r["direction"] == d]
+            v = [r["value"] for r in out if r["k"] == k and r["direction"] == d]
             summary["by_k"][str(k)][d] = {"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v)),
                                           "per_split": [r for r in out if r["k"] == k and r["direction"] == d]}
-    _figure(ctx, summary)
     return summary
 
 

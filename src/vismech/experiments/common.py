@@ -2,9 +2,12 @@
 
 An experiment is a module in ``vismech.experiments`` with ``NAME``, ``DESCRIPTION``, ``DEFAULTS`` (its options
 and their default values; an optional ``LIMITS`` beside it adds ranges and choices, see ``experiments.options``)
-and ``run(ctx) -> dict`` (a JSON-able summary). It writes tidy tables with ``ctx.save_table`` and figures with
-``ctx.save_figure`` (everything it writes gets its checksum in the run's manifest); it never loads a model or
-registers a hook itself.
+and ``run(ctx) -> dict`` (a JSON-able summary). It writes tidy tables with ``ctx.save_table`` (long format, the
+core columns of ``store.results`` first) and arrays with ``ctx.save_arrays`` (with dimension names); everything it
+writes gets its checksum in the run's manifest. Its figures come from ``plot(stored) -> {name: figure}``, which
+reads only the stored results (``store.results.Stored``): the runner calls it after ``run``, and ``vismech plot
+RUN_DIR`` calls it again without the model. An optional ``report_rows(stored)`` picks the rows the report shows.
+It never loads a model or registers a hook itself.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vismech.errors import UserError
-from vismech.io import atomic_write, csv_text, json_text
+from vismech.store.io import atomic_write, csv_text, json_text
 
 _MISSING = object()
+#: no creation date in saved figures, so a redrawn figure has the same bytes as the first
+_NO_DATE = {"png": {"Software": None}, "pdf": {"CreationDate": None, "ModDate": None}}
 
 
 @dataclass
@@ -32,8 +37,10 @@ class Context:
     batch_size: int = 16
     shared: dict[str, Any] = field(default_factory=dict)  # state other experiments of the same run reuse
     show_progress: bool = True
-    ledger: Any = None  # a vismech.rundir.Ledger: checksums of what the run writes, checked before reuse
+    ledger: Any = None  # a vismech.store.rundir.Ledger: checksums of what the run writes, checked before reuse
     written: list[Path] = field(default_factory=list)  # every file this experiment wrote, in order
+    model: str = ""  # the run's model name (the ``model`` column of every table)
+    experiment: str = ""  # the experiment's name (the ``experiment`` column; its files start with its stem)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -49,14 +56,27 @@ class Context:
     def figures_dir(self) -> Path:
         return self.out / "figures"
 
+    def unit_key(self, name: str, options: dict[str, Any] | None = None, **extra: Any) -> str:
+        """The key of a resumable unit: ``name`` plus a hash of the full option set (this experiment's, or
+        ``options`` for a unit shared between experiments, such as the CMA scores), the run's seed and ``extra``
+        (whatever else the unit's result depends on, e.g. the heads it edits), so a resumed run never reuses a
+        unit computed under other options. The one way units are keyed."""
+        import hashlib
+        import json
+
+        blob = json.dumps({"options": self.options if options is None else options, "seed": self.seed, **extra},
+                          sort_keys=True, default=str)
+        return f"{name}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
+
     def unit(self, key: str, compute):
         """A resumable unit of work: ``compute()`` once, its result stored atomically under ``units/``; a resumed
         run loads the stored result instead of recomputing. ``key`` names the unit within this run (include every
         option the result depends on that is not fixed for the run). Results may hold tensors, arrays, lists,
-        tuples, dicts and ``vismech.units.unit_type`` dataclasses; they are stored as safetensors plus JSON
-        (``vismech.units``), never as pickles. A stored unit that fails its checksum or cannot be read is
+        tuples, dicts and ``vismech.store.units.unit_type`` dataclasses; they are stored as safetensors plus JSON
+        (``vismech.store.units``), never as pickles. A stored unit that fails its checksum or cannot be read is
         recomputed, with one line on stderr."""
-        from vismech import distributed, units
+        from vismech import distributed
+        from vismech.store import units
 
         path = self.out / "units" / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", key) + ".safetensors")
         value, why = _MISSING, None
@@ -85,22 +105,33 @@ class Context:
         self.written.append(path)
         return atomic_write(path, data)
 
+    def _file(self, kind: str, name: str) -> str:
+        """``name`` checked against the one naming scheme: the experiment's stem, or stem + "_" + part."""
+        from vismech.store.results import file_stem
+
+        stem = file_stem(self.experiment) if self.experiment else name
+        if name != stem and not name.startswith(stem + "_"):
+            raise ValueError(f"{kind} {name!r} of experiment {self.experiment!r} must be named {stem} or {stem}_*")
+        return name
+
     def save_table(self, name: str, rows: list[dict]) -> Path:
-        """Write ``results/NAME.csv`` (long format: one row per measurement with its condition columns)."""
+        """Write ``results/NAME.csv``: long format, the core columns first (``store.results.tidy``)."""
+        from vismech.store.results import tidy
+
+        rows = tidy(rows, self.model or getattr(self.vlm, "name", ""), self.experiment, self._file("table", name))
         return self.write_file(self.results_dir / f"{name}.csv", csv_text(rows).encode())
 
     def save_json(self, name: str, obj: Any) -> Path:
-        return self.write_file(self.results_dir / f"{name}.json", json_text(obj).encode())
+        return self.write_file(self.results_dir / f"{self._file('JSON file', name)}.json", json_text(obj).encode())
 
-    def save_arrays(self, name: str, arrays: dict[str, Any]) -> Path:
-        """Write ``results/NAME.npz`` (compressed; read it with ``numpy.load(path, allow_pickle=False)``)."""
-        import io
+    def save_arrays(self, name: str, arrays: dict[str, Any], dims: dict[str, tuple[str, ...]]) -> Path:
+        """Write ``results/NAME.npz`` (compressed; ``numpy.load(path, allow_pickle=False)``) and
+        ``results/NAME.dims.json``, the names of every array's dimensions (``store.results.read_arrays``)."""
+        from vismech.store.results import arrays_bytes
 
-        import numpy as np
-
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
-        return self.write_file(self.results_dir / f"{name}.npz", buf.getvalue())
+        data, names = arrays_bytes(arrays, dims)
+        self.write_file(self.results_dir / f"{self._file('arrays', name)}.dims.json", names)
+        return self.write_file(self.results_dir / f"{name}.npz", data)
 
     def save_figure(self, fig, name: str) -> list[Path]:
         """Save a matplotlib figure as PNG and PDF under ``figures/`` and close it."""
@@ -110,13 +141,14 @@ class Context:
 
         from vismech import distributed
 
+        self._file("figure", name)
         if not distributed.is_main():
             plt.close(fig)
             return []
         paths = []
         for ext in ("png", "pdf"):
             buf = io.BytesIO()
-            fig.savefig(buf, format=ext, dpi=150, bbox_inches="tight")
+            fig.savefig(buf, format=ext, dpi=200, bbox_inches="tight", metadata=_NO_DATE.get(ext))
             paths.append(self.write_file(self.figures_dir / f"{name}.{ext}", buf.getvalue()))
         plt.close(fig)
         return paths
@@ -134,13 +166,13 @@ class Context:
 
 
 def notice(line: str) -> None:
-    """One line on stderr from the main process (what a resumed run recomputes, and why)."""
-    import sys
+    """One warning from the main process (what a resumed run recomputes, and why), through the ``vismech`` logger."""
+    import logging
 
     from vismech import distributed
 
     if distributed.is_main():
-        print(f"vismech: {line}", file=sys.stderr, flush=True)
+        logging.getLogger("vismech").warning(line)
 
 
 def resolve_options(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -149,3 +181,10 @@ def resolve_options(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str
     if unknown:
         raise UserError(f"unknown option(s) {', '.join(unknown)}; this experiment takes {', '.join(sorted(defaults))}")
     return {**defaults, **given}
+
+
+def pct(r: dict | None) -> str:
+    """A rate dict (``analysis.stats.rate``) as "62% [48, 74]" for captions; "n/a" without trials."""
+    if not r or r["n"] == 0 or r["value"] != r["value"]:
+        return "n/a"
+    return f"{100 * r['value']:.0f}% [{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}]"

@@ -20,14 +20,15 @@ goes to 500 of 2,560), ``random_draws`` (3), ``max_new_tokens`` (96), ``generate
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 
 import numpy as np
 
-from vismech import interventions as iv
+from vismech.engine import interventions as iv
+from vismech.analysis.stats import rate
 from vismech.errors import UserError
 from vismech.experiments.cma import cma_scores
+from vismech.experiments import figures as F
 from vismech.experiments.common import Context
 from vismech.scenes import answers
 from vismech.scenes.sets import counting_set
@@ -62,35 +63,33 @@ def _accuracy(ctx: Context, batches, heads) -> tuple[list[int], list[int]]:
     return first, gen
 
 
-def _figure(ctx: Context, rows: list[dict], total: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    measures = [m for m in ("generation", "first_token") if any(r["measure"] == m for r in rows)]
-    fig, axes = plt.subplots(1, len(measures), figsize=(4.2 * len(measures), 3.3), squeeze=False)
+@F.paper_style
+def plot(st) -> dict:
+    """Figure ``counting_ablation`` from the stored table: counting accuracy against the number of ablated heads,
+    top-K, bottom-K and random-K (mean and range over draws)."""
+    rows, total = st.table("counting_ablation"), st.summary["heads_total"]
+    measures = [m for m in ("generation", "first_token") if F.where(rows, measure=m)]
+    fig, axes = F.figure(len(measures), 1, w=3.0, h=2.4)
     for ax, m in zip(axes[0], measures):
-        for ranking, colour in (("top", "tab:red"), ("bottom", "tab:blue")):
-            rs = sorted((r for r in rows if r["measure"] == m and r["ranking"] == ranking), key=lambda r: r["k"])
-            k = [r["k"] for r in rs]
-            acc = np.array([r["accuracy"] for r in rs])
-            err = np.clip([acc - [r["ci_low"] for r in rs], np.array([r["ci_high"] for r in rs]) - acc], 0, None)
-            ax.errorbar(k, acc, yerr=err, marker="o", ms=3, capsize=2, color=colour, label=f"{ranking}-K ablated")
+        for ranking in ("top", "bottom"):
+            rs = sorted(F.where(rows, measure=m, ranking=ranking), key=lambda r: r["k"])
+            v = F.column(rs, "value")
+            ax.errorbar(F.column(rs, "k"), v, yerr=F.error(v, F.column(rs, "ci_low"), F.column(rs, "ci_high")),
+                        marker="o", ms=3, capsize=2, color=F.ROLE[ranking], label=f"{ranking}-K ablated")
         by_k = defaultdict(list)
-        for r in rows:
-            if r["measure"] == m and r["ranking"] == "random":
-                by_k[r["k"]].append(r["accuracy"])
+        for r in F.where(rows, measure=m, ranking="random"):
+            by_k[r["k"]].append(r["value"])
         k = sorted(by_k)
-        ax.plot(k, [np.mean(by_k[x]) for x in k], marker="s", ms=3, color="tab:gray", label="random-K (mean)")
-        ax.fill_between(k, [min(by_k[x]) for x in k], [max(by_k[x]) for x in k], color="tab:gray", alpha=0.25,
-                        label="random-K (range)")
+        ax.plot(k, [np.mean(by_k[x]) for x in k], marker="s", ms=3, color=F.ROLE["control"], label="random-K (mean)")
+        ax.fill_between(k, [min(by_k[x]) for x in k], [max(by_k[x]) for x in k], color=F.ROLE["control"], alpha=0.25,
+                        lw=0, label="random-K (range)")
         ax.set_xlabel(f"Number of ablated heads K (of {total})")
         ax.set_ylabel("Counting accuracy")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title("generation" if m == "generation" else "first token")
-        ax.legend(fontsize=7)
-    ctx.save_figure(fig, "counting_ablation")
+    fig.tight_layout()
+    F.figure_legend(fig, axes[0], ncol=4)
+    return {"counting_ablation": fig}
 
 
 def run(ctx: Context) -> dict:
@@ -113,22 +112,18 @@ def run(ctx: Context) -> dict:
         for d in range(ctx.opt("random_draws")):
             settings.append(("random", d, k, [order[i] for i in sorted(rng.choice(total, k, replace=False))]))
     rows, cache = [], {}
-    tag = f"n{len(trials)}-tok{ctx.opt('max_new_tokens')}-gen{int(bool(ctx.opt('generate')))}-seed{ctx.seed}"
     with ctx.progress(len(settings), "counting-ablation") as update:
         for ranking, draw, k, heads in settings:
             key = tuple(sorted(heads))
             if key not in cache:  # K = 0 and K = all heads are the same set for every ranking
-                digest = hashlib.sha1(repr(key).encode()).hexdigest()[:10]
-                cache[key] = ctx.unit(f"counting-k{k}-{digest}-{tag}",
+                cache[key] = ctx.unit(ctx.unit_key(f"counting-k{k}", heads=key),
                                       lambda heads=heads: _accuracy(ctx, batches, heads))
             for measure, hits in zip(("first_token", "generation"), cache[key]):
                 if hits:
-                    w = iv.wilson_row(sum(hits), len(hits))
-                    rows.append({"ranking": ranking, "draw": draw, "k": k, "measure": measure, "n": w["n"],
-                                 "accuracy": w["rate"], "ci_low": w["ci_low"], "ci_high": w["ci_high"]})
+                    w = rate(sum(hits), len(hits))
+                    rows.append({"measure": measure, **w, "ranking": ranking, "draw": draw, "k": k})
             update(1)
     ctx.save_table("counting_ablation", rows)
-    _figure(ctx, rows, total)
     summary = {"n": len(trials), "k_grid": ks, "heads_total": total, "random_draws": ctx.opt("random_draws"),
                "ranking": "max CMA score over the three conditions", "accuracy": {}}
     for m in ("generation", "first_token"):
@@ -137,14 +132,21 @@ def run(ctx: Context) -> dict:
             get = [r for r in rows if r["measure"] == m and r["k"] == k]
             if not get:
                 continue
-            rnd = [r["accuracy"] for r in get if r["ranking"] == "random"]
+            rnd = [r["value"] for r in get if r["ranking"] == "random"]
             one = {r["ranking"]: r for r in get if r["ranking"] != "random"}
-            per[str(k)] = {"top": one["top"]["accuracy"], "bottom": one["bottom"]["accuracy"],
+            per[str(k)] = {"top": one["top"]["value"], "bottom": one["bottom"]["value"],
                            "random_mean": float(np.mean(rnd)) if rnd else None,
                            "random_range": [min(rnd), max(rnd)] if rnd else None}
         if per:
             summary["accuracy"][m] = per
     return summary
+
+
+def report_rows(st):
+    """For the report: top- and bottom-K accuracy at every K (random draws: in the CSV)."""
+    rows = [{k: r[k] for k in ("ranking", "k", "measure", "value", "ci_low", "ci_high", "n")}
+            for r in st.table("counting_ablation") if r["ranking"] != "random"]
+    return "Accuracy with the top or bottom K heads ablated", rows, "results/counting_ablation.csv"
 
 
 def caption(summary: dict) -> str:

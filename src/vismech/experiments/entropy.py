@@ -8,7 +8,7 @@ paper uses 100 on 2x2 and 50 on 3x3).
 Per grid and condition:
 
 - accuracy: first-token accuracy from the same forward that captures the states (``activations``), and, with
-  ``generate``, greedy-generation accuracy (``behaviour.evaluate``, a second pass); Wilson 95% intervals;
+  ``generate``, greedy-generation accuracy (``evaluate.evaluate``, a second pass); Wilson 95% intervals;
 - position RSA by layer at the prompt (comma) tokens (ID retrieval: the described objects' cells) and at the last
   token (ID selection: the target's cell), with percentile bootstrap intervals over trials, and averaged over
   layers (the average of each bootstrap sample over layers gives the interval of the average);
@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from vismech import activations
+from vismech.engine import activations
 from vismech.analysis.rsa import position_rsm
-from vismech.analysis.stats import wilson_ci
-from vismech.experiments import behaviour
-from vismech.experiments import figures_rsa as F
+from vismech.analysis.stats import finite as _f, rate
+from vismech.engine import evaluate
+from vismech.experiments import figures as F
 from vismech.experiments.common import Context
 from vismech.experiments.options import Opt
-from vismech.experiments.rsa import _f, accuracy_summary, peak, prompt_targets, rsa_by_layer
+from vismech.experiments.rsa import peak, prompt_targets, rsa_by_layer
 from vismech.scenes.sets import entropy_set
 
 NAME = "entropy"
@@ -43,7 +43,7 @@ LIMITS = {"grids": Opt("list", length=(1, 2), each=Opt("grid", choices=([2, 2], 
 
 CONDITIONS = ("low", "high")
 TOKENS = ("prompt", "last")
-COLORS = {"low": "#ff7f0e", "high": "#1f77b4"}
+COLORS = {"low": F.ROLE["low"], "high": F.ROLE["high"]}
 TOKEN_TITLE = {"prompt": "Position (Prompt Tokens)", "last": "Position (Last Token)"}
 
 
@@ -82,48 +82,55 @@ def condition_rsa(acts, trials, n_boot: int, seed: int, ci: float) -> dict[str, 
 
 
 def _rows(grid, cond, token, res, mean, n, n_boot):
-    base = {"grid": grid, "condition": cond, "token": token, "n_trials": n, "n_boot": n_boot}
-    rows = [{**base, "layer": layer, "r": _f(res["r"][layer]), "ci_low": _f(res["lo"][layer]),
-             "ci_high": _f(res["hi"][layer])} for layer in range(len(res["r"]))]
-    rows.append({**base, "layer": "mean", "r": _f(mean["r"]), "ci_low": _f(mean["lo"]), "ci_high": _f(mean["hi"])})
+    base = {"n": n, "grid": grid, "condition": cond, "token": token, "n_boot": n_boot}
+    rows = [{"measure": "pearson_r", "value": _f(res["r"][layer]), "ci_low": _f(res["lo"][layer]),
+             "ci_high": _f(res["hi"][layer]), **base, "layer": layer} for layer in range(len(res["r"]))]
+    rows.append({"measure": "pearson_r_layer_mean", "value": _f(mean["r"]), "ci_low": _f(mean["lo"]),
+                 "ci_high": _f(mean["hi"]), **base, "layer": ""})
     return rows
 
 
 @F.paper_style
-def _by_layer_figure(out: dict, grids: list[str]):
+def plot(st) -> dict:
+    """Figures ``entropy_by_layer`` (position RSA by layer, low vs high entropy) and ``entropy_bars`` (accuracy and
+    layer-averaged RSA) from the stored tables."""
+    sm, rsa, acc = st.summary, st.table("entropy_rsa"), st.table("entropy_accuracy")
+    grids = list(sm["grids"])
     fig, axes = F.figure(2, len(grids), h=2.3)
     for gi, g in enumerate(grids):
+        n = sm["grids"][g]["n_trials"]
         for ti, tok in enumerate(TOKENS):
             ax = axes[gi, ti]
-            L = len(out[g]["rsa"]["low"][tok]["r"])
             for cond in CONDITIONS:
-                res = out[g]["rsa"][cond][tok]
-                F.interval_line(ax, np.arange(L), res["r"], res["lo"], res["hi"], color=COLORS[cond],
-                                label=f"{cond} entropy")
-            F.rsa_axes(ax, L, f"{TOKEN_TITLE[tok]}, {g}, n={out[g]['n_trials']['low']}+{out[g]['n_trials']['high']}")
+                rs = sorted(F.where(rsa, measure="pearson_r", grid=g, condition=cond, token=tok),
+                            key=lambda r: r["layer"])
+                F.interval_line(ax, np.arange(len(rs)), F.column(rs, "value"), F.column(rs, "ci_low"),
+                                F.column(rs, "ci_high"), color=COLORS[cond], label=f"{cond} entropy")
+            F.rsa_axes(ax, len(rs), f"{TOKEN_TITLE[tok]}, {g}, n={n['low']}+{n['high']}")
             if gi == len(grids) - 1:
                 F.legend_below(ax)
     fig.tight_layout()
-    return fig
+    figs = {"entropy_by_layer": fig}
 
-
-@F.paper_style
-def _bars_figure(out: dict, grids: list[str], measure: str):
+    measure = "generation" if F.where(acc, measure="generation") else "first_token"
     fig, axes = F.figure(3, 1, w=2.3, h=2.3)
-    acc = {c: tuple(np.array([out[g]["accuracy"][c][measure][k] for g in grids])
-                    for k in ("accuracy", "ci_low", "ci_high")) for c in CONDITIONS}
-    F.bars(axes[0, 0], grids, {f"{c} entropy": acc[c] for c in CONDITIONS},
+
+    def series(rows, **match):
+        got = [F.where(rows, grid=g, **match)[0] for g in grids]
+        return tuple(F.column(got, k) for k in ("value", "ci_low", "ci_high"))
+
+    F.bars(axes[0, 0], grids, {f"{c} entropy": series(acc, condition=c, measure=measure) for c in CONDITIONS},
            {f"{c} entropy": COLORS[c] for c in CONDITIONS}, "Accuracy", f"Accuracy ({measure.replace('_', '-')})")
     axes[0, 0].set_ylim(0, 1)
     for ax, tok in zip(axes[0, 1:], TOKENS):
-        ser = {f"{c} entropy": tuple(np.array([out[g]["rsa_mean"][c][tok][k] for g in grids], dtype=float)
-                                     for k in ("r", "lo", "hi")) for c in CONDITIONS}
+        ser = {f"{c} entropy": series(rsa, condition=c, token=tok, measure="pearson_r_layer_mean") for c in CONDITIONS}
         F.bars(ax, grids, ser, {f"{c} entropy": COLORS[c] for c in CONDITIONS}, "RSA (Pearson r), layer mean",
                TOKEN_TITLE[tok])
         ax.axhline(0, color="0.3", lw=0.6)
     F.legend_below(axes[0, 1])
     fig.tight_layout()
-    return fig
+    figs["entropy_bars"] = fig
+    return figs
 
 
 def run(ctx: Context) -> dict:
@@ -136,15 +143,13 @@ def run(ctx: Context) -> dict:
         for ci_, cond in enumerate(CONDITIONS):
             trials = entropy_set(grid, cond, k=k, seed=ctx.seed)
             acts = activations.for_context(ctx, trials, commas=True, z=False, desc=f"entropy {gname} {cond}")
-            acc = {"first_token": accuracy_summary(acts.correct)}
+            acc = {"first_token": rate(int(np.sum(acts.correct)), len(acts.correct))}
             if ctx.opt("generate"):
-                rows = behaviour.evaluate(ctx.vlm, trials, ctx.batch_size, generate=True)
+                rows = evaluate.evaluate(ctx.vlm, trials, ctx.batch_size, generate=True)
                 vals = [r["generation_correct"] for r in rows]
-                lo, hi = wilson_ci(sum(vals), len(vals))
-                acc["generation"] = {"n": len(vals), "correct": int(sum(vals)), "accuracy": sum(vals) / len(vals),
-                                     "ci_low": float(lo), "ci_high": float(hi)}
+                acc["generation"] = rate(sum(vals), len(vals))
             for m, a in acc.items():
-                acc_rows.append({"grid": gname, "condition": cond, "measure": m, **a})
+                acc_rows.append({"measure": m, **a, "grid": gname, "condition": cond})
             res = condition_rsa(acts, trials, n_boot, ctx.seed + 2 * gi + ci_, ci)
             out[gname]["accuracy"][cond] = acc
             out[gname]["rsa"][cond] = res
@@ -159,10 +164,7 @@ def run(ctx: Context) -> dict:
             rsa_rows += _rows(gname, "high-low", tok, d, d["mean"], out[gname]["n_trials"]["high"], n_boot)
     ctx.save_table("entropy_accuracy", acc_rows)
     ctx.save_table("entropy_rsa", rsa_rows)
-    measure = "generation" if ctx.opt("generate") else "first_token"
-    figs = ctx.save_figure(_by_layer_figure(out, names), "entropy_by_layer")
-    figs += ctx.save_figure(_bars_figure(out, names, measure), "entropy_bars")
-    summary = {"k": k, "n_boot": n_boot, "ci": ci, "grids": {}, "figures": [str(p) for p in figs]}
+    summary = {"k": k, "n_boot": n_boot, "ci": ci, "grids": {}}
     for g in names:
         o = out[g]
         summary["grids"][g] = {
@@ -175,11 +177,19 @@ def run(ctx: Context) -> dict:
     return summary
 
 
+def report_rows(st):
+    """For the report: accuracy, and position RSA averaged over layers, per grid and condition."""
+    keep = ("grid", "condition", "token", "measure", "value", "ci_low", "ci_high", "n")
+    acc = [{k: r[k] for k in keep if k in r} for r in st.table("entropy_accuracy")]
+    rsa = [{k: r[k] for k in keep} for r in F.where(st.table("entropy_rsa"), measure="pearson_r_layer_mean")]
+    return "Accuracy and layer-mean position RSA", acc + rsa, "results/entropy_accuracy.csv, entropy_rsa.csv"
+
+
 def caption(summary: dict) -> str:
     """Accuracy and layer-averaged position RSA, low vs high entropy, per grid."""
     parts = []
     for grid, g in summary["grids"].items():
-        acc = {c: g["accuracy"][c]["first_token"]["accuracy"] for c in ("high", "low")}
+        acc = {c: g["accuracy"][c]["first_token"]["value"] for c in ("high", "low")}
         d = g["high_minus_low_layer_mean"]
         parts.append(f"{grid}: accuracy high {100 * acc['high']:.0f}% vs low {100 * acc['low']:.0f}%; "
                      f"position RSA high - low {d['prompt']['r']:+.3f} [{d['prompt']['lo']:+.3f}, "

@@ -37,9 +37,12 @@ import itertools
 
 import numpy as np
 
-from vismech import interventions as iv
+from vismech.engine import interventions as iv
+from vismech.analysis.stats import rate
 from vismech.errors import UserError
-from vismech.experiments.cma import LABELS, cma_scores, condition_positions
+from vismech.engine.mediation import condition_positions
+from vismech.experiments.cma import LABELS, cma_scores
+from vismech.experiments import figures as F
 from vismech.experiments.common import Context
 from vismech.experiments.sources import source
 from vismech.scenes.counterfactual import CONDITIONS
@@ -105,57 +108,57 @@ def edit_hits(vlm, held, vecs: dict, head_sets: dict, alphas, batch_size: int, s
 
 def _best(rows: list[dict], condition: str) -> dict:
     cand = [r for r in rows if r["condition"] == condition and r["direction"] == "id"]
-    return max(cand, key=lambda r: (r["efficacy"], -r["alpha"], -r["k"]))
+    return max(cand, key=lambda r: (r["value"], -r["alpha"], -r["k"]))
 
 
-def _figures(ctx: Context, rows: list[dict], conds, ks, alphas, best: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(conds), figsize=(4.2 * len(conds), 3.4), squeeze=False)
-    for ax, c in zip(axes[0], conds):
+@F.paper_style
+def plot(st) -> dict:
+    """Figures ``id_intervention_surface`` (efficacy over K x alpha per condition) and ``id_intervention_best``
+    (the best setting per condition against a random direction and no edit) from the stored table."""
+    rows, sm = st.table("id_intervention"), st.summary
+    conds = [c for c in CONDITIONS if c in sm["best"]]
+    ks, alphas = sm["k_grid"], sm["alphas"]
+    fig, axes = F.figure(len(conds), 1, w=2.3, h=2.3, sharey=True)
+    im = None
+    for i, (ax, c) in enumerate(zip(axes[0], conds)):
         grid = np.full((len(ks), len(alphas)), np.nan)
-        for r in rows:
-            if r["condition"] == c and r["direction"] == "id":
-                grid[ks.index(r["k"]), alphas.index(r["alpha"])] = r["efficacy"]
-        im = ax.imshow(grid, origin="lower", aspect="auto", vmin=0, vmax=1, cmap="viridis")
-        for i, j in itertools.product(range(len(ks)), range(len(alphas))):
-            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                    color="white" if grid[i, j] < 0.6 else "black")
+        for r in F.where(rows, condition=c, direction="id"):
+            grid[ks.index(r["k"]), alphas.index(r["alpha"])] = 100 * r["value"]
+        im = ax.imshow(grid, origin="lower", aspect="auto", vmin=0, vmax=100, cmap="viridis")
+        for y, x in itertools.product(range(len(ks)), range(len(alphas))):
+            ax.text(x, y, f"{grid[y, x]:.0f}", ha="center", va="center", fontsize=5.5,
+                    color="white" if grid[y, x] < 60 else "black")
         ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
         ax.set_yticks(range(len(ks)), [str(k) for k in ks])
         ax.set_xlabel("α")
-        ax.set_ylabel("K (top heads)")
+        if i == 0:  # shared y axis: one label, so no tick labels run into the panel on the left
+            ax.set_ylabel("K (top heads)")
         ax.set_title(LABELS[c])
-    fig.colorbar(im, ax=axes[0].tolist(), label="Intervention efficacy")
-    ctx.save_figure(fig, "id_intervention_surface")
+    fig.colorbar(im, ax=list(axes[0]), label="Intervention efficacy (%)", shrink=0.9)
+    figs = {"id_intervention_surface": fig}
 
-    fig, ax = plt.subplots(figsize=(1.8 * len(conds) + 2, 3.2))
-    x = np.arange(len(conds))
-    for off, key, label, colour in ((-0.27, "id", "ID edit", "tab:blue"), (0, "random", "random direction",
-                                                                          "tab:gray"), (0.27, "base", "no edit",
-                                                                                        "lightgray")):
-        vals, lo, hi = [], [], []
+    fig, axes = F.figure(1, 1, w=1.2 * len(conds) + 1.4, h=2.6)
+    ax = axes[0, 0]
+    series = {}
+    for key, label in (("id", "ID edit"), ("random", "random direction"), ("base", "no edit")):
+        got = []
         for c in conds:
-            b = best[c]
+            b = sm["best"][c]
             if key == "base":
-                v, l, h = b["baseline_rate"], b["baseline_ci_low"], b["baseline_ci_high"]
+                got.append({"value": sm["baseline_repeat_rate"]["value"],
+                            "ci_low": sm["baseline_repeat_rate"]["ci_low"],
+                            "ci_high": sm["baseline_repeat_rate"]["ci_high"]})
             else:
-                r = next(r for r in rows if r["condition"] == c and r["direction"] == key and r["k"] == b["k"]
-                         and r["alpha"] == b["alpha"])
-                v, l, h = r["efficacy"], r["ci_low"], r["ci_high"]
-            vals.append(v)
-            lo.append(max(0.0, v - l))
-            hi.append(max(0.0, h - v))
-        ax.bar(x + off, vals, 0.27, yerr=[lo, hi], label=label, color=colour, capsize=3)
-    ax.set_xticks(x, [f"{LABELS[c]}\nK={best[c]['k']}, α={best[c]['alpha']:g}" for c in conds], fontsize=8)
-    ax.set_ylabel("Intervention efficacy")
+                got.append(F.where(rows, condition=c, direction=key, k=b["k"], alpha=b["alpha"])[0])
+        series[label] = tuple(F.column(got, k) for k in ("value", "ci_low", "ci_high"))
+    F.bars(ax, [f"{LABELS[c]}\nK={sm['best'][c]['k']}, α={sm['best'][c]['alpha']:g}" for c in conds], series,
+           {"ID edit": F.ROLE["edit"], "random direction": F.ROLE["control"], "no edit": F.ROLE["none"]},
+           "Intervention efficacy", f"Position-ID interventions ({st.model}, n={sm['n_heldout']})")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"Position-ID interventions ({ctx.vlm.name}, n={best[conds[0]]['n']})")
-    ax.legend(fontsize=7)
-    ctx.save_figure(fig, "id_intervention_best")
+    F.legend_below(ax, ncol=3, drop=0.45)
+    fig.tight_layout()
+    figs["id_intervention_best"] = fig
+    return figs
 
 
 def run(ctx: Context) -> dict:
@@ -182,34 +185,41 @@ def run(ctx: Context) -> dict:
                                                    update)
         return {(c, k, a, d): h for ((c, k), a, d), h in hits.items()}, base_pred, base_orig
 
-    key = (f"id-intervention-n{n}-est{n_est}-grid{ctx.opt('grid')[0]}x{ctx.opt('grid')[1]}-k{'_'.join(map(str, ks))}"
-           f"-a{'_'.join(f'{a:g}' for a in alphas)}-{'_'.join(conds)}{src.tag}-seed{ctx.seed}")
+    key = ctx.unit_key(NAME, heads=sorted(head_sets.items()), conditions=conds, stimuli=src.tag)
     hits, base_pred, base_orig = ctx.unit(key, compute)
-    base = iv.wilson_row(base_pred, n)
+    base = rate(base_pred, n)
     rows = []
     for (c, k, a, d), h in hits.items():
-        w = iv.wilson_row(h, n)
-        rows.append({"condition": c, "site": SITE[c], "k": k, "alpha": a, "direction": d, "n": n,
-                     "efficacy": w["rate"], "ci_low": w["ci_low"], "ci_high": w["ci_high"],
-                     "baseline_rate": base["rate"], "baseline_ci_low": base["ci_low"],
+        w = rate(h, n)
+        rows.append({"measure": "efficacy", **w, "condition": c, "site": SITE[c], "k": k, "alpha": a,
+                     "direction": d, "baseline_rate": base["value"], "baseline_ci_low": base["ci_low"],
                      "baseline_ci_high": base["ci_high"]})
     ctx.save_table("id_intervention", rows)
     best = {c: _best(rows, c) for c in conds}
-    _figures(ctx, rows, conds, ks, alphas, best)
     ids = (f"object cells on a {ctx.opt('grid')[0]}x{ctx.opt('grid')[1]} grid (PUG: left/right)" if src.kind == "grid"
            else "left = ID (0, 0), right = ID (0, 1), as in the paper's PUG images" if src.kind == "photoreal"
            else "the stimulus folder's object IDs")
     summary = {"ids": ids, "stimuli": src.describe(),
                "n_heldout": n, "n_estimate": n_est, "k_grid": ks, "alphas": alphas,
-               "baseline_repeat_rate": base, "baseline_accuracy": iv.wilson_row(base_orig, n), "best": {}}
+               "baseline_repeat_rate": base, "baseline_accuracy": rate(base_orig, n), "best": {}}
     for c in conds:
         b = best[c]
         ctl = next(r for r in rows if r["condition"] == c and r["direction"] == "random" and r["k"] == b["k"]
                    and r["alpha"] == b["alpha"])
-        summary["best"][c] = {"k": b["k"], "alpha": b["alpha"], "site": SITE[c], "efficacy": b["efficacy"],
-                              "ci": [b["ci_low"], b["ci_high"]], "random_direction_efficacy": ctl["efficacy"],
+        summary["best"][c] = {"k": b["k"], "alpha": b["alpha"], "site": SITE[c], "efficacy": b["value"],
+                              "ci": [b["ci_low"], b["ci_high"]], "random_direction_efficacy": ctl["value"],
                               "random_direction_ci": [ctl["ci_low"], ctl["ci_high"]], "n": n}
     return summary
+
+
+def report_rows(st):
+    """For the report: the best K and alpha of each condition, with its random-direction control."""
+    rows, sm = st.table("id_intervention"), st.summary
+    out = []
+    for c, b in sm["best"].items():
+        out += [{k: r[k] for k in ("condition", "k", "alpha", "direction", "measure", "value", "ci_low", "ci_high",
+                                   "n")} for r in F.where(rows, condition=c, k=b["k"], alpha=b["alpha"])]
+    return "Best setting per condition", out, "results/id_intervention.csv (every K and alpha)"
 
 
 def caption(summary: dict) -> str:

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from vismech import interventions as iv
+from vismech.engine import interventions as iv
+from vismech.analysis.stats import rate
 from vismech.errors import UserError
 from vismech.experiments.cma import cma_scores
+from vismech.experiments import figures as F
 from vismech.experiments.common import Context
 from vismech.experiments.options import Opt
 from vismech.experiments.id_intervention import two_object_trials
@@ -71,24 +73,26 @@ def key_hits(vlm, held, vecs, alpha: float, batch_size: int, seed: int, update=N
     return hits
 
 
-def _figure(ctx: Context, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(3.8, 3.2))
+@F.paper_style
+def plot(st) -> dict:
+    """Figure ``key_intervention`` from the stored table: efficacy of the key ID swap, a random direction and no
+    edit."""
+    if "skipped" in st.summary:
+        return {}
+    rows = st.table("key_intervention")
+    fig, axes = F.figure(1, 1, w=2.6, h=2.4)
+    ax = axes[0, 0]
     names = {"none": "no edit", "id": "key ID\nswap", "random": "random\ndirection"}
-    colours = {"none": "lightgray", "id": "tab:blue", "random": "tab:gray"}
-    for i, r in enumerate(rows):
-        err = [[max(0.0, r["efficacy"] - r["ci_low"])], [max(0.0, r["ci_high"] - r["efficacy"])]]
-        ax.bar(i, r["efficacy"], yerr=err,
-               color=colours[r["direction"]], capsize=3)
+    colours = {"none": F.ROLE["none"], "id": F.ROLE["edit"], "random": F.ROLE["control"]}
+    v = F.column(rows, "value")
+    ax.bar(range(len(rows)), np.nan_to_num(v), yerr=F.error(v, F.column(rows, "ci_low"), F.column(rows, "ci_high")),
+           color=[colours[r["direction"]] for r in rows], capsize=2, error_kw={"lw": 0.8})
     ax.set_xticks(range(len(rows)), [names[r["direction"]] for r in rows])
     ax.set_ylabel("Intervention efficacy")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"Key intervention, α={rows[1]['alpha']:g} ({ctx.vlm.name}, n={rows[0]['n']})", fontsize=9)
-    ctx.save_figure(fig, "key_intervention")
+    ax.set_title(f"Key intervention, α={st.summary['alpha']:g}\n({st.model}, n={rows[0]['n']})")
+    fig.tight_layout()
+    return {"key_intervention": fig}
 
 
 def run(ctx: Context) -> dict:
@@ -109,20 +113,17 @@ def run(ctx: Context) -> dict:
             return key_hits(vlm, held, vecs, alpha, ctx.batch_size, ctx.seed, update)
 
     kv_tag = "_".join(f"{l}.{h}" for l, h in kv)
-    hits = ctx.unit(f"key-intervention-n{n}-est{n_est}-grid{ctx.opt('grid')[0]}x{ctx.opt('grid')[1]}-a{alpha:g}"
-                    f"-kv{kv_tag}{src.tag}-seed{ctx.seed}", compute)
+    hits = ctx.unit(ctx.unit_key(NAME, kv=kv_tag, stimuli=src.tag), compute)
     rows = []
     for d in ("none", "id", "random"):
-        w = iv.wilson_row(hits[d], n)
-        rows.append({"direction": d, "alpha": 0.0 if d == "none" else alpha, "n": n, "efficacy": w["rate"],
-                     "ci_low": w["ci_low"], "ci_high": w["ci_high"]})
+        w = rate(hits[d], n)
+        rows.append({"measure": "efficacy", **w, "direction": d, "alpha": 0.0 if d == "none" else alpha})
     ctx.save_table("key_intervention", rows)
-    _figure(ctx, rows)
     layers = sorted({l for l, _ in kv})
     return {"alpha": alpha, "n_heldout": n, "n_estimate": n_est, "top_k": len(top), "layers": layers,
             "key_heads": [list(x) for x in kv], "ids": "object cells (PUG: left/right)", "stimuli": src.describe(),
-            "efficacy": {r["direction"]: {"rate": r["efficacy"], "ci": [r["ci_low"], r["ci_high"]]} for r in rows},
-            "baseline_accuracy": iv.wilson_row(hits["original"], n),
+            "efficacy": {r["direction"]: {"rate": r["value"], "ci": [r["ci_low"], r["ci_high"]]} for r in rows},
+            "baseline_accuracy": rate(hits["original"], n),
             "id_labels": [list(x) for x in vecs.labels],
             "mean_id_difference_norm": float(np.linalg.norm(vecs.vectors[0] - vecs.vectors[-1], axis=-1).mean())}
 

@@ -130,6 +130,10 @@ def infer(default: Any) -> Opt:
 
 
 TRIALS = Opt("int", 1, MAX_TRIALS)
+#: rules of the command line's own numeric arguments
+BATCH = Opt("int", 1, 1 << 16)
+SEED = Opt("int", 0, 2 ** 32 - 1)
+COUNT = Opt("int", 1)
 GRID = Opt("grid", 2)
 UNIT = Opt("float", 0, 1, open=True)
 HEADS = Opt("list", none=True, length=(1, None), each=Opt("list", length=(2, 2), each=Opt("int", 0)))
@@ -189,3 +193,20 @@ def arg_type(r: Opt, flag: str):
         except UserError:
             raise argparse.ArgumentTypeError(f"must be {r.describe()}, not {s!r}") from None
     return parse
+
+
+def option_help(module) -> str:
+    """Every option of an experiment module: its default, what values it takes (``DEFAULTS``/``LIMITS``/``COMMON``)
+    and what it means (the sentences of the module's docstring that name it, ``like_this``)."""
+    import re
+
+    doc = " ".join((module.__doc__ or "").split())
+    sentences = re.split(r"(?<=[.;])\s+(?=[A-Z`(])", doc)
+    lines = [f"{module.NAME}: {module.DESCRIPTION}", "", "options (--set KEY=VALUE, JSON values):"]
+    for key, default in module.DEFAULTS.items():
+        r = rule(key, default, getattr(module, "LIMITS", None))
+        lines.append(f"  {key} = {json.dumps(default)}    ({r.describe()})")
+        said = [s for s in sentences if f"``{key}``" in s]
+        for s in said[:2]:
+            lines.append(f"      {s}")
+    return "\n".join(lines)

@@ -21,13 +21,12 @@ paper: position at layer 19, features at layer 27.
 Speed: the probe makes thousands of small matrix products, which a multi-threaded OpenBLAS runs many times slower
 than one thread does (a 5-fold probe of 288 x 3,584 states: 8 s with 16 threads on the GPU host, 0.4 s on one
 thread here). While probing (only), the OpenBLAS libraries numpy and scipy loaded are set to ``blas_threads``
-threads (default 1; ``null`` leaves them), through their own ``*_set_num_threads`` symbols, and restored after;
-results are unchanged.
+threads (default 1; ``null`` leaves them) through ``threadpoolctl``, and restored after; results are unchanged.
 
 ``stimuli`` (``experiments.sources``): ``"grid"`` (the PCA set) or a stimulus folder, whose trials with a target are
 used as they are (target position = the target's ID, target features = its name).
 
-Outputs: ``pca.csv`` (one row per layer x label x measure), ``pca_scores.csv`` (PC1/PC2 of every trial at the two
+Outputs: ``pca.csv`` (one row per layer x label x measure), ``pca_trials.csv`` (PC1/PC2 of every trial at the two
 selected layers), figure ``pca`` (scatter at the position layer coloured by target position, scatter at the
 feature layer coloured and marked by target object, separability by layer).
 """
@@ -35,19 +34,19 @@ feature layer coloured and marked by target object, separability by layer).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 
 import numpy as np
 
-from vismech import activations
+from vismech.engine import activations
 from vismech.analysis.pca import chance_accuracy, pca, probe_accuracy, silhouette
+from vismech.analysis.stats import finite as _f, rate
 from vismech.errors import UserError
-from vismech.experiments import figures_rsa as F
+from vismech.experiments import figures as F
 from vismech.experiments.common import Context
 from vismech.experiments.options import Opt
-from vismech.experiments.rsa import accuracy_summary
 from vismech.experiments.sources import folder_trials
 from vismech.scenes.sets import pca_set
+from vismech.store.results import cell_columns
 from vismech.scenes.vocab import COLORS
 
 NAME = "pca"
@@ -62,39 +61,17 @@ MARKERS = {"circle": "o", "triangle": "^", "square": "s", "star": "*", "heart": 
            "diamond": "D", "pentagon": "p", "hexagon": "h"}
 
 
-def _openblas_libs():
-    """(set, get) thread-count functions of every OpenBLAS library loaded in this process (Linux; else none)."""
-    names = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads")
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower() and ".so" in ln})
-    except OSError:
-        return []
-    out = []
-    for p in paths:
-        try:
-            lib = ctypes.CDLL(p)
-        except OSError:
-            continue
-        for name in names:
-            if hasattr(lib, name) and hasattr(lib, name.replace("set_", "get_")):
-                out.append((getattr(lib, name), getattr(lib, name.replace("set_", "get_"))))
-                break
-    return out
-
-
 @contextlib.contextmanager
 def blas_threads(n: int | None):
-    """Run the block with ``n`` OpenBLAS threads (None: unchanged); the old counts are restored after."""
-    libs = [] if n is None else _openblas_libs()
-    old = [get() for _, get in libs]
-    for set_, _ in libs:
-        set_(int(n))
-    try:
+    """Run the block with ``n`` BLAS threads in every BLAS library loaded (``threadpoolctl``; None: unchanged);
+    the old counts are restored after."""
+    if n is None:
         yield
-    finally:
-        for (set_, _), k in zip(libs, old):
-            set_(k)
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=int(n), user_api="blas"):
+        yield
 
 
 def labels_of(trials) -> dict[str, np.ndarray]:
@@ -116,32 +93,34 @@ def layer_scores(X, labels: dict, folds: int, seed: int, threads: int | None = 1
     return scores, ratio, out
 
 
-def _f(x):
-    x = float(x)
-    return None if not np.isfinite(x) else x
-
-
 @F.paper_style
-def _figure(trials, labels, scores_pos, scores_feat, lp, lf, table, n_layers):
+def plot(st) -> dict:
+    """Figure ``pca`` from the stored tables: the scatter at the position layer coloured by target cell, the
+    scatter at the feature layer coloured and marked by target object, separability by layer."""
+    sm, rows, pts = st.summary, st.table("pca"), st.table("pca_trials")
+    lp, lf, n_layers = sm["position_layer"], sm["feature_layer"], sm["n_layers"]
     fig, axes = F.figure(3, 1, w=2.6, h=2.5)
     ax = axes[0, 0]
-    cells = sorted(set(labels["position"]))
-    cmap = [f"C{i}" for i in range(10)]
+    at = F.where(pts, selected_for="position")
+    cells = sorted({(r["target_row"], r["target_col"]) for r in at})
+    colours = list(F.PALETTE.values())
     for i, c in enumerate(cells):
-        m = labels["position"] == c
-        ax.scatter(scores_pos[m, 0], scores_pos[m, 1], s=6, alpha=0.7, color=cmap[i % 10], label=f"({c})", lw=0)
+        m = [r for r in at if (r["target_row"], r["target_col"]) == c]
+        ax.scatter(F.column(m, "pc1"), F.column(m, "pc2"), s=6, alpha=0.8, color=colours[i % 8],
+                   label=f"({c[0]}, {c[1]})", lw=0)
     ax.set_title(f"Layer {lp}: target position")
-    F.legend_below(ax, ncol=3, drop=0.3, markerscale=1.5, handletextpad=0.1, columnspacing=0.8, title="target cell (row, col)",
-                   title_fontsize=7)
+    F.legend_below(ax, ncol=3, drop=0.3, markerscale=1.5, handletextpad=0.1, columnspacing=0.8,
+                   title="target cell (row, col)", title_fontsize=7)
     ax = axes[0, 1]
-    for obj in sorted({(t.target.color, t.target.shape, t.target.name) for t in trials}):
-        m = labels["features"] == obj[2]
-        rgb = np.array(COLORS.get(obj[0], (80, 80, 80))) / 255
-        ax.scatter(scores_feat[m, 0], scores_feat[m, 1], s=9, alpha=0.7, color=rgb, marker=MARKERS.get(obj[1], "o"),
-                   label=obj[2], lw=0)
+    at = F.where(pts, selected_for="features")
+    for obj in sorted({(r["target_color"], r["target_shape"], r["target_features"]) for r in at}):
+        m = F.where(at, target_features=obj[2])
+        rgb = np.array(COLORS.get(obj[0], (80, 80, 80))) / 255  # the object's own colour: the label is the colour
+        ax.scatter(F.column(m, "pc1"), F.column(m, "pc2"), s=9, alpha=0.8, color=rgb,
+                   marker=MARKERS.get(obj[1], "o"), label=obj[2], lw=0.3, edgecolors="0.2")
     ax.set_title(f"Layer {lf}: target features")
-    F.legend_below(ax, ncol=2, drop=0.3, markerscale=1.5, handletextpad=0.1, columnspacing=0.8, title="target object",
-                   title_fontsize=7)
+    F.legend_below(ax, ncol=2, drop=0.3, markerscale=1.5, handletextpad=0.1, columnspacing=0.8,
+                   title="target object", title_fontsize=7)
     for a in axes[0, :2]:
         a.set_xlabel("PC1")
         a.set_ylabel("PC2")
@@ -149,13 +128,13 @@ def _figure(trials, labels, scores_pos, scores_feat, lp, lf, table, n_layers):
         a.set_yticks([])
     ax = axes[0, 2]
     x = np.arange(n_layers)
-    for name, color in zip(LABELS, ("#d62728", "#2ca02c")):
-        sil = np.array([table[layer][(name, "silhouette")][0] for layer in x])
-        acc = np.array([table[layer][(name, "probe_accuracy")] for layer in x])
+    for name, color in zip(LABELS, (F.CURVE_STYLE["position_last"]["color"], F.CURVE_STYLE["features_last"]["color"])):
+        sil = F.column(sorted(F.where(rows, label=name, measure="silhouette"), key=lambda r: r["layer"]), "value")
+        acc = sorted(F.where(rows, label=name, measure="probe_accuracy"), key=lambda r: r["layer"])
+        v, se = F.column(acc, "value"), F.column(acc, "se")
         ax.plot(x, sil, color=color, label=f"{name}: silhouette (PC1-2)")
-        F.interval_line(ax, x, acc[:, 0], acc[:, 0] - acc[:, 1], acc[:, 0] + acc[:, 1], color=color, ls="--",
-                        lw=1.0, label=f"{name}: probe accuracy")
-    ax.axhline(table[0][("position", "probe_accuracy")][2], color="0.5", lw=0.7, ls=":", label="probe chance")
+        F.interval_line(ax, x, v, v - se, v + se, color=color, ls="--", lw=1.0, label=f"{name}: probe accuracy")
+    ax.axhline(sm["probe_chance"]["position"], color="0.5", lw=0.7, ls=":", label="probe chance")
     ax.set_xlabel("Layer")
     ax.set_ylabel("Separability")
     ax.set_title("Separability by layer")
@@ -163,7 +142,7 @@ def _figure(trials, labels, scores_pos, scores_feat, lp, lf, table, n_layers):
         ax.set_xticks(x)
     F.legend_below(ax, ncol=1)
     fig.tight_layout()
-    return fig
+    return {"pca": fig}
 
 
 def run(ctx: Context) -> dict:
@@ -186,8 +165,8 @@ def run(ctx: Context) -> dict:
     rows = []
     for layer, out in enumerate(table):
         for (label, measure), (v, se, chance) in out.items():
-            rows.append({"layer": layer, "label": label, "measure": measure, "value": _f(v), "se": _f(se),
-                         "chance": _f(chance), "n_trials": len(trials), "folds": folds if "probe" in measure else "",
+            rows.append({"measure": measure, "value": _f(v), "n": len(trials), "layer": layer, "label": label,
+                         "se": _f(se), "chance": _f(chance), "folds": folds if "probe" in measure else "",
                          "explained_pc1": _f(ratios[layer][0]), "explained_pc2": _f(ratios[layer][1])})
     ctx.save_table("pca", rows)
     measure = "silhouette" if select == "silhouette" else "probe_accuracy"
@@ -197,13 +176,12 @@ def run(ctx: Context) -> dict:
         return int(np.nanargmax(v)) if np.isfinite(v).any() else 0
 
     lp, lf = argmax("position", measure), argmax("features", measure)
-    ctx.save_table("pca_scores", [
+    ctx.save_table("pca_trials", [
         {"trial": i, "layer": layer, "selected_for": sel, "pc1": float(scores[layer][i, 0]),
-         "pc2": float(scores[layer][i, 1]), "target_position": labels["position"][i],
-         "target_features": labels["features"][i]}
+         "pc2": float(scores[layer][i, 1]), **cell_columns("target", trials[i].target.cell),
+         "target_features": labels["features"][i], "target_color": trials[i].target.color,
+         "target_shape": trials[i].target.shape}
         for sel, layer in (("position", lp), ("features", lf)) for i in range(len(trials))])
-    fig = _figure(trials, labels, scores[lp], scores[lf], lp, lf, table, L)
-    figs = ctx.save_figure(fig, "pca")
 
     def at(layer):
         return {f"{label}_{m}": _f(table[layer][(label, m)][0]) for label in LABELS for m in MEASURES}
@@ -216,9 +194,18 @@ def run(ctx: Context) -> dict:
             "probe_chance": {label: _f(table[0][(label, "probe_accuracy")][2]) for label in LABELS},
             "explained_variance": {"position_layer": [_f(x) for x in ratios[lp]],
                                    "feature_layer": [_f(x) for x in ratios[lf]]},
-            "first_token_accuracy": accuracy_summary(acts.correct),
-            "paper_qwen2_vl": {"position_layer": 19, "feature_layer": 27},
-            "figures": [str(p) for p in figs]}
+            "first_token_accuracy": rate(int(np.sum(acts.correct)), len(acts.correct)),
+            "paper_qwen2_vl": {"position_layer": 19, "feature_layer": 27}}
+
+
+def report_rows(st):
+    """For the report: both scores of both labels at the selected position and feature layers."""
+    rows, sm = st.table("pca"), st.summary
+    out = []
+    for which, layer in (("position layer", sm["position_layer"]), ("feature layer", sm["feature_layer"])):
+        out += [{"at": which, **{k: r[k] for k in ("layer", "label", "measure", "value", "se", "chance", "n")}}
+                for r in F.where(rows, layer=layer)]
+    return "Separability at the selected layers", out, "results/pca.csv (every layer)"
 
 
 def caption(summary: dict) -> str:

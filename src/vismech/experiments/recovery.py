@@ -32,10 +32,13 @@ import random
 import numpy as np
 import torch
 
-from vismech import activations
-from vismech import interventions as iv
+from vismech.engine import activations
+from vismech.engine import interventions as iv
+from vismech.analysis.stats import rate
 from vismech.errors import UserError
-from vismech.experiments.cma import LABELS, cma_scores, condition_positions
+from vismech.engine.mediation import condition_positions
+from vismech.experiments.cma import LABELS, cma_scores
+from vismech.experiments import figures as F
 from vismech.experiments.common import Context
 from vismech.experiments.id_intervention import SITE, edit_hits, id_labels, two_object_trials
 from vismech.experiments.key_intervention import key_hits
@@ -146,7 +149,8 @@ def rsa_recovery(ctx: Context, gt) -> tuple[list[dict], dict]:
     rows, out = [], {"n_trials": len(trials), "grid": list(ctx.opt("rsa_grid")), "n_objects": ctx.opt("rsa_objects")}
     for name, c in curves.items():
         for layer in range(len(c["r"])):
-            rows.append({"analysis": "rsa", "curve": name, "layer": layer, "value": float(c["r"][layer]),
+            rows.append({"analysis": "rsa", "curve": name, "layer": layer, "measure": "pearson_r",
+                         "value": float(c["r"][layer]),
                          "ci_low": float(c["lo"][layer]), "ci_high": float(c["hi"][layer]),
                          "null_high": float(c["null_hi"][layer]) if n_null else None, "n": len(trials)})
     for stage, (name, _) in CURVES.items():
@@ -199,8 +203,7 @@ def intervention_recovery(ctx: Context, gt) -> tuple[list[dict], dict]:
         return {f"{c}|{tag}|{a:g}|{d}": h for ((c, tag), a, d), h in hits.items()}, base_pred, base_orig
 
     heads_tag = hashlib.sha1(repr(sorted(head_sets.items())).encode()).hexdigest()[:10]  # results depend on them
-    key = (f"recovery-id-n{n}-est{n_est}-grid{ctx.opt('grid')[0]}x{ctx.opt('grid')[1]}-a"
-           + "_".join(f"{a:g}" for a in alphas) + f"-heads{heads_tag}-seed{ctx.seed}")
+    key = ctx.unit_key("recovery-id", heads=heads_tag)
     hits, base_pred, _ = ctx.unit(key, compute)
     for c in STAGES:
         if c not in gt.stages:
@@ -208,15 +211,15 @@ def intervention_recovery(ctx: Context, gt) -> tuple[list[dict], dict]:
         eff = {a: hits[f"{c}|declared|{a:g}|id"] / n for a in alphas}
         best = max(alphas, key=lambda a: (eff[a], -a))
         rand = [hits[f"{c}|random{k}|{best:g}|id"] for k in range(int(ctx.opt("random_sets")))]
-        w = iv.wilson_row(hits[f"{c}|declared|{best:g}|id"], n)
-        wr = iv.wilson_row(sum(rand), n * len(rand))
-        wd = iv.wilson_row(hits[f"{c}|declared|{best:g}|random"], n)
+        w = rate(hits[f"{c}|declared|{best:g}|id"], n)
+        wr = rate(sum(rand), n * len(rand))
+        wd = rate(hits[f"{c}|declared|{best:g}|random"], n)
         out[c] = {"site": SITE[c], "alpha": best, "declared": w, "random_heads": wr, "random_direction": wd,
                   "random_head_sets": [head_sets[(c, f"random{k}")] for k in range(len(rand))]}
         for tag, ww in (("declared", w), ("random_heads", wr), ("random_direction", wd)):
             rows.append({"analysis": "id_intervention", "stage": c, "heads": tag, "alpha": best, "measure": "efficacy",
-                         "value": ww["rate"], "ci_low": ww["ci_low"], "ci_high": ww["ci_high"], "n": ww["n"]})
-    out["baseline_repeat_rate"] = iv.wilson_row(base_pred, n)
+                         "value": ww["value"], "ci_low": ww["ci_low"], "ci_high": ww["ci_high"], "n": ww["n"]})
+    out["baseline_repeat_rate"] = rate(base_pred, n)
     if "feature_retrieval" in gt.stages and vlm.family.spatial_tokens:
         kv = iv.kv_heads_for(vlm, list(gt.stages["feature_retrieval"].heads))
         others = [(layer, k) for layer in sorted({a for a, _ in kv}) for k in range(vlm.n_kv_heads)
@@ -228,13 +231,12 @@ def intervention_recovery(ctx: Context, gt) -> tuple[list[dict], dict]:
                 continue
             kvec = iv.key_id_vectors(vlm, est, heads, ctx.batch_size)
             kv_tag = "_".join(f"{a}.{b}" for a, b in heads)
-            h = ctx.unit(f"recovery-key-{kv_tag}-n{n}-est{n_est}-grid{ctx.opt('grid')[0]}x{ctx.opt('grid')[1]}"
-                         f"-a{alpha:g}-seed{ctx.seed}",
+            h = ctx.unit(ctx.unit_key("recovery-key", heads=kv_tag),
                          lambda kvec=kvec: key_hits(vlm, held, kvec, alpha, ctx.batch_size, ctx.seed))
-            w = iv.wilson_row(h["id"], n)
+            w = rate(h["id"], n)
             key_out[tag] = {"key_heads": [list(x) for x in heads], **w}
             rows.append({"analysis": "key_intervention", "stage": "feature_retrieval", "heads": tag, "alpha": alpha,
-                         "measure": "efficacy", "value": w["rate"], "ci_low": w["ci_low"], "ci_high": w["ci_high"],
+                         "measure": "efficacy", "value": w["value"], "ci_low": w["ci_low"], "ci_high": w["ci_high"],
                          "n": n})
         out["key_intervention"] = {"alpha": alpha, **key_out}
     return rows, out
@@ -250,32 +252,38 @@ def _bars(ax, x, values, width, label, colour, err=None):
                 fontsize=7)
 
 
-def _figure(ctx: Context, cma: dict, rsa: dict, inter: dict) -> None:
-    import matplotlib.pyplot as plt
+@F.paper_style
+def plot(st) -> dict:
+    """Figure ``recovery`` from the stored summary."""
+    sm = st.summary
+    return {"recovery": _figure(st.model, sm["cma"], sm["rsa"], sm["interventions"])}
 
+
+def _figure(model: str, cma: dict, rsa: dict, inter: dict):
     stages = [c for c in STAGES if c in cma]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    fig, axes = F.figure(3, 1, w=2.6, h=2.4)
+    axes = axes[0]
     x = np.arange(len(stages))
-    _bars(axes[0], x - 0.2, [cma[c]["precision"] for c in stages], 0.4, "precision", "tab:blue")
-    _bars(axes[0], x + 0.2, [cma[c]["recall"] for c in stages], 0.4, "recall", "tab:orange")
+    _bars(axes[0], x - 0.2, [cma[c]["precision"] for c in stages], 0.4, "precision", F.PALETTE["blue"])
+    _bars(axes[0], x + 0.2, [cma[c]["recall"] for c in stages], 0.4, "recall", F.PALETTE["orange"])
     axes[0].set_title("CMA: significant vs declared heads", fontsize=9)
     r = [rsa[c].get("r_at_declared", np.nan) for c in stages]
     err = [[max(0.0, v - rsa[c]["ci_at_declared"][0]) for v, c in zip(r, stages)],
            [max(0.0, rsa[c]["ci_at_declared"][1] - v) for v, c in zip(r, stages)]]
-    _bars(axes[1], x, r, 0.5, "bootstrap 95% CI", "tab:green", err)
+    _bars(axes[1], x, r, 0.5, "bootstrap 95% CI", F.PALETTE["green"], err)
     axes[1].set_title("RSA at the declared layer (position, position, features)", fontsize=9)
-    _bars(axes[2], x - 0.2, [inter[c]["declared"]["rate"] if c in inter else None for c in stages], 0.4,
-          "declared heads", "tab:blue")
-    _bars(axes[2], x + 0.2, [inter[c]["random_heads"]["rate"] if c in inter else None for c in stages], 0.4,
-          "random heads, same layers", "tab:gray")
+    _bars(axes[2], x - 0.2, [inter[c]["declared"]["value"] if c in inter else None for c in stages], 0.4,
+          "declared heads", F.ROLE["edit"])
+    _bars(axes[2], x + 0.2, [inter[c]["random_heads"]["value"] if c in inter else None for c in stages], 0.4,
+          "random heads, same layers", F.ROLE["control"])
     axes[2].set_title("ID intervention efficacy", fontsize=9)
     for ax in axes:
         ax.set_xticks(x, [LABELS[c] for c in stages], fontsize=7)
         ax.set_ylim(0, 1.12)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
-    fig.suptitle(f"Recovery of the declared ground truth ({ctx.vlm.name})", fontsize=10)
+    fig.suptitle(f"Recovery of the declared ground truth ({model})", fontsize=9)
     fig.tight_layout()
-    ctx.save_figure(fig, "recovery")
+    return fig
 
 
 def run(ctx: Context) -> dict:
@@ -289,7 +297,6 @@ def run(ctx: Context) -> dict:
     ctx.save_table("recovery_cma", cma_rows)
     ctx.save_table("recovery_rsa", rsa_rows)
     ctx.save_table("recovery_interventions", int_rows)
-    _figure(ctx, cma, rsa, inter)
     return {"ground_truth": gt.to_json(), "cma": cma, "rsa": rsa, "interventions": inter,
             "cma_n": int(ctx.opt("cma_n")), "q": float(ctx.opt("q"))}
 

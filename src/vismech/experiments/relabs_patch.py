@@ -35,13 +35,15 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 
 from vismech.errors import UserError
 from vismech.experiments import cma
-from vismech.experiments.common import Context
+from vismech.experiments import figures as F
+from vismech.experiments.common import Context, pct
 from vismech.experiments.options import Opt
-from vismech.experiments.reuse import paired_diff, rate, run_heads, select_heads, unit_key
+from vismech.analysis.stats import paired_diff, rate
+from vismech.engine.edits import run_heads
+from vismech.experiments.cma import select_heads
 from vismech.scenes.core import Obj, Scene, Trial
 from vismech.scenes.sets import RELABS_CONJUNCTIONS, RELABS_ORIGINS, relabs_set
 from vismech.scenes.tasks import scene_description
@@ -122,29 +124,25 @@ def summarize(rows: list[dict], seed: int = 0) -> list[dict]:
     return out
 
 
-def _figure(ctx: Context, table: list[dict], k: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
-    for ax, measure, title in ((axes[0], "choice", "Choice between the two candidates"),
-                               (axes[1], "argmax", "Arg-max over the vocabulary")):
-        for j, (cond, colour) in enumerate((("baseline", "#999999"), ("patched", "#1f77b4"))):
-            got = {r["answer"]: r for r in table if r["measure"] == measure and r["condition"] == cond}
-            v = np.array([got[a]["value"] for a in ("absolute", "relative")])
-            err = np.array([[got[a]["value"] - got[a]["ci_low"] for a in ("absolute", "relative")],
-                            [got[a]["ci_high"] - got[a]["value"] for a in ("absolute", "relative")]])
-            ax.bar(np.arange(2) + (j - 0.5) * 0.38, v, 0.38, yerr=err, capsize=3, color=colour,
-                   label="no patch" if cond == "baseline" else f"patched (top-{k} ID-selection heads)")
-        ax.set_xticks([0, 1], ["Absolute", "Relative"])
-        ax.set_title(title, fontsize=10)
+@F.paper_style
+def plot(st) -> dict:
+    """Figure ``relabs_patch`` from the stored table: how often answers name the absolute or the relative match,
+    without and with the patch."""
+    table, k = st.table("relabs_patch"), len(st.summary["heads"])
+    fig, axes = F.figure(2, 1, w=2.8, h=2.4, sharey=True)
+    for ax, measure, title in ((axes[0, 0], "choice", "Choice between the two candidates"),
+                               (axes[0, 1], "argmax", "Arg-max over the vocabulary")):
+        series, colours = {}, {}
+        for cond, colour in (("baseline", F.ROLE["none"]), ("patched", F.ROLE["edit"])):
+            label = "no patch" if cond == "baseline" else f"patched (top-{k} ID-selection heads)"
+            got = [F.where(table, measure=measure, condition=cond, answer=a)[0] for a in ("absolute", "relative")]
+            series[label], colours[label] = tuple(F.column(got, c) for c in ("value", "ci_low", "ci_high")), colour
+        F.bars(ax, ["Absolute", "Relative"], series, colours, title=title)
         ax.set_ylim(0, 1)
-    n = table[0]["n"]
-    axes[0].set_ylabel(f"Proportion of answers (n={n})")
-    axes[0].legend(fontsize=8)
-    ctx.save_figure(fig, "relabs_patch")
+    axes[0, 0].set_ylabel(f"Proportion of answers (n={table[0]['n']})")
+    F.legend_below(axes[0, 0], ncol=2, drop=0.3)
+    fig.tight_layout()
+    return {"relabs_patch": fig}
 
 
 def run(ctx: Context, heads=None) -> dict:
@@ -161,13 +159,13 @@ def run(ctx: Context, heads=None) -> dict:
             patched = run_heads(vlm, second, heads, src.z, "set", cand, batch_size=ctx.batch_size, progress=update)
         return src, base, patched
 
-    src, base, patched = ctx.unit(unit_key(ctx, NAME, heads), compute)
+    src, base, patched = ctx.unit(ctx.unit_key(NAME, heads=heads), compute)
     rows = []
     for i, (t1, t2, b, p) in enumerate(zip(first, second, outcomes(base, "baseline"), outcomes(patched, "patched"))):
         rows.append({"pair": i, "source_arrangement": t1.meta["arrangement"], "arrangement": t2.meta["arrangement"],
                      "absolute_cell": "{},{}".format(*t2.meta["absolute_cell"]),
                      "relative_match_cell": "{},{}".format(*t2.meta["relative_cell_abs"]),
-                     "relative_position": "{},{}".format(*t2.meta["relative_cell"]),
+                     "relative_position_cell": "{},{}".format(*t2.meta["relative_cell"]),
                      "source_target": t1.answer, "source_first_token_correct": int(src.cand_hit[i, 0]),
                      "absolute_answer": t2.meta["absolute_answer"], "relative_answer": t2.meta["relative_answer"],
                      **b, **p})
@@ -176,7 +174,6 @@ def run(ctx: Context, heads=None) -> dict:
         r["k"] = len(heads)
     ctx.save_table("relabs_patch_trials", rows)
     ctx.save_table("relabs_patch", table)
-    _figure(ctx, table, len(heads))
     pick = {(r["measure"], r["answer"], r["condition"]): {k: r[k] for k in ("n", "value", "ci_low", "ci_high")}
             for r in table}
     return {"head_source": source, "n_pairs": len(rows), "cells": ctx.opt("cells"),
@@ -185,12 +182,10 @@ def run(ctx: Context, heads=None) -> dict:
 
 
 def caption(summary: dict) -> str:
-    from vismech.experiments.reuse import _pct
-
     shift = summary["choice_relative_patched-baseline"]
     return (f"Between the two missing objects, answers name the relative match in "
-            f"{_pct(summary['choice_relative_baseline'])} of pairs without a patch and "
-            f"{_pct(summary['choice_relative_patched'])} with image 1's ID-selection outputs patched in (shift "
+            f"{pct(summary['choice_relative_baseline'])} of pairs without a patch and "
+            f"{pct(summary['choice_relative_patched'])} with image 1's ID-selection outputs patched in (shift "
             f"{100 * shift['value']:+.1f} points [{100 * shift['ci_low']:+.1f}, {100 * shift['ci_high']:+.1f}], "
             f"n={shift['n']}); a shift toward relative means relative position coding, toward absolute (the "
             f"complement) absolute coding.")

@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from vismech import activations
-from vismech.analysis.rsa import _pearson, cosine_rsm, feature_rsm, identity_rsm, layerwise_rsa, position_rsm, \
+from vismech.engine import activations
+from vismech.analysis.rsa import feature_rsm, identity_rsm, layerwise_rsa, permutation_null, position_rsm, \
     rsa_bootstrap
-from vismech.analysis.stats import wilson_ci
-from vismech.experiments import figures_rsa as F
+from vismech.analysis.stats import finite as _f, rate
+from vismech.experiments import figures as F
 from vismech.experiments.common import Context
 from vismech.experiments.options import Opt
 from vismech.experiments.sources import folder_trials
@@ -92,24 +92,6 @@ def last_targets(trials: list[Trial], names=("position", "features", "color", "s
 
 
 # ------------------------------------------------------------------------------------------------ scores
-def permutation_null(X, targets: dict, n_perm: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """RSA with trial labels permuted: dict name -> [n_perm, L]. The model RSMs are built once per layer."""
-    groups = X if isinstance(X, (list, tuple)) else [X]
-    tg = {k: (v if isinstance(v, (list, tuple)) else [v]) for k, v in targets.items()}
-    L, n = groups[0].shape[0], groups[0].shape[-2]
-    rng = np.random.default_rng(seed)
-    perms = [rng.permutation(n) for _ in range(n_perm)]
-    a, b = np.tril_indices(n, -1)
-    out = {k: np.empty((n_perm, L)) for k in tg}
-    for layer in range(L):  # permuted targets are gathered pair by pair: never n_perm x n x n in memory
-        x = np.concatenate([cosine_rsm(g[layer])[a, b] for g in groups])
-        for k, ts in tg.items():
-            for i, p in enumerate(perms):
-                y = np.concatenate([np.asarray(t, dtype=np.float64)[p[a], p[b]] for t in ts])
-                out[k][i, layer] = _pearson(x, y)
-    return out
-
-
 def rsa_by_layer(X, targets: dict, n_boot: int, seed: int, ci: float = 0.95, n_null: int = 0,
                  samples: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """Per named target: r, lo, hi [L] (bootstrap over trials), null_mean/null_lo/null_hi [L] (``n_null`` > 0) and,
@@ -135,11 +117,6 @@ def peak(r) -> tuple[int | None, float | None]:
     return i, float(r[i])
 
 
-def _f(x):
-    x = float(x)
-    return None if not np.isfinite(x) else x
-
-
 def curve_summary(res: dict) -> dict:
     layer, value = peak(res["r"])
     out = {"peak_layer": layer, "peak_r": value}
@@ -150,17 +127,12 @@ def curve_summary(res: dict) -> dict:
     return out
 
 
-def accuracy_summary(correct) -> dict:
-    k, n = int(np.sum(correct)), int(len(correct))
-    lo, hi = wilson_ci(k, n)
-    return {"n": n, "correct": k, "accuracy": k / n, "ci_low": float(lo), "ci_high": float(hi)}
-
-
 def curve_rows(name: str, token: str, target: str, res: dict, extra: dict) -> list[dict]:
     rows = []
     for layer in range(len(res["r"])):
-        row = {**extra, "curve": name, "token": token, "target": target, "layer": layer,
-               "r": _f(res["r"][layer]), "ci_low": _f(res["lo"][layer]), "ci_high": _f(res["hi"][layer])}
+        row = {"measure": "pearson_r", "value": _f(res["r"][layer]), "ci_low": _f(res["lo"][layer]),
+               "ci_high": _f(res["hi"][layer]), **extra, "curve": name, "token": token, "target": target,
+               "layer": layer}
         if "null_mean" in res:
             row.update(null_mean=_f(res["null_mean"][layer]), null_low=_f(res["null_lo"][layer]),
                        null_high=_f(res["null_hi"][layer]))
@@ -169,24 +141,55 @@ def curve_rows(name: str, token: str, target: str, res: dict, extra: dict) -> li
 
 
 # ------------------------------------------------------------------------------------------------ figures
+def stored_curve(rows: list[dict], curve: str) -> dict[str, np.ndarray]:
+    rs = sorted(F.where(rows, curve=curve), key=lambda r: r["layer"])
+    out = {"r": F.column(rs, "value"), "lo": F.column(rs, "ci_low"), "hi": F.column(rs, "ci_high")}
+    if rs and "null_low" in rs[0]:
+        out.update(null_lo=F.column(rs, "null_low"), null_hi=F.column(rs, "null_high"))
+    return out
+
+
 @F.paper_style
-def _figure(results: dict, n_layers: int, title: str):
+def plot(st) -> dict:
+    """Figure ``rsa`` (the three Fig. 1c curves; the features curves in detail) and ``rsa_heads`` (per-head maps)
+    from the stored tables."""
+    sm, rows = st.summary, st.table("rsa")
+    n_layers = sm["n_layers"]
+    results = {c: stored_curve(rows, c) for c, _, _ in CURVES}
     fig, axes = F.figure(2, 1)
     x = np.arange(n_layers)
-    lo = np.nanmin([results[c]["null_lo"] for c, _, _ in CURVES if "null_lo" in results[c]] or [[np.nan]], 0)
-    hi = np.nanmax([results[c]["null_hi"] for c, _, _ in CURVES if "null_hi" in results[c]] or [[np.nan]], 0)
+    nulls = [results[c] for c, _, _ in CURVES if "null_lo" in results[c]]
+    lo = np.nanmin([c["null_lo"] for c in nulls], 0) if nulls else np.full(n_layers, np.nan)
+    hi = np.nanmax([c["null_hi"] for c in nulls], 0) if nulls else np.full(n_layers, np.nan)
+    # curves equal to features_last (vocab "high": every object has its own colour and shape) are not drawn under
+    # it unseen: the legend says so
+    same = [c for c in ("color_last", "shape_last") if np.allclose(results[c]["r"], results["features_last"]["r"],
+                                                                   equal_nan=True)]
+    title = f"RSA, {sm['grid'][0]}x{sm['grid'][1]} grid, n={sm['n_trials']}"
     for ax, names, sub in ((axes[0, 0], CURVES[:3], title), (axes[0, 1], CURVES[2:], "features in detail")):
         if np.isfinite(lo).any():
-            F.null_band(ax, x, lo * np.ones(n_layers), hi * np.ones(n_layers))
+            F.null_band(ax, x, lo, hi)
         for c, _, _ in names:
+            if c in same and ax is axes[0, 1]:
+                continue
+            st_ = dict(F.CURVE_STYLE[c])
+            if c == "features_last" and same and ax is axes[0, 1]:
+                st_["label"] += " = " + " = ".join(F.CURVE_STYLE[s]["label"].split(" (")[0] for s in same)
             res = results[c]
-            st = F.CURVE_STYLE[c]
-            F.interval_line(ax, x, res["r"], res["lo"], res["hi"], label=st["label"], color=st["color"],
-                            ls=st.get("ls", "-"), lw=st.get("lw", 1.4))
+            F.interval_line(ax, x, res["r"], res["lo"], res["hi"], label=st_["label"], color=st_["color"],
+                            ls=st_.get("ls", "-"), lw=st_.get("lw", 1.4))
         F.rsa_axes(ax, n_layers, sub)
-        F.legend_below(ax)
     fig.tight_layout()
-    return fig
+    F.figure_legend(fig, axes[0], ncol=3)
+    figs = {"rsa": fig}
+    if st.has("rsa_heads"):
+        heads = st.table("rsa_heads")
+        H = 1 + max(r["head"] for r in heads)
+        maps = {t: F.column(sorted(F.where(heads, target=t), key=lambda r: (r["layer"], r["head"])),
+                            "value").reshape(n_layers, H) for t in ("position", "features")}
+        figs["rsa_heads"] = F.head_maps(maps, {"position": "Position (Last Token)",
+                                               "features": "Feature (Last Token)"})
+    return figs
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -198,25 +201,23 @@ def run(ctx: Context) -> dict:
     prompt = rsa_by_layer(acts.commas(), prompt_targets(trials), n_boot, seed, ci, n_null)
     last = rsa_by_layer(acts.last(), last_targets(trials), n_boot, seed, ci, n_null)
     results = {c: (prompt if tok == "prompt" else last)[tgt] for c, tok, tgt in CURVES}
-    extra = {"grid": f"{grid[0]}x{grid[1]}", "n_trials": len(trials), "n_boot": n_boot, "n_null": n_null}
+    extra = {"n": len(trials), "grid": f"{grid[0]}x{grid[1]}", "n_boot": n_boot, "n_null": n_null}
     rows = [r for c, tok, tgt in CURVES for r in curve_rows(c, tok, tgt, results[c], extra)]
     ctx.save_table("rsa", rows)
     L = acts.n_layers
     summary = {"grid": list(grid), "k": k, "n_trials": len(trials), "n_layers": L, "n_boot": n_boot,
                "n_null": n_null, "ci": ci, "vocab": ctx.opt("vocab"),
-               "first_token_accuracy": accuracy_summary(acts.correct),
-               "curves": {c: curve_summary(results[c]) for c, _, _ in CURVES}, "figures": []}
+               "first_token_accuracy": rate(int(np.sum(acts.correct)), len(acts.correct)),
+               "curves": {c: curve_summary(results[c]) for c, _, _ in CURVES}}
     if ctx.opt("vocab") == "high":
         summary["note"] = ("every object has its own colour and shape (vocab='high'), so colour, shape and features "
                            "RSMs coincide at the last token; use vocab='low' to separate them")
-    summary["figures"] += [str(p) for p in ctx.save_figure(_figure(results, L, f"RSA, {grid[0]}x{grid[1]} grid, "
-                                                                              f"n={len(trials)}"), "rsa")]
     if ctx.opt("heads"):
         z = acts.last("z")
         tg = last_targets(trials, ("position", "features"))
         maps = {t: np.stack([layerwise_rsa(z[layer], tg)[t] for layer in range(L)]) for t in tg}
-        ctx.save_table("rsa_heads", [{"target": t, "layer": layer, "head": h, "r": _f(m[layer, h]),
-                                      "n_trials": len(trials)} for t, m in maps.items()
+        ctx.save_table("rsa_heads", [{"measure": "pearson_r", "value": _f(m[layer, h]), "n": len(trials),
+                                      "target": t, "layer": layer, "head": h} for t, m in maps.items()
                                      for layer in range(L) for h in range(m.shape[1])])
         top = {}
         for t, m in maps.items():
@@ -224,9 +225,17 @@ def run(ctx: Context) -> dict:
             order = np.argsort(-flat)[:5]
             top[t] = [{"layer": int(i // m.shape[1]), "head": int(i % m.shape[1]), "r": _f(flat[i])} for i in order]
         summary["heads_top5"] = top
-        fig = F.head_maps(maps, {"position": "Position (Last Token)", "features": "Feature (Last Token)"})
-        summary["figures"] += [str(p) for p in ctx.save_figure(fig, "rsa_heads")]
     return summary
+
+
+def report_rows(st):
+    """For the report: each curve at its peak layer."""
+    rows = st.table("rsa")
+    peaks = [max(rs, key=lambda r: -np.inf if r["value"] == "" else r["value"])
+             for c, _, _ in CURVES if (rs := F.where(rows, curve=c))]
+    return "Each curve at its peak layer", [{k: r[k] for k in ("curve", "layer", "null_low", "null_high", "measure",
+                                                                "value", "ci_low", "ci_high", "n") if k in r}
+                                            for r in peaks], "results/rsa.csv (every layer), rsa_heads.csv"
 
 
 def caption(summary: dict) -> str:

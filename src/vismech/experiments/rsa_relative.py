@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from vismech import activations
+from vismech.engine import activations
 from vismech.analysis.rsa import feature_rsm, position_rsm
-from vismech.experiments import figures_rsa as F
+from vismech.analysis.stats import finite as _f, rate
+from vismech.experiments import figures as F
 from vismech.experiments.common import Context
-from vismech.experiments.rsa import _f, accuracy_summary, curve_rows, curve_summary, rsa_by_layer
+from vismech.experiments.rsa import curve_rows, curve_summary, rsa_by_layer, stored_curve
 from vismech.scenes.sets import relabs_set
 
 NAME = "rsa-relative"
@@ -33,8 +34,9 @@ DESCRIPTION = "Fig. 2: last-token RSA against feature, absolute-position and rel
 DEFAULTS = {"n": 2, "n_boot": 200, "n_null": 20, "ci": 0.95, "act_dtype": "float32", "memmap_mb": 512}
 
 TARGETS = ("features", "absolute", "relative")
-STYLE = {"features": dict(color="#2ca02c", label="Feature"), "absolute": dict(color="#1f77b4", label="Absolute"),
-         "relative": dict(color="#d62728", label="Relative")}
+STYLE = {"features": dict(color=F.PALETTE["green"], label="Feature"),
+         "absolute": dict(color=F.PALETTE["blue"], label="Absolute"),
+         "relative": dict(color=F.PALETTE["vermillion"], label="Relative")}
 
 
 def relabs_targets(trials) -> dict[str, np.ndarray]:
@@ -55,7 +57,12 @@ def paired_difference(a: dict, b: dict, ci: float) -> dict[str, np.ndarray]:
 
 
 @F.paper_style
-def _figure(res: dict, diff: dict, n_layers: int, title: str):
+def plot(st) -> dict:
+    """Figure ``rsa_relative`` from the stored table: the three RSA curves, and relative - absolute."""
+    sm, rows = st.summary, st.table("rsa_relative")
+    n_layers = sm["n_layers"]
+    res = {t: stored_curve(rows, t) for t in TARGETS}
+    diff = stored_curve(rows, "relative_minus_absolute")
     fig, axes = F.figure(2, 1)
     x = np.arange(n_layers)
     ax = axes[0, 0]
@@ -64,14 +71,14 @@ def _figure(res: dict, diff: dict, n_layers: int, title: str):
         F.null_band(ax, x, np.nanmin([r["null_lo"] for r in nulls], 0), np.nanmax([r["null_hi"] for r in nulls], 0))
     for t in TARGETS:
         F.interval_line(ax, x, res[t]["r"], res[t]["lo"], res[t]["hi"], **STYLE[t])
-    F.rsa_axes(ax, n_layers, title)
+    F.rsa_axes(ax, n_layers, f"Relative vs absolute, n={sm['n_trials']}")
     F.legend_below(ax)
     ax = axes[0, 1]
     F.interval_line(ax, x, diff["r"], diff["lo"], diff["hi"], color="0.2")
     F.rsa_axes(ax, n_layers, "Difference (paired bootstrap)")
     ax.set_ylabel("Relative - absolute RSA (r)")
     fig.tight_layout()
-    return fig
+    return {"rsa_relative": fig}
 
 
 def run(ctx: Context) -> dict:
@@ -80,15 +87,16 @@ def run(ctx: Context) -> dict:
     acts = activations.for_context(ctx, trials, commas=False, z=False, desc="rsa-relative capture")
     res = rsa_by_layer(acts.last(), relabs_targets(trials), n_boot, ctx.seed, ci, n_null, samples=True)
     diff = paired_difference(res["relative"], res["absolute"], ci)
-    extra = {"n_trials": len(trials), "n_boot": n_boot, "n_null": n_null}
+    extra = {"n": len(trials), "n_boot": n_boot, "n_null": n_null}
     rows = [r for t in TARGETS for r in curve_rows(t, "last", t, res[t], extra)]
-    rows += curve_rows("relative_minus_absolute", "last", "relative-absolute", diff, extra)
+    rows += [{**r, "measure": "pearson_r_difference"}
+             for r in curve_rows("relative_minus_absolute", "last", "relative-absolute", diff, extra)]
     ctx.save_table("rsa_relative", rows)
     L = acts.n_layers
     both = np.fmax(res["absolute"]["r"], res["relative"]["r"])
     summary = {"k": k, "n_trials": len(trials), "n_layers": L, "n_boot": n_boot, "n_null": n_null, "ci": ci,
                "curves": {t: curve_summary(res[t]) for t in TARGETS},
-               "first_token_accuracy": accuracy_summary(acts.correct)}
+               "first_token_accuracy": rate(int(np.sum(acts.correct)), len(acts.correct))}
     if np.isfinite(both).any():
         p = int(np.nanargmax(both))
         lo, hi = diff["lo"][p], diff["hi"][p]
@@ -99,9 +107,15 @@ def run(ctx: Context) -> dict:
                                  "winner": winner,
                                  "rule": "layer = argmax of max(absolute, relative); winner when the paired "
                                          f"{int(ci * 100)}% bootstrap interval of the difference excludes 0"}
-    fig = _figure(res, diff, L, f"Relative vs absolute, n={len(trials)}")
-    summary["figures"] = [str(p) for p in ctx.save_figure(fig, "rsa_relative")]
     return summary
+
+
+def report_rows(st):
+    """For the report: every curve at the comparison layer."""
+    rows, layer = st.table("rsa_relative"), st.summary.get("comparison", {}).get("layer", 0)
+    return f"At layer {layer} (the larger of the absolute and relative peaks)", [
+        {k: r[k] for k in ("curve", "layer", "measure", "value", "ci_low", "ci_high", "n")}
+        for r in F.where(rows, layer=layer)], "results/rsa_relative.csv (every layer)"
 
 
 def caption(summary: dict) -> str:

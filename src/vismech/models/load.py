@@ -35,7 +35,7 @@ ORGANISMS = {"organism": "qwen2_5_vl", "organism-llava": "llava", "organism-ids"
 
 
 def organism_dir(name: str) -> Path:
-    return Path(__file__).resolve().parent.parent / "organisms" / name
+    return Path(__file__).resolve().parent.parent / "checkpoints" / name
 
 
 def checkpoint_path(name: str) -> str:

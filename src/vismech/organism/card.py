@@ -209,7 +209,7 @@ def card_text(info: dict, model=None) -> str:
               f"Target groups (>= 95% wanted): {', '.join(TARGET_GROUPS)}.", "",
               "| group | accuracy | 95% CI | n |", "|---|---|---|---|"]
     for g, a in info["final_accuracy"].items():
-        lines.append(f"| {g} | {a['accuracy']:.3f} | [{a['ci_low']:.3f}, {a['ci_high']:.3f}] | {a['n']} |")
+        lines.append(f"| {g} | {a['value']:.3f} | [{a['ci_low']:.3f}, {a['ci_high']:.3f}] | {a['n']} |")
     lines += [""] + (_validity(info["validity"]) if info.get("validity") else [])
     lines += ["## Use", "", "```python", "from vismech.models.load import load_vlm",
               f"vlm = load_vlm({info['out']!r})  # offline, through the same adapter as any real model", "```", "",

@@ -33,9 +33,6 @@ def plot_emergence(runs: dict[str, str | Path], groups: list[str] | None = None)
     """One column per run, one row per kind of summary the snapshots hold: held-out accuracy per group; when
     present, the peak RSA value of the three Fig. 1c curves; and the number of heads with significant CMA scores
     per condition (``organism.snapshot``). x: training step (log scale; step 0 drawn at 1)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     data = {name: read(path) for name, path in runs.items()}

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from vismech import hooks
+from vismech.engine import hooks
 from vismech.errors import UserError
 from vismech.models.vlm import VLM
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vismech import hooks
+from vismech.engine import hooks
 from vismech.models.vlm import VLM
 from vismech.scenes import sets
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from vismech import activations
-from vismech.analysis.cma import head_significance
+from vismech.analysis.cma import head_significance, null_mean_scores
 from vismech.analysis.rsa import layerwise_rsa
-from vismech.experiments import cma as cma_exp
+from vismech.engine import activations
+from vismech.engine.mediation import condition_scores
 from vismech.experiments import rsa as rsa_exp
 from vismech.scenes.counterfactual import CONDITIONS, cma_pairs
 
@@ -61,8 +61,8 @@ class AnalysisSnapshot:
     def cma(self, vlm) -> dict:
         out = {}
         for c, pairs in self.pairs.items():
-            scores, null = cma_exp.condition_scores(vlm, pairs, c, self.batch_size, seed=self.seed)
-            sig = head_significance(scores, cma_exp.null_mean_scores(null, self.null_samples, self.seed), q=self.q)
+            scores, null = condition_scores(vlm, pairs, c, self.batch_size, seed=self.seed)
+            sig = head_significance(scores, null_mean_scores(null, self.null_samples, self.seed), q=self.q)
             layers = np.nonzero(sig["mask"])[0]
             mean = scores.mean(-1)
             out[c] = {"n_significant": int(sig["count"]),

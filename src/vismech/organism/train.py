@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vismech.analysis.stats import wilson_ci
+from vismech.analysis.stats import rate
 from vismech.errors import UserError
 from vismech.models.families import family_for_config
 from vismech.models.vlm import VLM
@@ -114,13 +114,12 @@ class HeldOut:
                     hits[g][1] += 1
         out = {}
         for g, (k, n) in hits.items():
-            lo, hi = wilson_ci(k, n)
-            out[g] = {"accuracy": k / n, "n": n, "ci_low": float(lo), "ci_high": float(hi)}
+            out[g] = rate(k, n)
         return out
 
 
 def _flat(acc: dict[str, dict]) -> dict[str, float]:
-    return {g: round(a["accuracy"], 4) for g, a in acc.items()}
+    return {g: round(a["value"], 4) for g, a in acc.items()}
 
 
 # -- state ----------------------------------------------------------------------------------------------------

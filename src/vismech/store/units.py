@@ -60,7 +60,7 @@ def _encode(v: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if dataclasses.is_dataclass(v) and _TYPES.get(t.__qualname__) is t:
         return {"dataclass": t.__qualname__,
                 "fields": _encode({f.name: getattr(v, f.name) for f in dataclasses.fields(v)}, tensors)}
-    raise TypeError(f"a unit cannot hold {t.__name__} (register dataclasses with vismech.units.unit_type)")
+    raise TypeError(f"a unit cannot hold {t.__name__} (register dataclasses with vismech.store.units.unit_type)")
 
 
 def _decode(s: Any, tensors: dict[str, torch.Tensor]) -> Any:

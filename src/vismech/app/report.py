@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 
 from vismech.errors import UserError
-from vismech.io import atomic_write
-from vismech.rundir import output_dir
+from vismech.store.io import atomic_write
+from vismech.store.results import file_stem
+from vismech.store.rundir import output_dir
 
 #: What the paper (arXiv 2506.15871 v2) reports for each experiment, in one or two sentences.
 PAPER = {
@@ -61,31 +62,69 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def key_numbers(summary, prefix: str = "", depth: int = 0, limit: int = 40) -> list[tuple[str, str]]:
-    """Scalar entries of a summary (nested dicts flattened with '.'), short lists shown inline."""
-    rows: list[tuple[str, str]] = []
-    if isinstance(summary, dict):
-        for k, v in summary.items():
-            name = f"{prefix}{k}"
-            if isinstance(v, (int, float, str, bool)) or v is None:
-                rows.append((name, _fmt(v)))
-            elif isinstance(v, list) and len(v) <= 12 and all(not isinstance(x, (dict, list)) for x in v):
-                rows.append((name, ", ".join(_fmt(x) for x in v)))
-            elif isinstance(v, dict) and depth < 2:
-                rows += key_numbers(v, name + ".", depth + 1, limit)
-    return rows[:limit]
+#: column labels of the report's tables (other columns keep their names, underscores as spaces)
+LABEL = {"ci": "95% interval", "p_adjusted": "p (BH)", "se": "s.e."}
+#: rows of a table shown in the report (the CSV has all)
+ROWS = 24
 
 
-def _records(title: str, recs: list[dict], limit: int = 24) -> str:
-    """A list of flat records (e.g. accuracy per condition) as a small table."""
+def table_html(title: str, rows: list[dict], source: str = "") -> str:
+    """Rows of a table for people: the model and experiment columns (the same on every row) left out, the
+    interval in one column (low, high), numbers to 4 significant digits. A stored tidy table (core columns
+    first) shows its condition columns first, then measure, value, interval and n; rows picked by an experiment's
+    ``report_rows`` keep their own column order."""
+    from vismech.store.results import CORE
+
+    if not rows:
+        return ""
     cols: list[str] = []
-    for r in recs[:limit]:
-        cols += [k for k, v in r.items() if k not in cols and not isinstance(v, (dict, list))]
-    head = "".join(f"<th>{_e(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{_e(_fmt(r.get(c, '')))}</td>" for c in cols) + "</tr>"
-                   for r in recs[:limit])
-    more = f"<p><small>{len(recs) - limit} more rows in the CSV</small></p>" if len(recs) > limit else ""
+    for r in rows:
+        cols += [k for k in r if k not in cols and k not in ("model", "experiment")]
+    cols = [c for c in cols if any(r.get(c, "") != "" for r in rows) or c in ("value", "ci_low")]
+    if next(iter(rows[0])) == "model":  # a stored table: conditions first
+        cols = [c for c in cols if c not in CORE] + [c for c in cols if c in CORE]
+    cols = ["ci" if c == "ci_low" else c for c in cols if c != "ci_high"]
+
+    def cell(r, c):
+        if c == "ci":
+            lo, hi = r.get("ci_low", ""), r.get("ci_high", "")
+            return "" if lo in ("", None) or hi in ("", None) else f"[{_fmt(lo)}, {_fmt(hi)}]"
+        return _fmt(r.get(c, ""))
+
+    head = "".join(f"<th>{_e(LABEL.get(c, c.replace('_', ' ')))}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{_e(cell(r, c))}</td>" for c in cols) + "</tr>" for r in rows[:ROWS])
+    more = f"<p><small>{len(rows) - ROWS} more rows in {_e(source)}</small></p>" if len(rows) > ROWS else ""
     return f"<p><b>{_e(title)}</b></p><table><tr>{head}</tr>{body}</table>{more}"
+
+
+def _width(png: bytes) -> str:
+    """An img width that shows every figure at one scale (figures are saved at 200 dpi; 150 px an inch)."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or len(png) < 24:
+        return ""
+    return f" width='{round(int.from_bytes(png[16:20], 'big') / 200 * 150)}'"
+
+
+def _tables(run: Path, name: str, files: list[str]) -> list[str]:
+    """The experiment's key table: its ``report_rows(stored)`` where it has one (a few rows chosen for people),
+    else its main table ``results/STEM.csv``."""
+    from vismech.experiments import EXPERIMENTS, get
+    from vismech.store.results import Stored, file_stem
+
+    stem = file_stem(name)
+    main = f"results/{stem}.csv"
+    st = Stored(run, name)
+    try:
+        fn = getattr(get(name), "report_rows", None) if name in EXPERIMENTS else None
+        if fn is not None:
+            title, rows, source = fn(st)
+            return [table_html(title, rows, source=source) + (
+                f"<p><small>All rows: {_e(source)}</small></p>" if rows else "")]
+        if main in files and _inside(run, run / main):
+            rows = st.table(stem)
+            return [table_html(f"results/{stem}.csv", rows, source=main)]
+    except Exception as e:  # the report must build from whatever is stored
+        return [f"<p><i>table unavailable ({_e(type(e).__name__)})</i></p>"]
+    return []
 
 
 def _caption(name: str, summary: dict) -> str | None:
@@ -108,10 +147,9 @@ def _inside(run: Path, path: Path) -> bool:
         return False
 
 
-def _figures(run: Path, name: str) -> list[Path]:
-    stem = name.replace("-", "_")
-    figs = sorted((run / "figures").glob("*.png")) if (run / "figures").exists() else []
-    return [f for f in figs if (f.stem.startswith(name) or f.stem.startswith(stem)) and _inside(run, f)]
+def _figures(run: Path, files: list[str]) -> list[Path]:
+    """The PNG figures an experiment wrote (the manifest's record of its files): its own, never another's."""
+    return [run / f for f in files if f.startswith("figures/") and f.endswith(".png") and _inside(run, run / f)]
 
 
 def _read_json(run: Path, path: Path):
@@ -138,7 +176,8 @@ def build_html(run: Path) -> str:
              f"{_e(manifest.get('started'))}, finished {_e(manifest.get('finished', 'not yet'))}.</p>"]
     for name in manifest.get("experiments", []):
         parts.append(f"<h2 id='{_e(name)}'>{_e(name)}</h2>")
-        done = run / "results" / f"{name}.json"
+        done = run / "results" / f"{file_stem(name)}.json"
+        files = [f for f in manifest.get("outputs", {}).get(name, []) if isinstance(f, str)]
         if name in PAPER:
             parts.append(f"<p class='paper'><b>Paper:</b> {_e(PAPER[name])}</p>")
         if not done.exists():
@@ -148,20 +187,16 @@ def build_html(run: Path) -> str:
         cap = _caption(name, summary)
         if cap:
             parts.append(f"<p class='model'><b>This model:</b> {_e(cap)}</p>")
-        for fig in _figures(run, name):
-            data = base64.b64encode(fig.read_bytes()).decode()
-            parts.append(f"<figure><img alt='{_e(fig.stem)}' src='data:image/png;base64,{data}'>"
-                         f"<figcaption>{_e(fig.name)}</figcaption></figure>")
-        for key, recs in summary.items() if isinstance(summary, dict) else []:
-            if isinstance(recs, list) and recs and all(isinstance(r, dict) for r in recs):
-                parts.append(_records(key, recs))
-        rows = key_numbers(summary)
-        if rows:
-            parts.append("<table><tr><th>quantity</th><th>value</th></tr>" + "".join(
-                f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows) + "</table>")
+        for fig in _figures(run, files):
+            png = fig.read_bytes()
+            data = base64.b64encode(png).decode()
+            parts.append(f"<figure><img alt='{_e(fig.stem)}'{_width(png)} src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{_e(fig.relative_to(run).as_posix())}</figcaption></figure>")
+        parts += _tables(run, name, files)
         secs = manifest.get("wall_seconds", {}).get(name)
         if secs is not None:
-            parts.append(f"<p><small>wall time {_e(secs)} s; tables in results/{_e(name)}*.csv</small></p>")
+            parts.append(f"<p><small>wall time {_e(secs)} s; all tables in results/{_e(file_stem(name))}*.csv"
+                         "</small></p>")
     parts.append("<h2>Manifest</h2><pre>" + _e(json.dumps(manifest, indent=2, sort_keys=True)) + "</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)

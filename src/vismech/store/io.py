@@ -14,8 +14,10 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` through a temporary file and a rename (atomic on POSIX).
 
     Under data parallelism only rank 0 writes (every rank holds the same results)."""
+    from vismech import distributed
+
     path = Path(path)
-    if os.environ.get("RANK", "0") != "0":
+    if not distributed.is_main():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -12,8 +12,8 @@ import contextlib
 
 import torch
 
-from . import hooks, patching
-from .models.vlm import VLM, Batch
+from vismech.engine import hooks, patching
+from vismech.models.vlm import VLM, Batch
 
 
 @contextlib.contextmanager

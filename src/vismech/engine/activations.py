@@ -25,7 +25,7 @@ last-token states) never sit in RAM at once; analyses read one layer at a time (
 ``stream`` yields the per-batch blocks for callers that reduce on the fly instead (e.g.
 ``analysis.pca.StreamingMoments``).
 
-Batches: trials are grouped with ``experiments.behaviour.batches`` so a batch shares one grid (one canvas size);
+Batches: trials are grouped with ``engine.evaluate.batches`` so a batch shares one grid (one canvas size);
 results are always stored in the order of the given trials. Comma capture needs every trial to describe the same
 number of objects (true within each of the paper's K x N x N sets); a mixed set is a clear error.
 
@@ -48,8 +48,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from vismech import distributed, hooks
-from vismech.experiments.behaviour import batches
+from vismech import distributed
+from vismech.engine import hooks
+from vismech.engine.evaluate import batches
 from vismech.scenes.core import Trial
 
 DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}

@@ -5,6 +5,8 @@ Numeric arguments are checked by the same rules as experiment options (``vismech
 from __future__ import annotations
 
 import argparse
+import ast
+import logging
 import os
 import sys
 import time
@@ -12,14 +14,15 @@ import traceback
 from pathlib import Path
 
 from vismech.errors import UserError
-from vismech.experiments.options import GRID, MAX_GRID, TRIALS, Opt, arg_type
-from vismech.rundir import output_dir
+from vismech.experiments.options import BATCH, GRID, MAX_GRID, SEED, TRIALS, Opt, arg_type
+from vismech.app.train_cli import add_train_parser
+from vismech.store.rundir import output_dir
+from vismech.version import __version__
+
+MODEL_HELP = ("HF hub id or local checkpoint dir, organism (the tiny VLM vismech ships), organism-llava, "
+              "organism-ids, tiny:FAMILY (tiny random model), random:PRESET (real size, random weights)")
 
 
-#: rules of the CLI's numeric arguments (``--trials`` shares the experiments' rule of ``n``)
-BATCH = Opt("int", 1, 1 << 16)
-SEED = Opt("int", 0, 2 ** 32 - 1)
-COUNT = Opt("int", 1)
 
 
 def _grid(s: str) -> tuple[int, int]:
@@ -49,8 +52,7 @@ def _trials(p: argparse.ArgumentParser, default, help: str) -> None:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny:qwen2_5_vl",
-                   help="HF hub id or local checkpoint dir, tiny:FAMILY, random:PRESET, organism, organism-llava")
+    g.add_argument("--model", default=None, help="required: " + MODEL_HELP)
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto (multi-GPU)")
@@ -62,9 +64,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check_model_args(args) -> None:
-    """What can be checked about the model arguments before loading anything (the device)."""
+    """What can be checked about the model arguments before loading anything (a model is named, the device)."""
     from vismech.models.load import resolve_device
 
+    if hasattr(args, "model") and not args.model:
+        raise UserError("name a model with --model: " + MODEL_HELP)
     resolve_device(args.device)
 
 
@@ -119,7 +123,7 @@ def cmd_stimuli(args) -> int:
 def cmd_inspect(args) -> int:
     import json
 
-    from vismech.inspection import inspect, report
+    from vismech.app.inspection import inspect, report
     from vismech.models.load import load_vlm
 
     vlm = load_vlm(args.model, dtype=args.dtype, device=args.device, prompt_format="chat",
@@ -134,8 +138,9 @@ def cmd_inspect(args) -> int:
 def cmd_eval(args) -> int:
     from tqdm import tqdm
 
-    from vismech.experiments import behaviour
-    from vismech.io import write_csv, write_json
+    from vismech.engine import evaluate
+    from vismech.store.io import write_csv, write_json
+    from vismech.store.results import tidy
     from vismech.scenes.stimuli import TASK_GENERATORS, generate
 
     bad = [t for t in args.task if t not in TASK_GENERATORS]
@@ -154,19 +159,19 @@ def cmd_eval(args) -> int:
     rows: list[dict] = []
     with tqdm(total=sum(map(len, sets.values())), desc="eval", unit="trial") as bar:
         for trials in sets.values():  # trials.csv grows after each task, so an interruption loses one task at most
-            for r in behaviour.evaluate(vlm, trials, args.batch_size, generate=not args.no_generate,
+            for r in evaluate.evaluate(vlm, trials, args.batch_size, generate=not args.no_generate,
                                         progress=bar.update):
                 rows.append({**r, "trial": len(rows)})
-            write_csv(rows, out / "trials.csv")
-    summary = behaviour.summarize(rows)
-    cells = behaviour.summarize(rows, by=("task", "grid", "entropy", "target_cell"))
-    write_csv(summary + cells, out / "accuracy.csv")
+            write_csv(tidy(rows, args.model, "eval", "eval_trials"), out / "trials.csv")
+    summary = evaluate.summarize(rows)
+    cells = evaluate.summarize(rows, by=("task", "grid", "entropy", "target_cell"))
+    write_csv(tidy(summary + cells, args.model, "eval", "eval"), out / "accuracy.csv")  # the run's table shape
     write_json({"model": args.model, "prompt_format": args.prompt_format, "dtype": args.dtype, "seed": args.seed,
                 "tasks": args.task, "n": args.n, "grid": list(args.grid), "seconds": time.time() - t0,
                 "framing": vlm.framing_record(args.seed), "accuracy": summary}, out / "summary.json")
     for s in summary:
         print(f"{s['task']:18s} {s['grid']} {s['entropy'] or '-':5s} {s['measure']:12s} "
-              f"{s['accuracy']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] n={s['n']}")
+              f"{s['value']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] n={s['n']}")
     print(f"results in {out}")
     return 0
 
@@ -186,14 +191,33 @@ def _parse_sets(pairs: list[str]) -> dict:
     return out
 
 
-def cmd_run(args) -> int:
+def experiment_list() -> str:
+    """One line per experiment (name and description), read from the modules' source without importing them."""
     from vismech.experiments import EXPERIMENTS, NOT_IN_ALL
-    from vismech.runner import run_experiments
+
+    here = Path(__file__).resolve().parent.parent / "experiments"
+    lines = []
+    for name, rel in EXPERIMENTS.items():
+        tree = ast.parse((here / (rel.lstrip(".") + ".py")).read_text())
+        desc = next((n.value.value for n in tree.body if isinstance(n, ast.Assign) and
+                     getattr(n.targets[0], "id", None) == "DESCRIPTION"), "")
+        lines.append(f"  {name:18s} {desc}{' (not in all)' if name in NOT_IN_ALL else ''}")
+    return "\n".join(lines)
+
+
+def cmd_run(args) -> int:
+    from vismech.experiments import EXPERIMENTS, NOT_IN_ALL, get
+    from vismech.app.runner import run_experiments
 
     names = [n for n in EXPERIMENTS if n not in NOT_IN_ALL] if args.experiments == ["all"] else args.experiments
     for n in names:
         if n not in EXPERIMENTS:
             raise UserError(f"unknown experiment {n!r}; choose from {', '.join(EXPERIMENTS)} or all")
+    if getattr(args, "help_options", False):
+        from vismech.experiments.options import option_help
+
+        print("\n\n".join(option_help(get(n)) for n in names))
+        return 0
     overrides = _parse_sets(args.set or [])
     if args.n is not None:
         overrides.setdefault("n", args.n)
@@ -224,80 +248,21 @@ def cmd_demo(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from vismech.report import write_report
+    from vismech.app.replot import replot
+    from vismech.app.report import write_report
 
+    if args.replot:  # replot rebuilds the report too
+        print(f"{len(replot(args.run_dir))} figure files redrawn in {Path(args.run_dir) / 'figures'}")
     path = write_report(Path(args.run_dir))
     print(f"report: {path}")
-    return 0
-
-
-def cmd_train_organism(args) -> int:
-    import json
-
-    from vismech.organism.config import SMALL_SIZES
-    from vismech.organism.train import train_organism
-
-    output_dir(args.out)
-    _check_model_args(args)
-    if args.sizes is None:
-        sizes = None
-    elif args.sizes == "small":
-        sizes = SMALL_SIZES[args.arch]
-    else:
-        try:
-            sizes = json.loads(args.sizes)
-        except json.JSONDecodeError:
-            raise UserError("--sizes takes small or a JSON object like '{\"text\": {\"num_hidden_layers\": 4}}', "
-                            f"not {args.sizes!r}") from None
-    kw = {k: getattr(args, k) for k in ("eval_every", "eval_n", "workers", "max_minutes")
-          if getattr(args, k) is not None}
-    from vismech.organism.data import reweighted
-
-    def weights(items, flag):
-        out = {}
-        for item in items or []:
-            name, _, value = item.partition("=")
-            try:
-                out[name] = float(value)
-            except ValueError:
-                raise UserError(f"{flag} takes COMPONENT=NUMBER, e.g. color_2x2=0.3, not {item!r}") from None
-        return out
-
-    kw["mixture"] = reweighted(weights(args.weight, "--weight"))
-    if args.early_weight and not args.early_steps:
-        raise UserError("--early-weight needs --early-steps N: the step before which those weights apply")
-    if args.early_steps:
-        kw["early"] = (args.early_steps, reweighted(weights(args.early_weight, "--early-weight"), kw["mixture"]))
-    if args.plant_weight and not args.plant:
-        raise UserError("--plant-weight sets a loss weight of planting: give --plant ids too")
-    if args.plant:
-        from vismech.organism.plant import PlantSpec
-
-        w = dict(PlantSpec().weights)
-        w.update(weights(args.plant_weight, "--plant-weight"))
-        kw["plant"] = PlantSpec(weights=tuple(w.items()))
-    if args.snapshots == "analysis":
-        from vismech.organism.snapshot import AnalysisSnapshot
-
-        kw["snapshot"] = AnalysisSnapshot()
-    res = train_organism(args.arch, args.out, steps=args.steps, seed=args.seed, device=args.device,
-                         batch_size=args.batch_size, lr=args.lr, resume=args.resume, sizes=sizes,
-                         label_mentions=args.label_mentions, vision_from=args.vision_from,
-                         init_from=args.init_from, freeze_vision=args.freeze_vision,
-                         packed_attention=False if args.no_packed_attention else None, **kw)
-    s = res.summary
-    accs = " ".join(f"{g}={a['accuracy']:.3f}" for g, a in s.get("final_accuracy", {}).items())
-    print(f"organism {s['arch']}: {s['steps']}/{s['planned_steps']} steps in {s['seconds'] / 60:.1f} min on "
-          f"{s['device']}, {s['params']:,} params ({s.get('bytes', 0) / 1e6:.2f} MB), final loss "
-          f"{s['loss'] if s['loss'] is None else round(s['loss'], 4)}; held-out first-token accuracy: {accs} "
-          f"-> {s['out']}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="vismech", description="Find, measure and edit the position-ID binding mechanisms of "
                "vision-language models.")
-    p.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
+    p.add_argument("--version", action="version", version=f"vismech {__version__}")
+    _verbosity(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("models", help="list supported families, presets and organisms")
@@ -343,8 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/eval")
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("run", help="run experiments (names, or all) and write results, figures and a manifest")
-    s.add_argument("experiments", nargs="+", help="experiment names, or all")
+    s = sub.add_parser("run", help="run experiments (names, or all) and write results, figures and a manifest",
+                       epilog="experiments:\n" + experiment_list() + "\n\nvismech run EXPERIMENT --help-options "
+                       "lists an experiment's options with their defaults and meanings",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("experiments", nargs="+", help="experiment names (listed below), or all")
+    s.add_argument("--help-options", action="store_true",
+                   help="list each option of the named experiments with its default and meaning, and exit")
     _model_args(s)
     s.add_argument("--out", default=None, help="run directory (default runs/<model>)")
     _trials(s, None, "trials per condition, passed to every experiment (its option n)")
@@ -373,62 +343,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="rebuild RUN_DIR/report.html from the stored results")
     s.add_argument("run_dir")
+    s.add_argument("--replot", action="store_true", help="redraw every figure from the stored results first")
     s.set_defaults(fn=cmd_report)
+    s = sub.add_parser("plot", help="redraw every figure of RUN_DIR from its stored results (and the report)")
+    s.add_argument("run_dir")
+    s.set_defaults(fn=cmd_report, replot=True)
 
-    s = sub.add_parser("train-organism", help="train a tiny VLM of a real architecture from scratch on vismech's "
-                       "scenes and save it as a checkpoint (see vismech.organism)")
-    s.add_argument("--arch", required=True, choices=["qwen2_5_vl", "llava"])
-    s.add_argument("--out", required=True, help="output directory (checkpoint, model card, logs, train state)")
-    s.add_argument("--steps", type=arg_type(COUNT, "--steps"), default=8000)
-    s.add_argument("--seed", type=arg_type(SEED, "--seed"), default=0)
-    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--batch-size", type=arg_type(BATCH, "--batch-size"), default=128)
-    s.add_argument("--lr", type=arg_type(Opt("float", 0, 10, open=True), "--lr"), default=1e-3, help="peak learning rate (warmup, then cosine decay)")
-    s.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
-    s.add_argument("--workers", type=arg_type(Opt("int", 0, 256), "--workers"), default=None, help="data worker processes (default: 0 on CPU, "
-                   "4 on CUDA)")
-    s.add_argument("--label-mentions", action="store_true", help="also train on the described objects' words of "
-                   "scene-description prompts (denser supervision; default: the answer only)")
-    s.add_argument("--eval-every", type=arg_type(COUNT, "--eval-every"), default=None, help="steps between held-out evaluations (500)")
-    s.add_argument("--eval-n", type=arg_type(TRIALS, "--eval-n"), default=None, help="held-out trials per group (128)")
-    s.add_argument("--max-minutes", type=arg_type(Opt("float", 0, open=True), "--max-minutes"), default=None, help="stop early after this long, still saving")
-    s.add_argument("--early-steps", type=arg_type(COUNT, "--early-steps"), default=None, help="a curriculum: before this step, train on the "
-                   "mixture changed by --early-weight")
-    s.add_argument("--early-weight", action="append", metavar="COMPONENT=W", help="a mixture weight before "
-                   "--early-steps (on top of --weight), e.g. sd_3x3_high=0; repeat for several")
-    s.add_argument("--vision-from", default=None, metavar="ORGANISM", help="start the vision tower and projector "
-                   "from this trained organism (name or folder) of the same --arch and --sizes")
-    s.add_argument("--init-from", default=None, metavar="ORGANISM", help="start every weight from this trained "
-                   "organism (a continuation with a fresh optimizer and schedule)")
-    s.add_argument("--freeze-vision", action="store_true", help="with --vision-from or --init-from: train the "
-                   "language model only (a second stage on a tower trained before)")
-    s.add_argument("--no-packed-attention", action="store_true", help="on CUDA, run the Qwen2.5-VL vision "
-                   "tower with HF's own attention instead of vismech's packed one (slower; a check)")
-    s.add_argument("--plant", choices=["ids"], default=None, help="ids: plant the paper's three stages in declared "
-                   "heads by interchange intervention training (vismech.organism.plant) and declare them in "
-                   "ground_truth.json, instead of training on the task mixture")
-    s.add_argument("--plant-weight", action="append", metavar="TERM=W", help="a loss weight of planting (terms: "
-                   "task, attention, probe, R, S, F, strict, invariance; 0 drops a term); repeatable")
-    s.add_argument("--weight", action="append", metavar="COMPONENT=W", help="change a training-mixture weight "
-                   "(vismech.organism.data.MIXTURE names, e.g. color_2x2=0.3; 0 drops it); repeatable")
-    s.add_argument("--snapshots", choices=["analysis", "accuracy"], default="analysis",
-                   help="what the emergence snapshots hold besides held-out accuracy: 'analysis' adds the RSA "
-                   "peaks and CMA significant-head counts (vismech.organism.snapshot; default), 'accuracy' nothing")
-    s.add_argument("--sizes", default=None, help="'small' (a toy organism for checks) or JSON overrides of "
-                   "vismech.organism.config sizes, e.g. '{\"text\": {\"num_hidden_layers\": 4}}'")
-    s.set_defaults(fn=cmd_train_organism)
-    for command in sub.choices.values():  # --debug is accepted after the command too
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    add_train_parser(sub)
+    for command in sub.choices.values():  # --debug, -q and -v are accepted after the command too
+        _verbosity(command, hidden=True)
     return p
+
+
+def _verbosity(p: argparse.ArgumentParser, hidden: bool = False) -> None:
+    """--debug, -q, -v; ``hidden``: repeated on each command (accepted after it too), not shown in its help."""
+    def kw(default, help):
+        return {"default": argparse.SUPPRESS, "help": argparse.SUPPRESS} if hidden else {"default": default,
+                                                                                          "help": help}
+    p.add_argument("--debug", action="store_true", **kw(False, "show the traceback of user errors too"))
+    p.add_argument("-q", "--quiet", action="count", **kw(0, "less output: warnings and errors only, no progress bars"))
+    p.add_argument("-v", "--verbose", action="count", **kw(0, "more output (debug messages)"))
+
+
+def setup_logging(verbosity: int) -> None:
+    """The ``vismech`` logger: progress messages to stdout, warnings to stderr as ``vismech: ...`` lines;
+    ``verbosity`` < 0 keeps warnings only, > 0 adds debug messages."""
+    log = logging.getLogger("vismech")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(lambda r: r.levelno < logging.WARNING)
+    out.setFormatter(logging.Formatter("%(message)s"))
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter("vismech: %(message)s"))
+    log.addHandler(out)
+    log.addHandler(err)
+    log.propagate = False
+    log.setLevel(logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG)
 
 
 def main(argv: list[str] | None = None) -> int:
     from vismech import distributed
 
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("MPLBACKEND", "Agg")  # figures go to files; a library user's backend is left alone
     distributed.init()
     if not distributed.is_main():  # data parallel: one process speaks
         sys.stdout = open(os.devnull, "w")
+    args.progress = not args.quiet
+    setup_logging(args.verbose - args.quiet)
     try:
         return args.fn(args)
     except UserError as e:  # anything else is a bug and keeps its traceback

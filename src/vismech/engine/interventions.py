@@ -30,10 +30,11 @@ from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 
-from . import hooks, patching
-from .models.answers import AnswerSet
-from .models.vlm import VLM, Batch
-from .scenes.core import Trial
+from vismech.engine import hooks, patching
+from vismech.engine.evaluate import batches
+from vismech.models.answers import AnswerSet
+from vismech.models.vlm import VLM, Batch
+from vismech.scenes.core import Trial
 
 
 @dataclass
@@ -60,14 +61,6 @@ class IDVectors:
         return replace(self, heads=[self.heads[i] for i in idx], vectors=self.vectors[:, idx])
 
 
-def _batches(n: int, size: int) -> list[range]:
-    return [range(s, min(s + size, n)) for s in range(0, n, size)]
-
-
-def _padded(p: list[int], width: int) -> list[int]:
-    return p + [p[-1]] * (width - len(p))
-
-
 def _mean_activations(vlm: VLM, trials: list[Trial], site: str, heads: list[tuple[int, int]],
                       items: Callable[[Batch, range], list[tuple[int, Hashable, list[int]]]],
                       batch_size: int) -> IDVectors:
@@ -79,16 +72,15 @@ def _mean_activations(vlm: VLM, trials: list[Trial], site: str, heads: list[tupl
     layers = sorted({l for l, _ in heads})
     sums: dict[Hashable, torch.Tensor] = {}
     counts: dict[Hashable, int] = defaultdict(int)
-    for rng in _batches(len(trials), batch_size):
-        batch = vlm.encode([trials[i] for i in rng])
-        its = items(batch, rng)
+    for idx in batches(trials, batch_size):
+        batch = vlm.encode([trials[i] for i in idx])
+        its = items(batch, idx)
         row_pos: list[list[int]] = [[] for _ in range(len(batch))]
         spans = []  # per item: (row, start, length) inside its row's captured positions
         for r, _, p in its:
             spans.append((r, len(row_pos[r]), len(p)))
             row_pos[r] += list(p)
-        width = max(len(p) for p in row_pos)
-        pos = torch.tensor([_padded(p or [batch.last], width) for p in row_pos])
+        pos = torch.tensor(patching.pad_positions([p or [batch.last] for p in row_pos])[0])
         with hooks.capture(vlm, [(site, l) for l in layers], positions=pos) as got:
             vlm.logits(batch)
         acts = {l: got[(site, l)].float().cpu() for l in layers}  # [B, width, heads, dim]
@@ -279,11 +271,3 @@ def zero_heads(vlm: VLM, heads: Sequence[tuple[int, int]]) -> Iterator[None]:
 
             stack.enter_context(hooks.hooked(vlm, "z", l, fn))
         yield
-
-
-def wilson_row(k: int, n: int) -> dict:
-    """rate, ci_low, ci_high and n of k successes out of n (Wilson 95%)."""
-    from .analysis.stats import wilson_ci
-
-    lo, hi = wilson_ci(k, n)
-    return {"rate": k / n, "ci_low": float(lo), "ci_high": float(hi), "n": n}

@@ -14,19 +14,23 @@ storing any work leaves the directory as it found it.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import re
 import subprocess
 import time
 from pathlib import Path
 
-from vismech import __version__
+from vismech.version import __version__
 from vismech.errors import UserError
 from vismech.experiments import get
 from vismech.experiments.common import Context, notice
 from vismech.experiments.options import check_options
-from vismech.io import json_text, write_json
-from vismech.rundir import Ledger, Lock, fingerprint, output_dir
+from vismech.store.io import json_text, write_json
+from vismech.store.results import Stored, file_stem
+from vismech.store.rundir import Ledger, Lock, fingerprint, output_dir
+
+log = logging.getLogger("vismech")
 
 #: manifest keys that must match for a run directory to be resumed
 IDENTITY = ("model", "dtype", "prompt_format", "seed", "batch_size", "experiments", "options", "vismech",
@@ -183,10 +187,16 @@ def _stored(ledger: Ledger, manifest: dict, name: str, done: Path) -> str | None
     return "ok"
 
 
-def run_experiments(names: list[str], args, overrides: dict, resume: bool = False) -> Path:
+def run_experiments(names: list[str], args, overrides: dict, resume: bool = False, vlm=None,
+                    summaries: dict | None = None) -> Path:
+    """Run experiments ``names`` into ``args.out`` (``args``: model, dtype, device, device_map, prompt_format,
+    trust_remote_code, seed, batch_size, out); ``overrides`` set options of every experiment that takes them.
+    ``vlm``, when given, is used instead of loading ``args.model`` (whose name still identifies the run).
+    Each experiment's summary is put in ``summaries`` (by name) when a dict is given. Returns the run directory."""
     from vismech import distributed
     from vismech.models.load import load_vlm
 
+    summaries = {} if summaries is None else summaries
     out = Path(args.out) if args.out else default_run_dir(args.model)
     mods, options = plan(names, args, overrides)
     identity = {"model": args.model, "dtype": args.dtype, "prompt_format": args.prompt_format, "seed": args.seed,
@@ -195,7 +205,7 @@ def run_experiments(names: list[str], args, overrides: dict, resume: bool = Fals
     opened = _agree(_open_run, out, identity, resume)
     old, lock, created = opened if opened else (None, Lock(out), False)
     try:
-        vlm = load_vlm(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+        vlm = vlm if vlm is not None else load_vlm(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
                        prompt_format=args.prompt_format, trust_remote_code=args.trust_remote_code, seed=args.seed)
         identity["checkpoint"] = checkpoint_fingerprint(args.model)  # a hub model may be in the cache only now
         if old is not None and old.get("checkpoint") != identity["checkpoint"]:
@@ -210,24 +220,27 @@ def run_experiments(names: list[str], args, overrides: dict, resume: bool = Fals
         shared: dict = {}
         for m in mods:
             distributed.barrier()
-            done = out / "results" / f"{m.NAME}.json"
+            done = out / "results" / f"{file_stem(m.NAME)}.json"
             state = distributed.from_main(_stored(ledger, manifest, m.NAME, done) if distributed.is_main() else None)
             if state == "ok":
-                print(f"[{m.NAME}] already done, skipped")
+                log.info("[%s] already done, skipped", m.NAME)
+                summaries[m.NAME] = json.loads(done.read_text())
                 continue
             if state is not None:
                 notice(f"[{m.NAME}] {state}; running it again (its stored units are reused)")
             ctx = Context(vlm, out, options[m.NAME], seed=args.seed, batch_size=args.batch_size, shared=shared,
-                          ledger=ledger)
+                          ledger=ledger, show_progress=getattr(args, "progress", True), model=args.model,
+                          experiment=m.NAME)
             t0 = time.time()
-            summary = m.run(ctx)
+            summary = run_one(m, ctx)
             manifest["wall_seconds"][m.NAME] = round(time.time() - t0, 2)
             outputs[m.NAME] = [ledger.rel(p) for p in ctx.written + [done] if p.parent.name != "units"]
             ctx.write_file(done, json_text(summary).encode())  # its checksum (and the manifest) go first
-            print(f"[{m.NAME}] done in {manifest['wall_seconds'][m.NAME]:.1f}s" + _one_line(m, summary))
+            summaries[m.NAME] = summary
+            log.info("[%s] done in %.1fs%s", m.NAME, manifest["wall_seconds"][m.NAME], _one_line(m, summary))
         manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         write_json(manifest, mpath)
-        from vismech.report import write_report
+        from vismech.app.report import write_report
 
         write_report(out)
     except BaseException:
@@ -237,6 +250,27 @@ def run_experiments(names: list[str], args, overrides: dict, resume: bool = Fals
     finally:
         lock.release()
     return out
+
+
+def run_one(module, ctx: Context) -> dict:
+    """Run one experiment in ``ctx`` and draw its figures from what it stored (``draw``); returns its summary as
+    it will be stored (JSON types)."""
+    from vismech import distributed
+
+    summary = json.loads(json_text(module.run(ctx)))
+    if distributed.is_main():
+        draw(module, Stored(ctx.out, module.NAME, summary, model=ctx.model or getattr(ctx.vlm, "name", None)), ctx)
+    return summary
+
+
+def draw(module, stored: Stored, ctx: Context) -> list[Path]:
+    """Draw the figures of one experiment from its stored results (the module's ``plot(stored)``: figure name ->
+    matplotlib figure) and save them through ``ctx`` (PNG and PDF, checksums in the manifest)."""
+    plot = getattr(module, "plot", None)
+    paths: list[Path] = []
+    for name, fig in (plot(stored) if plot else {}).items():
+        paths += ctx.save_figure(fig, name)
+    return paths
 
 
 def _one_line(module, summary: dict) -> str:

@@ -27,9 +27,10 @@ from typing import Callable
 
 import torch
 
-from . import distributed, hooks
-from .models.answers import AnswerSet
-from .models.vlm import VLM, Batch
+from vismech import distributed
+from vismech.engine import hooks
+from vismech.models.answers import AnswerSet
+from vismech.models.vlm import VLM, Batch
 
 
 @dataclass
@@ -132,6 +133,13 @@ def _reader(vlm: VLM, clean: Batch, source_z, positions, token_ids):
         source_z = {l: v[src] for l, v in source_z.items()}
         positions = [positions[b] for b in src]
     return clean, source_z, positions, aset.tail, lambda logits: aset.reduce(logits).scores
+
+
+def pad_positions(positions: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """Per-row position lists made one width by repeating each row's last position, and the true lengths (a
+    repeated position is read or written again with the same value, so padding changes no result)."""
+    width = max(len(p) for p in positions)
+    return [list(p) + [p[-1]] * (width - len(p)) for p in positions], [len(p) for p in positions]
 
 
 def _row_positions(positions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
