@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import SPATIAL, tiny
+from vismech.store.results import file_stem
 from vismech.app.cli import main
 from vismech.scenes import mitsuba_scene, photoreal
 from vismech.scenes.core import Picture
@@ -116,7 +117,7 @@ def test_interventions_and_cma_run_on_photoreal(cache, tmp_path):
                  "--set", "stimuli=photoreal", "--set", json.dumps({"spp": SPP}).join(["photoreal=", ""]),
                  "--set", "n=4", "--set", "n_estimate=4", "--set", "null_samples=20", "--set", "alphas=[1, 5]",
                  "--set", "top_k=2"]) == 0
-    res = {n: json.loads((out / "results" / f"{n}.json").read_text()) for n in ("cma", "id-intervention",
+    res = {n: json.loads((out / "results" / f"{file_stem(n)}.json").read_text()) for n in ("cma", "id-intervention",
                                                                                   "key-intervention")}
     assert res["cma"]["stimuli"].startswith("photoreal") and res["id-intervention"]["stimuli"].startswith("photo")
     assert res["id-intervention"]["ids"].startswith("left = ID (0, 0)")
@@ -135,7 +136,7 @@ def test_key_intervention_on_photoreal_other_families(cache, tmp_path, family):
     assert main(["run", "key-intervention", "--model", f"tiny:{family}", "--out", str(out),
                  "--set", "stimuli=photoreal", "--set", json.dumps({"spp": SPP}).join(["photoreal=", ""]),
                  "--set", "n=3", "--set", "n_estimate=3", "--set", "cma_n=2", "--set", "top_k=2"]) == 0
-    res = json.loads((out / "results" / "key-intervention.json").read_text())
+    res = json.loads((out / "results" / "key_intervention.json").read_text())
     if family == "idefics2":
         assert "skipped" in res
     else:

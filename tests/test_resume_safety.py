@@ -77,6 +77,12 @@ def test_report_embeds_only_regular_files_inside_the_run(ref, tmp_path, capsys):
     (figures / "sub").symlink_to(outside, target_is_directory=True)
     own = figures / "behaviour_own.png"
     own.write_bytes(b"\x89PNG own figure")
+    # the report embeds the figures the manifest records for an experiment: a tampered manifest may name links,
+    # files reached through a linked folder, or paths out of the run directory
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["outputs"]["behaviour"] += ["figures/behaviour_evil.png", "figures/sub/behaviour_x.png",
+                                         "../secret.png", "figures/behaviour_own.png"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
     assert main(["report", str(run)]) == 0
     html = (run / "report.html").read_text()
     assert base64.b64encode(secret.read_bytes()).decode() not in html

@@ -107,7 +107,7 @@ def test_stimuli_output_is_valid_run_input(tmp_path):
                  "--set", "top_k=2", "--set", "k_grid=[1]"]) == 0
     rsa = json.loads((out / "results" / "rsa.json").read_text())
     assert rsa["n_trials"] == 8  # the folder's trials, not a generated set
-    key = json.loads((out / "results" / "key-intervention.json").read_text())
+    key = json.loads((out / "results" / "key_intervention.json").read_text())
     assert key["stimuli"] == f"the stimulus folder {folder}" and key["n_heldout"] == 3
     pairs = tmp_path / "pairs"
     assert main(["stimuli", "cma-id_selection", "--model", "llava", "--n", "4", "--out", str(pairs)]) == 0
