@@ -255,6 +255,21 @@ def _to_rows(edit: hooks.Edit, source: list[int]) -> hooks.Edit:
 
 
 @contextlib.contextmanager
+def zero_heads_per_block(vlm: VLM, head_sets: Sequence[Sequence[tuple[int, int]]], block: int) -> Iterator[None]:
+    """Zero, in rows ``g*block .. (g+1)*block - 1``, the outputs (site ``z``) of ``head_sets[g]``, at every position
+    of every forward inside the context (generated tokens included): many ablation settings as row blocks of one
+    batch. Each row is multiplied by 0 or 1 per head, which leaves kept heads exactly unchanged."""
+    keep: dict[int, torch.Tensor] = {}
+    for g, heads in enumerate(head_sets):
+        for l, h in heads:
+            keep.setdefault(int(l), torch.ones(len(head_sets) * block, vlm.n_heads))[g * block:(g + 1) * block, h] = 0
+    with contextlib.ExitStack() as stack:
+        for l, k in keep.items():
+            stack.enter_context(hooks.hooked(vlm, "z", l, lambda x, k=k: x * k.to(x.device, x.dtype)[:, None, :, None]))
+        yield
+
+
+@contextlib.contextmanager
 def zero_heads(vlm: VLM, heads: Sequence[tuple[int, int]]) -> Iterator[None]:
     """Zero the outputs (site ``z``) of ``heads`` at every position of every forward inside the context."""
     by_layer: dict[int, list[int]] = defaultdict(list)
