@@ -108,19 +108,6 @@ def test_cma_scores_and_null_of_the_shared_prefix_engine_equal_naive():
         assert np.abs(fast - slow).max() < 1e-6 and np.abs(fnull - snull).max() < 1e-6
 
 
-def test_fallback_without_shared_prefix_gives_the_same_scores():
-    """The engine that copies the prefix per row (kept for models the shared path does not support) agrees."""
-    vlm = tiny("qwen2_5_vl")
-    clean = vlm.encode(two_object_trials())
-    pos = [m[0] for m in clean.mentions]
-    with hooks.hooked(vlm, "v", 0, lambda x: -x):
-        src = patching.capture_z(vlm, clean, pos)
-    tid = torch.stack([vlm.answer_ids(clean, ["blue", "blue"]), vlm.answer_ids(clean, ["red", "green"])], 1)
-    a = patching.head_patch(vlm, clean, src, pos, tid, rows_per_forward=5)
-    b = patching.head_patch(vlm, clean, src, pos, tid, rows_per_forward=5, shared_prefix=False)
-    assert (a - b).abs().max() < 1e-5
-
-
 def test_unsupported_models_take_the_copying_engine(monkeypatch):
     vlm = tiny("idefics2")
     assert cascade.supported(vlm, 100)

@@ -36,9 +36,10 @@ def test_prefix_cache_engine_at_mid_prompt_positions(vlm):
     with hooks.hooked(vlm, "v", 0, lambda x: -x):
         src = patching.capture_z(vlm, clean, pos)
     tid = torch.stack([vlm.answer_ids(clean, ["blue", "blue"]), vlm.answer_ids(clean, ["red", "green"])], 1)
-    fast = patching.head_patch(vlm, clean, src, pos, tid, rows_per_forward=7)
     slow = patching.naive_head_patch(vlm, clean, src, pos, tid)
-    assert (fast - slow).abs().max() < 1e-4
+    for shared in (True, False):  # shared-prefix attention, and the engine that copies the prefix per row
+        fast = patching.head_patch(vlm, clean, src, pos, tid, rows_per_forward=7, shared_prefix=shared)
+        assert (fast - slow).abs().max() < 1e-4
 
 
 def test_hand_written_single_head_patch_gives_the_same_score(vlm):
