@@ -242,9 +242,8 @@ def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forw
         for j, (layer, head) in enumerate(chunk):
             vals = source_z[layer][:, :, head].reshape(B * per_row, -1) * scale
             edits.append(hooks.Edit("z", layer, rows + j * B, pos - p0, torch.full_like(rows, head), vals, mode))
-        if measure:
-            torch.cuda.reset_peak_memory_stats(vlm.device)
-            before = torch.cuda.memory_allocated(vlm.device)
+        if measure:  # the peak counters are not reset (callers read them): an earlier, higher peak only makes the
+            before = torch.cuda.memory_allocated(vlm.device)  # measured cost an upper bound (smaller chunks)
         try:
             with hooks.intervene(vlm, edits):
                 logits = _rows_forward(vlm, inp, prefix, shared, [layer for layer, _ in chunk], tail)
