@@ -1,25 +1,37 @@
-"""Benchmark: the full causal-mediation head sweep, naive vs batched rows vs the fast engine vs attribution.
+"""Benchmark: the full causal-mediation head sweep, naive vs batched rows vs the engine before shared-prefix
+attention vs the fast engine (with and without the re-paired null) vs attribution; and fast == naive on the
+sampled heads.
 
 Everything runs in one process on one device, so the printed ratios compare like with like. The naive engine is
 one full model forward (vision tower included) per head and condition, with all pairs of the condition in the
 batch (generous to the baseline: per-pair forwards would be slower still); its full-sweep time is scaled from
 ``--sample-heads`` heads per condition. "Batched rows without cache" stacks heads as rows but recomputes every
-position; its full-sweep time is scaled from a sample of chunks. The fast engine (prefix cache + batched rows +
-vision once) and the attribution screen run the complete sweep.
+position; its full-sweep time is scaled from a sample of chunks. "Copied prefix" is the engine before shared-prefix
+attention (``head_patch(shared_prefix=False)``: every row gets its own copy of the prefix cache and runs every
+layer), complete or scaled from ``--before-heads`` heads per condition. The fast engine (shared-prefix attention,
+rows joining at their layer, vision once) and the attribution screen run the complete sweep; ``--null`` also times
+the sweep as ``run cma`` does it (``mediation.condition_scores``, the re-paired null included).
 
-    python benchmarks/cma_engine.py --model random:Qwen2.5-VL-7B --dtype bf16 --device cuda   # the GPU target
-    python benchmarks/cma_engine.py --model tiny:qwen2_5_vl --device cpu --pairs 8             # smoke / CPU
+Fast vs naive: the CMA scores of the naive sample's heads from both engines; the largest absolute difference is
+printed, and in fp32 it must stay within ``--tol`` (exit status 1 otherwise). In bf16 it is printed beside the
+spread (standard deviation) of the null scores, so the rounding can be told from the effects.
+
+    python benchmarks/cma_engine.py --model random:Qwen2.5-VL-7B --dtype bf16 --device cuda --null  # the GPU target
+    python benchmarks/cma_engine.py --model random:Qwen2.5-VL-7B --dtype fp32 --pairs 8 --only-check  # fp32 check
+    python benchmarks/cma_engine.py --model tiny:qwen2_5_vl --device cpu --pairs 4                   # smoke / CPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
 
-from vismech.engine import patching
+from vismech.analysis.cma import logit_diff_score
+from vismech.engine import mediation, patching
 from vismech.engine.attribution import attribution_scores
 from vismech.models.load import load_vlm
 from vismech.scenes.counterfactual import CONDITIONS, cma_pairs
@@ -71,6 +83,12 @@ def floor_flops(vlm, batch, condition) -> float:
     return total
 
 
+def score_of(base, logits):
+    """CMA scores [heads, pairs] of patched logits [heads, pairs, 2] against clean logits [pairs, 2]."""
+    n = base.shape[0]
+    return logit_diff_score(base.numpy(), logits.numpy(), [0] * n, [1] * n)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="random:Qwen2.5-VL-7B")
@@ -78,20 +96,32 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--pairs", type=int, default=50)
     ap.add_argument("--grid", default="3x3")
-    ap.add_argument("--sample-heads", type=int, default=6)
-    ap.add_argument("--sample-chunks", type=int, default=2)
+    ap.add_argument("--sample-heads", type=int, default=6, help="naive heads per condition (timed and checked)")
+    ap.add_argument("--sample-chunks", type=int, default=2, help="chunks of the batched-rows engine timed")
+    ap.add_argument("--before-heads", type=int, default=0,
+                    help="heads per condition the copied-prefix engine is timed on (0: the complete sweep)")
     ap.add_argument("--rows", type=int, default=None, help="heads stacked per forward (default: automatic)")
+    ap.add_argument("--null", action="store_true", help="also time the sweep with the re-paired null")
+    ap.add_argument("--only-check", action="store_true", help="only the fast-vs-naive check (and the fast sweep)")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: rows, before, fast (the complete "
+                    "sweep without the null; the check still runs on the sampled heads), attribution")
+    ap.add_argument("--tol", type=float, default=1e-3, help="largest fp32 fast-vs-naive score difference allowed")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     grid = tuple(int(x) for x in args.grid.split("x"))
+    skip = set(filter(None, args.skip.split(",")))
+    if args.only_check:
+        skip |= {"rows", "before", "attribution"}
+    if "fast" in skip:
+        skip.add("attribution")  # its rank correlation needs the complete sweep
 
     vlm = load_vlm(args.model, dtype=args.dtype, device=args.device)
     dev = vlm.device
     heads = [(l, h) for l in range(vlm.n_layers) for h in range(vlm.n_heads)]
-    print(f"model {args.model} ({vlm.n_layers}x{vlm.n_heads} heads) {args.dtype} on {dev}"
-          + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""))
+    print(f"model {args.model} ({vlm.n_layers}x{vlm.n_heads} heads, {vlm.n_kv_heads} kv heads) {vlm.dtype} on {dev}"
+          + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""), flush=True)
     rate = matmul_rate(dev, vlm.dtype)
-    print(f"measured matmul rate: {rate / 1e12:.1f} TFLOP/s")
+    print(f"measured matmul rate: {rate / 1e12:.1f} TFLOP/s", flush=True)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -110,78 +140,129 @@ def main():
             cf = vlm.encode([pairs[i].counterfactual for i in idx])
             a1, a1s, pos = a1[idx], a1s[idx], [pos[i] for i in idx]
         src = patching.capture_z(vlm, cf, pos)
-        setup[cond] = (clean, src, pos, torch.stack([a1, a1s], 1))
+        setup[cond] = (clean, src, pos, torch.stack([a1, a1s], 1), pairs)
     seq = setup["id_selection"][0].length
-    print(f"{args.pairs} pairs x 3 conditions x {len(heads)} heads; sequence length {seq} tokens")
+    print(f"{args.pairs} pairs x 3 conditions x {len(heads)} heads; sequence length {seq} tokens", flush=True)
 
-    res = {"model": args.model, "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-           else "cpu", "pairs": args.pairs, "heads": len(heads), "seq_len": seq, "matmul_tflops": rate / 1e12}
+    res = {"model": args.model, "dtype": str(vlm.dtype), "device": str(dev),
+           "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "pairs": args.pairs,
+           "heads": len(heads), "seq_len": seq, "matmul_tflops": rate / 1e12}
+    sample = heads[:: max(1, len(heads) // args.sample_heads)][: args.sample_heads]
+    where = [heads.index(h) for h in sample]
 
-    # naive: one full forward per head, scaled from a sample
-    t_naive = 0.0
-    for cond, (clean, src, pos, tid) in setup.items():
-        sample = heads[:: max(1, len(heads) // args.sample_heads)][: args.sample_heads]
+    # naive: one full forward per head, scaled from a sample (kept for the fast-vs-naive check)
+    t_naive, naive = 0.0, {}
+    for cond, (clean, src, pos, tid, _) in setup.items():
         patching.naive_head_patch(vlm, clean, src, pos, tid, heads=sample[:1])  # warm-up
-        _, t = timed(lambda: patching.naive_head_patch(vlm, clean, src, pos, tid, heads=sample), dev)
+        naive[cond], t = timed(lambda: patching.naive_head_patch(vlm, clean, src, pos, tid, heads=sample), dev)
         t_naive += t / len(sample) * len(heads)
     res["naive_s"] = t_naive
 
-    # batched rows without cache, scaled from a few chunks
-    t_rows = 0.0
-    for cond, (clean, src, pos, tid) in setup.items():
-        r = args.rows or patching.default_rows_per_forward(vlm, clean, clean.length)
-        sample = heads[: r * args.sample_chunks]
-        patching.head_patch(vlm, clean, src, pos, tid, heads=heads[:r], rows_per_forward=r, use_cache=False)
-        _, t = timed(lambda: patching.head_patch(vlm, clean, src, pos, tid, heads=sample, rows_per_forward=r,
-                                                 use_cache=False), dev)
-        t_rows += t / len(sample) * len(heads)
-    res["rows_no_cache_s"] = t_rows
+    t_rows = None
+    if "rows" not in skip:  # batched rows without cache, scaled from a few chunks
+        t_rows = 0.0
+        for cond, (clean, src, pos, tid, _) in setup.items():
+            r = args.rows or patching.default_rows_per_forward(vlm, clean, clean.length)
+            part = heads[: r * args.sample_chunks]
+            patching.head_patch(vlm, clean, src, pos, tid, heads=heads[:r], rows_per_forward=r, use_cache=False)
+            _, t = timed(lambda: patching.head_patch(vlm, clean, src, pos, tid, heads=part, rows_per_forward=r,
+                                                     use_cache=False), dev)
+            t_rows += t / len(part) * len(heads)
+        res["rows_no_cache_s"] = t_rows
 
-    # the fast engine, complete sweep
-    t_fast, floor = 0.0, 0.0
-    outs = {}
-    for cond, (clean, src, pos, tid) in setup.items():
-        patching.head_patch(vlm, clean, src, pos, tid, heads=heads[:8], rows_per_forward=args.rows)  # warm-up
-        outs[cond], t = timed(lambda: patching.head_patch(vlm, clean, src, pos, tid, rows_per_forward=args.rows),
-                              dev)
-        t_fast += t
+    t_before = None
+    if "before" not in skip:  # the engine before shared-prefix attention (copied prefix, every layer)
+        t_before = 0.0
+        for cond, (clean, src, pos, tid, _) in setup.items():
+            part = heads if not args.before_heads else heads[:: max(1, len(heads) // args.before_heads)]
+            patching.head_patch(vlm, clean, src, pos, tid, heads=heads[:8], shared_prefix=False)  # warm-up
+            _, t = timed(lambda: patching.head_patch(vlm, clean, src, pos, tid, heads=part,
+                                                     rows_per_forward=args.rows, shared_prefix=False), dev)
+            t_before += t / len(part) * len(heads)
+        res["copied_prefix_s"] = t_before
+
+    # the fast engine, complete sweep (with --skip fast: the naive sample's heads only, for the check)
+    t_fast, floor = (None if "fast" in skip else 0.0), 0.0
+    outs, diffs, bases = {}, {}, {}
+    for cond, (clean, src, pos, tid, _) in setup.items():
         floor += floor_flops(vlm, clean, cond)
-    res["fast_s"] = t_fast
+        bases[cond] = vlm.logits(clean).gather(1, tid.to(vlm.input_device)).float().cpu()
+        if t_fast is None:
+            got = patching.head_patch(vlm, clean, src, pos, tid, heads=sample, rows_per_forward=args.rows)
+        else:
+            patching.head_patch(vlm, clean, src, pos, tid, heads=heads[:8], rows_per_forward=args.rows)  # warm-up
+            outs[cond], t = timed(lambda: patching.head_patch(vlm, clean, src, pos, tid,
+                                                              rows_per_forward=args.rows), dev)
+            t_fast += t
+            got = outs[cond][where]
+        diffs[cond] = float(abs(score_of(bases[cond], got) - score_of(bases[cond], naive[cond])).max())
     res["floor_s"] = floor / rate
-    res["fast_share_of_floor"] = res["floor_s"] / t_fast
+    if t_fast is not None:
+        res["fast_s"] = t_fast
+        res["fast_share_of_floor"] = res["floor_s"] / t_fast
+    res["fast_vs_naive_max_abs_score_diff"] = diffs
+    worst = max(diffs.values())
 
-    # attribution screen, complete
-    t_attr = 0.0
-    rho = {}
-    from scipy.stats import spearmanr
+    t_null = None
+    if args.null:  # the sweep as `run cma` runs it: baseline, scores and the re-paired null
+        t_null, spread = 0.0, {}
+        for cond, (clean, _, _, _, pairs) in setup.items():
+            (_, nl), t = timed(lambda: mediation.condition_scores(vlm, pairs, cond, batch_size=len(pairs), seed=0), dev)
+            t_null += t
+            spread[cond] = float(nl.std())
+        res["fast_with_null_s"] = t_null
+        res["null_sd"] = spread
 
-    from vismech.analysis.cma import logit_diff_score
+    t_attr = None
+    if "attribution" not in skip:  # attribution screen, complete
+        from scipy.stats import spearmanr
 
-    for cond, (clean, src, pos, tid) in setup.items():
-        est, t = timed(lambda: attribution_scores(vlm, clean, src, pos, tid[:, 0], tid[:, 1]), dev)
-        t_attr += t
-        base = vlm.logits(clean).gather(1, tid.to(vlm.input_device)).cpu()
-        exact = logit_diff_score(base.numpy(), outs[cond].numpy(), [0] * len(clean), [1] * len(clean)).mean(1)
-        rho[cond] = float(spearmanr(exact, est.reshape(len(heads), -1).mean(1).numpy()).statistic)
-    res["attribution_s"] = t_attr
-    res["attribution_spearman"] = rho
+        t_attr, rho = 0.0, {}
+        for cond, (clean, src, pos, tid, _) in setup.items():
+            est, t = timed(lambda: attribution_scores(vlm, clean, src, pos, tid[:, 0], tid[:, 1]), dev)
+            t_attr += t
+            exact = score_of(bases[cond], outs[cond]).mean(1)
+            rho[cond] = float(spearmanr(exact, est.reshape(len(heads), -1).mean(1).numpy()).statistic)
+        res["attribution_s"] = t_attr
+        res["attribution_spearman"] = rho
     if dev.type == "cuda":
         res["peak_gpu_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
 
-    print(f"naive (one full forward per head, scaled):   {t_naive:9.1f} s")
-    print(f"batched rows, no cache (scaled):              {t_rows:9.1f} s")
-    print(f"fast engine (complete sweep):                 {t_fast:9.1f} s")
-    print(f"attribution screen (complete):                {t_attr:9.1f} s")
-    print(f"speed-up fast vs naive: {t_naive / t_fast:.1f}x; fast vs rows without cache: {t_rows / t_fast:.1f}x")
-    print(f"FLOP floor {res['floor_s']:.2f} s at the measured rate: fast engine reaches "
-          f"{100 * res['fast_share_of_floor']:.0f}% of it")
-    print("attribution vs exact, Spearman rho by condition: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in rho.items()))
+    lines = [("naive (one full forward per head, scaled)", t_naive),
+             ("batched rows, no cache (scaled)", t_rows),
+             ("copied prefix per row, every layer" + (" (scaled)" if args.before_heads else ""), t_before),
+             ("fast engine (complete sweep)", t_fast),
+             ("fast engine with the re-paired null (as run)", t_null),
+             ("attribution screen (complete)", t_attr)]
+    for name, t in lines:
+        if t is not None:
+            print(f"{name + ':':<48}{t:9.1f} s")
+    if t_fast is not None:
+        print(f"speed-up fast vs naive: {t_naive / t_fast:.1f}x"
+              + (f"; vs rows without cache: {t_rows / t_fast:.1f}x" if t_rows else "")
+              + (f"; vs copied prefix: {t_before / t_fast:.1f}x" if t_before else ""))
+        print(f"FLOP floor {res['floor_s']:.2f} s at the measured rate: fast engine reaches "
+              f"{100 * res['fast_share_of_floor']:.0f}% of it")
+    if t_null is not None:
+        print(f"FLOP floor of the sweep with the null (twice the scores' floor): {2 * res['floor_s']:.2f} s; the "
+              f"run reaches {100 * 2 * res['floor_s'] / t_null:.0f}% of it")
+    print(f"fast vs naive, {len(sample)} heads x {args.pairs} pairs x 3 conditions: largest |score difference| "
+          + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+          + (f"; null score spread (sd) " + ", ".join(f"{k} {v:.2e}" for k, v in res["null_sd"].items())
+             if t_null is not None else ""))
+    if t_attr is not None:
+        print("attribution vs exact, Spearman rho by condition: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in res["attribution_spearman"].items()))
     if "peak_gpu_gib" in res:
         print(f"peak GPU memory {res['peak_gpu_gib']:.1f} GiB")
+    failed = vlm.dtype == torch.float32 and worst > args.tol
+    res["check"] = "skipped (not fp32)" if vlm.dtype != torch.float32 else ("FAIL" if failed else "ok")
+    print(f"fp32 fast == naive within {args.tol:g}: {res['check']} (largest difference {worst:.2e})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

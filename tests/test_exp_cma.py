@@ -194,4 +194,7 @@ def test_cma_runs_end_to_end(family, tmp_path):
         assert s["line"].startswith(cma.LABELS[c])
     arr = np.load(tmp_path / "results" / "cma_scores.npz")
     assert arr["scores_id_selection"].shape == (vlm.n_layers, vlm.n_heads, 3)
+    res = summary["resolution"]  # the dtype's rounding step beside the null's spread
+    assert res["dtype"] == "float32" and res["eps"] == 2.0 ** -23
+    assert res["conditions"]["id_selection"]["null_sd"] == pytest.approx(float(arr["null_scores_id_selection"].std()))
     assert torch.is_tensor(torch.as_tensor(arr["null_means_id_selection"]))

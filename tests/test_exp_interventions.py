@@ -261,3 +261,32 @@ def test_counting_ablation_end_to_end(family, tmp_path):
     rows = (tmp_path / "results" / "counting_ablation.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 * 2 * (2 + 2)  # K values x measures x (top, bottom, 2 random draws)
     _figures_exist(tmp_path, ["counting_ablation"])
+
+
+def test_counting_settings_batched_as_row_blocks_equal_one_setting_at_a_time():
+    """Zero-ablation settings run as row blocks of one batch (KV-cached generation) give the logits, texts and
+    hits of one setting at a time under ``zero_heads``."""
+    from vismech.scenes import answers
+    from vismech.scenes.sets import counting_set
+
+    vlm = tiny("qwen2_5_vl")
+    trials = counting_set(3, seed=0, grid=(3, 3))
+    b = vlm.encode(trials)
+    sets = [[], [(0, 1), (2, 3)], [(1, 0), (1, 2), (2, 0)]]
+    bb = vlm.encode(trials * len(sets))
+    with iv.zero_heads_per_block(vlm, sets, len(b)):
+        logits = vlm.logits(bb)
+        texts = vlm.generate(bb, 5)
+    for g, heads in enumerate(sets):
+        with iv.zero_heads(vlm, heads):
+            ref, ref_texts = vlm.logits(b), vlm.generate(b, 5)
+        assert (logits[g * 3:(g + 1) * 3] - ref).abs().max() < 1e-5
+        assert texts[g * 3:(g + 1) * 3] == ref_texts
+    assert (logits[3:6] - logits[:3]).abs().max() > 1e-4  # the ablations change the model's output
+    batches = [(b, None)]
+    got = counting_ablation.accuracies(vlm, batches, sets, True, 5, rows=4)  # 3 trials per forward: 3 passes
+    for (first, gen), heads in zip(got, sets):
+        with iv.zero_heads(vlm, heads):
+            want_first = vlm.score_answers(b, [[t.answer] for t in trials]).greedy[:, 0].int().tolist()
+            want_gen = [int(answers.is_correct(t, x)) for t, x in zip(trials, vlm.generate(b, 5))]
+        assert first == want_first and gen == want_gen

@@ -36,9 +36,10 @@ def test_prefix_cache_engine_at_mid_prompt_positions(vlm):
     with hooks.hooked(vlm, "v", 0, lambda x: -x):
         src = patching.capture_z(vlm, clean, pos)
     tid = torch.stack([vlm.answer_ids(clean, ["blue", "blue"]), vlm.answer_ids(clean, ["red", "green"])], 1)
-    fast = patching.head_patch(vlm, clean, src, pos, tid, rows_per_forward=7)
     slow = patching.naive_head_patch(vlm, clean, src, pos, tid)
-    assert (fast - slow).abs().max() < 1e-4
+    for shared in (True, False):  # shared-prefix attention, and the engine that copies the prefix per row
+        fast = patching.head_patch(vlm, clean, src, pos, tid, rows_per_forward=7, shared_prefix=shared)
+        assert (fast - slow).abs().max() < 1e-4
 
 
 def test_hand_written_single_head_patch_gives_the_same_score(vlm):
@@ -122,15 +123,15 @@ def test_out_of_memory_halves_the_stacked_heads_and_gives_the_same_result(monkey
     vlm = tiny("llava")
     clean, pos, src, tid = _setup(vlm)
     ref = patching.head_patch(vlm, clean, src, pos, tid, rows_per_forward=12)
-    real, sizes = patching.lm_logits, []
+    real, sizes = patching._rows_forward, []
 
-    def flaky(vlm_, inp, prefix=None, tail=1):
-        sizes.append(inp.rows)
-        if inp.rows > 4 * len(clean):
+    def flaky(vlm_, inp, prefix, shared, starts, tail):
+        sizes.append(len(starts) * len(clean))
+        if len(starts) > 4:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(vlm_, inp, prefix, tail)
+        return real(vlm_, inp, prefix, shared, starts, tail)
 
-    monkeypatch.setattr(patching, "lm_logits", flaky)
+    monkeypatch.setattr(patching, "_rows_forward", flaky)
     out = patching.head_patch(vlm, clean, src, pos, tid, rows_per_forward=12)
     assert sizes[:3] == [24, 12, 6] and max(sizes[3:]) <= 6
     assert torch.equal(out, ref) or (out - ref).abs().max() < 1e-5

@@ -25,6 +25,7 @@ def test_run_all_on_every_family(family, tmp_path):
     assert main(["run", "all", "--model", f"tiny:{family}", "--out", str(out), "--device", "cpu"] + SMALL) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["finished"] and set(manifest["wall_seconds"]) == set(EXPERIMENTS)
+    assert manifest["peak_gpu_gib"] == {n: None for n in EXPERIMENTS}  # recorded per experiment; None on CPU
     for name in EXPERIMENTS:
         summary = json.loads((out / "results" / f"{file_stem(name)}.json").read_text())
         if "skipped" in summary:  # object-token edits on a model without per-patch tokens; coco without --images

@@ -187,6 +187,22 @@ def _stored(ledger: Ledger, manifest: dict, name: str, done: Path) -> str | None
     return "ok"
 
 
+def _reset_peak_memory() -> None:
+    import torch
+
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        torch.cuda.reset_peak_memory_stats(i)
+
+
+def _peak_memory_gib() -> float | None:
+    """The largest GPU memory any one device held (allocated by torch) since the last reset; None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return None
+    return round(max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2 ** 30, 3)
+
+
 def run_experiments(names: list[str], args, overrides: dict, resume: bool = False, vlm=None,
                     summaries: dict | None = None) -> Path:
     """Run experiments ``names`` into ``args.out`` (``args``: model, dtype, device, device_map, prompt_format,
@@ -232,8 +248,10 @@ def run_experiments(names: list[str], args, overrides: dict, resume: bool = Fals
                           ledger=ledger, show_progress=getattr(args, "progress", True), model=args.model,
                           experiment=m.NAME)
             t0 = time.time()
+            _reset_peak_memory()
             summary = run_one(m, ctx)
             manifest["wall_seconds"][m.NAME] = round(time.time() - t0, 2)
+            manifest.setdefault("peak_gpu_gib", {})[m.NAME] = _peak_memory_gib()
             outputs[m.NAME] = [ledger.rel(p) for p in ctx.written + [done] if p.parent.name != "units"]
             ctx.write_file(done, json_text(summary).encode())  # its checksum (and the manifest) go first
             summaries[m.NAME] = summary

@@ -191,26 +191,86 @@ def capture_lm_inputs(vlm) -> Iterator[dict[str, torch.Tensor]]:
 
 
 @contextlib.contextmanager
+def layer_inputs(vlm, fn: Callable) -> Iterator[None]:
+    """Call ``fn(layer, hidden, kwargs)`` before every decoder layer of the language model runs; ``fn`` may return
+    a replacement ``(hidden, kwargs)`` (the batch may grow: rows can join mid-network) or None."""
+    handles = []
+    for i, module in enumerate(vlm.layers):
+        def pre(module, args, kwargs, i=i):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            got = fn(i, hidden, kwargs)
+            if got is None:
+                return None
+            hidden, kwargs = got
+            if args:
+                return (hidden,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def attention_routable(vlm) -> bool:
+    """Whether the language model looks its attention function up by name (every implementation but ``eager``),
+    so that ``attention_function`` can route it."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = vlm.text_config._attn_implementation
+    return impl not in (None, "eager") and impl in ALL_ATTENTION_FUNCTIONS
+
+
+@contextlib.contextmanager
+def attention_function(vlm, fn: Callable) -> Iterator[None]:
+    """Route the attention computation of the language model's layers through
+    ``fn(layer, inner, module, query, key, value, attention_mask, *args, **kwargs)``; ``inner`` is the model's own
+    attention function (other models in the process keep theirs)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if not attention_routable(vlm):
+        raise ValueError(f"{vlm.name} runs {vlm.text_config._attn_implementation!r} attention, which cannot be "
+                         "routed; load it with attn_implementation='sdpa'")
+    impl = vlm.text_config._attn_implementation
+    modules = {vlm.attention(layer): layer for layer in range(vlm.n_layers)}
+    inner = ALL_ATTENTION_FUNCTIONS[impl]
+
+    def wrapper(module, *args, **kwargs):
+        layer = modules.get(module)
+        if layer is None:
+            return inner(module, *args, **kwargs)
+        return fn(layer, inner, module, *args, **kwargs)
+
+    local = ALL_ATTENTION_FUNCTIONS._local_mapping
+    before = local.get(impl)
+    local[impl] = wrapper
+    try:
+        yield
+    finally:
+        if before is None:
+            local.pop(impl, None)
+        else:
+            local[impl] = before
+
+
+@contextlib.contextmanager
 def attention_weights(vlm, heads: dict[int, list[int]], positions: torch.Tensor) -> Iterator[dict[int, torch.Tensor]]:
     """Record, for every layer ``l`` in ``heads``, the attention probabilities of heads ``heads[l]`` at query
     positions ``positions`` ([batch, P] long): ``store[l]`` is [batch, len(heads[l]), P, keys], float32, with the
     autograd graph kept. The model must run its language model with ``sdpa`` attention (the default); the
     probabilities are recomputed from the queries and keys it passes to that function (GQA handled), and its
     outputs are unchanged."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     impl = vlm.text_config._attn_implementation
     if impl != "sdpa":
         raise ValueError(f"attention weights are recorded from sdpa attention; {vlm.name} runs {impl!r}: load it "
                          "with attn_implementation='sdpa'")
-    modules = {vlm.attention(layer): layer for layer in heads}
     groups = vlm.n_heads // vlm.n_kv_heads
-    inner = ALL_ATTENTION_FUNCTIONS["sdpa"]
     store: dict[int, torch.Tensor] = {}
 
-    def wrapper(module, query, key, value, attention_mask, *args, **kwargs):
-        layer = modules.get(module)
-        if layer is not None:
+    def record(layer, inner, module, query, key, value, attention_mask, *args, **kwargs):
+        if layer in heads:
             hs = torch.tensor(heads[layer], device=query.device)
             pos = positions.to(query.device)
             rows = torch.arange(query.shape[0], device=query.device)[:, None]
@@ -228,13 +288,5 @@ def attention_weights(vlm, heads: dict[int, list[int]], positions: torch.Tensor)
             store[layer] = scores.softmax(-1)
         return inner(module, query, key, value, attention_mask, *args, **kwargs)
 
-    local = ALL_ATTENTION_FUNCTIONS._local_mapping
-    before = local.get("sdpa")
-    local["sdpa"] = wrapper
-    try:
+    with attention_function(vlm, record):
         yield store
-    finally:
-        if before is None:
-            local.pop("sdpa", None)
-        else:
-            local["sdpa"] = before

@@ -13,8 +13,9 @@ intervention experiments (id-intervention, key-intervention, reuse, relabs-patch
   K^{o1} += alpha (d0 - d1) (§4.3).
 - ``kv_heads_for``: query heads -> the (layer, kv head) pairs whose keys they read (GQA, ``hooks.kv_head_of``).
 - ``EditedRuns``: logits, or answer scores (``models.answers``), of one batch under many edit sets; the vision
-  tower runs once, and the prefix before the earliest edited position once (``patching.prefix_cache``). With
-  alpha = 0 the logits are bit-equal to no edit.
+  tower runs once, the prefix before the earliest edited position once (``patching.prefix_cache``), and each run
+  starts at its first edited layer from the clean residual stream there (``engine.cascade``, where supported).
+  With alpha = 0 the logits are bit-equal to no edit.
 - ``zero_heads``: zero-ablate head outputs at every position (also during generation).
 
 Assumes labels are hashable (cells as tuples); vectors are float32 on the CPU, cast to the model's dtype when an
@@ -30,7 +31,7 @@ from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 
-from vismech.engine import hooks, patching
+from vismech.engine import cascade, hooks, patching
 from vismech.engine.evaluate import batches
 from vismech.models.answers import AnswerSet
 from vismech.models.vlm import VLM, Batch
@@ -207,6 +208,10 @@ class EditedRuns:
         self.inp, _ = patching.lm_inputs(vlm, run)
         self.p0 = int(first_position) if first_position else 0
         self.prefix = patching.prefix_cache(vlm, self.inp, self.p0) if self.p0 > 0 else None
+        # shared-prefix attention: a run starts at its first edited layer from the clean suffix there
+        T = self.inp.tensors["inputs_embeds"].shape[1]
+        self.shared = (cascade.shared_prefix(vlm, self.inp, self.prefix)
+                       if self.prefix is not None and cascade.supported(vlm, T) else None)
 
     def _forward(self, edits, tail: int) -> torch.Tensor:
         shifted = []
@@ -219,6 +224,8 @@ class EditedRuns:
         if self._source is not None:
             shifted = [_to_rows(e, self._source) for e in shifted]
         with hooks.intervene(self.vlm, shifted):
+            if self.shared is not None:
+                return cascade.run(self.vlm, self.shared, [min((e.layer for e in shifted), default=0)], tail).cpu()
             return patching.lm_logits(self.vlm, self.inp, self.prefix, tail).cpu()
 
     def logits(self, edits: list[hooks.Edit] = ()) -> torch.Tensor:
@@ -252,6 +259,21 @@ def _to_rows(edit: hooks.Edit, source: list[int]) -> hooks.Edit:
     values = edit.values if edit.values.dim() > 1 else edit.values[None]
     return replace(edit, rows=torch.tensor(new, dtype=torch.long), positions=full(edit.positions)[idx],
                    heads=full(edit.heads)[idx], values=full(values)[idx])
+
+
+@contextlib.contextmanager
+def zero_heads_per_block(vlm: VLM, head_sets: Sequence[Sequence[tuple[int, int]]], block: int) -> Iterator[None]:
+    """Zero, in rows ``g*block .. (g+1)*block - 1``, the outputs (site ``z``) of ``head_sets[g]``, at every position
+    of every forward inside the context (generated tokens included): many ablation settings as row blocks of one
+    batch. Each row is multiplied by 0 or 1 per head, which leaves kept heads exactly unchanged."""
+    keep: dict[int, torch.Tensor] = {}
+    for g, heads in enumerate(head_sets):
+        for l, h in heads:
+            keep.setdefault(int(l), torch.ones(len(head_sets) * block, vlm.n_heads))[g * block:(g + 1) * block, h] = 0
+    with contextlib.ExitStack() as stack:
+        for l, k in keep.items():
+            stack.enter_context(hooks.hooked(vlm, "z", l, lambda x, k=k: x * k.to(x.device, x.dtype)[:, None, :, None]))
+        yield
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from vismech import distributed
-from vismech.engine import hooks
+from vismech.engine import cascade, hooks
 from vismech.models.answers import AnswerSet
 from vismech.models.vlm import VLM, Batch
 
@@ -149,13 +149,30 @@ def _row_positions(positions: list[list[int]]) -> tuple[torch.Tensor, torch.Tens
 
 
 def default_rows_per_forward(vlm: VLM, batch: Batch, recomputed: int, budget_tokens: int = 1 << 15,
-                             cache_bytes: float = 8e9) -> int:
-    """How many heads to stack per forward: about ``budget_tokens`` recomputed tokens, and a stacked prefix cache
-    of at most ``cache_bytes`` (keys and values of every layer, one copy per stacked row)."""
+                             cache_bytes: float | None = 8e9) -> int:
+    """How many heads to stack per forward: about ``budget_tokens`` recomputed tokens, and (for the engine that
+    copies the prefix cache per row) a stacked prefix cache of at most ``cache_bytes``; ``cache_bytes=None``: no
+    copies (the shared-prefix engine)."""
     by_tokens = budget_tokens // max(1, len(batch) * recomputed)
+    if cache_bytes is None:
+        return max(1, by_tokens)
     per_row = batch.length * vlm.n_layers * 2 * vlm.n_kv_heads * vlm.head_dim * vlm.dtype.itemsize
     by_cache = int(cache_bytes // max(1, per_row * len(batch)))
     return max(1, min(by_tokens, by_cache))
+
+
+def rows_from_memory(free_bytes: float, per_head_bytes: float, current: int, headroom: float = 0.8) -> int:
+    """Heads per forward that fit ``headroom`` of the free device memory at a measured ``per_head_bytes`` (the
+    first chunk's peak over its heads); never fewer than 1, and never less than ``current`` when that ran."""
+    if per_head_bytes <= 0:
+        return current
+    return max(1, current, int(headroom * free_bytes // per_head_bytes))
+
+
+def _free_bytes(device: torch.device) -> float:
+    """Memory a forward can still take on a CUDA device: free on the device plus what torch holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -165,12 +182,15 @@ def _is_oom(e: BaseException) -> bool:
 def head_patch(vlm: VLM, clean: Batch, source_z: dict[int, torch.Tensor], positions: list[list[int]],
                token_ids: torch.Tensor | AnswerSet, heads: list[tuple[int, int]] | None = None,
                rows_per_forward: int | None = None, progress: Callable[[int], None] | None = None,
-               mode: str = "set", scale: float = 1.0, use_cache: bool = True, _local: bool = False) -> torch.Tensor:
+               mode: str = "set", scale: float = 1.0, use_cache: bool = True, shared_prefix: bool = True,
+               _local: bool = False) -> torch.Tensor:
     """Logits of ``token_ids`` [B, K] with each head in turn patched at ``positions``.
 
     ``source_z[layer]`` holds the values to write, [B, P, heads, dim], aligned with ``positions`` (P positions
     per row, the same count for every row). With ``mode="add"`` the values are added, times ``scale``.
-    ``use_cache=False`` recomputes every position (the "batched rows" engine without the prefix cache).
+    ``use_cache=False`` recomputes every position (the "batched rows" engine without the prefix cache);
+    ``shared_prefix=False`` gives every stacked row its own copy of the prefix cache and runs every layer (the
+    engine before shared-prefix attention; also the fallback where that is not exact, see ``cascade.supported``).
     ``token_ids``: token ids [B, K] whose last-token logits are read, or an ``AnswerSet`` of K answers per row
     whose scores are read (see the module docstring).
     Returns [n_heads, B, K] float32, heads in the order of ``heads`` (default: every (layer, head)).
@@ -181,14 +201,22 @@ def head_patch(vlm: VLM, clean: Batch, source_z: dict[int, torch.Tensor], positi
         raise ValueError("every row must patch the same number of positions")
     if distributed.active() and not _local:  # data parallel: every process patches every world()-th head, then all gather
         local = head_patch(vlm, clean, source_z, positions, token_ids, distributed.shard(heads), rows_per_forward,
-                           progress, mode, scale, use_cache, _local=True)
+                           progress, mode, scale, use_cache, shared_prefix, _local=True)
         return distributed.unshard(local, len(heads))
     return _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forward, progress, mode, scale,
-                       use_cache)
+                       use_cache, shared_prefix)
+
+
+def _rows_forward(vlm: VLM, inp: LMInputs, prefix: PrefixCache | None, shared, starts: list[int], tail: int):
+    """One forward of the stacked rows: by the shared-prefix engine when ``shared`` is set, else by the engine that
+    gives every row its own copy of the prefix cache (or none)."""
+    if shared is not None:
+        return cascade.run(vlm, shared, starts, tail)
+    return lm_logits(vlm, inp.repeat(len(starts)), prefix, tail)
 
 
 def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forward, progress, mode, scale,
-                use_cache) -> torch.Tensor:
+                use_cache, shared_prefix=True) -> torch.Tensor:
     K = token_ids.k if isinstance(token_ids, AnswerSet) else token_ids.shape[1]
     clean, source_z, positions, tail, read = _reader(vlm, clean, source_z, positions, token_ids)
     per_row = len(positions[0])
@@ -198,26 +226,38 @@ def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forw
     p0 = int(pos.min()) if use_cache else 0
     prefix = prefix_cache(vlm, inp, p0) if p0 > 0 else None
     T = inp.tensors["attention_mask"].shape[1]
-    r = rows_per_forward or default_rows_per_forward(vlm, clean, T - p0)
+    shared = None
+    if prefix is not None and shared_prefix and cascade.supported(vlm, T):
+        shared = cascade.shared_prefix(vlm, inp, prefix)
+    # the shared-prefix engine takes heads in layer order: each row joins the batch at its head's layer
+    order = sorted(range(len(heads)), key=lambda i: heads[i][0]) if shared else list(range(len(heads)))
+    r = rows_per_forward or default_rows_per_forward(vlm, clean, T - p0, cache_bytes=None if shared else 8e9)
+    measure = rows_per_forward is None and vlm.device.type == "cuda"
     out = torch.empty(len(heads), len(token_ids.seqs) if isinstance(token_ids, AnswerSet) else B, K)
     start = 0
     while start < len(heads):
-        chunk = heads[start:start + r]
+        idx = order[start:start + r]
+        chunk = [heads[i] for i in idx]
         edits = []
         for j, (layer, head) in enumerate(chunk):
             vals = source_z[layer][:, :, head].reshape(B * per_row, -1) * scale
             edits.append(hooks.Edit("z", layer, rows + j * B, pos - p0, torch.full_like(rows, head), vals, mode))
+        if measure:  # the peak counters are not reset (callers read them): an earlier, higher peak only makes the
+            before = torch.cuda.memory_allocated(vlm.device)  # measured cost an upper bound (smaller chunks)
         try:
             with hooks.intervene(vlm, edits):
-                logits = lm_logits(vlm, inp.repeat(len(chunk)), prefix, tail)
+                logits = _rows_forward(vlm, inp, prefix, shared, [layer for layer, _ in chunk], tail)
         except RuntimeError as e:
             if not _is_oom(e) or r == 1:
                 raise
             torch.cuda.empty_cache()
-            r = max(1, r // 2)
+            r, measure = max(1, r // 2), False
             continue
-        for j in range(len(chunk)):  # the lm head may sit on another GPU than the inputs (device_map)
-            out[start + j] = read(logits[j * B:(j + 1) * B]).cpu()
+        for j, i in enumerate(idx):  # the lm head may sit on another GPU than the inputs (device_map)
+            out[i] = read(logits[j * B:(j + 1) * B]).cpu()
+        if measure:  # size the next chunks from the first one's measured peak and the memory free now
+            per_head = (torch.cuda.max_memory_allocated(vlm.device) - before) / len(chunk)
+            r, measure = rows_from_memory(_free_bytes(vlm.device), per_head, r), False
         if progress:
             progress(len(chunk))
         start += len(chunk)

@@ -230,11 +230,26 @@ def plot(st) -> dict:
     return figs
 
 
+def resolution(dtype, res: CMAResult) -> dict:
+    """How finely the model's dtype resolves a score: its relative rounding step ``eps`` (a score is a difference
+    of logits, each stored to within ``eps`` times its magnitude: in bf16, 2^-7, so a score of a few ``eps`` x
+    |logit| can be rounding; the fast and naive engines round differently) and, per condition, the spread of the
+    re-paired null's per-pair scores to set it beside."""
+    import torch
+
+    eps = float(torch.finfo(dtype).eps)
+    out = {"dtype": str(dtype).replace("torch.", ""), "eps": eps, "conditions": {}}
+    for c in res.conditions:
+        sd = float(np.std(res.null_scores[c])) if c in res.null_scores else None
+        out["conditions"][c] = {"null_sd": sd}
+    return out
+
+
 def run(ctx: Context) -> dict:
     res = cma_scores(ctx, ctx.options)
     rows, summary = [], {"conditions": {}, "null": "re-paired counterfactual (see module docstring)",
                          "null_samples": ctx.opt("null_samples"), "q": ctx.opt("q"), "engine": ctx.opt("engine"),
-                         "stimuli": res.stimuli}
+                         "stimuli": res.stimuli, "resolution": resolution(ctx.vlm.dtype, res)}
     for c in res.conditions:
         sig, n = res.significance[c], res.scores[c].shape[-1]
         L, H = res.mean[c].shape

@@ -3,7 +3,8 @@
 Heads are ranked by their highest mean CMA score over the three conditions (``CMAResult.max_score``). For each K
 the top-K heads, the bottom-K heads and ``random_draws`` random sets of K heads have their outputs (site ``z``,
 the o_proj input) set to 0 at every position of every forward, generated tokens included
-(``interventions.zero_heads``). Counting trials are the App. C set (3-8 unique objects on a 3x3 grid,
+(``interventions.zero_heads_per_block``: the settings run as row blocks of one batch, generation with the
+KV cache). Counting trials are the App. C set (3-8 unique objects on a 3x3 grid,
 ``scenes.sets.counting_set``) with the paper's prompt.
 
 Two accuracies per setting, each with a Wilson 95% interval over trials: generation (greedy, ``max_new_tokens``,
@@ -52,15 +53,26 @@ def head_order(max_score: np.ndarray) -> list[tuple[int, int]]:
     return [(int(i // H), int(i % H)) for i in order]
 
 
-def _accuracy(ctx: Context, batches, heads) -> tuple[list[int], list[int]]:
-    first, gen = [], []
-    with iv.zero_heads(ctx.vlm, heads):
-        for b, want in batches:
-            first += ctx.vlm.score_answers(b, want).greedy[:, 0].int().tolist()
-            if ctx.opt("generate"):
-                texts = ctx.vlm.generate(b, ctx.opt("max_new_tokens"))
-                gen += [int(answers.is_correct(t, x)) for t, x in zip(b.trials, texts)]
-    return first, gen
+def accuracies(vlm, batches, head_sets, generate: bool, max_new_tokens: int, rows: int
+               ) -> list[tuple[list[int], list[int]]]:
+    """First-token and generation hits per trial for each set of zero-ablated heads in ``head_sets``: the settings
+    run as row blocks of one batch (each trial batch repeated once per setting, about ``rows`` rows per forward;
+    greedy generation with the model's KV cache), the same numbers as one setting at a time."""
+    out = [([], []) for _ in head_sets]
+    for b, _ in batches:
+        per = max(1, rows // len(b))
+        for s in range(0, len(head_sets), per):
+            group = head_sets[s:s + per]
+            bb = vlm.encode(list(b.trials) * len(group))
+            with iv.zero_heads_per_block(vlm, group, len(b)):
+                first = vlm.score_answers(bb, [[t.answer] for t in bb.trials]).greedy[:, 0].int().tolist()
+                texts = vlm.generate(bb, max_new_tokens) if generate else None
+            for g in range(len(group)):
+                out[s + g][0].extend(first[g * len(b):(g + 1) * len(b)])
+                if texts is not None:
+                    rows_g = texts[g * len(b):(g + 1) * len(b)]
+                    out[s + g][1].extend(int(answers.is_correct(t, x)) for t, x in zip(b.trials, rows_g))
+    return out
 
 
 @F.paper_style
@@ -111,13 +123,21 @@ def run(ctx: Context) -> dict:
         settings += [("top", 0, k, order[:k]), ("bottom", 0, k, order[::-1][:k])]
         for d in range(ctx.opt("random_draws")):
             settings.append(("random", d, k, [order[i] for i in sorted(rng.choice(total, k, replace=False))]))
-    rows, cache = [], {}
+    rows, cache, done = [], {}, {}
+    sets = list(dict.fromkeys(tuple(sorted(h)) for _, _, _, h in settings))  # K = 0 and all heads: one set each
+
+    def compute(key):  # a missing unit computes itself and the next missing ones together (one batched pass)
+        if key not in done:
+            group = [k for k in sets[sets.index(key):] if k not in done][:max(1, 4 * ctx.batch_size)]
+            done.update(zip(group, accuracies(vlm, batches, group, ctx.opt("generate"), ctx.opt("max_new_tokens"),
+                                              4 * ctx.batch_size)))
+        return done[key]
+
     with ctx.progress(len(settings), "counting-ablation") as update:
         for ranking, draw, k, heads in settings:
             key = tuple(sorted(heads))
-            if key not in cache:  # K = 0 and K = all heads are the same set for every ranking
-                cache[key] = ctx.unit(ctx.unit_key(f"counting-k{k}", heads=key),
-                                      lambda heads=heads: _accuracy(ctx, batches, heads))
+            if key not in cache:
+                cache[key] = ctx.unit(ctx.unit_key(f"counting-k{k}", heads=key), lambda key=key: compute(key))
             for measure, hits in zip(("first_token", "generation"), cache[key]):
                 if hits:
                     w = rate(sum(hits), len(hits))

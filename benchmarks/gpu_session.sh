@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One GPU session of issue 19's benchmarks, in order, each under a time limit; outputs (logs, JSON) under $OUT.
+#
+#   bash benchmarks/gpu_session.sh cma       # Qwen2.5-VL-7B and LLaVA-1.5-7B: bf16 sweep (+null, baselines), fp32 check
+#   bash benchmarks/gpu_session.sh families  # Qwen2.5-VL-32B, LLaVA-OneVision-7B, Idefics2-8B: bf16 sweep with null
+#   bash benchmarks/gpu_session.sh runall    # `run all` on Qwen2.5-VL-7B, per experiment (limit 560 s)
+# Each stage stays under the 10-minute limit of one device command (sum of its limits + exits).
+#
+# Random weights of the published architectures (random:PRESET), bf16 unless noted; fp32 runs check fast == naive
+# (exit status 1 of a step = a score difference beyond 1e-3). A step that runs out of time is reported and the next
+# one starts. Run from the repository root.
+set -u
+OUT=${OUT:-runs/gpu_session}
+mkdir -p "$OUT"
+export PYTHONPATH=src
+B=benchmarks/cma_engine.py
+step() {  # step NAME LIMIT_SECONDS ARGS...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
+  local t0=$SECONDS
+  timeout --signal=INT "$limit" python "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -v -e "^Loading" -e "it/s]" "$OUT/$name.log" | tail -n 16
+  echo "--- $name: exit $rc after $((SECONDS - t0)) s"
+}
+case "${1:-cma}" in
+  cma)  # about 4-5 min on one H200
+    step qwen7b_bf16 110 $B --model random:Qwen2.5-VL-7B --dtype bf16 --pairs 50 --null --before-heads 112 \
+      --json "$OUT/qwen7b_bf16.json"
+    step qwen7b_fp32 70 $B --model random:Qwen2.5-VL-7B --dtype fp32 --pairs 8 --only-check \
+      --json "$OUT/qwen7b_fp32.json"
+    step llava7b_bf16 100 $B --model random:LLaVA-1.5-7B --dtype bf16 --pairs 50 --null --before-heads 32 \
+      --skip rows,attribution --json "$OUT/llava7b_bf16.json"
+    step llava7b_fp32 70 $B --model random:LLaVA-1.5-7B --dtype fp32 --pairs 8 --only-check \
+      --json "$OUT/llava7b_fp32.json"
+    ;;
+  families)  # about 4-5 min: the sweep with the null (check on 3 sampled heads a condition)
+    step qwen32b_bf16 200 $B --model random:Qwen2.5-VL-32B --dtype bf16 --pairs 50 --null --only-check \
+      --skip fast --sample-heads 3 --json "$OUT/qwen32b_bf16.json"
+    step onevision7b_bf16 100 $B --model random:LLaVA-OneVision-7B --dtype bf16 --pairs 50 --null --only-check \
+      --sample-heads 3 --json "$OUT/onevision7b_bf16.json"
+    step idefics2_8b_bf16 100 $B --model random:Idefics2-8B --dtype bf16 --pairs 50 --null --only-check \
+      --sample-heads 3 --json "$OUT/idefics2_8b_bf16.json"
+    ;;
+  runall)
+    step run_all_qwen7b 560 benchmarks/run_all.py --model random:Qwen2.5-VL-7B --dtype bf16 \
+      --out "$OUT/run_all_qwen7b" --json "$OUT/run_all_qwen7b.json"
+    ;;
+  *) echo "usage: gpu_session.sh cma|families|runall" >&2; exit 2 ;;
+esac

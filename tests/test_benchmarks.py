@@ -1,0 +1,39 @@
+"""The benchmark scripts run as documented, on a tiny model on CPU (numbers meaningless, outputs checked)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args, **kw):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_cma_engine_benchmark_checks_fast_against_naive(tmp_path):
+    out = tmp_path / "cma.json"
+    p = _run(["benchmarks/cma_engine.py", "--model", "tiny:llava", "--device", "cpu", "--dtype", "fp32",
+              "--pairs", "2", "--sample-heads", "2", "--only-check", "--null", "--json", str(out)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["check"] == "ok" and set(res["fast_vs_naive_max_abs_score_diff"]) == {
+        "id_retrieval", "id_selection", "feature_retrieval"}
+    assert max(res["fast_vs_naive_max_abs_score_diff"].values()) < 1e-5
+    assert res["fast_s"] > 0 and res["fast_with_null_s"] > 0 and min(res["null_sd"].values()) > 0
+    assert "largest |score difference|" in p.stdout and "FLOP floor" in p.stdout
+
+
+def test_run_all_benchmark_times_each_experiment(tmp_path):
+    out, js = tmp_path / "run", tmp_path / "ra.json"
+    p = _run(["benchmarks/run_all.py", "--model", "tiny:llava", "--device", "cpu", "--dtype", "fp32",
+              "--experiments", "behaviour", "cma", "--n", "2", "--set", "null_samples=200",
+              "--out", str(out), "--json", str(js)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(js.read_text())
+    assert set(res["wall_seconds"]) == {"behaviour", "cma"} and res["peak_gpu_gib"] == {"behaviour": None,
+                                                                                       "cma": None}
+    assert "targets: total <=" in p.stdout
+    again = _run(["benchmarks/run_all.py", "--model", "tiny:llava", "--out", str(out)])
+    assert again.returncode == 2 and "exists" in again.stderr  # a timed run starts fresh
