@@ -60,6 +60,9 @@ def check_tidy(out, family):
                 assert r["n"] == "" or float(r["n"]) >= 0
                 for c in ("ci_low", "ci_high"):
                     assert r[c] == "" or not math.isnan(float(r[c])) or math.isnan(float(r["value"] or "nan"))
+    behaviour = read_csv(out / "results" / "behaviour.csv")  # one row per measure and condition (counting, which has
+    keys = [tuple(v for k, v in r.items() if k not in ("value", "ci_low", "ci_high", "n")) for r in behaviour]
+    assert len(keys) == len(set(keys))  # no target cell, was listed twice)
     arrays = read_arrays(out / "results" / "cma_scores.npz")
     assert arrays["scores_id_selection"][0] == ("layer", "head", "pair")
     assert arrays["scores_id_selection"][1].ndim == 3 and arrays["null_means_id_selection"][0] == ("sample",)

@@ -35,7 +35,8 @@ def run(ctx: Context) -> dict:
         rows += ctx.unit(ctx.unit_key(f"behaviour-{task}"), compute)
     summary = evaluate.summarize(rows)
     ctx.save_table("behaviour_trials", rows)
-    ctx.save_table("behaviour", summary + evaluate.summarize(rows, by=("task", "grid", "entropy", "target_cell")))
+    celled = [r for r in rows if r.get("target_cell")]  # counting has no target cell: no second row
+    ctx.save_table("behaviour", summary + evaluate.summarize(celled, by=("task", "grid", "entropy", "target_cell")))
     return {"accuracy": summary}
 
 
