@@ -179,8 +179,8 @@ def mention_feature_source(trial: Trial, rng: random.Random) -> tuple[Trial, int
     objs = trial.scene.objects
     shape = rng.choice([s for s in SHAPES if s not in {o.shape for o in objs}] or [old.shape])
     free = [c for c in COLORS if c not in {o.color for o in objs}]
-    color = rng.choice(free or [c for c in COLORS if c != old.color and Obj(c, shape, (0, 0)).name not in
-                                {o.name for o in objs}])
+    names = {o.name for o in objs}
+    color = rng.choice(free or [c for c in COLORS if c != old.color and Obj(c, shape, old.cell).name not in names])
     new = Obj(color, shape, old.cell)
     return _rebuild(trial, {o: (new if o == old else o) for o in objs}), j
 

@@ -167,7 +167,7 @@ def patched_forward(vlm: VLM, batch: dict, z_a: dict, autocast=contextlib.nullco
     embeds = vlm.model.get_input_embeddings()(ids_b)
     features = z_a["embeddings"][base][ids_a[base] == image]
     embeds = embeds.masked_scatter((ids_b == image)[..., None], features.to(embeds.dtype))
-    inputs = {k: v for k, v in _inputs(batch, "b_").items() if k not in ("input_ids", "image_grid_thw")}
+    inputs = {k: v for k, v in _inputs(batch, "b_").items() if k != "input_ids"}
     with contextlib.ExitStack() as stack:
         for layer in range(vlm.n_layers):
             stack.enter_context(hooks.hooked(vlm, "z", layer, fn(layer)))

@@ -160,17 +160,17 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
     if plan.b:  # a plan of clean rows only has no intervened rows to encode
         parts.append(("b_", ids_b, mask_b, labels_b))
     per_image = vlm.family.process_images(vlm.image_processor, images).tensors
-    base = torch.tensor([r.group for r, _, _ in plan.b], dtype=torch.long)  # bases are the first rows of a
+    out.update({"a_" + k: v for k, v in per_image.items()})
+    if plan.b:  # an intervened row shows its base's image: no pixels, the forward reuses the clean image features
+        out["b_base"] = torch.tensor([r.group for r, _, _ in plan.b], dtype=torch.long)  # bases: first rows of a
     for prefix, ids, mask, labels in parts:
-        if prefix == "a_":
-            out.update({prefix + k: v for k, v in per_image.items()})
-        else:  # an intervened row shows its base's image: no pixels, the forward reuses the clean image features
-            out["b_base"] = base
-            out.update({prefix + k: v[base] for k, v in per_image.items() if k != "pixel_values"})
-            assert all(len(v) == len(images) for k, v in per_image.items() if k != "pixel_values"), per_image.keys()
         out.update({prefix + "input_ids": ids, prefix + "attention_mask": mask, prefix + "labels": labels})
         out.update({prefix + k: v for k, v in vlm.family.extra_inputs(ids, vlm.image_token_id).items()})
-        out.update({prefix + k: v for k, v in rope_positions(vlm.model, _split(out, prefix)).items()})
+        rows = _split(out, prefix)
+        if prefix == "b_":  # the base images' grids place the rotary positions; the forward needs no more of them
+            assert all(len(v) == len(images) for k, v in per_image.items() if k != "pixel_values"), per_image.keys()
+            rows.update({k: v[out["b_base"]] for k, v in per_image.items() if k != "pixel_values"})
+        out.update({prefix + k: v for k, v in rope_positions(vlm.model, rows).items()})
 
     # attention supervision on the clean rows: per component, (row, column of att_qpos) and a mask over keys
     targets = {c: ([], []) for c in COMPONENTS}
