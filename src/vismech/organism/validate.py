@@ -23,7 +23,7 @@ import random
 import numpy as np
 import torch
 
-from vismech.analysis.stats import wilson_ci
+from vismech.analysis.stats import finite, rate
 from vismech.errors import UserError
 from vismech.models.vlm import VLM
 from vismech.scenes.sets import scene_description_set
@@ -36,10 +36,9 @@ END = {"qwen2_5_vl": "<|im_end|>", "llava": "</s>"}
 
 
 def _rate(k: int, n: int) -> dict:
-    if n == 0:  # nothing to count (e.g. no pair whose answer changes): no rate
-        return {"rate": None, "n": 0, "ci_low": None, "ci_high": None}
-    lo, hi = wilson_ci(k, n)
-    return {"rate": k / n, "n": n, "ci_low": float(lo), "ci_high": float(hi)}
+    """``stats.rate`` under the key ``rate`` of validity.json, None where n = 0 (e.g. no pair whose answer changes)."""
+    r = rate(k, n)
+    return {"rate": finite(r["value"]), "n": r["n"], "ci_low": finite(r["ci_low"]), "ci_high": finite(r["ci_high"])}
 
 
 def _run(vlm: VLM, spec: plant.PlantSpec, plan: pb.Plan, end: str, seed: int):
