@@ -218,7 +218,7 @@ def intervention_recovery(ctx: Context, gt) -> tuple[list[dict], dict]:
                   "random_head_sets": [head_sets[(c, f"random{k}")] for k in range(len(rand))]}
         for tag, ww in (("declared", w), ("random_heads", wr), ("random_direction", wd)):
             rows.append({"analysis": "id_intervention", "stage": c, "heads": tag, "alpha": best, "measure": "efficacy",
-                         "value": ww["value"], "ci_low": ww["ci_low"], "ci_high": ww["ci_high"], "n": ww["n"]})
+                         **ww})
     out["baseline_repeat_rate"] = rate(base_pred, n)
     if "feature_retrieval" in gt.stages and vlm.family.spatial_tokens:
         kv = iv.kv_heads_for(vlm, list(gt.stages["feature_retrieval"].heads))
@@ -236,8 +236,7 @@ def intervention_recovery(ctx: Context, gt) -> tuple[list[dict], dict]:
             w = rate(h["id"], n)
             key_out[tag] = {"key_heads": [list(x) for x in heads], **w}
             rows.append({"analysis": "key_intervention", "stage": "feature_retrieval", "heads": tag, "alpha": alpha,
-                         "measure": "efficacy", "value": w["value"], "ci_low": w["ci_low"], "ci_high": w["ci_high"],
-                         "n": n})
+                         "measure": "efficacy", **w})
         out["key_intervention"] = {"alpha": alpha, **key_out}
     return rows, out
 
