@@ -21,6 +21,12 @@ The mixture (``MIXTURE``; the weights are this package's choice, the paper train
 - spatial relation, 0.10: 3x3 .07, 2x2 .03, every cell filled, colours distinct;
 - counting, 0.10: 3x3, 3-8 objects; the answer is the number only (no enumeration).
 
+Off by default (weight 0; switched on with ``--weight``, for the natural-emergence recipes): ``reading_order``
+descriptions (``ro_2x2``, ``ro_3x3``, ``ro_3x3_low``), the paper's form with one or more objects left and the
+described objects in random order, answered by the first object in reading order not yet described
+(``causal_model.select``: the rule planting uses). With several objects left, the answer depends on where the
+objects are, so a model cannot answer by subtracting the prompt's features from the image's.
+
 "high" = every colour and every shape distinct, "low" = conjunctions of m colours x m shapes (objects share
 features), "any" = unique conjunctions with no constraint (``sets.scene_description_set``'s ``entropy``). Objects
 sit on random cells, so the 3x3 components include the paper's PCA layout (6 objects in the outer columns of a
@@ -74,6 +80,9 @@ MIXTURE: tuple[Component, ...] = (
     Component("relation_3x3", "spatial_relation", (3, 3), 0.07),
     Component("relation_2x2", "spatial_relation", (2, 2), 0.03),
     Component("counting_3x3", "counting", (3, 3), 0.10, None, (3, 8)),
+    Component("ro_2x2", "reading_order", (2, 2), 0.0, None, (2, 4)),
+    Component("ro_3x3", "reading_order", (3, 3), 0.0, None, (2, 9)),
+    Component("ro_3x3_low", "reading_order", (3, 3), 0.0, "low", (2, 9)),
 )
 
 
@@ -112,10 +121,20 @@ def draw(c: Component, seed: int) -> Trial:
         t = sets.spatial_relation_set(1, seed=s, grid=c.grid)[0]
     elif c.task == "counting":
         t = sets.counting_set(1, seed=s, grid=c.grid, min_objects=c.objects[0], max_objects=c.objects[1])[0]
+    elif c.task == "reading_order":
+        t = reading_order_trial(random.Random(s), c.grid, n, c.entropy or "any")
     else:
         raise ValueError(f"unknown task {c.task!r} in mixture component {c.name!r}")
     t.meta["component"] = c.name
     return t
+
+
+def reading_order_trial(rng: random.Random, grid: tuple[int, int], n_objects: int, entropy: str = "any") -> Trial:
+    """A scene description of ``n_objects`` with 1 to ``n_objects - 1`` of them described in random order, whose
+    answer is the first undescribed object in reading order (``causal_model``'s ``describe`` kind)."""
+    from .causal_model import Structure, planting_trial
+
+    return planting_trial(rng, Structure("describe", tuple(grid), n_objects, rng.randint(1, n_objects - 1)), entropy)
 
 
 def step_trials(seed: int, step: int, n: int, mixture: tuple[Component, ...] = MIXTURE) -> list[Trial]:
@@ -185,6 +204,11 @@ def _entropy(grid, condition, n, seed):
     return _subsample(sets.entropy_set(grid, condition, k=k, seed=seed), n, seed)
 
 
+def _reading_order(grid, n, seed):
+    rng = random.Random(seed)
+    return [reading_order_trial(rng, grid, rng.randint(2, grid[0] * grid[1])) for _ in range(n)]
+
+
 HELDOUT_GROUPS = {
     "scene_description/2x2/high": lambda n, s: _entropy((2, 2), "high", n, s),
     "scene_description/2x2/low": lambda n, s: _entropy((2, 2), "low", n, s),
@@ -194,6 +218,7 @@ HELDOUT_GROUPS = {
     "color_retrieval/2x2": lambda n, s: sets.color_retrieval_set(n, (2, 2), seed=s),
     "spatial_relation/3x3": lambda n, s: sets.spatial_relation_set(n, seed=s, grid=(3, 3)),
     "counting/3x3": lambda n, s: sets.counting_set(n, seed=s, grid=(3, 3)),
+    "reading_order/3x3": lambda n, s: _reading_order((3, 3), n, s),
 }
 
 #: The groups the 95% target is stated for (high-entropy scene description and colour retrieval).
