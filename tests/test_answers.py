@@ -174,3 +174,49 @@ def test_edited_runs_score_sequences_with_each_rows_own_edit(family):
             ref = vlm.score_answers(one, sa).scores[0]
         assert (got[r] - ref).abs().max() < 1e-4, (family, r)
     assert (got[1] - runs.scores().scores[1]).abs().max() > 1e-3  # the edit did something
+
+
+def _reduce_row_by_row(aset, logits):
+    """The plain per-row, per-candidate, per-form loop that ``AnswerSet.reduce`` vectorises."""
+    logits = (logits[:, None] if logits.dim() == 2 else logits).float()
+    logp = logits if aset.rule == "first_token" else torch.log_softmax(logits, -1)
+    top = logits.argmax(-1)
+    scores, greedy = torch.empty(len(aset.seqs), aset.k), torch.zeros(len(aset.seqs), aset.k, dtype=torch.bool)
+    for b, row in enumerate(aset.seqs):
+        for c, cand in enumerate(row):
+            vals, hits = [], []
+            for f, s in enumerate(cand):
+                r = b if aset.rule == "first_token" else aset.where[b][c][f]
+                at = torch.arange(len(s))
+                vals.append(logp[r, at, torch.tensor(s)].sum())
+                hits.append(bool((top[r, at] == torch.tensor(s)).all()))
+            scores[b, c] = torch.logsumexp(torch.stack(vals), 0) if len(vals) > 1 else vals[0]
+            greedy[b, c] = any(hits)
+    return scores, greedy
+
+
+@pytest.mark.parametrize("rule", ["first_token", "sequence"])
+def test_vectorised_reduce_equals_the_row_by_row_loop(rule):
+    from vismech.models.answers import AnswerSet
+
+    g = torch.Generator().manual_seed(0)
+    if rule == "first_token":
+        seqs = [[[[3]], [[7], [9]]], [[[1]], [[4]]], [[[5], [6], [2]], [[8]]]]
+    else:  # forms of different lengths, shared prefixes (one scoring row serves several forms)
+        seqs = [[[[3, 4]], [[7], [3, 5, 6]]], [[[1, 2, 3]], [[4, 4]]], [[[5], [6, 1]], [[8, 8, 8], [8, 2]]]]
+    aset = AnswerSet(rule, seqs)
+    n_rows = len(seqs) if rule == "first_token" else len(aset.rows)
+    for trial in range(20):
+        logits = torch.randn(n_rows, aset.tail, 12, generator=g) * 3
+        if trial % 4 == 0:  # force greedy hits on some forms
+            for b, row in enumerate(seqs):
+                for c, cand in enumerate(row):
+                    s = cand[-1]
+                    r = b if rule == "first_token" else aset.where[b][c][len(cand) - 1]
+                    for i, t in enumerate(s):
+                        logits[r, i, t] = 50.0
+        got = aset.reduce(logits if aset.tail > 1 else logits[:, 0])
+        want_s, want_g = _reduce_row_by_row(aset, logits)
+        assert torch.equal(got.greedy, want_g)
+        assert torch.allclose(got.scores, want_s, atol=1e-6, rtol=0)
+        assert got.greedy.any() or trial % 4

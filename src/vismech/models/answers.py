@@ -157,29 +157,48 @@ class AnswerSet:
                      [batch.mentions[b] for b in src], [batch.commas[b] for b in src],
                      [batch.image_tokens[b] for b in src], [batch.texts[b] for b in src])
 
+    def _index(self, device) -> tuple[torch.Tensor, ...]:
+        """Gather indices of every (row, candidate, form): scoring row [N], token ids [N, L] and their validity,
+        the (row * K + candidate) each belongs to and its form's slot [N]; built once, cached per device."""
+        cache = self.__dict__.setdefault("_indices", {})
+        if device not in cache:
+            rows, toks, owner, slot = [], [], [], []
+            for b, row in enumerate(self.seqs):
+                for c, cand in enumerate(row):
+                    for f, seq in enumerate(cand):
+                        rows.append(b if self.rule == "first_token" else self.where[b][c][f])
+                        toks.append(list(seq))
+                        owner.append(b * self.k + c)
+                        slot.append(f)
+            width = max(len(t) for t in toks)
+            tok = torch.tensor([t + [0] * (width - len(t)) for t in toks])
+            valid = torch.tensor([[i < len(t) for i in range(width)] for t in toks])
+            cache[device] = tuple(x.to(device) for x in (torch.tensor(rows), tok, valid, torch.tensor(owner),
+                                                          torch.tensor(slot)))
+        return cache[device]
+
     def reduce(self, logits: torch.Tensor) -> AnswerScores:
         """Scores and greedy hits [B, K] from the scoring rows' logits: [rows, vocab] (the last position) or
-        [rows, tail, vocab] (the last ``tail`` positions)."""
+        [rows, tail, vocab] (the last ``tail`` positions). A candidate's score is the log-sum-exp over its forms of
+        the form's summed token scores; it is a greedy hit when every token of one of its forms is the arg-max.
+        One gather for the whole batch (no per-row work on the host)."""
         if logits.dim() == 2:
             logits = logits[:, None]
         logits = logits.float()
         logp = logits if self.rule == "first_token" else torch.log_softmax(logits, -1)
         top = logits.argmax(-1)
+        rows, tok, valid, owner, slot = self._index(logits.device)
+        at = torch.arange(tok.shape[1], device=logits.device).expand_as(tok)
+        r = rows[:, None].expand_as(tok)
+        vals = torch.where(valid, logp[r, at.clamp(max=logp.shape[1] - 1), tok], 0.0).sum(-1)
+        hits = ((top[r, at.clamp(max=top.shape[1] - 1)] == tok) | ~valid).all(-1)
         B, K = len(self.seqs), self.k
-        scores = torch.empty(B, K)
-        greedy = torch.zeros(B, K, dtype=torch.bool)
-        for b, row in enumerate(self.seqs):
-            for c, cand in enumerate(row):
-                vals, hits = [], []
-                for f, s in enumerate(cand):
-                    r = b if self.rule == "first_token" else self.where[b][c][f]
-                    t = torch.tensor(s, device=logits.device)
-                    at = torch.arange(len(s), device=logits.device)
-                    vals.append(logp[r, at, t].sum())
-                    hits.append(bool((top[r, at] == t).all()))
-                scores[b, c] = torch.logsumexp(torch.stack(vals), 0).cpu() if len(vals) > 1 else vals[0].cpu()
-                greedy[b, c] = any(hits)
-        return AnswerScores(scores, greedy)
+        per = torch.full((B * K, int(slot.max()) + 1), float("-inf"), device=logits.device)
+        per[owner, slot] = vals
+        got = torch.zeros(B * K, dtype=torch.int8, device=logits.device).scatter_reduce(0, owner, hits.to(torch.int8),
+                                                                                         "amax")
+        scores = torch.where(torch.isinf(per[:, 1:]).all(-1), per[:, 0], torch.logsumexp(per, -1))
+        return AnswerScores(scores.view(B, K).cpu(), got.view(B, K).bool().cpu())
 
 
 def select_rows(inputs: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
