@@ -19,58 +19,13 @@ ties its input and output embeddings among these presets).
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
 from typing import Any
-
-import torch
-import transformers
 
 from vismech.errors import UserError
 
+from .families import FAMILIES, Preset
+
 __all__ = ["PRESETS", "Preset", "get_preset", "preset_names"]
-
-# family -> (config class, model class), names resolved lazily from the installed transformers.
-_FAMILY_CLASSES: dict[str, tuple[str, str]] = {
-    "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
-    "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
-    "llava": ("LlavaConfig", "LlavaForConditionalGeneration"),
-    "llava_onevision": ("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration"),
-    "idefics2": ("Idefics2Config", "Idefics2ForConditionalGeneration"),
-}
-
-
-@dataclass(frozen=True)
-class Preset:
-    """One published checkpoint's architecture.
-
-    ``kwargs`` are the keyword arguments of the family's top-level config class; nested sub-configs
-    are plain dicts carrying their ``model_type`` (the form a Hub ``config.json`` has), which every
-    transformers 5.x release turns into the right sub-config class.
-    """
-
-    name: str
-    family: str
-    published_params: float  # parameter count shown on the model's Hugging Face page
-    source: str  # where the numbers came from
-    hf_id: str = ""
-    kwargs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def config_class(self) -> type:
-        return getattr(transformers, _FAMILY_CLASSES[self.family][0])
-
-    @property
-    def model_class(self) -> type:
-        return getattr(transformers, _FAMILY_CLASSES[self.family][1])
-
-    def config(self) -> transformers.PretrainedConfig:
-        """A fresh, full config object (``...Config``) with ``architectures`` set."""
-        cfg = self.config_class(**copy.deepcopy(self.kwargs))
-        cfg.architectures = [self.model_class.__name__]
-        cfg.name_or_path = f"random:{self.name}"
-        return cfg
-
 
 # --------------------------------------------------------------------------------------------------
 # Qwen2-VL / Qwen2.5-VL. Text keys are nested under ``text_config`` (transformers 5.x layout); the Hub
@@ -372,19 +327,31 @@ _IDEFICS2_8B = Preset(
 )
 
 
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in (
-        _QWEN2_VL_7B,
-        _QWEN2_5_VL_3B,
-        _QWEN2_5_VL_7B,
-        _QWEN2_5_VL_32B,
-        _LLAVA_7B,
-        _LLAVA_13B,
-        _LLAVA_OV_7B,
-        _IDEFICS2_8B,
-    )
-}
+_TABLE = (
+    _QWEN2_VL_7B,
+    _QWEN2_5_VL_3B,
+    _QWEN2_5_VL_7B,
+    _QWEN2_5_VL_32B,
+    _LLAVA_7B,
+    _LLAVA_13B,
+    _LLAVA_OV_7B,
+    _IDEFICS2_8B,
+)
+
+
+def _collect() -> dict[str, Preset]:
+    """The table above, then every family spec's own ``presets`` (families in registry order)."""
+    out: dict[str, Preset] = {}
+    for p in _TABLE + tuple(p for spec in FAMILIES.values() for p in spec.presets):
+        if p.name in out:
+            raise RuntimeError(f"two presets are named {p.name!r}")
+        if p.family not in FAMILIES:
+            raise RuntimeError(f"preset {p.name!r} names an unknown family {p.family!r}")
+        out[p.name] = p
+    return out
+
+
+PRESETS: dict[str, Preset] = _collect()
 
 
 def preset_names() -> list[str]:
