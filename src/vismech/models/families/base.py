@@ -74,7 +74,8 @@ DEFAULT_SITES: dict[str, Site] = {
 
 @dataclass(frozen=True)
 class Preset:
-    """One published checkpoint's architecture (``random:NAME``; ``vismech.models.presets`` holds the table).
+    """One published checkpoint's architecture (``random:NAME``), declared in its family's spec module
+    (``Family.presets``) and listed by ``vismech.models.presets.PRESETS``.
 
     ``kwargs`` are the keyword arguments of the family's top-level config class; nested sub-configs
     are plain dicts carrying their ``model_type`` (the form a Hub ``config.json`` has), which every
@@ -155,7 +156,7 @@ class Family:
     #: marking where their rows go (row-major); the fast engine slices and repeats them along with that mask
     packed_inputs: ClassVar[dict[str, str]] = {}
     #: real-size architectures of the family's published checkpoints (``random:NAME``), listed by
-    #: ``models.presets.PRESETS``
+    #: ``models.presets.PRESETS``; only those a class sets in its own body count (a subclass does not inherit them)
     presets: ClassVar[tuple[Preset, ...]] = ()
     image_token: ClassVar[str]
     image_open: ClassVar[str] = ""

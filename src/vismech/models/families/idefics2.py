@@ -7,7 +7,67 @@ import transformers as tf
 from vismech.scenes.core import Geometry
 
 from ..framing import ChatFormat
-from .base import Family, ImageInputs, image_processor_class, text_kwargs
+from .base import Family, ImageInputs, Preset, image_processor_class, text_kwargs
+
+
+# --------------------------------------------------------------------------------------------------
+# Idefics2-8B: SigLIP so400m (980 px, 27 layers) + perceiver resampler (64 latents) + Mistral-7B-v0.1.
+# --------------------------------------------------------------------------------------------------
+
+_IDEFICS2_8B = Preset(
+    "Idefics2-8B",
+    "idefics2",
+    8.4e9,
+    "config: HuggingFaceM4/idefics2-8b config.json (vision 1152/4304/27 layers/16 heads, 980 px, patch 14; "
+    "perceiver 3 layers, 64 latents, 16 heads x 96, 4 kv; text Mistral-7B-v0.1 with vocab 32003; "
+    "image_token_id 32001) as quoted in public code and transformers' defaults; params: HF model page (8.4B)",
+    "HuggingFaceM4/idefics2-8b",
+    dict(
+        vision_config=dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            num_channels=3,
+            image_size=980,
+            patch_size=14,
+            hidden_act="gelu_pytorch_tanh",
+            layer_norm_eps=1e-6,
+        ),
+        perceiver_config=dict(
+            hidden_act="silu",
+            hidden_size=4096,  # = text hidden size
+            rms_norm_eps=1e-5,  # = text rms_norm_eps
+            resampler_n_latents=64,
+            resampler_depth=3,
+            resampler_n_heads=16,
+            resampler_head_dim=96,
+            num_key_value_heads=4,
+        ),
+        # Mistral-7B-v0.1 sizes (4096/14336/32 layers/32 heads/8 kv, rope_theta 1e4, window 4096), vocab
+        # extended by Idefics2's added tokens to 32003.
+        text_config=dict(
+            model_type="mistral",
+            vocab_size=32003,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            hidden_act="silu",
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            sliding_window=4096,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+        ),
+        image_token_id=32001,
+        tie_word_embeddings=False,
+    ),
+)
 
 
 class Idefics2(Family):
@@ -27,6 +87,7 @@ class Idefics2(Family):
     layer_paths = ("model.text_model.layers",)
     order = 4
     config_class = "Idefics2Config"
+    presets = (_IDEFICS2_8B,)
     # 378 px: 27 tokens of 14 px
     default_geometry = Geometry(14, canvas_tokens=27)
     special_tokens = ("<image>", "<fake_token_around_image>", "<end_of_utterance>")

@@ -8,7 +8,70 @@ from vismech.scenes.core import Geometry
 from vismech.scenes.regions import View
 
 from ..framing import ChatFormat
-from .base import Family, ImageInputs, _get, image_processor_class, text_kwargs
+from .base import Family, ImageInputs, Preset, _get, image_processor_class, text_kwargs
+
+
+# --------------------------------------------------------------------------------------------------
+# LLaVA-1.5 (llava-hf): CLIP ViT-L/14-336 + Vicuna-v1.5 (Llama-2). The Hub text_config lists only
+# vocab_size 32064 / max_position_embeddings 4096 / rms_norm_eps 1e-5 and relies on LlamaConfig defaults
+# (= Llama-2-7B) for the sizes; they are spelled out here so older/newer defaults cannot change them.
+# --------------------------------------------------------------------------------------------------
+
+_CLIP_L14_336 = dict(
+    model_type="clip_vision_model",
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+
+
+def _llava(name, hf_id, published, source, *, hidden, inter, layers, heads) -> Preset:
+    text = dict(
+        model_type="llama",
+        vocab_size=32064,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        pad_token_id=32001,
+        tie_word_embeddings=False,
+    )
+    kwargs = dict(
+        vision_config=dict(_CLIP_L14_336),
+        text_config=text,
+        image_token_index=32000,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        tie_word_embeddings=False,
+    )
+    return Preset(name, "llava", published, source, hf_id, kwargs)
+
+
+_LLAVA_7B = _llava(
+    "LLaVA-1.5-7B", "llava-hf/llava-1.5-7b-hf", 7.06e9,
+    "config: llava-hf/llava-1.5-7b-hf config.json (CLIP ViT-L/14-336, vocab 32064, image_token_index 32000, "
+    "feature layer -2), quoted verbatim in public repos; LLM sizes = Llama-2-7B (4096/11008/32x32); "
+    "params: HF model page (7.06B)",
+    hidden=4096, inter=11008, layers=32, heads=32,
+)
+_LLAVA_13B = _llava(
+    "LLaVA-1.5-13B", "llava-hf/llava-1.5-13b-hf", 13.4e9,
+    # LLM sizes derived from Llama-2-13B / vicuna-13b-v1.5 (5120 hidden, 13824 FFN, 40 layers, 40 heads);
+    # the rest mirrors the 7B llava-hf config (same vision tower, vocab 32064, token ids).
+    "config: llava-1.5-7b-hf layout with LLM sizes derived from Llama-2-13B / vicuna-13b-v1.5 "
+    "(5120/13824/40x40); params: HF model page (13.4B)",
+    hidden=5120, inter=13824, layers=40, heads=40,
+)
 
 
 class Llava(Family):
@@ -28,6 +91,7 @@ class Llava(Family):
     shared_vocab = True
     config_tokens = {"image_token_id": "<image>"}
     vision_modules = ("vision_tower", "multi_modal_projector")
+    presets = (_LLAVA_7B, _LLAVA_13B)
 
     def tiny_config(self, tok):
         vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,

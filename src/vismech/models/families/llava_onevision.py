@@ -10,9 +10,66 @@ from vismech.scenes.core import Geometry
 from vismech.scenes.regions import View
 
 from ..framing import ChatFormat
-from .base import ImageInputs, _get, image_processor_class, text_kwargs
+from .base import ImageInputs, Preset, _get, image_processor_class, text_kwargs
 from .llava import Llava
 from .qwen2_vl import QWEN_SYSTEM
+
+
+# --------------------------------------------------------------------------------------------------
+# LLaVA-OneVision-7B (llava-hf): SigLIP so400m/14-384 with the last layer dropped (26 layers, no head)
+# + Qwen2-7B-Instruct. transformers' convert_llava_onevision_weights_to_hf.py builds exactly this and
+# resizes the embeddings to vocab+2 padded to a multiple of 64: 152064 -> 152128.
+# --------------------------------------------------------------------------------------------------
+
+_LLAVA_OV_7B = Preset(
+    "LLaVA-OneVision-7B",
+    "llava_onevision",
+    8.03e9,
+    "config: transformers convert_llava_onevision_weights_to_hf.py (SigLIP 1152/4304/26 layers/16 heads, "
+    "384 px, no head; text = Qwen2-7B-Instruct 3584/18944/28x28/4 kv, vocab resized to 152128); "
+    "params: HF model page (8.03B)",
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+    dict(
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=26,
+            num_attention_heads=16,
+            image_size=384,
+            patch_size=14,
+            hidden_act="gelu_pytorch_tanh",
+            layer_norm_eps=1e-6,
+            vision_use_head=False,
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=152128,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            hidden_act="silu",
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+            use_sliding_window=False,
+            sliding_window=131072,
+            max_window_layers=28,
+            bos_token_id=151643,
+            eos_token_id=151645,
+            tie_word_embeddings=False,
+        ),
+        image_token_index=151646,
+        video_token_index=151647,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    ),
+)
 
 
 class LlavaOnevision(Llava):
@@ -27,6 +84,7 @@ class LlavaOnevision(Llava):
 
     order = 3
     config_class = "LlavaOnevisionConfig"
+    presets = (_LLAVA_OV_7B,)
     # 384 px SigLIP with 14 px patches (27 tokens, 378 px drawn, padded to 384)
     default_geometry = Geometry(14, canvas_tokens=27, input_px=384)
     special_tokens = ("<|im_start|>", "<|im_end|>", "<image>", "<video>")
