@@ -2,8 +2,8 @@
 
 No tokenizer can be downloaded here, so tiny models and organisms use a word-level vocabulary built from every
 word vismech's prompts can contain (templates, colours, shapes, relations, numbers) plus the special tokens of
-the supported families' prompt formats (``special_tokens``). It is a ``PreTrainedTokenizerFast``, so it saves and loads with
-``save_pretrained`` / ``from_pretrained`` offline and gives character offsets like any real tokenizer. Built for a
+the supported families' prompt formats (``special_tokens``). It is a ``PreTrainedTokenizerFast``, so it saves and
+loads with ``save_pretrained`` / ``from_pretrained`` offline and gives character offsets like any real tokenizer. Built for a
 family, it carries that family's vismech chat template (``models.framing.vismech_template``), which
 ``save_pretrained`` writes next to it, so a saved organism is framed exactly as it was trained.
 """

@@ -196,7 +196,7 @@ class Family:
             raise ValueError(
                 f"{self.name} compresses each image into {n_tokens} resampled tokens with no per-patch "
                 "positions, so analyses of object image tokens (key interventions, object-token RSA) cannot run "
-                "on it; use a Qwen or LLaVA family model for those"
+                "on it; use a family with per-patch image tokens for those (`vismech models` lists them)"
             )
 
     def picture_views(self, image_processor, image_size: tuple[int, int], grid, extra) -> list[View]:

@@ -97,8 +97,9 @@ class Llava(Family):
         vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=2, image_size=56, patch_size=4, projection_dim=32)
         text = tf.LlamaConfig(**text_kwargs(tok))
-        cfg = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                             vision_feature_layer=-1, vision_feature_select_strategy="default")
+        cfg = tf.LlavaConfig(vision_config=vision, text_config=text,
+                             image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                             vision_feature_select_strategy="default")
         cfg.architectures = [self.class_name]
         return cfg
 
