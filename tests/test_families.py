@@ -5,7 +5,10 @@ import json
 import pkgutil
 
 import pytest
+import torch
 import transformers
+
+from conftest import tiny
 
 from vismech.engine import hooks
 from vismech.models import families, wordtok
@@ -38,6 +41,19 @@ def test_spec_fields_are_complete(name):
         assert hasattr(cfg, attr) and getattr(cfg, attr) == tok.convert_tokens_to_ids(token) != tok.unk_token_id
     for p in spec.presets:
         assert p.family == name and PRESETS[p.name] is p
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_site_map_and_module_names_exist_in_the_model(name):
+    """Every module the spec names (hook sites, attention, vision tower and projector) is in its tiny model
+    (``get_submodule`` raises on a wrong path)."""
+    vlm = tiny(name)
+    layer = vlm.layers[0]
+    assert vlm.attention(0) is layer.get_submodule(FAMILIES[name].attention_module)
+    for site, where in FAMILIES[name].sites.items():
+        layer.get_submodule(where.module)
+    for m in FAMILIES[name].vision_modules:
+        assert isinstance(getattr(vlm.model.model, m), torch.nn.Module), m
 
 
 def test_shipped_organisms_keep_their_token_ids():

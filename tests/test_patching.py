@@ -193,5 +193,19 @@ def test_replay_tolerance_follows_the_dtype_and_the_logit_scale():
     small = torch.tensor([[0.5, -0.2]])  # scale below 1 counts as 1
     with pytest.raises(UserError):
         patching.check_replay(vlm, small, small + 2e-3)
-    assert patching.REPLAY_TOLERANCE[torch.bfloat16] > patching.REPLAY_TOLERANCE[torch.float16] > \
-        patching.REPLAY_TOLERANCE[torch.float32]
+    assert patching.replay_tolerance(torch.float32) == 1e-3
+    assert patching.replay_tolerance(torch.float16) == 8 * 2 ** -10
+    assert patching.replay_tolerance(torch.bfloat16) == 2 ** -4
+
+
+def test_a_replay_that_fails_outright_is_a_user_error_naming_the_family():
+    from conftest import tiny
+    from vismech.errors import UserError
+
+    vlm = tiny("llava")
+    with pytest.raises(UserError, match=r"cannot replay the llava language model on its captured inputs \(The size"):
+        with patching.replay_errors(vlm):
+            torch.zeros(40, 2) + torch.zeros(200, 2)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # out of memory passes (the engine retries smaller chunks)
+        with patching.replay_errors(vlm):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")

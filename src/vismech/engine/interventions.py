@@ -207,11 +207,12 @@ class EditedRuns:
         run = answers.expand(vlm, batch) if self._source is not None else batch
         self.inp, full = patching.lm_inputs(vlm, run)
         self.p0 = int(first_position) if first_position else 0
-        self.prefix = patching.prefix_cache(vlm, self.inp, self.p0) if self.p0 > 0 else None
-        # shared-prefix attention: a run starts at its first edited layer from the clean suffix there
-        self.shared = (cascade.shared_prefix(vlm, self.inp, self.prefix)
-                       if self.prefix is not None and cascade.supported(vlm, self.inp.length, self.inp) else None)
-        patching.check_replay(vlm, full, self._forward([], 1))
+        with patching.replay_errors(vlm):
+            self.prefix = patching.prefix_cache(vlm, self.inp, self.p0) if self.p0 > 0 else None
+            # shared-prefix attention: a run starts at its first edited layer from the clean suffix there
+            self.shared = (cascade.shared_prefix(vlm, self.inp, self.prefix)
+                           if self.prefix is not None and cascade.supported(vlm, self.inp.length, self.inp) else None)
+            patching.check_replay(vlm, full, self._forward([], 1))  # the self-check, as in patching
 
     def _forward(self, edits, tail: int) -> torch.Tensor:
         shifted = []
