@@ -36,7 +36,7 @@ def special_tokens(family: str | None = None) -> tuple[str, ...]:
 
     out = list(COMMON_TOKENS)
     for spec in FAMILIES.values():
-        if spec.shared_vocab:
+        if vars(type(spec)).get("shared_vocab", False):  # set in the family's own class body
             out += [t for t in spec.special_tokens if t not in out]
     if family is not None:
         if family not in FAMILIES:

@@ -140,9 +140,10 @@ class Family:
     default_geometry: ClassVar[Geometry]
     #: special tokens of the family's prompts, for vismech's word tokenizer (``models.wordtok``)
     special_tokens: ClassVar[tuple[str, ...]] = ()
-    #: True only for the paper's five families, whose special tokens make up the word vocabulary every tiny model
-    #: and shipped organism was built with; a new family leaves it False: its own tokens are appended to its own
-    #: tokenizer only, so adding a family never changes another family's token ids
+    #: True only for the paper's five families (each sets it in its own class body; it is not inherited), whose
+    #: special tokens make up the word vocabulary every tiny model and shipped organism was built with; a new family
+    #: leaves it False: its own tokens are appended to its own tokenizer only, so adding a family never changes
+    #: another family's token ids
     shared_vocab: ClassVar[bool] = False
     #: config attribute -> token whose id it holds; set to the word tokenizer's ids for ``random:`` presets
     config_tokens: ClassVar[dict[str, str]] = {}
@@ -153,7 +154,8 @@ class Family:
     #: the modules (children of the model's ``model``) that turn pixels into the language model's image inputs
     vision_modules: ClassVar[tuple[str, ...]] = ()
     #: language-model inputs packed over the image tokens of the whole batch -> the boolean [batch, pos] input
-    #: marking where their rows go (row-major); the fast engine slices and repeats them along with that mask
+    #: marking where their rows go (row-major); the fast engine cuts and repeats them along with that mask (and,
+    #: like any input beyond embeddings, mask and positions, runs them on its copied-prefix engine)
     packed_inputs: ClassVar[dict[str, str]] = {}
     #: real-size architectures of the family's published checkpoints (``random:NAME``), listed by
     #: ``models.presets.PRESETS``; only those a class sets in its own body count (a subclass does not inherit them)

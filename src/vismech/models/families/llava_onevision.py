@@ -88,6 +88,7 @@ class LlavaOnevision(Llava):
     # 384 px SigLIP with 14 px patches (27 tokens, 378 px drawn, padded to 384)
     default_geometry = Geometry(14, canvas_tokens=27, input_px=384)
     special_tokens = ("<|im_start|>", "<|im_end|>", "<image>", "<video>")
+    shared_vocab = True
     config_tokens = {"image_token_id": "<image>", "video_token_id": "<video>"}
 
     def tiny_config(self, tok):

@@ -210,6 +210,7 @@ class Qwen25VL(Qwen2VL):
     class_name = "Qwen2_5_VLForConditionalGeneration"
     order = 1
     config_class = "Qwen2_5_VLConfig"
+    shared_vocab = True
     presets = (_QWEN2_5_VL_3B, _QWEN2_5_VL_7B, _QWEN2_5_VL_32B)
 
     def _tiny_vision(self) -> dict:
