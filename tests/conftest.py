@@ -10,8 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision", "idefics2"]
-SPATIAL = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision"]
+from vismech.models.families import FAMILIES as _SPECS  # noqa: E402
+
+# every registered family (a new family's module is picked up by every parametrised test), and those whose image
+# tokens are per-patch
+FAMILIES = list(_SPECS)
+SPATIAL = [name for name, spec in _SPECS.items() if spec.spatial_tokens]
 
 
 @functools.lru_cache(maxsize=None)

@@ -117,3 +117,48 @@ def test_kv_head_of_is_the_key_head_each_query_head_reads(vlm):
         moved = {h for h in range(vlm.n_heads)
                  if not torch.equal(after[("z", layer)][:, :, h], before[("z", layer)][:, :, h])}
         assert moved == {h for h in range(vlm.n_heads) if hooks.kv_head_of(vlm, h) == j}
+
+
+class _ToyAttention(torch.nn.Module):
+    """A query path with a per-head norm, applied on [batch, pos, heads, dim] (Qwen3's place) or on
+    [batch, heads, pos, dim] (Gemma 3's); returns the normed queries in [batch, heads, pos, dim]."""
+
+    def __init__(self, heads, dim, transposed_norm):
+        super().__init__()
+        self.heads, self.transposed_norm = heads, transposed_norm
+        self.q_proj = torch.nn.Linear(heads * dim, heads * dim, bias=False)
+        self.q_norm = torch.nn.LayerNorm(dim)
+
+    def forward(self, x):
+        q = self.q_proj(x).view(*x.shape[:-1], self.heads, -1)
+        if self.transposed_norm:
+            return self.q_norm(q.transpose(1, 2))
+        return self.q_norm(q).transpose(1, 2)
+
+
+@pytest.mark.parametrize("layout", ["bthd", "bhtd"])
+def test_a_site_map_reads_and_writes_a_norm_in_either_layout(layout):
+    """A family's site map points ``q`` at the query norm; callers see [batch, pos, heads, dim] whatever the
+    hooked tensor's layout, and an edit of one (position, head) changes exactly that entry of the model's own
+    normed queries."""
+    from types import SimpleNamespace
+
+    from vismech.models.families import DEFAULT_SITES, Site
+
+    torch.manual_seed(0)
+    layer = torch.nn.Module()
+    layer.self_attn = _ToyAttention(3, 4, transposed_norm=layout == "bhtd")
+    sites = {**DEFAULT_SITES, "q": Site("self_attn.q_norm", layout=layout)}
+    vlm = SimpleNamespace(layers=[layer], n_layers=1, n_heads=3, n_kv_heads=3, name="toy",
+                          family=SimpleNamespace(sites=sites))
+    x = torch.randn(2, 5, 12)
+    ref = layer.self_attn(x)  # [2, 3, 5, 4]
+    with hooks.capture(vlm, [("q", 0)]) as got:
+        assert torch.equal(layer.self_attn(x), ref)
+    assert torch.equal(got[("q", 0)], ref.transpose(1, 2))
+    value = torch.full((4,), 7.0)
+    with hooks.intervene(vlm, [hooks.Edit("q", 0, torch.tensor([1]), torch.tensor([3]), torch.tensor([2]), value)]):
+        out = layer.self_attn(x)
+    want = ref.clone()
+    want[1, 2, 3] = value
+    assert torch.equal(out, want)

@@ -155,3 +155,57 @@ def test_fast_engine_equals_naive_on_the_organism(condition):
     fast = patching.head_patch(vlm, clean, src, pos, tid, heads=heads)
     slow = patching.naive_head_patch(vlm, clean, src, pos, tid, heads=heads)
     assert (fast - slow).abs().max() < 1e-4
+
+
+def test_the_fast_engine_checks_its_replay_against_the_full_forward(monkeypatch):
+    """The normal path passes its self-check; a capture that drops an input (here Qwen's M-RoPE position ids:
+    the replay then runs 1-D positions) stops every fast engine with a one-line error naming the family."""
+    from conftest import tiny
+    from vismech.engine.interventions import EditedRuns
+    from vismech.errors import UserError
+
+    vlm = tiny("qwen2_5_vl")
+    clean = vlm.encode(two_object_trials())
+    pos = [m[0] for m in clean.mentions]  # mid-prompt: the prefix cache and the shared-prefix engine run
+    with hooks.hooked(vlm, "v", 0, lambda x: -x):
+        src = patching.capture_z(vlm, clean, pos)
+    tid = torch.stack([vlm.answer_ids(clean, ["blue", "blue"]), vlm.answer_ids(clean, ["red", "green"])], 1)
+    inp, full = patching.lm_inputs(vlm, clean)
+    assert patching.check_replay(vlm, full, patching.lm_logits(vlm, inp)) < 1e-5
+    monkeypatch.setattr(hooks, "RUN_CONTROL", hooks.RUN_CONTROL + ("position_ids",))
+    for kw in (dict(shared_prefix=True), dict(shared_prefix=False), dict(use_cache=False)):
+        with pytest.raises(UserError, match=r"replay of the qwen2_5_vl language model differs from the full "
+                                            r"forward by [0-9.e-]+ \(tolerance 0.001 at float32\)"):
+            patching.head_patch(vlm, clean, src, pos, tid, heads=[(0, 0)], **kw)
+    with pytest.raises(UserError, match="qwen2_5_vl language model differs"):
+        EditedRuns(vlm, clean, first_position=min(p[0] for p in pos))
+
+
+def test_replay_tolerance_follows_the_dtype_and_the_logit_scale():
+    from conftest import tiny
+    from vismech.errors import UserError
+
+    vlm = tiny("llava")
+    full = torch.tensor([[0.5, -40.0, 3.0]])  # scale 40: float32 allows 0.04
+    assert patching.check_replay(vlm, full, full + 0.039) == pytest.approx(0.039, abs=1e-5)
+    with pytest.raises(UserError, match=r"differs from the full forward by 0.041 \(tolerance 0.04 at float32\)"):
+        patching.check_replay(vlm, full, full + 0.041)
+    small = torch.tensor([[0.5, -0.2]])  # scale below 1 counts as 1
+    with pytest.raises(UserError):
+        patching.check_replay(vlm, small, small + 2e-3)
+    assert patching.replay_tolerance(torch.float32) == 1e-3
+    assert patching.replay_tolerance(torch.float16) == 8 * 2 ** -10
+    assert patching.replay_tolerance(torch.bfloat16) == 2 ** -4
+
+
+def test_a_replay_that_fails_outright_is_a_user_error_naming_the_family():
+    from conftest import tiny
+    from vismech.errors import UserError
+
+    vlm = tiny("llava")
+    with pytest.raises(UserError, match=r"cannot replay the llava language model on its captured inputs \(The size"):
+        with patching.replay_errors(vlm):
+            torch.zeros(40, 2) + torch.zeros(200, 2)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # out of memory passes (the engine retries smaller chunks)
+        with patching.replay_errors(vlm):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")

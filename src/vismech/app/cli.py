@@ -25,6 +25,16 @@ MODEL_HELP = ("HF hub id or local checkpoint dir, organism (the tiny VLM vismech
 
 
 
+class _WithFamilies(str):
+    """A help text whose ``%(families)s`` lists the registered families, filled in only when help is shown (the
+    family registry imports torch, which other commands need not wait for)."""
+
+    def __mod__(self, params):
+        from vismech.models.families import FAMILIES
+
+        return str.__mod__(self, {**params, "families": ", ".join(FAMILIES)})
+
+
 def _grid(s: str) -> tuple[int, int]:
     try:
         r, c = (int(x) for x in s.lower().split("x"))
@@ -275,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "photoreal-cma-feature_retrieval (photoreal: rendered with Mitsuba 3)")
     s.add_argument("--grid", type=_grid, default=(2, 2))
     s.add_argument("--model", default="qwen2_5_vl",
-                   help="family (qwen2_vl, qwen2_5_vl, llava, llava_onevision, idefics2) or any --model value "
-                   "whose token geometry to render for")
+                   help=_WithFamilies("family (%(families)s) or any --model value whose token geometry to "
+                                      "render for"))
     _trials(s, 10, "trials (K per identity x cell for the K x N x N sets)")
     s.add_argument("--seed", type=arg_type(SEED, "--seed"), default=0)
     s.add_argument("--spp", type=arg_type(Opt("int", 1, 1 << 16), "--spp"), default=64,

@@ -98,13 +98,28 @@ class SharedPrefix:
     rotary: tuple[torch.Tensor, ...] | None
 
 
-def supported(vlm, length: int) -> bool:
+#: The language-model inputs the cascade path replays; a batch whose language model takes other tensors runs
+#: on the engine that copies the prefix cache per row (which replays every input).
+PLAIN_INPUTS = ("inputs_embeds", "attention_mask", "position_ids")
+
+
+def _plain(inp) -> bool:
+    def tensors(v):
+        return torch.is_tensor(v) or (isinstance(v, (list, tuple, dict)) and len(v) > 0)
+
+    mask = inp.tensors.get("attention_mask")
+    return (all(k in PLAIN_INPUTS or not tensors(v) for k, v in inp.tensors.items())
+            and (mask is None or (torch.is_tensor(mask) and mask.dim() == 2)))
+
+
+def supported(vlm, length: int, inp=None) -> bool:
     """Whether the cascade path is exact for this model: attention routable, one attention type in all layers,
-    no sliding window shorter than the sequence."""
+    no sliding window shorter than the sequence, and (given the batch's ``inp``, ``replay.LMInputs``) only the
+    ``PLAIN_INPUTS`` with a [batch, pos] attention mask."""
     tc = vlm.text_config
     window = getattr(tc, "sliding_window", None) if getattr(tc, "use_sliding_window", True) else None
     return (hooks.attention_routable(vlm) and len(set(getattr(tc, "layer_types", None) or ["full"])) == 1
-            and (window is None or window >= length))
+            and (window is None or window >= length) and (inp is None or _plain(inp)))
 
 
 @contextlib.contextmanager

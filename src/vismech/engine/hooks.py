@@ -1,11 +1,13 @@
 """Capture, replace and add to activations of the language model, with plain PyTorch hooks in context managers.
 
-Sites (TransformerLens' names), per decoder layer ``l`` of the language backbone:
+Sites (TransformerLens' names), per decoder layer ``l`` of the language backbone; where each sits is the family
+spec's site map (``Family.sites``: module, input or output, layout), here the Llama-style default:
 
 - ``z``: per-head attention outputs, the input of ``self_attn.o_proj``, viewed as [batch, pos, heads, head_dim];
-- ``q``: queries, the output of ``q_proj``, before rotary embedding, [batch, pos, heads, head_dim];
-- ``k``: keys, the output of ``k_proj``, before rotary embedding, [batch, pos, kv_heads, head_dim] (GQA: fewer
-  heads than ``q``; see ``kv_head_of``);
+- ``q``: queries after any query norm and before rotary embedding (the output of ``q_proj``, or of ``q_norm`` in
+  families that have one), [batch, pos, heads, head_dim];
+- ``k``: keys, likewise (``k_proj`` or ``k_norm``), [batch, pos, kv_heads, head_dim] (GQA: fewer heads than
+  ``q``; see ``kv_head_of``);
 - ``v``: values, the output of ``v_proj``, [batch, pos, kv_heads, head_dim];
 - ``resid``: the residual stream after the layer, [batch, pos, 1, hidden] (one "head" spanning the width).
 
@@ -20,6 +22,7 @@ so the same hooks work under autograd.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -28,16 +31,14 @@ import torch
 SITES = ("z", "q", "k", "v", "resid")
 
 
-def _module(vlm, site: str, layer: int) -> torch.nn.Module:
+def _site(vlm, site: str, layer: int):
+    """(module, ``Site``) of ``site`` at ``layer``, from the family's site map."""
     if not 0 <= layer < vlm.n_layers:
         raise ValueError(f"layer {layer} is out of range: {vlm.name} has layers 0..{vlm.n_layers - 1}")
-    if site == "resid":
-        return vlm.layers[layer]
-    attn = vlm.attention(layer)
-    name = {"z": "o_proj", "q": "q_proj", "k": "k_proj", "v": "v_proj"}.get(site)
-    if name is None:
+    if site not in SITES:
         raise ValueError(f"unknown hook site {site!r}; choose one of {', '.join(SITES)}")
-    return getattr(attn, name)
+    where = vlm.family.sites[site]
+    return vlm.layers[layer].get_submodule(where.module), where
 
 
 def n_heads_at(vlm, site: str) -> int:
@@ -49,8 +50,18 @@ def kv_head_of(vlm, head: int) -> int:
     return head // (vlm.n_heads // vlm.n_kv_heads)
 
 
-def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
+def _to_heads(x: torch.Tensor, heads: int, layout: str) -> torch.Tensor:
+    """The [batch, pos, heads, dim] view of a hooked tensor of ``layout`` (``Site.layout``)."""
+    if layout == "bthd":
+        return x
+    if layout == "bhtd":
+        return x.transpose(1, 2)
     return x.view(*x.shape[:-1], heads, x.shape[-1] // heads)
+
+
+def _from_heads(y: torch.Tensor, x: torch.Tensor, layout: str) -> torch.Tensor:
+    """A replacement ``y`` [batch, pos, heads, dim] in the layout of the hooked tensor ``x``."""
+    return y.transpose(1, 2) if layout == "bhtd" else y.reshape(x.shape)
 
 
 @contextlib.contextmanager
@@ -59,13 +70,13 @@ def hooked(vlm, site: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor
 
     ``fn`` may return a replacement tensor of the same shape (used downstream) or None (read only).
     """
-    mod, heads = _module(vlm, site, layer), n_heads_at(vlm, site)
+    (mod, where), heads = _site(vlm, site, layer), n_heads_at(vlm, site)
 
     def apply(x: torch.Tensor) -> torch.Tensor | None:
-        y = fn(_split(x, heads))
-        return None if y is None else y.reshape(x.shape)
+        y = fn(_to_heads(x, heads, where.layout))
+        return None if y is None else _from_heads(y, x, where.layout)
 
-    if site == "z":
+    if where.kind == "input":
         def pre(module, args, kwargs):
             y = apply(args[0])
             return None if y is None else ((y,) + tuple(args[1:]), kwargs)
@@ -171,17 +182,36 @@ def language_model(vlm) -> torch.nn.Module:
     raise ValueError("could not find the language model that holds the decoder layers")
 
 
+#: Language-model arguments that steer a run rather than describe its inputs: whoever replays the inputs sets
+#: these itself (the fast engine runs with and without a cache of a prefix).
+RUN_CONTROL = ("use_cache", "cache", "past_key_values", "cache_position")
+
+
+def _detached(v):
+    if torch.is_tensor(v):
+        return v.detach()
+    if isinstance(v, (list, tuple)):
+        return type(v)(_detached(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _detached(x) for k, x in v.items()}
+    return v
+
+
 @contextlib.contextmanager
-def capture_lm_inputs(vlm) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the tensors the language model receives (embeddings with image features merged in, attention mask,
-    position ids): with them the text backbone can be rerun without the vision tower."""
-    store: dict[str, torch.Tensor] = {}
+def capture_lm_inputs(vlm) -> Iterator[dict[str, object]]:
+    """Record every argument the language model is called with (by name; None values and ``RUN_CONTROL`` left
+    out): embeddings with image features merged in, attention mask, position ids, and whatever else the family
+    passes (tensors detached, lists, tuples and dicts of them, other values as given). With them the text backbone
+    can be rerun without the vision tower."""
+    store: dict[str, object] = {}
 
     def pre(module, args, kwargs):
         store.clear()
-        for k in ("inputs_embeds", "attention_mask", "position_ids"):
-            if torch.is_tensor(kwargs.get(k)):
-                store[k] = kwargs[k].detach()
+        if args:  # by name, as a keyword call would give them
+            kwargs = {**inspect.signature(module.forward).bind_partial(*args).arguments, **kwargs}
+        for k, v in kwargs.items():
+            if v is not None and k not in RUN_CONTROL:
+                store[k] = _detached(v)
 
     handle = language_model(vlm).register_forward_pre_hook(pre, with_kwargs=True)
     try:

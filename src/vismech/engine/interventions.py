@@ -205,13 +205,14 @@ class EditedRuns:
         self.vlm, self.batch, self.answers = vlm, batch, answers
         self._source = answers.row_source if answers is not None and answers.rule == "sequence" else None
         run = answers.expand(vlm, batch) if self._source is not None else batch
-        self.inp, _ = patching.lm_inputs(vlm, run)
+        self.inp, full = patching.lm_inputs(vlm, run)
         self.p0 = int(first_position) if first_position else 0
-        self.prefix = patching.prefix_cache(vlm, self.inp, self.p0) if self.p0 > 0 else None
-        # shared-prefix attention: a run starts at its first edited layer from the clean suffix there
-        T = self.inp.tensors["inputs_embeds"].shape[1]
-        self.shared = (cascade.shared_prefix(vlm, self.inp, self.prefix)
-                       if self.prefix is not None and cascade.supported(vlm, T) else None)
+        with patching.replay_errors(vlm):
+            self.prefix = patching.prefix_cache(vlm, self.inp, self.p0) if self.p0 > 0 else None
+            # shared-prefix attention: a run starts at its first edited layer from the clean suffix there
+            self.shared = (cascade.shared_prefix(vlm, self.inp, self.prefix)
+                           if self.prefix is not None and cascade.supported(vlm, self.inp.length, self.inp) else None)
+            patching.check_replay(vlm, full, self._forward([], 1))  # the self-check, as in patching
 
     def _forward(self, edits, tail: int) -> torch.Tensor:
         shifted = []

@@ -21,6 +21,7 @@ index and the prefix cache holds).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Callable
@@ -29,45 +30,62 @@ import torch
 
 from vismech import distributed
 from vismech.engine import cascade, hooks
+from vismech.engine.replay import LMInputs
+from vismech.errors import UserError
 from vismech.models.answers import AnswerSet
 from vismech.models.vlm import VLM, Batch
 
 
-@dataclass
-class LMInputs:
-    """What the language model receives for a batch: embeddings (image features merged), mask, positions."""
-
-    tensors: dict[str, torch.Tensor]
-    rows: int
-
-    def rows_slice(self, a: int, b: int) -> "LMInputs":
-        """Rows [a, b) of the batch."""
-        out = {k: (v[:, a:b] if (k == "position_ids" and v.dim() == 3) else v[a:b]) for k, v in self.tensors.items()}
-        return LMInputs(out, b - a)
-
-    def repeat(self, r: int) -> "LMInputs":
-        out = {}
-        for k, v in self.tensors.items():
-            if k == "position_ids" and v.dim() == 3:  # Qwen M-RoPE: [axes, batch, pos]
-                out[k] = v.repeat(1, r, 1)
-            else:
-                out[k] = v.repeat(r, *([1] * (v.dim() - 1)))
-        return LMInputs(out, self.rows * r)
-
-
 def lm_inputs(vlm: VLM, batch: Batch) -> tuple[LMInputs, torch.Tensor]:
-    """Run ``batch`` once; return the language model's inputs and the clean last-token logits."""
+    """Run ``batch`` once; return the language model's inputs (all of them: ``hooks.capture_lm_inputs``) and the
+    clean last-token logits of that full forward."""
     with hooks.capture_lm_inputs(vlm) as got:
         logits = vlm.logits(batch)
-    return LMInputs(dict(got), len(batch)), logits
+    return LMInputs(dict(got), len(batch), dict(vlm.family.packed_inputs)), logits
 
 
-def _slice(key: str, x: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    if key == "attention_mask":
-        return x  # the mask always spans the whole sequence, cached prefix included
-    if key == "position_ids" and x.dim() == 3:
-        return x[:, :, a:b]
-    return x[:, a:b]
+def replay_tolerance(dtype: torch.dtype) -> float:
+    """Largest difference allowed between the replayed and the full forward's clean logits, as a fraction of the
+    logit scale (max |logit|, at least 1): 8 rounding steps of ``dtype`` (``torch.finfo(dtype).eps``; the step
+    ``experiments.cma.resolution`` reports), at least 1e-3. A replay given every input computes the same function
+    and only rounds differently where the fast engine splits the work (a cached prefix, shared-prefix attention in
+    float32): float32 differs by ~1e-6 of the scale, so 1e-3 leaves a wide margin; bfloat16 (eps 2^-7: bound
+    0.0625) and float16 (eps 2^-10: bound 0.0078) differ by 0.0072 and 0.0008 on the shipped organism, rounding that
+    grows with depth. A dropped input moves logits by far more: Qwen3-VL without its DeepStack features 0.275 on a
+    tiny model (issue 20), Qwen2.5-VL without its M-RoPE positions 0.0022 on a tiny model of logit scale 0.47."""
+    return max(1e-3, 8 * torch.finfo(dtype).eps)
+
+
+def check_replay(vlm: VLM, full: torch.Tensor, replayed: torch.Tensor) -> float:
+    """The fast engine's self-check: ``replayed`` (clean last-token logits [B, vocab], or [B, tail, vocab], from the
+    language model alone) must match the full forward's ``full`` [B, vocab]; a ``UserError`` naming the family and
+    the difference otherwise. Returns the max abs difference."""
+    if replayed.dim() == 3:
+        replayed = replayed[:, -1]
+    full, replayed = full.float().cpu(), replayed.float().cpu()
+    diff = float((full - replayed).abs().max())
+    tol = replay_tolerance(vlm.dtype) * max(1.0, float(full.abs().max()))
+    if not diff <= tol:
+        raise UserError(f"the fast engine's replay of the {vlm.family.name} language model differs from the full "
+                        f"forward by {diff:.4g} (tolerance {tol:.3g} at {str(vlm.dtype).replace('torch.', '')}): it "
+                        "misses an input of this family's language model; use the naive engine (cma: --set "
+                        "engine=naive) and report it")
+    return diff
+
+
+@contextlib.contextmanager
+def replay_errors(vlm: VLM):
+    """A replay that fails outright (an input the engine cuts wrongly: shapes that no longer match) becomes a
+    ``UserError`` naming the family; out-of-memory errors pass as they are."""
+    try:
+        yield
+    except RuntimeError as e:
+        if _is_oom(e):
+            raise
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"the fast engine cannot replay the {vlm.family.name} language model on its captured inputs "
+                        f"({first}); an input packed over image tokens needs the family's packed_inputs; use the "
+                        "naive engine (cma: --set engine=naive) and report it") from e
 
 
 @dataclass
@@ -95,8 +113,7 @@ def _cache_kwarg(lm) -> str:
 def prefix_cache(vlm: VLM, inp: LMInputs, p0: int) -> PrefixCache:
     """Run the text backbone on positions [0, p0) and keep their keys and values."""
     lm = hooks.language_model(vlm)
-    pre = {k: (v[:, :p0] if k == "attention_mask" else _slice(k, v, 0, p0)) for k, v in inp.tensors.items()}
-    out = lm(**pre, use_cache=True)
+    out = lm(**inp.positions(0, p0), use_cache=True)
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     if hasattr(cache, "layers"):
         kv = [(layer.keys, layer.values) for layer in cache.layers]
@@ -113,8 +130,7 @@ def lm_logits(vlm: VLM, inp: LMInputs, prefix: PrefixCache | None = None, tail: 
     if prefix is None:
         out = lm(**inp.tensors, use_cache=False)
     else:
-        T = inp.tensors["attention_mask"].shape[1]
-        suf = {k: _slice(k, v, prefix.p0, T) for k, v in inp.tensors.items()}
+        suf = inp.positions(prefix.p0, inp.length)
         r = inp.rows // prefix.kv[0][0].shape[0]
         out = lm(**suf, use_cache=True, **{_cache_kwarg(lm): prefix.expand(r)})
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -220,15 +236,18 @@ def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forw
     K = token_ids.k if isinstance(token_ids, AnswerSet) else token_ids.shape[1]
     clean, source_z, positions, tail, read = _reader(vlm, clean, source_z, positions, token_ids)
     per_row = len(positions[0])
-    inp, _ = lm_inputs(vlm, clean)
+    inp, full = lm_inputs(vlm, clean)
     B = len(clean)
     rows, pos = _row_positions(positions)
     p0 = int(pos.min()) if use_cache else 0
-    prefix = prefix_cache(vlm, inp, p0) if p0 > 0 else None
-    T = inp.tensors["attention_mask"].shape[1]
+    T = inp.length
     shared = None
-    if prefix is not None and shared_prefix and cascade.supported(vlm, T):
-        shared = cascade.shared_prefix(vlm, inp, prefix)
+    with replay_errors(vlm):
+        prefix = prefix_cache(vlm, inp, p0) if p0 > 0 else None
+        if prefix is not None and shared_prefix and cascade.supported(vlm, T, inp):
+            shared = cascade.shared_prefix(vlm, inp, prefix)
+        # the self-check: this run's engine, unedited, against the full forward
+        check_replay(vlm, full, cascade.run(vlm, shared, [0], tail) if shared else lm_logits(vlm, inp, prefix, tail))
     # the shared-prefix engine takes heads in layer order: each row joins the batch at its head's layer
     order = sorted(range(len(heads)), key=lambda i: heads[i][0]) if shared else list(range(len(heads)))
     r = rows_per_forward or default_rows_per_forward(vlm, clean, T - p0, cache_bytes=None if shared else 8e9)

@@ -99,7 +99,8 @@ def run(ctx: Context) -> dict:
     vlm = ctx.vlm
     if not vlm.family.spatial_tokens:
         return {"skipped": f"{vlm.family.name} has no per-patch image tokens (its image is resampled into "
-                           "latent tokens), so object keys cannot be edited; use a Qwen or LLaVA family model"}
+                           "latent tokens), so object keys cannot be edited; use a family with per-patch image tokens "
+                           "(`vismech models` lists them)"}
     res = cma_scores(ctx)
     top = res.top_k("feature_retrieval", min(ctx.opt("top_k"), vlm.n_layers * vlm.n_heads))
     kv = key_heads(vlm, top, ctx.opt("key_heads"))

@@ -123,8 +123,8 @@ def _load(name, dtype, device, device_map, prompt_format, trust_remote_code, see
             raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         tok = build_word_tokenizer(family=PRESETS[preset].family)
         config = PRESETS[preset].config()
-        _use_tokenizer(config, tok)
         spec = family_for_config(config)
+        _use_tokenizer(config, tok, spec)
         model = random_model(config, dt, device, device_map, seed)
         return VLM(model, tok, spec.image_processor_for(config), spec, name, prompt_format)
     path = checkpoint_path(name)
@@ -133,13 +133,11 @@ def _load(name, dtype, device, device_map, prompt_format, trust_remote_code, see
     return _load_pretrained(path, name, dt, device, device_map, prompt_format, trust_remote_code)
 
 
-def _use_tokenizer(config, tok) -> None:
-    """Point a random-weight config's special-token ids at vismech's word tokenizer (it has no real one)."""
+def _use_tokenizer(config, tok, spec) -> None:
+    """Point a random-weight config's special-token ids (the family's ``config_tokens``) at vismech's word
+    tokenizer (it has no real one)."""
     ids = tok.convert_tokens_to_ids
-    names = {"image_token_id": "<|image_pad|>" if "qwen" in config.model_type else "<image>",
-             "video_token_id": "<|video_pad|>" if "qwen" in config.model_type else "<video>",
-             "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
-    for attr, token in names.items():
+    for attr, token in spec.config_tokens.items():
         if hasattr(config, attr):
             setattr(config, attr, ids(token))
 

@@ -98,7 +98,7 @@ class VLM:
         )
 
     def attention(self, layer: int) -> torch.nn.Module:
-        return self.layers[layer].self_attn
+        return self.layers[layer].get_submodule(self.family.attention_module)
 
     @property
     def device(self) -> torch.device:

@@ -2,8 +2,8 @@
 
 No tokenizer can be downloaded here, so tiny models and organisms use a word-level vocabulary built from every
 word vismech's prompts can contain (templates, colours, shapes, relations, numbers) plus the special tokens of
-every supported family's prompt format. It is a ``PreTrainedTokenizerFast``, so it saves and loads with
-``save_pretrained`` / ``from_pretrained`` offline and gives character offsets like any real tokenizer. Built for a
+the supported families' prompt formats (``special_tokens``). It is a ``PreTrainedTokenizerFast``, so it saves and
+loads with ``save_pretrained`` / ``from_pretrained`` offline and gives character offsets like any real tokenizer. Built for a
 family, it carries that family's vismech chat template (``models.framing.vismech_template``), which
 ``save_pretrained`` writes next to it, so a saved organism is framed exactly as it was trained.
 """
@@ -16,14 +16,8 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-#: Special tokens of the prompt formats of every supported family, in one vocabulary.
-SPECIAL_TOKENS = (
-    "<pad>", "<unk>", "<s>", "</s>",
-    "<|im_start|>", "<|im_end|>", "<|endoftext|>",
-    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
-    "<image>", "<video>",
-    "<fake_token_around_image>", "<end_of_utterance>",
-)
+#: The special tokens of every vocabulary, first (ids 0-3).
+COMMON_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
 
 EXTRA_WORDS = (
     "user", "assistant", "system", "you", "are", "a", "helpful", "answer", "complete", "the", "sentence",
@@ -31,6 +25,24 @@ EXTRA_WORDS = (
 )
 
 _WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def special_tokens(family: str | None = None) -> tuple[str, ...]:
+    """The special tokens of the word vocabulary, ids 0, 1, ...: the common ones, then the union of the
+    ``special_tokens`` of the families with ``shared_vocab`` (the paper's five) in registry order, each token where
+    it first appears; for ``family``, then that family's own tokens not among them. So the ids of every shipped
+    organism and tiny model stay what they were built with, and a new family's tokens reach only its tokenizer."""
+    from .families import FAMILIES
+
+    out = list(COMMON_TOKENS)
+    for spec in FAMILIES.values():
+        if vars(type(spec)).get("shared_vocab", False):  # set in the family's own class body
+            out += [t for t in spec.special_tokens if t not in out]
+    if family is not None:
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+        out += [t for t in FAMILIES[family].special_tokens if t not in out]
+    return tuple(out)
 
 
 def default_texts() -> list[str]:
@@ -48,7 +60,8 @@ def build_word_tokenizer(texts: list[str] | None = None, family: str | None = No
     words: set[str] = set()
     for t in texts if texts is not None else default_texts():
         words.update(w.lower() for w in _WORD.findall(t))
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    specials = special_tokens(family)
+    vocab = {tok: i for i, tok in enumerate(specials)}
     for w in sorted(words):
         vocab.setdefault(w, len(vocab))
     core = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -56,7 +69,7 @@ def build_word_tokenizer(texts: list[str] | None = None, family: str | None = No
     core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<pad>", "<unk>", "<s>", "</s>")],
+        additional_special_tokens=[t for t in specials if t not in COMMON_TOKENS],
     )
     tok.padding_side = "left"
     if family is not None:

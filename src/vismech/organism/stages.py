@@ -7,13 +7,12 @@ import torch
 
 from vismech.errors import UserError
 
-#: The modules of each architecture that turn pixels into the language model's image-token inputs.
-VISION_MODULES = {"qwen2_5_vl": ("visual",), "llava": ("vision_tower", "multi_modal_projector")}
-
-
 def is_vision(name: str, arch: str) -> bool:
-    """Whether parameter ``name`` belongs to the vision tower or projector of an ``arch`` organism."""
-    return any(name.startswith(f"model.{m}.") for m in VISION_MODULES[arch])
+    """Whether parameter ``name`` belongs to the vision tower or projector of an ``arch`` organism (the modules
+    its family spec names: ``Family.vision_modules``)."""
+    from vismech.models.families import FAMILIES
+
+    return any(name.startswith(f"model.{m}.") for m in FAMILIES[arch].vision_modules)
 
 
 def load_weights(model, arch: str, source: str, everything: bool = False) -> int:
