@@ -194,6 +194,7 @@ def main():
             outs[cond], t = timed(lambda: patching.head_patch(vlm, clean, src, pos, tid,
                                                               rows_per_forward=args.rows), dev)
             t_fast += t
+            print(f"  fast engine, {cond}: {t:.1f} s", flush=True)  # as it goes: a run cut short still reports
             got = outs[cond][where]
         diffs[cond] = float(abs(score_of(bases[cond], got) - score_of(bases[cond], naive[cond])).max())
     res["floor_s"] = floor / rate
@@ -209,6 +210,7 @@ def main():
         for cond, (clean, _, _, _, pairs) in setup.items():
             (_, nl), t = timed(lambda: mediation.condition_scores(vlm, pairs, cond, batch_size=len(pairs), seed=0), dev)
             t_null += t
+            print(f"  with the null, {cond}: {t:.1f} s", flush=True)
             spread[cond] = float(nl.std())
         res["fast_with_null_s"] = t_null
         res["null_sd"] = spread
