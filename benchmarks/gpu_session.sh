@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_session.sh cma       # Qwen2.5-VL-7B and LLaVA-1.5-7B: bf16 sweep (+null, baselines), fp32 check
 #   bash benchmarks/gpu_session.sh families  # Qwen2.5-VL-32B, LLaVA-OneVision-7B, Idefics2-8B: bf16 sweep with null
 #   bash benchmarks/gpu_session.sh runall    # `run all` on Qwen2.5-VL-7B, per experiment (limit 560 s)
+#   bash benchmarks/gpu_session.sh sweeps    # the bf16 sweeps with the null only (no baselines): Qwen2.5-VL-7B,
+#                                            # LLaVA-1.5-7B, and the newer families Qwen3-VL-8B and Gemma-3-12B
 # Each stage stays under the 10-minute limit of one device command (sum of its limits + exits).
 #
 # Random weights of the published architectures (random:PRESET), bf16 unless noted; fp32 runs check fast == naive
@@ -42,9 +44,19 @@ case "${1:-cma}" in
     step idefics2_8b_bf16 100 $B --model random:Idefics2-8B --dtype bf16 --pairs 50 --null --only-check \
       --sample-heads 3 --json "$OUT/idefics2_8b_bf16.json"
     ;;
+  sweeps)  # about 8 min: fast engine and the sweep as `run cma` runs it; one naive head a condition for the check
+    step qwen7b_bf16 140 $B --model random:Qwen2.5-VL-7B --dtype bf16 --pairs 50 --null --only-check \
+      --sample-heads 1 --json "$OUT/qwen7b_bf16.json"
+    step llava7b_bf16 150 $B --model random:LLaVA-1.5-7B --dtype bf16 --pairs 50 --null --only-check \
+      --sample-heads 1 --json "$OUT/llava7b_bf16.json"
+    step qwen3vl8b_bf16 110 $B --model random:Qwen3-VL-8B --dtype bf16 --pairs 16 --only-check \
+      --sample-heads 1 --json "$OUT/qwen3vl8b_bf16.json"
+    step gemma3_12b_bf16 110 $B --model random:Gemma-3-12B --dtype bf16 --pairs 16 --only-check \
+      --sample-heads 1 --json "$OUT/gemma3_12b_bf16.json"
+    ;;
   runall)
     step run_all_qwen7b 560 benchmarks/run_all.py --model random:Qwen2.5-VL-7B --dtype bf16 \
       --out "$OUT/run_all_qwen7b" --json "$OUT/run_all_qwen7b.json"
     ;;
-  *) echo "usage: gpu_session.sh cma|families|runall" >&2; exit 2 ;;
+  *) echo "usage: gpu_session.sh cma|families|runall|sweeps" >&2; exit 2 ;;
 esac

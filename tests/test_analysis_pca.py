@@ -86,3 +86,32 @@ def test_probe_accuracy_separable_and_shuffled():
 
 def test_chance_accuracy():
     assert chance_accuracy(["a", "a", "b", "c"]) == 0.5
+
+
+def test_probe_fitted_in_the_row_span_equals_the_full_fit():
+    import importlib
+
+    P = importlib.import_module("vismech.analysis.pca")
+    rng = np.random.default_rng(3)
+    n, d, K = 60, 400, 4
+    y = rng.integers(0, K, n)
+    X = rng.normal(size=(n, d)) + 0.4 * np.eye(K)[y] @ rng.normal(size=(K, d))
+    X = (X - X.mean(0)) / X.std(0)
+    # a few iterations: the iterates agree to rounding (L-BFGS sees the same problem in the smaller space)
+    W_full, b_full = P._fit_logreg(X, y, K, 1e-3, 5)
+    W_span, b_span = P._fit_in_row_span(X, y, K, 1e-3, 5)
+    assert np.abs(W_full - W_span).max() < 1e-9 and np.abs(b_full - b_span).max() < 1e-9
+
+    def objective(W, b):
+        Z = X @ W + b
+        lse = np.log(np.exp(Z - Z.max(1, keepdims=True)).sum(1)) + Z.max(1)
+        return (lse - Z[np.arange(n), y]).mean() + 0.5e-3 * (W * W).sum()
+
+    # to convergence: L-BFGS-B stops on the largest gradient coordinate, which a rotation changes, so the two stop
+    # at slightly different points of the same optimum
+    W_full, b_full = P._fit_logreg(X, y, K, 1e-3, 200)
+    W_span, b_span = P._fit_in_row_span(X, y, K, 1e-3, 200)
+    assert abs(objective(W_full, b_full) - objective(W_span, b_span)) < 1e-5
+    Xt = rng.normal(size=(200, d)) + 0.4 * np.eye(K)[rng.integers(0, K, 200)] @ rng.normal(size=(K, d))
+    agree = np.mean((Xt @ W_full + b_full).argmax(1) == (Xt @ W_span + b_span).argmax(1))
+    assert agree >= 0.97

@@ -189,6 +189,20 @@ def _fit_logreg(X, y, K, l2, max_iter):
     return res.x[: d * K].reshape(d, K), res.x[d * K:]
 
 
+def _fit_in_row_span(X, y, K, l2, max_iter):
+    """``_fit_logreg`` for X [n, d] with d > n, solved in the n-dimensional span of X's rows (an orthonormal basis V
+    from the SVD) and mapped back, W = V W'. The same problem, not an approximation: the loss's gradient in W is
+    X^T G, so every L-BFGS iterate started at 0, and the optimum, lie in that span; ||V W'|| = ||W'|| keeps the
+    penalty; and L-BFGS's updates use only inner products and function values, so the iterates agree to rounding.
+    Only the stopping rule differs (L-BFGS-B stops on the largest gradient coordinate, which the rotation changes):
+    both stop at the same optimum to the solver's tolerance (tested). An iteration costs O(n r K) instead of
+    O(n d K), r <= n (``benchmarks/probe.py``)."""
+    _, s, vt = np.linalg.svd(X, full_matrices=False)
+    V = vt[s > s[0] * max(X.shape) * np.finfo(X.dtype).eps].T  # [d, r], r = rank of X
+    W, b = _fit_logreg(X @ V, y, K, l2, max_iter)
+    return V @ W, b
+
+
 def _probe_inputs(X, labels, who: str):
     """X as float64 [n, d], the sorted classes and each label's class index; clear errors for bad shapes."""
     X = np.asarray(X, dtype=np.float64)
@@ -228,7 +242,11 @@ def fit_probe(X, labels, l2: float = 1e-3, max_iter: int = 200):
     X, classes, y = _probe_inputs(X, labels, "fit_probe")
     mu, sd = X.mean(0), X.std(0)
     sd[sd == 0] = 1.0
-    W, b = _fit_logreg((X - mu) / sd, y, classes.size, l2, max_iter)
+    Xs = (X - mu) / sd
+    if Xs.shape[1] > Xs.shape[0]:  # more dimensions than trials: fit in the span of the training rows
+        W, b = _fit_in_row_span(Xs, y, classes.size, l2, max_iter)
+    else:
+        W, b = _fit_logreg(Xs, y, classes.size, l2, max_iter)
 
     def predict(Xn):
         return classes[np.argmax(((np.asarray(Xn, dtype=np.float64) - mu) / sd) @ W + b, axis=1)]
