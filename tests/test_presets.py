@@ -22,6 +22,9 @@ EXPECTED_NAMES = [
     "LLaVA-1.5-13B",
     "LLaVA-OneVision-7B",
     "Idefics2-8B",
+    "Qwen3-VL-2B-Instruct",
+    "Qwen3-VL-8B-Instruct",
+    "Qwen3-VL-32B-Instruct",
 ]
 
 # name -> (family, LM layers, LM query heads, LM kv heads, LM hidden, vocab, decoder ModuleList path,
@@ -43,7 +46,16 @@ EXPECTED = {
                            "model.language_model.layers", "model.vision_tower.encoder.layers", 26, False),
     "Idefics2-8B": ("idefics2", 32, 32, 8, 4096, 32003,
                     "model.text_model.layers", "model.vision_model.encoder.layers", 27, False),
+    "Qwen3-VL-2B-Instruct": ("qwen3_vl", 28, 16, 8, 2048, 151936,
+                             "model.language_model.layers", "model.visual.blocks", 24, True),
+    "Qwen3-VL-8B-Instruct": ("qwen3_vl", 36, 32, 8, 4096, 151936,
+                             "model.language_model.layers", "model.visual.blocks", 27, False),
+    "Qwen3-VL-32B-Instruct": ("qwen3_vl", 64, 64, 8, 5120, 151936,
+                              "model.language_model.layers", "model.visual.blocks", 27, False),
 }
+
+# head_dim where it is not hidden // heads (Qwen3-VL-32B: 64 query heads of 128 on a 5120-wide stream)
+HEAD_DIM = {"Qwen3-VL-32B-Instruct": 128}
 
 FAMILY_CLASSES = {
     "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
@@ -51,6 +63,7 @@ FAMILY_CLASSES = {
     "llava": ("LlavaConfig", "LlavaForConditionalGeneration"),
     "llava_onevision": ("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration"),
     "idefics2": ("Idefics2Config", "Idefics2ForConditionalGeneration"),
+    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
 }
 
 _BUILT: dict[str, torch.nn.Module] = {}
@@ -152,7 +165,7 @@ def test_meta_build_structure(name):
     assert attn.o_proj.in_features == heads * head_dim  # the o_proj input holds the query heads
     assert attn.o_proj.out_features == hidden
     assert attn.k_proj.out_features == kv_heads * head_dim
-    assert head_dim == hidden // heads
+    assert head_dim == HEAD_DIM.get(name, hidden // heads)
 
     emb = model.get_input_embeddings()
     assert tuple(emb.weight.shape) == (vocab, hidden)

@@ -99,27 +99,35 @@ class SharedPrefix:
 
 
 #: The language-model inputs the cascade path replays; a batch whose language model takes other tensors runs
-#: on the engine that copies the prefix cache per row (which replays every input).
+#: on the engine that copies the prefix cache per row (which replays every input). Inputs packed over a mask's
+#: positions (``Family.packed_inputs``, e.g. Qwen3-VL's DeepStack features) act at those positions only, so where
+#: the mask marks no position of the recomputed suffix they (and their mask) add nothing to it and are left out.
 PLAIN_INPUTS = ("inputs_embeds", "attention_mask", "position_ids")
 
 
-def _plain(inp) -> bool:
+def _plain(inp, p0: int = 0) -> bool:
     def tensors(v):
         return torch.is_tensor(v) or (isinstance(v, (list, tuple, dict)) and len(v) > 0)
 
+    idle = set()
+    for key, mask_key in inp.packed.items():
+        mask = inp.tensors.get(mask_key)
+        if torch.is_tensor(mask) and not mask[:, p0:].any():
+            idle |= {key, mask_key}
     mask = inp.tensors.get("attention_mask")
-    return (all(k in PLAIN_INPUTS or not tensors(v) for k, v in inp.tensors.items())
+    return (all(k in PLAIN_INPUTS or k in idle or not tensors(v) for k, v in inp.tensors.items())
             and (mask is None or (torch.is_tensor(mask) and mask.dim() == 2)))
 
 
-def supported(vlm, length: int, inp=None) -> bool:
+def supported(vlm, length: int, inp=None, p0: int = 0) -> bool:
     """Whether the cascade path is exact for this model: attention routable, one attention type in all layers,
-    no sliding window shorter than the sequence, and (given the batch's ``inp``, ``replay.LMInputs``) only the
-    ``PLAIN_INPUTS`` with a [batch, pos] attention mask."""
+    no sliding window shorter than the sequence, and (given the batch's ``inp``, ``replay.LMInputs``, recomputed
+    from position ``p0`` on) only the ``PLAIN_INPUTS`` with a [batch, pos] attention mask, besides packed inputs
+    whose mask marks no position from ``p0`` on."""
     tc = vlm.text_config
     window = getattr(tc, "sliding_window", None) if getattr(tc, "use_sliding_window", True) else None
     return (hooks.attention_routable(vlm) and len(set(getattr(tc, "layer_types", None) or ["full"])) == 1
-            and (window is None or window >= length) and (inp is None or _plain(inp)))
+            and (window is None or window >= length) and (inp is None or _plain(inp, p0)))
 
 
 @contextlib.contextmanager

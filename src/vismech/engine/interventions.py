@@ -211,7 +211,8 @@ class EditedRuns:
             self.prefix = patching.prefix_cache(vlm, self.inp, self.p0) if self.p0 > 0 else None
             # shared-prefix attention: a run starts at its first edited layer from the clean suffix there
             self.shared = (cascade.shared_prefix(vlm, self.inp, self.prefix)
-                           if self.prefix is not None and cascade.supported(vlm, self.inp.length, self.inp) else None)
+                           if self.prefix is not None and cascade.supported(vlm, self.inp.length, self.inp, self.p0)
+                           else None)
             patching.check_replay(vlm, full, self._forward([], 1))  # the self-check, as in patching
 
     def _forward(self, edits, tail: int) -> torch.Tensor:

@@ -244,7 +244,7 @@ def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forw
     shared = None
     with replay_errors(vlm):
         prefix = prefix_cache(vlm, inp, p0) if p0 > 0 else None
-        if prefix is not None and shared_prefix and cascade.supported(vlm, T, inp):
+        if prefix is not None and shared_prefix and cascade.supported(vlm, T, inp, p0):
             shared = cascade.shared_prefix(vlm, inp, prefix)
         # the self-check: this run's engine, unedited, against the full forward
         check_replay(vlm, full, cascade.run(vlm, shared, [0], tail) if shared else lm_logits(vlm, inp, prefix, tail))
