@@ -1,9 +1,10 @@
 """The patching engine equals one plain forward per head, on every family."""
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import two_object_trials
+from conftest import tiny, two_object_trials
 from vismech.engine import hooks, patching
 from vismech.analysis.cma import logit_diff_score
 
@@ -209,3 +210,23 @@ def test_a_replay_that_fails_outright_is_a_user_error_naming_the_family():
     with pytest.raises(torch.cuda.OutOfMemoryError):  # out of memory passes (the engine retries smaller chunks)
         with patching.replay_errors(vlm):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+
+def test_cma_baseline_scores_and_null_share_one_setup_and_equal_separate_setups(monkeypatch):
+    import contextlib
+
+    from vismech.engine import mediation
+    from vismech.scenes.counterfactual import cma_pairs
+
+    vlm = tiny("qwen2_5_vl")
+    pairs = cma_pairs("id_retrieval", 4, 0, (2, 2))
+    calls = []
+    real = patching.lm_inputs
+    monkeypatch.setattr(patching, "lm_inputs", lambda *a: calls.append(1) or real(*a))
+    shared = mediation.condition_scores(vlm, pairs, "id_retrieval", batch_size=2)
+    n_shared = len(calls)
+    monkeypatch.setattr(patching, "reused_setup", contextlib.nullcontext)
+    separate = mediation.condition_scores(vlm, pairs, "id_retrieval", batch_size=2)
+    assert n_shared == 2 and len(calls) - n_shared == 6  # one set-up per chunk instead of three
+    assert np.array_equal(shared[0], separate[0]) and np.array_equal(shared[1], separate[1])
+    assert np.abs(shared[0]).max() > 0

@@ -116,19 +116,20 @@ def condition_scores(vlm, pairs: list[CounterfactualPair], condition: str, batch
     nulls = np.zeros((L, H, n)) if null else None
     with distributed.solo() if by_chunk else contextlib.nullcontext():
         for idx, clean, pos, lens, tid, src in chunks:
-            zero, one = np.zeros(len(idx), int), np.ones(len(idx), int)
-            base = _baseline(vlm, clean, src, pos, tid, engine).numpy()
-            out = _patched(vlm, clean, src, pos, tid, engine, progress)
-            scores[..., idx] = logit_diff_score(base, out.numpy(), zero, one).reshape(L, H, -1)
-            if null:
-                nsrc = {l: torch.empty_like(v) for l, v in src.items()}
-                for r, i in enumerate(idx):
-                    jlens, jsrc, rj = where[partner[i]]
-                    take = [min(k, lens[r] - 1, jlens[rj] - 1) for k in range(len(pos[0]))]
-                    for l in nsrc:
-                        nsrc[l][r] = jsrc[l][rj, take].to(nsrc[l].device)
-                out = _patched(vlm, clean, nsrc, pos, tid, engine, progress)
-                nulls[..., idx] = logit_diff_score(base, out.numpy(), zero, one).reshape(L, H, -1)
+            with patching.reused_setup():  # baseline, scores and null: one vision forward, one prefix
+                zero, one = np.zeros(len(idx), int), np.ones(len(idx), int)
+                base = _baseline(vlm, clean, src, pos, tid, engine).numpy()
+                out = _patched(vlm, clean, src, pos, tid, engine, progress)
+                scores[..., idx] = logit_diff_score(base, out.numpy(), zero, one).reshape(L, H, -1)
+                if null:
+                    nsrc = {l: torch.empty_like(v) for l, v in src.items()}
+                    for r, i in enumerate(idx):
+                        jlens, jsrc, rj = where[partner[i]]
+                        take = [min(k, lens[r] - 1, jlens[rj] - 1) for k in range(len(pos[0]))]
+                        for l in nsrc:
+                            nsrc[l][r] = jsrc[l][rj, take].to(nsrc[l].device)
+                    out = _patched(vlm, clean, nsrc, pos, tid, engine, progress)
+                    nulls[..., idx] = logit_diff_score(base, out.numpy(), zero, one).reshape(L, H, -1)
     if by_chunk:  # each process filled its own pairs' columns; the others are zero
         scores = sum(distributed.gather(scores))
         nulls = sum(distributed.gather(nulls)) if null else None
