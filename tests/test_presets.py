@@ -22,6 +22,9 @@ EXPECTED_NAMES = [
     "LLaVA-1.5-13B",
     "LLaVA-OneVision-7B",
     "Idefics2-8B",
+    "gemma-3-4b-it",
+    "gemma-3-12b-it",
+    "gemma-3-27b-it",
 ]
 
 # name -> (family, LM layers, LM query heads, LM kv heads, LM hidden, vocab, decoder ModuleList path,
@@ -43,7 +46,16 @@ EXPECTED = {
                            "model.language_model.layers", "model.vision_tower.encoder.layers", 26, False),
     "Idefics2-8B": ("idefics2", 32, 32, 8, 4096, 32003,
                     "model.text_model.layers", "model.vision_model.encoder.layers", 27, False),
+    "gemma-3-4b-it": ("gemma3", 34, 8, 4, 2560, 262208,
+                      "model.language_model.layers", "model.vision_tower.encoder.layers", 27, True),
+    "gemma-3-12b-it": ("gemma3", 48, 16, 8, 3840, 262208,
+                       "model.language_model.layers", "model.vision_tower.encoder.layers", 27, True),
+    "gemma-3-27b-it": ("gemma3", 62, 32, 16, 5376, 262208,
+                       "model.language_model.layers", "model.vision_tower.encoder.layers", 27, True),
 }
+
+#: head widths that are not hidden // heads
+HEAD_DIM = {"gemma-3-4b-it": 256, "gemma-3-12b-it": 256, "gemma-3-27b-it": 128}
 
 FAMILY_CLASSES = {
     "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
@@ -51,6 +63,7 @@ FAMILY_CLASSES = {
     "llava": ("LlavaConfig", "LlavaForConditionalGeneration"),
     "llava_onevision": ("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration"),
     "idefics2": ("Idefics2Config", "Idefics2ForConditionalGeneration"),
+    "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration"),
 }
 
 _BUILT: dict[str, torch.nn.Module] = {}
@@ -152,7 +165,7 @@ def test_meta_build_structure(name):
     assert attn.o_proj.in_features == heads * head_dim  # the o_proj input holds the query heads
     assert attn.o_proj.out_features == hidden
     assert attn.k_proj.out_features == kv_heads * head_dim
-    assert head_dim == hidden // heads
+    assert head_dim == HEAD_DIM.get(name, hidden // heads)
 
     emb = model.get_input_embeddings()
     assert tuple(emb.weight.shape) == (vocab, hidden)

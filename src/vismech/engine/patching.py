@@ -239,7 +239,7 @@ def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forw
     inp, full = lm_inputs(vlm, clean)
     B = len(clean)
     rows, pos = _row_positions(positions)
-    p0 = int(pos.min()) if use_cache else 0
+    p0 = inp.causal_start(int(pos.min())) if use_cache else 0
     T = inp.length
     shared = None
     with replay_errors(vlm):
