@@ -91,6 +91,9 @@ def test_shared_prefix_engine_equals_naive_on_every_condition(family, monkeypatc
                 else vlm.logits(clean).gather(1, answers))
         assert (fast - slow).abs().max() < 1e-4, (family, i)
         assert ((slow - base).abs().amax((1, 2)) > 1e-3).sum() >= 2, (family, i)  # the patches move the scores
+    if not cascade.supported(vlm, clean.length):  # local and global attention layers (Gemma 3): the copying
+        assert not joined  # engine ran, and was checked above
+        return
     assert [0] in joined  # the clean suffix pass
     assert any(s[0] > 0 for s in joined)  # rows that start at their patched layer
     assert any(len(set(s)) > 1 for s in joined)  # rows that join mid-network

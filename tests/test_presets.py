@@ -25,6 +25,9 @@ EXPECTED_NAMES = [
     "Qwen3-VL-2B-Instruct",
     "Qwen3-VL-8B-Instruct",
     "Qwen3-VL-32B-Instruct",
+    "gemma-3-4b-it",
+    "gemma-3-12b-it",
+    "gemma-3-27b-it",
 ]
 
 # name -> (family, LM layers, LM query heads, LM kv heads, LM hidden, vocab, decoder ModuleList path,
@@ -52,10 +55,16 @@ EXPECTED = {
                              "model.language_model.layers", "model.visual.blocks", 27, False),
     "Qwen3-VL-32B-Instruct": ("qwen3_vl", 64, 64, 8, 5120, 151936,
                               "model.language_model.layers", "model.visual.blocks", 27, False),
+    "gemma-3-4b-it": ("gemma3", 34, 8, 4, 2560, 262208,
+                      "model.language_model.layers", "model.vision_tower.encoder.layers", 27, True),
+    "gemma-3-12b-it": ("gemma3", 48, 16, 8, 3840, 262208,
+                       "model.language_model.layers", "model.vision_tower.encoder.layers", 27, True),
+    "gemma-3-27b-it": ("gemma3", 62, 32, 16, 5376, 262208,
+                       "model.language_model.layers", "model.vision_tower.encoder.layers", 27, True),
 }
 
-# head_dim where it is not hidden // heads (Qwen3-VL-32B: 64 query heads of 128 on a 5120-wide stream)
-HEAD_DIM = {"Qwen3-VL-32B-Instruct": 128}
+#: head widths that are not hidden // heads (Qwen3-VL-32B: 64 query heads of 128 on a 5120-wide stream)
+HEAD_DIM = {"Qwen3-VL-32B-Instruct": 128, "gemma-3-4b-it": 256, "gemma-3-12b-it": 256, "gemma-3-27b-it": 128}
 
 FAMILY_CLASSES = {
     "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
@@ -64,6 +73,7 @@ FAMILY_CLASSES = {
     "llava_onevision": ("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration"),
     "idefics2": ("Idefics2Config", "Idefics2ForConditionalGeneration"),
     "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
+    "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration"),
 }
 
 _BUILT: dict[str, torch.nn.Module] = {}

@@ -71,3 +71,25 @@ def test_a_2d_mask_keeps_the_prefix_keys_of_a_suffix():
     assert torch.equal(inp.positions(1, 4)["attention_mask"], mask)
     assert torch.equal(inp.positions(0, 1)["attention_mask"], mask[:, :1])
     assert torch.equal(inp.repeat(3).tensors["attention_mask"], mask.repeat(3, 1))
+
+
+def test_a_cached_prefix_never_ends_inside_a_block_of_tokens_that_see_each_other():
+    """``causal_start``: causal attention keeps the cut; a 4-D mask whose block [3, 6) of row 0 (and [2, 4) of row
+    1) attends both ways moves a cut inside it back to the block's start (the earliest over rows); padding queries
+    (row 1's position 0, seen by no query) that see later keys do not count; additive float masks alike."""
+    T = 8
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    m = causal.repeat(2, 1, 1, 1)
+    m[0, 0, 3:6, 3:6] = True
+    m[1, 0, 2:4, 2:4] = True
+    m[1, 0, :, 0] = False  # row 1, position 0: padding, no query sees it ...
+    m[1, 0, 0, 1:] = True  # ... and it sees every later key (as a mask may fill a fully masked row)
+    embeds = torch.zeros(2, T, 3)
+    inp = LMInputs({"inputs_embeds": embeds, "attention_mask": {"full": m, "sliding": causal.repeat(2, 1, 1, 1)}}, 2)
+    assert [inp.causal_start(p) for p in range(T)] == [0, 1, 2, 2, 2, 2, 6, 7]
+    flt = torch.zeros(2, 1, T, T).masked_fill(~m, torch.finfo(torch.float32).min)
+    assert LMInputs({"inputs_embeds": embeds, "attention_mask": flt}, 2).causal_start(4) == 2
+    plain = LMInputs({"inputs_embeds": embeds, "attention_mask": torch.ones(2, T)}, 2)
+    assert [plain.causal_start(p) for p in range(T)] == list(range(T))
+    assert LMInputs({"inputs_embeds": embeds, "attention_mask": {"full": causal.repeat(2, 1, 1, 1)}},
+                    2).causal_start(5) == 5

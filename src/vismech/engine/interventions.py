@@ -206,7 +206,7 @@ class EditedRuns:
         self._source = answers.row_source if answers is not None and answers.rule == "sequence" else None
         run = answers.expand(vlm, batch) if self._source is not None else batch
         self.inp, full = patching.lm_inputs(vlm, run)
-        self.p0 = int(first_position) if first_position else 0
+        self.p0 = self.inp.causal_start(int(first_position)) if first_position else 0
         with patching.replay_errors(vlm):
             self.prefix = patching.prefix_cache(vlm, self.inp, self.p0) if self.p0 > 0 else None
             # shared-prefix attention: a run starts at its first edited layer from the clean suffix there

@@ -256,10 +256,10 @@ def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forw
     per_row = len(positions[0])
     B = len(clean)
     rows, pos = _row_positions(positions)
-    p0 = int(pos.min()) if use_cache else 0
     setup = _SETUPS[-1].get(key) if _SETUPS else None
     if setup is None:
         inp, full = lm_inputs(vlm, clean)
+        p0 = inp.causal_start(int(pos.min())) if use_cache else 0
         shared = None
         with replay_errors(vlm):
             prefix = prefix_cache(vlm, inp, p0) if p0 > 0 else None
@@ -268,10 +268,10 @@ def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forw
             # the self-check: this run's engine, unedited, against the full forward
             check_replay(vlm, full, cascade.run(vlm, shared, [0], tail) if shared
                          else lm_logits(vlm, inp, prefix, tail))
-        setup = (inp, prefix, shared, clean, given)  # the objects of the key are kept alive with it
+        setup = (inp, prefix, shared, clean, p0, given)  # the objects of the key are kept alive with it
         if _SETUPS:
             _SETUPS[-1][key] = setup
-    inp, prefix, shared, clean = setup[:4]
+    inp, prefix, shared, clean, p0 = setup[:5]
     T = inp.length
     # the shared-prefix engine takes heads in layer order: each row joins the batch at its head's layer
     order = sorted(range(len(heads)), key=lambda i: heads[i][0]) if shared else list(range(len(heads)))

@@ -11,6 +11,9 @@ its axes, found from its name and shape:
   [batch, pos] mask input, row-major over the batch (Qwen3-VL's DeepStack features): cut with their mask;
 - any other tensor whose dim 0 is the batch size: batch axis 0, and position axis 1 when dim 1 is the sequence
   length; other tensors and non-tensor values are passed as they are.
+
+A cached prefix must end where no earlier token attends to a later one (``causal_start``): a model-built 4-D mask
+may let a block of tokens attend both ways (Gemma 3's image tokens).
 """
 
 from __future__ import annotations
@@ -96,6 +99,29 @@ class LMInputs:
 
         return LMInputs(self._map(plain, lambda t, mask: t.repeat(r, *([1] * (t.dim() - 1)))), self.rows * r,
                         self.packed)
+
+    def causal_start(self, p: int) -> int:
+        """The largest position <= ``p`` that no earlier query attends past, so that a cache of positions before it
+        stays exact whatever is edited from ``p`` on: ``p`` itself under causal attention; the start of a block of
+        tokens that attend to each other both ways and holds ``p`` (a 4-D mask the model built: Gemma 3's image
+        blocks). Queries at padding (keys no query sees) do not count."""
+        masks = []
+        _tree(self.tensors.get("attention_mask"), lambda t: masks.append(t) if t.dim() == 4 else None)
+        if p <= 0 or not masks:
+            return p
+        first = None  # per key: the earliest real query that sees it
+        for m in masks:
+            allowed = (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2).any(1)  # [B, Tq, Tk]
+            t = min(allowed.shape[1], allowed.shape[2])
+            allowed = allowed[:, :t, :t] & allowed[:, :t, :t].any(1)[:, :, None]  # real queries only
+            q = torch.arange(t, device=m.device)[None, :, None].expand_as(allowed)
+            f = torch.where(allowed, q, t).amin(1).amin(0)  # [Tk]
+            first = f if first is None else torch.minimum(first, f)
+        # the suffix minimum: from s on, no key is seen by a query before s iff min(first[s:]) >= s
+        tail = first.flip(0).cummin(0).values.flip(0).tolist()
+        while p > 0 and p < len(tail) and tail[p] < p:
+            p = tail[p]
+        return p
 
     def positions(self, a: int, b: int) -> dict[str, Any]:
         """The arguments of a forward of positions [a, b) that follows a cache of positions [0, a)."""

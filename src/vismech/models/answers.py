@@ -36,6 +36,8 @@ import torch
 from vismech.scenes.tasks import COUNTING, QUESTION_TASKS, SCENE_DESCRIPTION
 from vismech.scenes.vocab import COLORS
 
+from .framing import tokenize
+
 #: The answers a task can have (what decides its rule).
 TASK_ANSWERS = {COUNTING: tuple(str(i) for i in range(21))}
 
@@ -56,8 +58,8 @@ def forms(task: str, text: str) -> list[str]:
 def continuation(tokenizer, text: str, answer: str, prefix: list[int] | None = None) -> list[int]:
     """The tokens of ``answer`` written after ``text`` (a space first unless ``text`` ends in whitespace)."""
     sep = "" if (not text or text[-1].isspace()) else " "
-    prefix = tokenizer(text)["input_ids"] if prefix is None else prefix
-    full = tokenizer(text + sep + answer)["input_ids"]
+    prefix = tokenize(tokenizer, text)["input_ids"] if prefix is None else prefix
+    full = tokenize(tokenizer, text + sep + answer)["input_ids"]
     if full[:len(prefix)] != list(prefix) or len(full) == len(prefix):
         raise ValueError(f"the answer {answer!r} does not continue the prompt's tokens with this tokenizer (it merges "
                          "with the prompt's last token), so it cannot be scored as a continuation")
@@ -68,7 +70,7 @@ def decide_rule(tokenizer, task: str, text: str) -> str:
     """``first_token`` if every form of every answer of ``task`` is one token after ``text`` and no two answers
     share it, else ``sequence``."""
     words = TASK_ANSWERS.get(task, tuple(COLORS))
-    prefix = tokenizer(text)["input_ids"]
+    prefix = tokenize(tokenizer, text)["input_ids"]
     owner: dict[int, str] = {}
     for w in words:
         for f in forms(task, w):

@@ -153,6 +153,13 @@ def is_word_level(tokenizer) -> bool:
     return backend is not None and type(backend.model).__name__ == "WordLevel"
 
 
+def tokenize(tokenizer, text: str, **kwargs):
+    """``tokenizer(text)``, with no second BOS where the text (a chat template's) begins with the BOS already: the
+    rule transformers' processors apply to a templated prompt (Gemma 3's template writes ``<bos>`` itself)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), **kwargs)
+
+
 def render(tokenizer, framing: Framing, prompt: str, question: bool) -> tuple[str, int]:
     """The chat text of one trial (one image placeholder, not expanded) and the offset of ``prompt`` in it."""
     image = {"type": "image"}

@@ -174,10 +174,11 @@ class VLM:
             full = fam.plain_format.format(image=fam.image_text(1) if fw.vismech else fam.placeholder, text="\x00")
             start = full.index("\x00")
             text = full.replace("\x00", trial.prompt + ("\nAnswer:" if question else ""))
-        if text.count(fam.image_token) != 1:
-            raise ValueError(f"the {self.prompt_format} prompt ({fw.source}) holds {text.count(fam.image_token)} "
-                             f"image placeholders {fam.image_token!r} for one image; vismech needs exactly one")
-        at = text.index(fam.image_token)
+        mark = fam.image_marker(processor=not fw.vismech)
+        if text.count(mark) != 1:
+            raise ValueError(f"the {self.prompt_format} prompt ({fw.source}) holds {text.count(mark)} "
+                             f"image placeholders {mark!r} for one image; vismech needs exactly one")
+        at = text.index(mark)
         text, added = fam.expand_placeholder(text, at, n_image_tokens, extra, processor=not fw.vismech)
         return text, start + (added if at < start else 0)
 
@@ -197,7 +198,7 @@ class VLM:
         for i, t0 in enumerate(trials):
             t = self.as_read(t0)
             text, start = self.frame(t, img.n_tokens[i], img.extra[i])
-            enc = self.tokenizer(text, return_offsets_mapping=True)
+            enc = framing_.tokenize(self.tokenizer, text, return_offsets_mapping=True)
             ids, offs = enc["input_ids"], enc["offset_mapping"]
             image_pos = [j for j, x in enumerate(ids) if x == self.image_token_id]
             if len(image_pos) != img.n_tokens[i]:

@@ -229,12 +229,18 @@ class Family:
 
     def expand_placeholder(self, text: str, at: int, n_tokens: int, extra, processor: bool = True
                            ) -> tuple[str, int]:
-        """Expand the image token at ``at`` into the image's run of ``n_tokens``: as the family's processor does
-        (``processor``), or as vismech's own models were built (the token repeated). Returns the text and the number
-        of characters added."""
+        """Expand the image marker (``image_marker``) at ``at`` into the image's run of ``n_tokens``: as the
+        family's processor does (``processor``), or as vismech's own models were built (the token repeated). Returns
+        the text and the number of characters added."""
         run = self.image_token * n_tokens
         end = at + len(self.image_token)
         return text[:at] + run + text[end:], len(run) - len(self.image_token)
+
+    def image_marker(self, processor: bool) -> str:
+        """What a framed prompt holds once for its image and ``expand_placeholder`` expands: the image token, in
+        vismech's own format (``processor`` False) and in a chat template or plain prompt of a family whose
+        template writes it; a family whose template writes another token (Gemma 3: begin-of-image) returns that."""
+        return self.image_token
 
     def image_text(self, n_tokens: int) -> str:
         return self.image_open + self.image_token * n_tokens + self.image_close
