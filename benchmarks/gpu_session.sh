@@ -49,9 +49,9 @@ case "${1:-cma}" in
       --sample-heads 1 --json "$OUT/qwen7b_bf16.json"
     step llava7b_bf16 150 $B --model random:LLaVA-1.5-7B --dtype bf16 --pairs 50 --null --only-check \
       --sample-heads 1 --json "$OUT/llava7b_bf16.json"
-    step qwen3vl8b_bf16 110 $B --model random:Qwen3-VL-8B --dtype bf16 --pairs 16 --only-check \
+    step qwen3vl8b_bf16 110 $B --model random:Qwen3-VL-8B-Instruct --dtype bf16 --pairs 16 --only-check \
       --sample-heads 1 --json "$OUT/qwen3vl8b_bf16.json"
-    step gemma3_12b_bf16 110 $B --model random:Gemma-3-12B --dtype bf16 --pairs 16 --only-check \
+    [ -n "${SKIP_GEMMA:-}" ] || step gemma3_12b_bf16 110 $B --model random:gemma-3-12b-it --dtype bf16 --pairs 16 --only-check \
       --sample-heads 1 --json "$OUT/gemma3_12b_bf16.json"
     ;;
   runall)
