@@ -22,6 +22,9 @@ EXPECTED_NAMES = [
     "LLaVA-1.5-13B",
     "LLaVA-OneVision-7B",
     "Idefics2-8B",
+    "SmolVLM-256M-Instruct",
+    "SmolVLM-Instruct",
+    "Idefics3-8B-Llama3",
 ]
 
 # name -> (family, LM layers, LM query heads, LM kv heads, LM hidden, vocab, decoder ModuleList path,
@@ -43,6 +46,12 @@ EXPECTED = {
                            "model.language_model.layers", "model.vision_tower.encoder.layers", 26, False),
     "Idefics2-8B": ("idefics2", 32, 32, 8, 4096, 32003,
                     "model.text_model.layers", "model.vision_model.encoder.layers", 27, False),
+    "SmolVLM-256M-Instruct": ("idefics3", 30, 9, 3, 576, 49280,
+                              "model.text_model.layers", "model.vision_model.encoder.layers", 12, False),
+    "SmolVLM-Instruct": ("idefics3", 24, 32, 32, 2048, 49155,
+                         "model.text_model.layers", "model.vision_model.encoder.layers", 27, False),
+    "Idefics3-8B-Llama3": ("idefics3", 32, 32, 8, 4096, 128259,
+                           "model.text_model.layers", "model.vision_model.encoder.layers", 27, False),
 }
 
 FAMILY_CLASSES = {
@@ -51,6 +60,7 @@ FAMILY_CLASSES = {
     "llava": ("LlavaConfig", "LlavaForConditionalGeneration"),
     "llava_onevision": ("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration"),
     "idefics2": ("Idefics2Config", "Idefics2ForConditionalGeneration"),
+    "idefics3": ("Idefics3Config", "Idefics3ForConditionalGeneration"),
 }
 
 _BUILT: dict[str, torch.nn.Module] = {}
@@ -75,7 +85,7 @@ def test_names():
         assert isinstance(preset, Preset)
         assert preset.name == name
         assert preset.family in FAMILY_CLASSES
-        assert preset.published_params > 1e9
+        assert preset.published_params > 1e8  # the smallest, SmolVLM-256M
         assert preset.source.strip()
 
 
