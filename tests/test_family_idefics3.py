@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import transformers as tf
 from PIL import Image
 
-from conftest import tiny, two_object_trials
+from conftest import tiny
+from patch_codes import check_object_patches
 from vismech.models.families import FAMILIES
 from vismech.models.framing import Framing
 from vismech.models.presets import PRESETS
@@ -81,59 +81,6 @@ def test_object_pixels_fall_exactly_in_their_tokens():
         assert sorted({(y // tp) * g + x // tp for y, x in zip(ys, xs)}) == layout.cell_tokens(cell)
 
 
-def code_patches(vlm, batch, n_sub):
-    """Run ``batch`` (``n_sub`` sub-images per row) with the vision tower's patch features replaced by codes
-    (sub-image, patch row, patch col) and the projection by a copy of the codes of each token's s x s patches;
-    returns, for a row and a position of the language model's input, the set of (sub-image of the row, patch row,
-    patch col) it carries."""
-    m = vlm.model.model
-    s, d = vlm.model.config.scale_factor, vlm.model.config.vision_config.hidden_size
-
-    def codes(mod, args, out):
-        h = out.last_hidden_state
-        n, p = h.shape[0], int(h.shape[1] ** 0.5)
-        c = torch.zeros_like(h)
-        c[..., 0] = torch.arange(n)[:, None].float()
-        c[..., 1] = torch.arange(p).repeat_interleave(p)[None].float()
-        c[..., 2] = torch.arange(p).repeat(p)[None].float()
-        out.last_hidden_state = c
-        return out
-
-    def project(mod, args, out):
-        x = args[0].view(*args[0].shape[:2], s * s, d)[..., :3]  # the codes of the token's s*s patches
-        y = torch.zeros_like(out)
-        y[..., : 3 * s * s] = x.reshape(*x.shape[:2], -1)
-        return y
-
-    seen = {}
-    hooks = [m.vision_model.register_forward_hook(codes),
-             m.connector.modality_projection.register_forward_hook(project),
-             vlm.layers[0].register_forward_pre_hook(lambda mod, a, k: seen.update(x=(a[0] if a else
-                                                                                    k["hidden_states"])),
-                                                     with_kwargs=True)]
-    try:
-        vlm.logits(batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    x = seen["x"][..., : 3 * s * s].view(*seen["x"].shape[:2], s * s, 3).round().long()
-    return lambda row, pos: {(i - row * n_sub, r, c) for i, r, c in x[row, pos].tolist()}
-
-
-def patches_of_box(box, image_px, subs, tile, patch):
-    """(sub-image, patch row, patch col) of every patch whose whole area shows ``box`` (image px); ``subs`` lists
-    each sub-image's (x0, y0, side) in image px."""
-    out = set()
-    for i, (x0, y0, side) in enumerate(subs):
-        k = side / tile * patch  # image px per patch of this sub-image
-        for r in range(tile // patch):
-            for c in range(tile // patch):
-                px0, py0 = x0 + c * k, y0 + r * k
-                if box[0] <= px0 and px0 + k <= box[2] and box[1] <= py0 and py0 + k <= box[3]:
-                    out.add((i, r, c))
-    return out
-
-
 @pytest.mark.parametrize("split", [False, True])
 def test_object_tokens_carry_exactly_the_patches_of_their_box(split):
     """Through the vision tower's patch grid, the pixel shuffle and the processor's tiles: the image tokens vismech
@@ -142,23 +89,10 @@ def test_object_tokens_carry_exactly_the_patches_of_their_box(split):
     vlm = tiny("idefics3")
     if split:
         vlm = with_processor(vlm, split_processor(56, 112))
-    trials = two_object_trials()
-    b = vlm.encode(trials)
     subs = [(0, 0, 56)] if not split else [(0, 0, 28), (28, 0, 28), (0, 28, 28), (28, 28, 28), (0, 0, 56)]
-    got = code_patches(vlm, b, len(subs))
-    for row, t in enumerate(trials):
-        layout = vlm.layout(t.scene.grid)
-        run = b.image_tokens[row]
-        assert len(run) == 49 * len(subs)
-        assert {p for pos in run for p in got(row, pos)} == {(i, r, c) for i in range(len(subs)) for r in range(14)
-                                                            for c in range(14)}  # every patch exactly once
-        for o in t.scene.objects:
-            pos = b.objects[row][o.cell]
-            carried = set().union(*(got(row, p) for p in pos))
-            assert carried == patches_of_box(layout.cell_box(o.cell), 56, subs, 56, 4)
-            # the global image's tokens of the cell come first in the layout's own order
-            assert [run.index(p) - 49 * (len(subs) - 1) for p in pos if got(row, p) <= {(len(subs) - 1, r, c)
-                    for r in range(14) for c in range(14)}] == layout.cell_tokens(o.cell)
+    m = vlm.model.model
+    check_object_patches(vlm, subs, 56, 4, vision=m.vision_model, projector=m.connector.modality_projection, merge=2,
+                         width=vlm.model.config.vision_config.hidden_size)
 
 
 def test_tiles_of_smolvlm_256m():
