@@ -25,6 +25,9 @@ EXPECTED_NAMES = [
     "SmolVLM-256M-Instruct",
     "SmolVLM-Instruct",
     "Idefics3-8B-Llama3",
+    "InternVL3-2B-hf",
+    "InternVL3-8B-hf",
+    "InternVL3_5-8B-HF",
 ]
 
 # name -> (family, LM layers, LM query heads, LM kv heads, LM hidden, vocab, decoder ModuleList path,
@@ -52,6 +55,12 @@ EXPECTED = {
                          "model.text_model.layers", "model.vision_model.encoder.layers", 27, False),
     "Idefics3-8B-Llama3": ("idefics3", 32, 32, 8, 4096, 128259,
                            "model.text_model.layers", "model.vision_model.encoder.layers", 27, False),
+    "InternVL3-2B-hf": ("internvl", 28, 12, 2, 1536, 151674,
+                        "model.language_model.layers", "model.vision_tower.encoder.layer", 24, False),
+    "InternVL3-8B-hf": ("internvl", 28, 28, 4, 3584, 151674,
+                        "model.language_model.layers", "model.vision_tower.encoder.layer", 24, False),
+    "InternVL3_5-8B-HF": ("internvl", 36, 32, 8, 4096, 151936,
+                          "model.language_model.layers", "model.vision_tower.encoder.layer", 24, False),
 }
 
 FAMILY_CLASSES = {
@@ -61,6 +70,7 @@ FAMILY_CLASSES = {
     "llava_onevision": ("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration"),
     "idefics2": ("Idefics2Config", "Idefics2ForConditionalGeneration"),
     "idefics3": ("Idefics3Config", "Idefics3ForConditionalGeneration"),
+    "internvl": ("InternVLConfig", "InternVLForConditionalGeneration"),
 }
 
 _BUILT: dict[str, torch.nn.Module] = {}
