@@ -28,6 +28,12 @@ EXPECTED_NAMES = [
     "gemma-3-4b-it",
     "gemma-3-12b-it",
     "gemma-3-27b-it",
+    "SmolVLM-256M-Instruct",
+    "SmolVLM-Instruct",
+    "Idefics3-8B-Llama3",
+    "InternVL3-2B-hf",
+    "InternVL3-8B-hf",
+    "InternVL3_5-8B-HF",
 ]
 
 # name -> (family, LM layers, LM query heads, LM kv heads, LM hidden, vocab, decoder ModuleList path,
@@ -61,6 +67,18 @@ EXPECTED = {
                        "model.language_model.layers", "model.vision_tower.encoder.layers", 27, True),
     "gemma-3-27b-it": ("gemma3", 62, 32, 16, 5376, 262208,
                        "model.language_model.layers", "model.vision_tower.encoder.layers", 27, True),
+    "SmolVLM-256M-Instruct": ("idefics3", 30, 9, 3, 576, 49280,
+                              "model.text_model.layers", "model.vision_model.encoder.layers", 12, False),
+    "SmolVLM-Instruct": ("idefics3", 24, 32, 32, 2048, 49155,
+                         "model.text_model.layers", "model.vision_model.encoder.layers", 27, False),
+    "Idefics3-8B-Llama3": ("idefics3", 32, 32, 8, 4096, 128259,
+                           "model.text_model.layers", "model.vision_model.encoder.layers", 27, False),
+    "InternVL3-2B-hf": ("internvl", 28, 12, 2, 1536, 151674,
+                        "model.language_model.layers", "model.vision_tower.encoder.layer", 24, False),
+    "InternVL3-8B-hf": ("internvl", 28, 28, 4, 3584, 151674,
+                        "model.language_model.layers", "model.vision_tower.encoder.layer", 24, False),
+    "InternVL3_5-8B-HF": ("internvl", 36, 32, 8, 4096, 151936,
+                          "model.language_model.layers", "model.vision_tower.encoder.layer", 24, False),
 }
 
 #: head widths that are not hidden // heads (Qwen3-VL-32B: 64 query heads of 128 on a 5120-wide stream)
@@ -74,6 +92,8 @@ FAMILY_CLASSES = {
     "idefics2": ("Idefics2Config", "Idefics2ForConditionalGeneration"),
     "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
     "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration"),
+    "idefics3": ("Idefics3Config", "Idefics3ForConditionalGeneration"),
+    "internvl": ("InternVLConfig", "InternVLForConditionalGeneration"),
 }
 
 _BUILT: dict[str, torch.nn.Module] = {}
@@ -98,7 +118,7 @@ def test_names():
         assert isinstance(preset, Preset)
         assert preset.name == name
         assert preset.family in FAMILY_CLASSES
-        assert preset.published_params > 1e9
+        assert preset.published_params > 1e8  # the smallest, SmolVLM-256M
         assert preset.source.strip()
 
 

@@ -151,7 +151,7 @@ class AnswerSet:
         for r, (_, toks) in enumerate(self.rows):
             extra[r, :len(toks)] = torch.tensor(toks, dtype=ids.dtype)
             more[r, :len(toks)] = 1
-        inputs = select_rows(batch.inputs, src)
+        inputs = select_rows(batch.inputs, src, [len(t) for t in batch.image_tokens])
         inputs["input_ids"] = torch.cat([ids, extra], 1)
         inputs["attention_mask"] = torch.cat([mask, more], 1)
         inputs.update(vlm.family.extra_inputs(inputs["input_ids"], vlm.image_token_id))
@@ -203,18 +203,24 @@ class AnswerSet:
         return AnswerScores(scores.view(B, K).cpu(), got.view(B, K).bool().cpu())
 
 
-def select_rows(inputs: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+def select_rows(inputs: dict[str, torch.Tensor], rows: list[int], image_tokens: list[int] | None = None
+                ) -> dict[str, torch.Tensor]:
     """Model inputs of the given batch rows (repeats allowed), image tensors included (Qwen's flattened patches
-    are regrouped by ``image_grid_thw``)."""
+    are regrouped by ``image_grid_thw``; pixel values packed over the batch's images with no per-row count, as
+    tiles are, are regrouped in proportion to each row's number of ``image_tokens``)."""
     idx = torch.tensor(rows, dtype=torch.long)
     out = {}
     for key, v in inputs.items():
+        counts = None
         if key == "pixel_values" and "image_grid_thw" in inputs:
             counts = inputs["image_grid_thw"].prod(-1).tolist()
-            starts = [sum(counts[:i]) for i in range(len(counts))]
-            out[key] = torch.cat([v[starts[r]:starts[r] + counts[r]] for r in rows])
-        else:
+        elif key == "pixel_values" and image_tokens is not None and v.shape[0] != len(image_tokens):
+            counts = [n * v.shape[0] // sum(image_tokens) for n in image_tokens]
+        if counts is None:
             out[key] = v[idx]
+            continue
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        out[key] = torch.cat([v[starts[r]:starts[r] + counts[r]] for r in rows])
     return out
 
 

@@ -30,7 +30,9 @@ class View:
     (x, y); the canvas holds ``rows`` x ``cols`` tokens of ``token_px`` canvas pixels each. ``base`` and
     ``row_stride`` place token (r, c) at offset ``base + r * row_stride + c`` of the image's token run. ``tile`` =
     (tile_px, tokens per tile) when the canvas is cut into tiles whose tokens do not fill them (a 384 px tile of
-    27 tokens of 14 px): token i then starts at (i // n) * tile_px + (i % n) * token_px."""
+    27 tokens of 14 px): token i then starts at (i // n) * tile_px + (i % n) * token_px. ``tile_major``: the run
+    holds the tiles' tokens one tile after another (tiles row-major, each tile's n x n tokens row-major), as
+    processors that cut an image into tiles write them, instead of row-major over the whole grid."""
 
     rows: int
     cols: int
@@ -40,6 +42,7 @@ class View:
     base: int = 0
     row_stride: int | None = None
     tile: tuple[float, int] | None = None
+    tile_major: bool = False
 
     def starts(self, n: int) -> np.ndarray:
         """Canvas coordinate where each of ``n`` tokens along an axis begins."""
@@ -50,6 +53,10 @@ class View:
         return (i // per) * tile_px + (i % per) * self.token_px
 
     def token_offset(self, r: int, c: int) -> int:
+        if self.tile_major:
+            n = self.tile[1]
+            (tr, r), (tc, c) = divmod(r, n), divmod(c, n)
+            return self.base + (tr * (self.cols // n) + tc) * n * n + r * n + c
         return self.base + r * (self.cols if self.row_stride is None else self.row_stride) + c
 
 

@@ -21,7 +21,7 @@ import torch
 import transformers as tf
 
 from vismech.scenes.core import Geometry, Layout, Region
-from vismech.scenes.regions import View, coverage, object_tokens
+from vismech.scenes.regions import MIN_COVERAGE, View, coverage, object_tokens
 
 from ..framing import ChatFormat
 
@@ -258,3 +258,24 @@ def _get(size, key: str):
     return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
 
+def tiled_views(image_size: tuple[int, int], g: int, token_px: float, rows: int, cols: int, tile: int) -> list[View]:
+    """How an image of ``image_size`` (W, H) reaches the tokens of a processor that cuts it into tiles: stretched
+    to ``rows`` x ``cols`` tiles of ``tile`` px, each seen as g x g tokens of ``token_px`` and held in the run one
+    tile after another, then the whole image squashed to one tile, last (``rows`` = 0: that one alone). Every resize
+    maps the whole image onto the whole new canvas, so each view is a plain stretch."""
+    W, H = image_size
+    whole = View(g, g, token_px, (tile / W, tile / H), base=rows * cols * g * g, tile=(tile, g))
+    if not rows:
+        return [whole]
+    return [View(rows * g, cols * g, token_px, (cols * tile / W, rows * tile / H), tile=(tile, g), tile_major=True),
+            whole]
+
+
+def tiled_cell_offsets(spec: Family, layout: Layout, cell, n_tokens: int, grid, extra) -> list[int]:
+    """``Family.cell_offsets`` of a tiling spec whose ``extra`` is (rows, cols, tile px): the layout's own tokens
+    when the image is one tile, else the tokens of the cell's box in every view (a drawn scene is fed at tile px)."""
+    rows, _, tile = extra
+    if not rows:
+        return Family.cell_offsets(spec, layout, cell, n_tokens, grid, extra)
+    got = spec.region_offsets(None, (tile, tile), Region(layout.cell_box(cell)), n_tokens, grid, extra, MIN_COVERAGE)
+    return sorted(k for k, _ in got)
