@@ -25,6 +25,8 @@ EXPECTED_NAMES = [
     "gemma-3-4b-it",
     "gemma-3-12b-it",
     "gemma-3-27b-it",
+    "llava-v1.6-mistral-7b-hf",
+    "llava-v1.6-vicuna-7b-hf",
 ]
 
 # name -> (family, LM layers, LM query heads, LM kv heads, LM hidden, vocab, decoder ModuleList path,
@@ -52,6 +54,10 @@ EXPECTED = {
                        "model.language_model.layers", "model.vision_tower.encoder.layers", 27, True),
     "gemma-3-27b-it": ("gemma3", 62, 32, 16, 5376, 262208,
                        "model.language_model.layers", "model.vision_tower.encoder.layers", 27, True),
+    "llava-v1.6-mistral-7b-hf": ("llava_next", 32, 32, 8, 4096, 32064,
+                                 "model.language_model.layers", "model.vision_tower.encoder.layers", 24, False),
+    "llava-v1.6-vicuna-7b-hf": ("llava_next", 32, 32, 32, 4096, 32064,
+                                "model.language_model.layers", "model.vision_tower.encoder.layers", 24, False),
 }
 
 #: head widths that are not hidden // heads
@@ -64,6 +70,7 @@ FAMILY_CLASSES = {
     "llava_onevision": ("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration"),
     "idefics2": ("Idefics2Config", "Idefics2ForConditionalGeneration"),
     "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration"),
+    "llava_next": ("LlavaNextConfig", "LlavaNextForConditionalGeneration"),
 }
 
 _BUILT: dict[str, torch.nn.Module] = {}
