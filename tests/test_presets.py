@@ -34,6 +34,8 @@ EXPECTED_NAMES = [
     "InternVL3-2B-hf",
     "InternVL3-8B-hf",
     "InternVL3_5-8B-HF",
+    "llava-v1.6-mistral-7b-hf",
+    "llava-v1.6-vicuna-7b-hf",
 ]
 
 # name -> (family, LM layers, LM query heads, LM kv heads, LM hidden, vocab, decoder ModuleList path,
@@ -79,6 +81,10 @@ EXPECTED = {
                         "model.language_model.layers", "model.vision_tower.encoder.layer", 24, False),
     "InternVL3_5-8B-HF": ("internvl", 36, 32, 8, 4096, 151936,
                           "model.language_model.layers", "model.vision_tower.encoder.layer", 24, False),
+    "llava-v1.6-mistral-7b-hf": ("llava_next", 32, 32, 8, 4096, 32064,
+                                 "model.language_model.layers", "model.vision_tower.encoder.layers", 24, False),
+    "llava-v1.6-vicuna-7b-hf": ("llava_next", 32, 32, 32, 4096, 32064,
+                                "model.language_model.layers", "model.vision_tower.encoder.layers", 24, False),
 }
 
 #: head widths that are not hidden // heads (Qwen3-VL-32B: 64 query heads of 128 on a 5120-wide stream)
@@ -94,6 +100,7 @@ FAMILY_CLASSES = {
     "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration"),
     "idefics3": ("Idefics3Config", "Idefics3ForConditionalGeneration"),
     "internvl": ("InternVLConfig", "InternVLForConditionalGeneration"),
+    "llava_next": ("LlavaNextConfig", "LlavaNextForConditionalGeneration"),
 }
 
 _BUILT: dict[str, torch.nn.Module] = {}

@@ -23,7 +23,8 @@ from vismech.scenes.core import Obj, Scene
 from vismech.scenes import tasks
 
 PRESET = {"qwen2_vl": "Qwen2-VL-7B", "qwen2_5_vl": "Qwen2.5-VL-7B", "llava": "LLaVA-1.5-7B",
-          "llava_onevision": "LLaVA-OneVision-7B", "idefics2": "Idefics2-8B"}
+          "llava_onevision": "LLaVA-OneVision-7B", "idefics2": "Idefics2-8B", "gemma3": "gemma-3-4b-it",
+          "llava_next": "llava-v1.6-mistral-7b-hf"}
 FAMS = list(PRESET)
 
 
@@ -41,6 +42,13 @@ def image_processor(family: str):
         return pil("CLIPImageProcessor")(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     if family == "llava_onevision":
         return pil("LlavaOnevisionImageProcessor")()
+    if family == "gemma3":
+        return pil("Gemma3ImageProcessor")(size={"height": 896, "width": 896}, image_mean=[0.5] * 3,
+                                           image_std=[0.5] * 3, resample=2, do_pan_and_scan=False)
+    if family == "llava_next":
+        return pil("LlavaNextImageProcessor")(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                              image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336],
+                                                                    [336, 1008]])
     return pil("Idefics2ImageProcessor")(size={"shortest_edge": 378, "longest_edge": 980}, do_image_splitting=True)
 
 
@@ -68,6 +76,11 @@ def checkpoint(family: str):
     elif family == "llava_onevision":
         proc = _no_video(tf.LlavaOnevisionProcessor)(image_processor=ip, tokenizer=tok, num_image_tokens=729,
                                                      vision_feature_select_strategy="full", chat_template=template)
+    elif family == "gemma3":
+        proc = tf.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=256, chat_template=template)
+    elif family == "llava_next":
+        proc = tf.LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14, chat_template=template,
+                                     vision_feature_select_strategy="default", num_additional_image_tokens=1)
     else:
         proc = tf.Idefics2Processor(image_processor=ip, tokenizer=tok, image_seq_len=64, chat_template=template)
     cfg = PRESETS[PRESET[family]].config()
@@ -99,7 +112,10 @@ def processor_ids(proc, trial, image, question: bool) -> list[int]:
                 {"role": "assistant", "content": [{"type": "text", "text": trial.prompt}]}]
     text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=question,
                                     continue_final_message=not question)
-    return proc(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+    # no second BOS after a template that writes one (Gemma 3's): what apply_chat_template(tokenize=True) passes
+    bos = proc.tokenizer.bos_token
+    return proc(text=[text], images=[image], return_tensors="pt",
+                add_special_tokens=not (bos and text.startswith(bos)))["input_ids"][0].tolist()
 
 
 def plain_ids(proc, family: str, trial, image, question: bool) -> list[int]:
@@ -187,7 +203,11 @@ def test_onevision_uses_the_current_template():
                                         ("llava", {"<image>": 32000, "<pad>": 32001, "\u2581": 29871}),
                                         ("llava_onevision", {"<image>": 151646, "<video>": 151647}),
                                         ("idefics2", {"<fake_token_around_image>": 32000, "<image>": 32001,
-                                                      "<end_of_utterance>": 32002, "\u2581": 28705})])
+                                                      "<end_of_utterance>": 32002, "\u2581": 28705}),
+                                        ("gemma3", {"<bos>": 2, "<start_of_turn>": 105, "<end_of_turn>": 106,
+                                                    "<start_of_image>": 255999, "<end_of_image>": 256000,
+                                                    "<image_soft_token>": 262144, "\n\n": 108}),
+                                        ("llava_next", {"<image>": 32000, "<pad>": 32001, "\u2581": 28705})])
 def test_published_special_token_ids(family, ids):
     tok, _, vlm = checkpoint(family)
     assert {k: tok.convert_tokens_to_ids(k) for k in ids} == ids
@@ -225,3 +245,24 @@ def test_onevision_stimulus_files_are_what_the_model_is_fed(tmp_path):
         img = Image.open(tmp_path / entry["image"]).convert("RGB")
         assert np.array_equal(np.asarray(img), np.asarray(vlm.render(t)))
         vlm.encode([t], images=[img])
+
+
+def test_gemma3_template_writes_the_only_bos_and_the_image_run_of_its_processor():
+    tok, _, vlm = checkpoint("gemma3")
+    b = vlm.encode([trials()[1]])
+    ids = b.inputs["input_ids"][0].tolist()
+    assert b.texts[0].startswith("<bos><start_of_turn>user\n\n\n<start_of_image><image_soft_token>")
+    assert ids[:2] == [2, 105] and ids.count(2) == 1  # <bos><start_of_turn>: one BOS
+    run = b.image_tokens[0]
+    # "user\n" + the processor's "\n\n" are one token (109, three newlines); "\n\n" after the run is 108
+    assert len(run) == 256 and ids[run[0] - 3:run[0]] == [2364, 109, 255999]
+    assert ids[run[-1] + 1:run[-1] + 3] == [256000, 108]
+    assert b.texts[0].endswith("<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_llava_next_mistral_template():
+    _, _, vlm = checkpoint("llava_next")
+    b = vlm.encode([trials()[1]])
+    assert len(b.image_tokens[0]) == 576 + 24 * 25
+    assert b.texts[0].startswith("[INST] <image><image>") and b.texts[0].endswith("Answer with the correct color "
+                                                                                  "only. [/INST]")
