@@ -99,8 +99,9 @@ def cmd_models(args) -> int:
         note = "" if fam.spatial_tokens else "  (no per-patch image tokens: object-token analyses unavailable)"
         print(f"  {name:18s} {fam.class_name}{note}")
     print("presets (random:PRESET, real-size architecture with random weights):")
+    width = max(map(len, PRESETS)) + 1
     for name, p in PRESETS.items():
-        print(f"  {name:22s} {p.family:16s} {p.published_params / 1e9:.2f}B params")
+        print(f"  {name:{width}s} {p.family:16s} {p.published_params / 1e9:.2f}B params")
     print("organisms (trained by vismech, shipped inside the package):")
     for name, fam in ORGANISMS.items():
         print(f"  {name:18s} {fam}")
