@@ -101,7 +101,8 @@ def test_tiny_object_tokens_carry_the_pooled_patches_of_their_cell():
 
 def test_token_type_ids_open_the_image_block_and_matter():
     """The batch carries token_type_ids (1 on image tokens); with them the first image token attends to the last
-    one (the model's own mask), without them the logits differ (transformers falls back to causal silently)."""
+    one (the model's own mask), without them the logits differ (transformers falls back to causal silently); the
+    tiny model's image projection is not the class's zero init."""
     vlm = tiny("gemma3")
     b = vlm.encode(two_object_trials())
     tt = b.inputs["token_type_ids"]
@@ -114,6 +115,9 @@ def test_token_type_ids_open_the_image_block_and_matter():
             assert m[row, 0, pos[0], pos[-1]] and not m[row, 0, pos[-1], pos[-1] + 1]
     causal = vlm.logits({k: v for k, v in b.inputs.items() if k != "token_type_ids"})
     assert (causal - full).abs().max() > 1e-3
+    # the image reaches the language model (the class initialises its projection to zero; the tiny model draws it)
+    other = vlm.logits({**b.inputs, "pixel_values": b.inputs["pixel_values"].flip(-1)})
+    assert (other - full).abs().max() > 1e-3
 
 
 def test_the_prefix_cache_ends_before_the_image_block_of_an_edit_inside_it():

@@ -34,4 +34,11 @@ def build_tiny(family: str, seed: int = 0):
     cfg = spec.tiny_config(tok)
     torch.manual_seed(seed)
     model = spec.model_class()(cfg).eval()
+    # a weight matrix the class initialises to zero (Gemma 3's image projection, zero until trained) would make the
+    # tiny model ignore what it feeds: it is drawn like the others
+    std = getattr(cfg, "initializer_range", None) or getattr(cfg.get_text_config(), "initializer_range", 0.02)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2 and not p.any():
+                p.normal_(0.0, std)
     return model, tok
