@@ -2,7 +2,6 @@
 block (token_type_ids) is fed and respected by the prefix cache, q/k sites sit after the per-head norms and before
 rotary embedding, and the prompt layout of Gemma3Processor."""
 
-import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -55,7 +54,7 @@ def test_real_geometry_every_object_pixel_is_pooled_into_its_cells_tokens(grid):
         assert hit and hit <= set(layout.cell_tokens(cell)), cell
         for t in layout.cell_tokens(cell):
             r, c = divmod(t, 16)
-            assert tokens[t, 0].item() == pytest.approx(4 * r + 1.5) and tokens[t, 1].item() == pytest.approx(4 * c + 1.5)
+            assert (tokens[t, 0].item(), tokens[t, 1].item()) == pytest.approx((4 * r + 1.5, 4 * c + 1.5))
 
 
 def test_tiny_object_tokens_carry_the_pooled_patches_of_their_cell():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+import transformers as tf
 
 from vismech.scenes.core import Geometry
 from vismech.scenes.regions import View
@@ -104,8 +104,6 @@ class Gemma3(Family):
     presets = (_GEMMA3_4B, _GEMMA3_12B, _GEMMA3_27B)
 
     def tiny_config(self, tok):
-        import transformers as tf
-
         ids = tok.convert_tokens_to_ids
         text = text_kwargs(tok, head_dim=16, query_pre_attn_scalar=16, hidden_activation="gelu_pytorch_tanh",
                            rms_norm_eps=1e-6, sliding_window=512, tie_word_embeddings=True,
