@@ -215,3 +215,31 @@ def test_prompt_layout_of_the_processor_and_vismech_format():
     toks = vlm.tokenizer.convert_ids_to_tokens(b.inputs["input_ids"][0].tolist())
     assert toks[:3] + toks[-3:] == ["<start_of_turn>", "user", "<start_of_image>", "<end_of_turn>",
                                     "<start_of_turn>", "assistant"]
+
+
+def test_local_layers_with_a_window_shorter_than_the_prompt_patch_exactly():
+    """Sliding-window layers whose window (40) is shorter than the prompt (129 tokens): the fast engine (its prefix
+    cache keeps every key; the model's masks apply the window) equals one full forward per head."""
+    from vismech.models.families import family_for_config
+    from vismech.models.tiny import build_tiny
+    from vismech.models.vlm import VLM
+
+    model, tok = build_tiny("gemma3")
+    model.config.text_config.sliding_window = 40
+    for layer in model.model.language_model.layers:
+        if layer.self_attn.is_sliding:
+            layer.self_attn.sliding_window = 40
+    spec = family_for_config(model.config)
+    vlm = VLM(model, tok, spec.image_processor_for(model.config), spec, "tiny:gemma3 (window 40)")
+    b = vlm.encode(two_object_trials())
+    assert b.length > 3 * 40
+    pos = [m[0] for m in b.mentions]
+    with hooks.hooked(vlm, "v", 0, lambda x: -x):
+        src = patching.capture_z(vlm, b, pos)
+    tid = torch.stack([vlm.answer_ids(b, ["blue", "blue"]), vlm.answer_ids(b, ["red", "green"])], 1)
+    heads = [(0, 0), (1, 2), (2, 3)]
+    fast = patching.head_patch(vlm, b, src, pos, tid, heads=heads)
+    slow = patching.naive_head_patch(vlm, b, src, pos, tid, heads=heads)
+    assert (fast - slow).abs().max() < 1e-5 and (slow - vlm.logits(b).gather(1, tid)).abs().max() > 1e-3
+    narrow = vlm.logits(b)
+    assert (narrow - tiny("gemma3").logits(tiny("gemma3").encode(two_object_trials()))).abs().max() > 1e-4

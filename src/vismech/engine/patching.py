@@ -111,9 +111,12 @@ def _cache_kwarg(lm) -> str:
 
 @torch.no_grad()
 def prefix_cache(vlm: VLM, inp: LMInputs, p0: int) -> PrefixCache:
-    """Run the text backbone on positions [0, p0) and keep their keys and values."""
+    """Run the text backbone on positions [0, p0) and keep their keys and values (every one: a cache the model made
+    itself would keep only a sliding window's worth in its local layers, which the replayed masks do not expect)."""
+    from transformers import DynamicCache
+
     lm = hooks.language_model(vlm)
-    out = lm(**inp.positions(0, p0), use_cache=True)
+    out = lm(**inp.positions(0, p0), use_cache=True, **{_cache_kwarg(lm): DynamicCache()})
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     if hasattr(cache, "layers"):
         kv = [(layer.keys, layer.values) for layer in cache.layers]
