@@ -72,6 +72,13 @@ DEFAULT_SITES: dict[str, Site] = {
 }
 
 
+def normed_qk_sites(layout: str) -> dict[str, Site]:
+    """``DEFAULT_SITES`` with ``q``/``k`` at the attention's per-head norms (``self_attn.q_norm``/``k_norm``), for
+    language models that RMS-normalise queries and keys before rotary embedding; ``layout``: the norms' tensor
+    layout ("bthd" Qwen3, "bhtd" Gemma 3)."""
+    return {**DEFAULT_SITES, "q": Site("self_attn.q_norm", layout=layout), "k": Site("self_attn.k_norm", layout=layout)}
+
+
 @dataclass(frozen=True)
 class Preset:
     """One published checkpoint's architecture (``random:NAME``), declared in its family's spec module

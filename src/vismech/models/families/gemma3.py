@@ -11,7 +11,7 @@ from vismech.scenes.core import Geometry
 from vismech.scenes.regions import View
 
 from ..framing import ChatFormat
-from .base import DEFAULT_SITES, Family, ImageInputs, Preset, Site, _get, image_processor_class, text_kwargs
+from .base import Family, ImageInputs, Preset, _get, image_processor_class, normed_qk_sites, text_kwargs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,8 +98,7 @@ class Gemma3(Family):
     # q/k are RMS-normed per head on the [batch, heads, pos, dim] view, then rotated: the sites are the norms'
     # outputs. The head outputs (o_proj input) are per head as usual; the residual write is
     # post_attention_layernorm(o_proj(z)), which the z site does not need.
-    sites = {**DEFAULT_SITES, "q": Site("self_attn.q_norm", layout="bhtd"),
-             "k": Site("self_attn.k_norm", layout="bhtd")}
+    sites = normed_qk_sites("bhtd")
     vision_modules = ("vision_tower", "multi_modal_projector")
     presets = (_GEMMA3_4B, _GEMMA3_12B, _GEMMA3_27B)
 

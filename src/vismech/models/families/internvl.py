@@ -9,8 +9,8 @@ import transformers as tf
 from vismech.scenes.core import Geometry
 
 from ..framing import ChatFormat
-from .base import (DEFAULT_SITES, Family, ImageInputs, Preset, Site, _get, image_processor_class, text_kwargs,
-                   tiled_cell_offsets, tiled_views)
+from .base import (DEFAULT_SITES, Family, ImageInputs, Preset, _get, image_processor_class, normed_qk_sites,
+                   text_kwargs, tiled_cell_offsets, tiled_views)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -68,8 +68,7 @@ _INTERNVL3_5_8B = _preset(
 )
 
 #: Qwen3's queries and keys are RMS-normed per head on [batch, pos, heads, dim], before rotary embedding
-_NORMED_SITES = {**DEFAULT_SITES, "q": Site("self_attn.q_norm", layout="bthd"),
-                 "k": Site("self_attn.k_norm", layout="bthd")}
+_NORMED_SITES = normed_qk_sites("bthd")
 
 
 class InternVL(Family):

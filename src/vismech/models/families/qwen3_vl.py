@@ -43,7 +43,7 @@ from typing import Any
 from vismech.scenes.core import Geometry
 
 from ..framing import ChatFormat
-from .base import DEFAULT_SITES, Preset, Site, image_processor_class, text_kwargs
+from .base import Preset, image_processor_class, normed_qk_sites, text_kwargs
 from .qwen2_vl import Qwen2VL
 
 # --------------------------------------------------------------------------------------------------
@@ -118,8 +118,7 @@ class Qwen3VL(Qwen2VL):
     chat = vismech_chat = ChatFormat("<|im_start|>user\n", Qwen2VL.placeholder, "", "<|im_end|>\n",
                                      "<|im_start|>assistant\n", "<|im_start|>assistant\n", "<|im_end|>\n")
     # queries and keys after their per-head norms ([batch, pos, heads, head_dim]), before rotary embedding
-    sites = {**DEFAULT_SITES, "q": Site("self_attn.q_norm", layout="bthd"),
-             "k": Site("self_attn.k_norm", layout="bthd")}
+    sites = normed_qk_sites("bthd")
     # DeepStack features: one row per image token of the batch, added after the first decoder layers (docstring)
     packed_inputs = {"deepstack_visual_embeds": "visual_pos_masks"}
 
