@@ -175,6 +175,39 @@ def test_zero_heads_equals_a_hand_written_zeroing_hook_and_runs_under_generation
     assert not torch.equal(fast, vlm.logits(b))
 
 
+@pytest.mark.parametrize("family", TWO)
+def test_ablated_heads_by_weights_equal_a_zeroing_hook_and_restore_the_weights_bit_exact(family):
+    """Zeroing the heads' input columns of o_proj is the zero ablation, exactly: the logits equal those of a plain
+    hook zeroing the heads' o_proj inputs; the weights come back bit for bit, also after an exception."""
+    vlm = tiny(family)
+    b = vlm.encode(_trials(2))
+    heads, d = [(0, 1), (1, 3), (1, 0)], vlm.head_dim
+    before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
+    with iv.ablated_heads(vlm, heads):
+        ablated = vlm.logits(b)
+        w = vlm.attention(1).o_proj.weight
+        assert not w[:, 0:d].any() and not w[:, 3 * d:4 * d].any() and w[:, d:2 * d].any()
+    hooks_ = []
+    for layer in (0, 1):
+        def pre(m, a, layer=layer):
+            x = a[0].clone()
+            for l, h in heads:
+                if l == layer:
+                    x[..., h * d:(h + 1) * d] = 0
+            return (x,)
+        hooks_.append((vlm.attention(layer).o_proj, pre))
+    assert torch.equal(ablated, _logits_with_plain_hooks(vlm, b, pre=hooks_))
+    assert not torch.equal(ablated, vlm.logits(b))
+    with pytest.raises(RuntimeError, match="stop"):
+        with iv.ablated_heads(vlm, heads):
+            raise RuntimeError("stop")
+    with pytest.raises(ValueError, match="out of range"):  # (0, 0) is zeroed before (0, H) is refused
+        with iv.ablated_heads(vlm, [(0, 0), (0, vlm.n_heads)]):
+            pass
+    after = vlm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_head_order_and_k_grids():
     m = np.array([[0.1, 3.0], [2.0, 2.0], [-1.0, np.nan]])
     assert counting_ablation.head_order(m) == [(0, 1), (1, 0), (1, 1), (0, 0), (2, 0), (2, 1)]

@@ -8,6 +8,7 @@ from vismech.app.cli import main
 from vismech.experiments import recovery
 from vismech.experiments.cma import CMAResult
 from vismech.models.ground_truth import Declared, GroundTruth
+from vismech.store.io import read_csv
 
 SMALL = ["--set", "cma_n=8", "--set", "rsa_n=16", "--batch-size", "16", "--device", "cpu"]
 
@@ -84,3 +85,33 @@ def test_recovery_finds_the_planted_heads_and_not_deliberately_wrong_ones(tmp_pa
     w = recovery.cma_recovery(_result(found, (8, 8)), wrong)[1]
     for stage in ("id_retrieval", "feature_retrieval"):
         assert w[stage]["recall"] == 0.0 and w[stage]["precision"] == 0.0, w[stage]
+
+
+def test_ablate_declared_removes_the_declared_heads_from_every_analysis(tmp_path):
+    """With ``ablate_declared`` every declared head (helpers too) is zeroed for the whole experiment: its CMA score
+    is 0 in every condition (up to float rounding between batches, so it is never significant), an ID edit at the declared heads changes no answer
+    (efficacy = the unedited repeat rate), and recovery's CMA is not the intact model's CMA of the same run."""
+    gt = GroundTruth({"id_retrieval": Declared(((0, 1),), "mentions", ""),
+                      "id_selection": Declared(((1, 2),), "last", ""),
+                      "feature_retrieval": Declared(((2, 0),), "last", "")},
+                     {"copy": Declared(((0, 0),), "mentions", "")})
+    path = gt.save(tmp_path)
+    out = tmp_path / "run"
+    sets = {"ground_truth": str(path), "ablate_declared": True, "cma_n": 3, "cma.n": 3, "null_samples": 200,
+            "rsa_n": 8, "n_boot": 10, "n_null": 2, "n": 6, "n_estimate": 16, "alphas": [5], "random_sets": 1}
+    args = [x for k, v in sets.items() for x in ("--set", f"{k}={json.dumps(v)}")]
+    assert main(["run", "cma", "recovery", "--model", "tiny:qwen2_5_vl", "--out", str(out), "--device", "cpu"]
+                + args) == 0
+    s = json.loads((out / "results" / "recovery.json").read_text())
+    assert s["ablated_heads"] == [[0, 0], [0, 1], [1, 2], [2, 0]]
+    assert recovery.caption(s).startswith("Declared heads ablated (4 heads zeroed). ")
+    declared = {(0, 0), (0, 1), (1, 2), (2, 0)}
+    for c in ("id_retrieval", "id_selection", "feature_retrieval"):
+        assert not declared & {tuple(h) for h in s["cma"][c]["found"]}
+        assert abs(s["cma"][c]["declared_mean_score"]) < 1e-6
+        assert s["interventions"][c]["declared"]["value"] == s["interventions"]["baseline_repeat_rate"]["value"]
+    intact = {(r["condition"], int(r["layer"]), int(r["head"])): r["value"]
+              for r in read_csv(out / "results" / "cma_heads.csv")}
+    assert any(float(intact[(c, 0, 1)]) != 0.0 for c in ("id_retrieval", "id_selection", "feature_retrieval"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["cma"]["n"] == 3 and manifest["options"]["recovery"]["ablate_declared"] is True

@@ -91,3 +91,17 @@ def test_report_embeds_figures_and_escapes_user_strings(tmp_path):
     assert "data:image/png;base64," in html and "http" not in html.split("<body>")[1].split("Manifest")[0]
     assert "50%" in html  # the caption computed from the results
     assert "<td>[0.15, 0.85]</td>" in html  # the table: the interval in one column, low first
+
+
+def test_name_dot_key_sets_one_experiments_option_and_wins_over_key():
+    from vismech.app.runner import plan
+    from vismech.errors import UserError
+
+    _, options = plan(["cma", "rsa"], None, {"n": 4, "cma.n": 8})
+    assert options["cma"]["n"] == 8 and options["rsa"]["n"] == 4
+    with pytest.raises(UserError, match="unknown option.*bogus"):
+        plan(["cma"], None, {"cma.bogus": 1})
+    with pytest.raises(UserError, match="not taken by any of cma"):
+        plan(["cma"], None, {"rsa.n": 4})
+    with pytest.raises(UserError, match="option n"):
+        plan(["cma"], None, {"cma.n": 0})

@@ -242,26 +242,26 @@ def cmd_run(args) -> int:
     return 0
 
 
-#: Trial counts of the demo, sized so every experiment on the shipped organism finishes in minutes on 2 CPU cores.
-DEMO_OPTIONS = {"n": 4, "cma_n": 8, "null_samples": 2000, "max_new_tokens": 4, "n_boot": 100,
-                "grids": [[2, 2]]}
-
-
 def cmd_demo(args) -> int:
-    import json
+    from vismech.app.demo import run_demo
 
-    args.experiments = ["all"]
-    given = args.set or []
-    keys = {kv.split("=", 1)[0] for kv in given}
-    args.set = [f"{k}={json.dumps(v)}" for k, v in DEMO_OPTIONS.items() if k not in keys and
-                not (k == "n" and args.n is not None)] + given
-    return cmd_run(args)
+    given = _parse_sets(args.set or [])
+    if args.n is not None:
+        given.setdefault("n", args.n)
+    _check_model_args(args)
+    page = run_demo(args, given)
+    print(f"report: {page}")
+    return 0
 
 
 def cmd_report(args) -> int:
+    from vismech.app.compare import FILE, write_comparison
     from vismech.app.replot import replot
     from vismech.app.report import write_report
 
+    if (Path(args.run_dir) / FILE).exists() and not (Path(args.run_dir) / "manifest.json").exists():  # a demo
+        print(f"report: {write_comparison(args.run_dir)}")
+        return 0
     if args.replot:  # replot rebuilds the report too
         print(f"{len(replot(args.run_dir))} figure files redrawn in {Path(args.run_dir) / 'figures'}")
     path = write_report(Path(args.run_dir))
@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     _trials(s, None, "trials per condition, passed to every experiment (its option n)")
     s.add_argument("--seed", type=arg_type(SEED, "--seed"), default=0)
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override an experiment option (JSON values), e.g. --set grid=[3,3]")
+                   help="override an experiment option (JSON values), e.g. --set grid=[3,3]; NAME.KEY sets it for "
+                   "experiment NAME alone, e.g. --set cma.n=8")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out, skipping "
                    "finished work (refused if the options differ)")
     s.add_argument("--stimuli", default=None, metavar="DIR", help="run on a stimulus folder (images + "
@@ -341,18 +342,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "or any); the same as --set images=DIR")
     s.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("demo", help="the README's first command: every experiment on the shipped organism, quickly")
+    s = sub.add_parser("demo", help="the README's first command: every experiment on organism-ids (planted position "
+                       "IDs) and the comparable ones on a control without them, quickly, and a page setting the two "
+                       "side by side")
     _model_args(s)
-    s.set_defaults(model="organism")
-    s.add_argument("--out", default="runs/demo")
+    s.set_defaults(model="organism-ids")
+    s.add_argument("--control", default="organism", help="the model shown beside --model, scored against its "
+                   "declared ground truth (default organism, which has no position IDs); none: no control")
+    s.add_argument("--out", default="runs/demo", help="one folder per model inside it, and report.html comparing them")
     _trials(s, None, "trials per condition (the demo's own: 4)")
     s.add_argument("--seed", type=arg_type(SEED, "--seed"), default=0)
-    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option (JSON values); "
+                   "NAME.KEY sets it for experiment NAME alone, e.g. --set recovery.rsa_n=192")
     s.add_argument("--fresh", dest="resume", action="store_false",
                    help="refuse an existing --out instead of continuing it (by default a demo continues)")
     s.set_defaults(fn=cmd_demo, resume=True)
 
-    s = sub.add_parser("report", help="rebuild RUN_DIR/report.html from the stored results")
+    s = sub.add_parser("report", help="rebuild RUN_DIR/report.html from the stored results (a demo's folder: its "
+                       "comparison page)")
     s.add_argument("run_dir")
     s.add_argument("--replot", action="store_true", help="redraw every figure from the stored results first")
     s.set_defaults(fn=cmd_report)

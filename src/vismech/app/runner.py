@@ -61,13 +61,15 @@ def default_run_dir(model: str) -> Path:
 
 def plan(names: list[str], args, overrides: dict) -> tuple[list, dict]:
     """The experiment modules and their resolved options, every value checked (``experiments.options``); unknown
-    options and bad values are a ``UserError``."""
+    options and bad values are a ``UserError``. A key ``KEY`` sets option KEY of every experiment that takes it;
+    ``NAME.KEY`` sets it for experiment NAME alone, and wins over ``KEY`` there."""
     mods = [get(n) for n in names]
     options, used = {}, set()
     for m in mods:
         given = {k: v for k, v in overrides.items() if k in m.DEFAULTS}
-        used |= set(given)
-        options[m.NAME] = json.loads(json.dumps(check_options(m, given)))
+        own = {k[len(m.NAME) + 1:]: v for k, v in overrides.items() if k.startswith(m.NAME + ".")}
+        used |= set(given) | {f"{m.NAME}.{k}" for k in own}
+        options[m.NAME] = json.loads(json.dumps(check_options(m, {**given, **own})))
     unused = sorted(set(overrides) - used)
     if unused:
         raise UserError(f"option(s) {', '.join(unused)} are not taken by any of {', '.join(names)}")

@@ -31,7 +31,7 @@ import torch
 SITES = ("z", "q", "k", "v", "resid")
 
 
-def _site(vlm, site: str, layer: int):
+def site_module(vlm, site: str, layer: int):
     """(module, ``Site``) of ``site`` at ``layer``, from the family's site map."""
     if not 0 <= layer < vlm.n_layers:
         raise ValueError(f"layer {layer} is out of range: {vlm.name} has layers 0..{vlm.n_layers - 1}")
@@ -70,7 +70,7 @@ def hooked(vlm, site: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor
 
     ``fn`` may return a replacement tensor of the same shape (used downstream) or None (read only).
     """
-    (mod, where), heads = _site(vlm, site, layer), n_heads_at(vlm, site)
+    (mod, where), heads = site_module(vlm, site, layer), n_heads_at(vlm, site)
 
     def apply(x: torch.Tensor) -> torch.Tensor | None:
         y = fn(_to_heads(x, heads, where.layout))

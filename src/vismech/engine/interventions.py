@@ -17,6 +17,9 @@ intervention experiments (id-intervention, key-intervention, reuse, relabs-patch
   starts at its first edited layer from the clean residual stream there (``engine.cascade``, where supported).
   With alpha = 0 the logits are bit-equal to no edit.
 - ``zero_heads``: zero-ablate head outputs at every position (also during generation).
+- ``ablated_heads``: the same ablation as a weight edit (the heads' input columns of the attention output
+  projection set to 0, restored afterwards): it removes the heads' output on every path, also in the engines that
+  run parts of a forward themselves (``patching``, ``cascade``).
 
 Assumes labels are hashable (cells as tuples); vectors are float32 on the CPU, cast to the model's dtype when an
 edit is applied.
@@ -295,3 +298,31 @@ def zero_heads(vlm: VLM, heads: Sequence[tuple[int, int]]) -> Iterator[None]:
 
             stack.enter_context(hooks.hooked(vlm, "z", l, fn))
         yield
+
+
+@contextlib.contextmanager
+def ablated_heads(vlm: VLM, heads: Sequence[tuple[int, int]]) -> Iterator[None]:
+    """Zero-ablate ``heads`` for everything run inside the context by zeroing their input columns of the attention
+    output projection (the weights that read site ``z``): each head's output then adds exactly nothing to the
+    residual stream, as with ``zero_heads``, on every path through the model. The weights are restored bit for bit
+    when the context exits, also on an exception."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for l, h in sorted({(int(l), int(h)) for l, h in heads}):
+                if not 0 <= h < vlm.n_heads:
+                    raise ValueError(f"head {h} is out of range: {vlm.name} has heads 0..{vlm.n_heads - 1}")
+                mod, where = hooks.site_module(vlm, "z", l)
+                w = getattr(mod, "weight", None)
+                if where.kind != "input" or where.layout != "flat" or not isinstance(w, torch.Tensor) \
+                        or w.dim() != 2 or w.shape[1] != vlm.n_heads * vlm.head_dim:
+                    raise ValueError(f"cannot ablate head ({l}, {h}) of {vlm.name} by its weights: site z is not "
+                                     "the flat input of a linear projection")
+                cols = slice(h * vlm.head_dim, (h + 1) * vlm.head_dim)
+                saved.append((w, cols, w[:, cols].clone()))
+                w[:, cols] = 0
+        yield
+    finally:
+        with torch.no_grad():
+            for w, cols, old in reversed(saved):
+                w[:, cols] = old

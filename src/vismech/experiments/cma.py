@@ -108,9 +108,12 @@ def _options(ctx: Context, options: dict | None) -> dict:
 
 
 def _same_scores(o: dict) -> str:
-    """What identifies a CMA result: the options its scores depend on."""
+    """What identifies a CMA result: the options its scores depend on, and ``ablated_heads`` where a caller
+    computes them with heads ablated (``recovery``'s ``ablate_declared``; it is in the units' keys too, which hash
+    every entry of the options)."""
     return repr([list(o[k]) if isinstance(o[k], tuple) else o[k]
-                 for k in ("n", "grid", "conditions", "null_samples", "q", "engine", "stimuli", "photoreal")])
+                 for k in ("n", "grid", "conditions", "null_samples", "q", "engine", "stimuli", "photoreal")]
+                + [o.get("ablated_heads")])
 
 
 def use_cma(ctx: Context, result: CMAResult, options: dict | None = None) -> None:

@@ -17,8 +17,13 @@ Against it, with numbers and their uncertainty:
   alpha chosen on the declared heads; the key ID swap of ``key-intervention`` at the key heads the declared
   feature-retrieval heads read, against the other key heads of their layers.
 
+Negative control: ``ablate_declared`` zero-ablates every declared head (stages and helpers) for the whole
+experiment (``interventions.ablated_heads``: their input columns of the attention output projection are zeroed,
+so they add nothing on any path; the weights are restored afterwards): a sound analysis then finds none of them.
+
 Summary, tables (``recovery_cma``, ``recovery_rsa``, ``recovery_interventions``) and one figure. Options:
-``ground_truth`` (None: the model's own), ``stages`` (None: every declared stage; or a list of them), ``cma_n`` (50 pairs per condition), ``cma_grid`` ((2, 2)), ``q``
+``ground_truth`` (None: the model's own), ``stages`` (None: every declared stage; or a list of them),
+``ablate_declared`` (False), ``cma_n`` (50 pairs per condition), ``cma_grid`` ((2, 2)), ``q``
 (0.05), ``null_samples`` (2,000), ``rsa_grid`` ((3, 3)), ``rsa_objects`` (5), ``rsa_n`` (192 trials), ``n_boot`` (200), ``n_null`` (20),
 ``n`` (64 held-out trials), ``n_estimate`` (64), ``grid`` ((2, 2)), ``alphas``, ``key_alpha`` (2), ``random_sets``
 (3).
@@ -50,7 +55,7 @@ from vismech.scenes.sets import scene_description_set
 NAME = "recovery"
 DESCRIPTION = ("Positive control: CMA precision/recall, RSA and interventions against the model's declared ground "
                "truth (ground_truth.json)")
-DEFAULTS = {"ground_truth": None, "stages": None, "cma_n": 50, "cma_grid": (2, 2), "q": 0.05, "null_samples": 2000, "rsa_grid": (3, 3), "rsa_objects": 5,
+DEFAULTS = {"ground_truth": None, "stages": None, "ablate_declared": False, "cma_n": 50, "cma_grid": (2, 2), "q": 0.05, "null_samples": 2000, "rsa_grid": (3, 3), "rsa_objects": 5,
             "rsa_n": 192, "n_boot": 200, "n_null": 20, "n": 64, "n_estimate": 64, "grid": (2, 2),
             "alphas": [1, 2, 5, 10, 20, 50], "key_alpha": 2.0, "random_sets": 3}
 LIMITS = {"ground_truth": Opt("str", none=True), "q": Opt("float", 0, 1, open=True),
@@ -62,14 +67,20 @@ CURVES = {"id_retrieval": ("position_mentions", "position"), "id_selection": ("p
           "feature_retrieval": ("features_last", "features")}
 
 
-def ground_truth_of(ctx: Context):
+def declared_ground_truth(ctx: Context):
+    """The ground truth of option ``ground_truth``, else the model's own, checked against the model."""
     path = ctx.opt("ground_truth")
     gt = load_ground_truth(path) if path else ctx.vlm.ground_truth
     if gt is None:
         raise UserError(f"recovery needs declared ground truth, and {ctx.vlm.name} declares none (no "
                          "ground_truth.json in its checkpoint): pass --set ground_truth=PATH (the format is in "
                          "vismech.models.ground_truth), or run it on a planted organism such as organism-ids")
-    gt.check(ctx.vlm.n_layers, ctx.vlm.n_heads)
+    return gt.check(ctx.vlm.n_layers, ctx.vlm.n_heads)
+
+
+def ground_truth_of(ctx: Context):
+    """The declared ground truth, restricted to option ``stages``."""
+    gt = declared_ground_truth(ctx)
     keep = ctx.opt("stages")
     if keep is not None:
         unknown = sorted(set(keep) - set(gt.stages))
@@ -255,7 +266,8 @@ def _bars(ax, x, values, width, label, colour, err=None):
 def plot(st) -> dict:
     """Figure ``recovery`` from the stored summary."""
     sm = st.summary
-    return {"recovery": _figure(st.model, sm["cma"], sm["rsa"], sm["interventions"])}
+    model = f"{st.model}, declared heads ablated" if sm.get("ablated_heads") else st.model
+    return {"recovery": _figure(model, sm["cma"], sm["rsa"], sm["interventions"])}
 
 
 def _figure(model: str, cma: dict, rsa: dict, inter: dict):
@@ -287,17 +299,22 @@ def _figure(model: str, cma: dict, rsa: dict, inter: dict):
 
 def run(ctx: Context) -> dict:
     gt = ground_truth_of(ctx)
-    res = cma_scores(ctx, {"n": int(ctx.opt("cma_n")), "grid": tuple(ctx.opt("cma_grid")), "q": float(ctx.opt("q")),
-                           "null_samples": int(ctx.opt("null_samples")),
-                           "conditions": [c for c in STAGES if c in gt.stages]})
-    cma_rows, cma = cma_recovery(res, gt)
-    rsa_rows, rsa = rsa_recovery(ctx, gt)
-    int_rows, inter = intervention_recovery(ctx, gt)
+    ablated = sorted(declared_ground_truth(ctx).heads()) if ctx.opt("ablate_declared") else []
+    cma_options = {"n": int(ctx.opt("cma_n")), "grid": tuple(ctx.opt("cma_grid")), "q": float(ctx.opt("q")),
+                   "null_samples": int(ctx.opt("null_samples")), "conditions": [c for c in STAGES if c in gt.stages]}
+    if ablated:  # scores of the ablated model: never shared with the intact model's (``cma._same_scores``)
+        cma_options["ablated_heads"] = [list(h) for h in ablated]
+    with iv.ablated_heads(ctx.vlm, ablated):
+        res = cma_scores(ctx, cma_options)
+        cma_rows, cma = cma_recovery(res, gt)
+        rsa_rows, rsa = rsa_recovery(ctx, gt)
+        int_rows, inter = intervention_recovery(ctx, gt)
     ctx.save_table("recovery_cma", cma_rows)
     ctx.save_table("recovery_rsa", rsa_rows)
     ctx.save_table("recovery_interventions", int_rows)
-    return {"ground_truth": gt.to_json(), "cma": cma, "rsa": rsa, "interventions": inter,
-            "cma_n": int(ctx.opt("cma_n")), "q": float(ctx.opt("q"))}
+    return {"ground_truth": gt.to_json(), "ablated_heads": [list(h) for h in ablated], "cma": cma, "rsa": rsa,
+            "interventions": inter, "cma_n": int(ctx.opt("cma_n")), "q": float(ctx.opt("q")),
+            "rsa_n": rsa["n_trials"], "n": int(ctx.opt("n"))}
 
 
 def caption(summary: dict) -> str:
@@ -308,5 +325,7 @@ def caption(summary: dict) -> str:
             p = "n/a (none found)" if r["precision"] is None else f"{r['precision']:.2f}"
             parts.append(f"{LABELS[c]}: precision {p}, recall {r['recall']:.2f}")
     order = summary["cma"]["layer_order"]["ordered"]
-    return "; ".join(parts) + f"; layer order R < S < F {'holds' if order else 'does not hold'} " \
+    ablated = summary.get("ablated_heads")
+    head = f"Declared heads ablated ({len(ablated)} heads zeroed). " if ablated else ""
+    return head + "; ".join(parts) + f"; layer order R < S < F {'holds' if order else 'does not hold'} " \
         f"(CMA n={summary['cma_n']} pairs, BH q={summary['q']})."
