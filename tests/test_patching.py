@@ -194,6 +194,10 @@ def test_replay_tolerance_follows_the_dtype_and_the_logit_scale():
     small = torch.tensor([[0.5, -0.2]])  # scale below 1 counts as 1
     with pytest.raises(UserError):
         patching.check_replay(vlm, small, small + 2e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an fp32 model run under bf16 autocast (training snapshots)
+        assert patching.compute_dtype(vlm) == torch.bfloat16
+        assert patching.check_replay(vlm, small, small + 6e-3) == pytest.approx(6e-3, abs=1e-6)
+    assert patching.compute_dtype(vlm) == torch.float32
     assert patching.replay_tolerance(torch.float32) == 1e-3
     assert patching.replay_tolerance(torch.float16) == 8 * 2 ** -10
     assert patching.replay_tolerance(torch.bfloat16) == 2 ** -4

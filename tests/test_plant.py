@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vismech.engine import hooks
+from vismech.errors import UserError
 from vismech.models.families import family_for_config
 from vismech.models.vlm import VLM
 from vismech.organism import causal_model as cm
@@ -280,7 +281,24 @@ def test_plant_weights_on_the_command_line_and_in_the_card(capsys, tmp_path):
             "plant": spec, "device": "cuda"}
     assert " --plant ids --plant-weight invariance=2 " in reproduce_command(info) + " "
     assert "--plant-weight" not in reproduce_command({**info, "plant": plant.PlantSpec()})
+    assert " --plant-full-scenes 0.3" in reproduce_command({**info, "plant": plant.PlantSpec(full_scenes=0.3)})
     assert main(["train-organism", "--arch", "qwen2_5_vl", "--out", str(tmp_path / "o"), "--plant-weight",
                  "invariance=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "give --plant ids too" in err[0] and not (tmp_path / "o").exists()
+
+
+def test_full_scenes_fill_the_grid_and_leave_one_and_zero_keeps_the_old_draws():
+    rng = random.Random(3)
+    full = [cm.draw_structure(rng, k, (3, 3), 1.0) for k in ("describe", "describe_ordered")]
+    assert all((s.n_objects, s.n_described) == (9, 8) for s in full)
+    assert cm.draw_structure(random.Random(5), "color", (3, 3), 1.0) == cm.draw_structure(random.Random(5), "color",
+                                                                                         (3, 3))
+    a, b = random.Random(7), random.Random(7)
+    assert [cm.draw_structure(a, "describe", (3, 3)) for _ in range(50)] == \
+        [cm.draw_structure(b, "describe", (3, 3), 0.0) for _ in range(50)]
+    rng = random.Random(11)
+    share = sum(cm.draw_structure(rng, "describe", (3, 3), 0.25).n_described == 8 for _ in range(4000)) / 4000
+    assert abs(share - (0.25 + 0.75 / 64)) < 0.025  # full draws plus the uniform draws that happen to be full
+    with pytest.raises(UserError, match="full-grid"):
+        plant.PlantSpec(full_scenes=1.5).check(8, 8)

@@ -48,14 +48,15 @@ def cmd_train_organism(args) -> int:
         raise UserError("--early-weight needs --early-steps N: the step before which those weights apply")
     if args.early_steps:
         kw["early"] = (args.early_steps, reweighted(weights(args.early_weight, "--early-weight"), kw["mixture"]))
-    if args.plant_weight and not args.plant:
-        raise UserError("--plant-weight sets a loss weight of planting: give --plant ids too")
+    if (args.plant_weight or args.plant_full_scenes is not None) and not args.plant:
+        raise UserError("--plant-weight and --plant-full-scenes set options of planting: give --plant ids too")
     if args.plant:
         from vismech.organism.plant import PlantSpec
 
         w = dict(PlantSpec().weights)
         w.update(weights(args.plant_weight, "--plant-weight"))
-        kw["plant"] = PlantSpec(weights=tuple(w.items()))
+        full = {} if args.plant_full_scenes is None else {"full_scenes": args.plant_full_scenes}
+        kw["plant"] = PlantSpec(weights=tuple(w.items()), **full)
     if args.snapshots == "analysis":
         from vismech.organism.snapshot import AnalysisSnapshot
 
@@ -109,6 +110,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    "ground_truth.json, instead of training on the task mixture")
     s.add_argument("--plant-weight", action="append", metavar="TERM=W", help="a loss weight of planting (terms: "
                    "task, attention, probe, R, S, F, strict, invariance; 0 drops a term); repeatable")
+    s.add_argument("--plant-full-scenes", type=arg_type(Opt("float", 0, 1), "--plant-full-scenes"), default=None,
+                   metavar="P", help="with --plant ids: the share of descriptions that fill the grid and describe "
+                   "every object but one (default 0: 2 to all objects, 1 to all but one described, uniformly)")
     s.add_argument("--weight", action="append", metavar="COMPONENT=W", help="change a training-mixture weight "
                    "(vismech.organism.data.MIXTURE names, e.g. color_2x2=0.3; 0 drops it); repeatable")
     s.add_argument("--snapshots", choices=["analysis", "accuracy"], default="analysis",

@@ -56,6 +56,17 @@ def replay_tolerance(dtype: torch.dtype) -> float:
     return max(1e-3, 8 * torch.finfo(dtype).eps)
 
 
+def compute_dtype(vlm: VLM) -> torch.dtype:
+    """The precision the model computes in: its weights' dtype, or the autocast dtype where autocast is on for its
+    device and lower (an fp32 organism trained under bf16 autocast runs its snapshots in bf16)."""
+    dev = vlm.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        low = torch.get_autocast_dtype(dev)
+        if torch.finfo(low).eps > torch.finfo(vlm.dtype).eps:
+            return low
+    return vlm.dtype
+
+
 def check_replay(vlm: VLM, full: torch.Tensor, replayed: torch.Tensor) -> float:
     """The fast engine's self-check: ``replayed`` (clean last-token logits [B, vocab], or [B, tail, vocab], from the
     language model alone) must match the full forward's ``full`` [B, vocab]; a ``UserError`` naming the family and
@@ -64,10 +75,11 @@ def check_replay(vlm: VLM, full: torch.Tensor, replayed: torch.Tensor) -> float:
         replayed = replayed[:, -1]
     full, replayed = full.float().cpu(), replayed.float().cpu()
     diff = float((full - replayed).abs().max())
-    tol = replay_tolerance(vlm.dtype) * max(1.0, float(full.abs().max()))
+    dtype = compute_dtype(vlm)
+    tol = replay_tolerance(dtype) * max(1.0, float(full.abs().max()))
     if not diff <= tol:
         raise UserError(f"the fast engine's replay of the {vlm.family.name} language model differs from the full "
-                        f"forward by {diff:.4g} (tolerance {tol:.3g} at {str(vlm.dtype).replace('torch.', '')}): it "
+                        f"forward by {diff:.4g} (tolerance {tol:.3g} at {str(dtype).replace('torch.', '')}): it "
                         "misses an input of this family's language model; use the naive engine (cma: --set "
                         "engine=naive) and report it")
     return diff

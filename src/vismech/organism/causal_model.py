@@ -83,10 +83,15 @@ def _conjunctions(rng: random.Random, n: int, entropy: str) -> list[tuple[str, s
     return rng.sample([(c, s) for c in colors for s in shapes], n)
 
 
-def draw_structure(rng: random.Random, kind: str, grid: tuple[int, int]) -> Structure:
+def draw_structure(rng: random.Random, kind: str, grid: tuple[int, int], full: float = 0.0) -> Structure:
+    """A random structure of ``kind``: 2 to all cells occupied, 1 to all but one object described. ``full``: the
+    chance that a description fills the grid and describes every object but one (the paper's task at its largest,
+    otherwise drawn about once in (cells - 1)^2 descriptions); with ``full`` = 0 the draws are as they always were."""
     cells = grid[0] * grid[1]
     if kind == "color":
         return Structure(kind, grid, rng.randint(2, cells), 1)
+    if full > 0 and rng.random() < full:
+        return Structure(kind, grid, cells, cells - 1)
     n = rng.randint(2, cells)
     return Structure(kind, grid, n, rng.randint(1, n - 1))
 

@@ -71,6 +71,8 @@ class PlantSpec:
     weights: tuple[tuple[str, float], ...] = (("task", 1.0), ("attention", 1.0), ("probe", 1.0), ("R", 1.0),
                                               ("S", 1.0), ("F", 1.0), ("strict", 1.0), ("invariance", 1.0))
     strict_p: float = 0.5
+    full_scenes: float = 0.0  # share of descriptions on a full grid with all objects but one described
+
 
     def weight(self, name: str) -> float:
         """The weight of loss term ``name`` (0 for a term the spec does not list)."""
@@ -81,6 +83,8 @@ class PlantSpec:
         return self.binding + self.retrieval + self.gathering + self.selection + self.features
 
     def check(self, n_layers: int, n_heads: int) -> None:
+        if not 0 <= self.full_scenes <= 1:
+            raise UserError(f"the share of full-grid descriptions must be in [0, 1], got {self.full_scenes}")
         bad = sorted(t for t, w in self.weights if t not in LOSS_TERMS or not w >= 0)
         if bad:
             raise UserError(f"planting loss weight(s) {', '.join(bad)} unknown or negative; the terms are "

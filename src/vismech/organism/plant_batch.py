@@ -51,7 +51,7 @@ def step_plan(spec: PlantSpec, seed: int, step: int, n: int) -> Plan:
     bases, sources = [], []
     for g in range(n):
         grid, kind = _pick(rng, spec.grids), _pick(rng, spec.kinds)
-        base = cm.planting_trial(rng, cm.draw_structure(rng, kind, grid), _pick(rng, spec.entropies))
+        base = cm.planting_trial(rng, cm.draw_structure(rng, kind, grid, spec.full_scenes), _pick(rng, spec.entropies))
         swap = informative_swap(base, rng)
         feat = cm.feature_source(base, rng)
         resample = cm.resample_source(base, rng, _pick(rng, spec.entropies))
