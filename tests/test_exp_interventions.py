@@ -154,23 +154,28 @@ def test_key_swap_edits_equal_a_hand_written_key_hook(family):
     assert (fast - runs.logits()).abs().max() > 1e-5
 
 
-def test_zero_heads_equals_a_hand_written_zeroing_hook_and_runs_under_generation():
-    vlm = tiny("qwen2_5_vl")
-    b = vlm.encode(_trials(2))
-    heads, d = [(0, 1), (2, 3), (2, 0)], vlm.head_dim
-    with iv.zero_heads(vlm, heads):
-        fast = vlm.logits(b)
-        vlm.generate(b, 3)
-    hooks_ = []
-    for layer in (0, 2):
+def _zeroing_hooks(vlm, heads):
+    """Plain pre-hooks on o_proj that zero ``heads``' slices of its input: the hand-written zero ablation."""
+    d, out = vlm.head_dim, []
+    for layer in sorted({l for l, _ in heads}):
         def pre(m, a, layer=layer):
             x = a[0].clone()
             for l, h in heads:
                 if l == layer:
                     x[..., h * d:(h + 1) * d] = 0
             return (x,)
-        hooks_.append((vlm.attention(layer).o_proj, pre))
-    hand = _logits_with_plain_hooks(vlm, b, pre=hooks_)
+        out.append((vlm.attention(layer).o_proj, pre))
+    return out
+
+
+def test_zero_heads_equals_a_hand_written_zeroing_hook_and_runs_under_generation():
+    vlm = tiny("qwen2_5_vl")
+    b = vlm.encode(_trials(2))
+    heads = [(0, 1), (2, 3), (2, 0)]
+    with iv.zero_heads(vlm, heads):
+        fast = vlm.logits(b)
+        vlm.generate(b, 3)
+    hand = _logits_with_plain_hooks(vlm, b, pre=_zeroing_hooks(vlm, heads))
     assert torch.equal(fast, hand)
     assert not torch.equal(fast, vlm.logits(b))
 
@@ -187,16 +192,7 @@ def test_ablated_heads_by_weights_equal_a_zeroing_hook_and_restore_the_weights_b
         ablated = vlm.logits(b)
         w = vlm.attention(1).o_proj.weight
         assert not w[:, 0:d].any() and not w[:, 3 * d:4 * d].any() and w[:, d:2 * d].any()
-    hooks_ = []
-    for layer in (0, 1):
-        def pre(m, a, layer=layer):
-            x = a[0].clone()
-            for l, h in heads:
-                if l == layer:
-                    x[..., h * d:(h + 1) * d] = 0
-            return (x,)
-        hooks_.append((vlm.attention(layer).o_proj, pre))
-    assert torch.equal(ablated, _logits_with_plain_hooks(vlm, b, pre=hooks_))
+    assert torch.equal(ablated, _logits_with_plain_hooks(vlm, b, pre=_zeroing_hooks(vlm, heads)))
     assert not torch.equal(ablated, vlm.logits(b))
     with pytest.raises(RuntimeError, match="stop"):
         with iv.ablated_heads(vlm, heads):
