@@ -302,3 +302,25 @@ def test_full_scenes_fill_the_grid_and_leave_one_and_zero_keeps_the_old_draws():
     assert abs(share - (0.25 + 0.75 / 64)) < 0.025  # full draws plus the uniform draws that happen to be full
     with pytest.raises(UserError, match="full-grid"):
         plant.PlantSpec(full_scenes=1.5).check(8, 8)
+
+
+def test_a_gathering_sink_adds_the_first_token_to_every_gathering_target_and_nothing_else(vlm):
+    """With ``gathering_sink`` each gathering target is the mentions' shape words it had plus the row's first real
+    token; the other components' targets, the rows and the queries are unchanged."""
+    from vismech.organism.card import reproduce_command
+
+    spec = plant.PlantSpec(**{**SPEC.__dict__, "gathering_sink": True})
+    plan = pb.step_plan(SPEC, 9, 1, 3)
+    plain, sink = (pb.batch_of(vlm, s, plan, "<|im_end|>", 0) for s in (SPEC, spec))
+    first = sink["a_attention_mask"].long().argmax(1)  # left padding: the first real token of each row
+    rows = plain["att_gathering_where"][:, 0]
+    want = plain["att_gathering_keys"].clone()
+    want[torch.arange(len(rows)), first[rows]] = True
+    assert torch.equal(sink["att_gathering_keys"], want)
+    assert (want.sum(1) > plain["att_gathering_keys"].sum(1)).any()  # some targets had mentions and gained the sink
+    for k, v in plain.items():
+        if k != "att_gathering_keys" and torch.is_tensor(v):
+            assert torch.equal(v, sink[k]), k
+    assert " --plant-gathering-sink" in reproduce_command(
+        {"arch": "qwen2_5_vl", "out": "o", "planned_steps": 1, "seed": 0, "batch_size": 1, "lr": 0.001,
+         "plant": spec, "device": "cuda"})

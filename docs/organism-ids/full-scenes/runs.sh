@@ -6,15 +6,26 @@
 # Resumable: run once with a time limit, then again with `resume` and the rest of the 15 minutes.
 #
 #   bash docs/organism-ids/full-scenes/runs.sh OUT MINUTES EVAL_N [resume]
+#
+# Other variants: A_FLAGS / B_FLAGS replace the two runs' own flags, RUNS the folder under runs/, e.g. the gathering
+# sink (docs/organism-ids.md) with and without the invariance term:
+#   RUNS=ids-sink A_FLAGS="--plant-weight invariance=0 --plant-gathering-sink" B_FLAGS="--plant-gathering-sink" \
+#     bash docs/organism-ids/full-scenes/runs.sh OUT 8.3 64
 set -u
 OUT=${1:?give a log folder}; MIN=${2:?give the minutes}; EVAL=${3:-64}; RES=${4:+--resume}
 export PYTHONPATH=${PYTHONPATH:-src}
 mkdir -p "$OUT"
 COMMON="--arch qwen2_5_vl --vision-from organism --freeze-vision --plant ids --plant-full-scenes 0.3 --steps 3400 \
 --batch-size 32 --lr 0.001 --seed 0 --eval-every 500 --eval-n $EVAL --workers 14 --device cuda --max-minutes $MIN"
-CUDA_VISIBLE_DEVICES=0 python -m vismech.app.cli train-organism --out runs/ids-full/A $COMMON \
-  --plant-weight invariance=0 $RES > "$OUT/A.log" 2>&1 &
-CUDA_VISIBLE_DEVICES=1 python -m vismech.app.cli train-organism --out runs/ids-full/B $COMMON $RES > "$OUT/B.log" 2>&1 &
+RUNS=${RUNS:-ids-full}
+A_FLAGS=${A_FLAGS:---plant-weight invariance=0}
+B_FLAGS=${B_FLAGS:-}
+CUDA_VISIBLE_DEVICES=0 python -m vismech.app.cli train-organism --out runs/$RUNS/A $COMMON $A_FLAGS $RES \
+  > "$OUT/A.log" 2>&1 &
+CUDA_VISIBLE_DEVICES=1 python -m vismech.app.cli train-organism --out runs/$RUNS/B $COMMON $B_FLAGS $RES \
+  > "$OUT/B.log" 2>&1 &
 wait
-for r in A B; do echo "== $r"; tail -n 2 "$OUT/$r.log"; cp runs/ids-full/$r/train_log.jsonl "$OUT/$r.train_log.jsonl" 2>/dev/null
-  cp runs/ids-full/$r/validity.json "$OUT/$r.validity.json" 2>/dev/null; done
+for r in A B; do echo "== $r"; tail -n 2 "$OUT/$r.log"; cp "runs/$RUNS/$r/train_log.jsonl" "$OUT/$r.train_log.jsonl"
+  cp "runs/$RUNS/$r/validity.json" "$OUT/$r.validity.json"; done
+# the organisms come back one per call (the device returns at most 16 MiB a file, 8 files):
+#   tar czf $OUT/A.tgz -C runs/$RUNS/A --exclude=train_state.pt .

@@ -72,6 +72,9 @@ class PlantSpec:
                                               ("S", 1.0), ("F", 1.0), ("strict", 1.0), ("invariance", 1.0))
     strict_p: float = 0.5
     full_scenes: float = 0.0  # share of descriptions on a full grid with all objects but one described
+    # the gathering heads may also attend to the prompt's first token (a sink): their output can then be a scaled
+    # sum of the described IDs instead of their mean, whose share of each ID shrinks as 1/k with k described
+    gathering_sink: bool = False
 
 
     def weight(self, name: str) -> float:

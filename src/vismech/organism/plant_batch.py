@@ -196,7 +196,8 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
             add("retrieval", i, m[-1], objs[obj.cell])
         answer_len = len(rows_a[i][1])
         for pos, obj, before in _naming(r, total - answer_len - 1, ments, answer_len):
-            add("gathering", i, pos, [m[-1] for m in ments[:before]] or [first])
+            gathered = [m[-1] for m in ments[:before]]
+            add("gathering", i, pos, gathered + [first] if spec.gathering_sink or not gathered else gathered)
             add("selection", i, pos, objs[obj.cell])
             add("features", i, pos, objs[obj.cell])
         for cell, toks in objs.items():
