@@ -2,7 +2,8 @@
 # One GPU session of issue 19's benchmarks, in order, each under a time limit; outputs (logs, JSON) under $OUT.
 #
 #   bash benchmarks/gpu_session.sh cma       # Qwen2.5-VL-7B and LLaVA-1.5-7B: bf16 sweep (+null, baselines), fp32 check
-#   bash benchmarks/gpu_session.sh families  # Qwen2.5-VL-32B, LLaVA-OneVision-7B, Idefics2-8B: bf16 sweep with null
+#   bash benchmarks/gpu_session.sh families  # LLaVA-OneVision-7B, Idefics2-8B: bf16 sweep with null (~5 min)
+#   bash benchmarks/gpu_session.sh large     # Qwen2.5-VL-32B: bf16 sweep with null (~5 min)
 #   bash benchmarks/gpu_session.sh runall    # `run all` on Qwen2.5-VL-7B, per experiment (limit 560 s)
 #   bash benchmarks/gpu_session.sh sweeps    # the bf16 sweeps with the null only (no baselines): Qwen2.5-VL-7B,
 #                                            # LLaVA-1.5-7B, and the newer families Qwen3-VL-8B and Gemma-3-12B
@@ -36,13 +37,16 @@ case "${1:-cma}" in
     step llava7b_fp32 70 $B --model random:LLaVA-1.5-7B --dtype fp32 --pairs 8 --only-check \
       --json "$OUT/llava7b_fp32.json"
     ;;
-  families)  # about 4-5 min: the sweep with the null (check on 3 sampled heads a condition)
-    step qwen32b_bf16 200 $B --model random:Qwen2.5-VL-32B --dtype bf16 --pairs 50 --null --only-check \
-      --skip fast --sample-heads 3 --json "$OUT/qwen32b_bf16.json"
-    step onevision7b_bf16 100 $B --model random:LLaVA-OneVision-7B --dtype bf16 --pairs 50 --null --only-check \
-      --sample-heads 3 --json "$OUT/onevision7b_bf16.json"
-    step idefics2_8b_bf16 100 $B --model random:Idefics2-8B --dtype bf16 --pairs 50 --null --only-check \
-      --sample-heads 3 --json "$OUT/idefics2_8b_bf16.json"
+  families)  # about 5 min: the sweep with the null (check on 1 sampled head a condition); limits from the
+    # partial run of 2026-11-30 (fast sweep 21.3 s and 11.6 s, the null about as much again, plus build and check)
+    step onevision7b_bf16 170 $B --model random:LLaVA-OneVision-7B --dtype bf16 --pairs 50 --null --only-check \
+      --sample-heads 1 --json "$OUT/onevision7b_bf16.json"
+    step idefics2_8b_bf16 130 $B --model random:Idefics2-8B --dtype bf16 --pairs 50 --null --only-check \
+      --sample-heads 1 --json "$OUT/idefics2_8b_bf16.json"
+    ;;
+  large)  # about 5-6 min: the 32B's sweep with the null only (one condition took 92.7 s on 2026-11-30)
+    step qwen32b_bf16 330 $B --model random:Qwen2.5-VL-32B --dtype bf16 --pairs 50 --null --only-check \
+      --skip fast --sample-heads 1 --json "$OUT/qwen32b_bf16.json"
     ;;
   sweeps)  # about 8 min: fast engine and the sweep as `run cma` runs it; one naive head a condition for the check
     step qwen7b_bf16 140 $B --model random:Qwen2.5-VL-7B --dtype bf16 --pairs 50 --null --only-check \
@@ -58,5 +62,5 @@ case "${1:-cma}" in
     step run_all_qwen7b 560 benchmarks/run_all.py --model random:Qwen2.5-VL-7B --dtype bf16 \
       --out "$OUT/run_all_qwen7b" --json "$OUT/run_all_qwen7b.json"
     ;;
-  *) echo "usage: gpu_session.sh cma|families|runall|sweeps" >&2; exit 2 ;;
+  *) echo "usage: gpu_session.sh cma|families|large|runall|sweeps" >&2; exit 2 ;;
 esac
