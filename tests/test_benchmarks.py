@@ -37,3 +37,13 @@ def test_run_all_benchmark_times_each_experiment(tmp_path):
     assert "targets: total <=" in p.stdout
     again = _run(["benchmarks/run_all.py", "--model", "tiny:llava", "--out", str(out)])
     assert again.returncode == 2 and "exists" in again.stderr  # a timed run starts fresh
+
+
+def test_edits_benchmark_stacks_settings_into_fewer_forwards_with_equal_hits():
+    p = _run(["benchmarks/edits.py", "--model", "tiny:qwen2_5_vl", "--n", "4", "--batch-size", "4"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = {line.split(":")[0].strip(): line for line in p.stdout.splitlines()}
+    one = int(lines["one forward per setting"].split(",")[1].split()[0])
+    stacked = int(lines["settings stacked"].split(",")[1].split()[0])
+    assert one > 70 and stacked < one / 5  # 70 settings (+ the set-up and clean runs), one forward each
+    assert "hit counts equal: True" in p.stdout

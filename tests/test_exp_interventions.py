@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny
+from conftest import FAMILIES, tiny
 from vismech.app.runner import run_one
 from vismech.engine import hooks
 from vismech.engine import interventions as iv
@@ -319,3 +319,40 @@ def test_counting_settings_batched_as_row_blocks_equal_one_setting_at_a_time():
             want_first = vlm.score_answers(b, [[t.answer] for t in trials]).greedy[:, 0].int().tolist()
             want_gen = [int(answers.is_correct(t, x)) for t, x in zip(trials, vlm.generate(b, 5))]
         assert first == want_first and gen == want_gen
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stacked_edit_sets_equal_one_full_forward_each(family):
+    """``EditedRuns.logits_many`` / ``scores_many`` run many edit sets as row blocks of few forwards (shared-prefix
+    blocks joining at their own first edited layer, in any order given); each set's logits equal a full forward of
+    the model under that set alone (left-padded rows of different lengths, the family's own positions and KV heads)."""
+    vlm = tiny(family)
+    trials = _trials(2, seed=3) + scene_description_set(2, (2, 2), n_objects=3, seed=4, entropy="high")
+    b = vlm.encode(trials)
+    assert (b.inputs["attention_mask"] == 0).any()  # some rows are left-padded
+    g = torch.Generator().manual_seed(0)
+    rows = torch.arange(len(b))
+    L, H = vlm.n_layers, vlm.n_heads
+
+    def z_edit(layer, head, pos):
+        return hooks.Edit("z", layer, rows, torch.full_like(rows, pos), torch.full_like(rows, head),
+                          torch.randn(len(b), vlm.head_dim, generator=g) * 3, "add")
+
+    k = hooks.Edit("k", 0, rows, torch.full_like(rows, b.last - 1), torch.zeros_like(rows),
+                   torch.randn(len(b), vlm.head_dim, generator=g) * 3, "add")
+    sets = [[z_edit(L - 1, H - 1, b.last)], [], [z_edit(0, 0, b.last), z_edit(L - 1, 1, b.last - 1)], [k],
+            [z_edit(L // 2, H // 2, b.last - 1)]]
+    runs = iv.EditedRuns(vlm, b, first_position=b.last - 1)
+    fast = runs.logits_many(sets, blocks=2)
+    for es, got in zip(sets, fast):
+        with hooks.intervene(vlm, es):
+            want = vlm.logits(b)
+        torch.testing.assert_close(got, want.float().cpu(), atol=1e-4, rtol=0)
+    assert (fast[0] - fast[1]).abs().max() > 1e-3  # the edits do something
+    answers = vlm.answers(b, [[t.mentioned[0].name, t.answer] for t in trials])
+    scored = iv.EditedRuns(vlm, b, first_position=b.last - 1, answers=answers)
+    many = scored.scores_many(sets)
+    for es, s in zip(sets, many):
+        one = scored.scores(es)
+        torch.testing.assert_close(s.scores, one.scores, atol=1e-5, rtol=0)
+        assert torch.equal(s.greedy, one.greedy)

@@ -208,6 +208,7 @@ class EditedRuns:
         self.vlm, self.batch, self.answers = vlm, batch, answers
         self._source = answers.row_source if answers is not None and answers.rule == "sequence" else None
         run = answers.expand(vlm, batch) if self._source is not None else batch
+        self._run = run
         self.inp, full = patching.lm_inputs(vlm, run)
         self.p0 = self.inp.causal_start(int(first_position)) if first_position else 0
         with patching.replay_errors(vlm):
@@ -218,7 +219,8 @@ class EditedRuns:
                            else None)
             patching.check_replay(vlm, full, self._forward([], 1))  # the self-check, as in patching
 
-    def _forward(self, edits, tail: int) -> torch.Tensor:
+    def _prepared(self, edits) -> list[hooks.Edit]:
+        """``edits`` with positions relative to the cached prefix's end, on the rows that are run."""
         shifted = []
         for e in edits:
             pos = torch.as_tensor(e.positions) - self.p0
@@ -228,22 +230,64 @@ class EditedRuns:
             shifted.append(replace(e, positions=pos))
         if self._source is not None:
             shifted = [_to_rows(e, self._source) for e in shifted]
-        with hooks.intervene(self.vlm, shifted):
-            if self.shared is not None:
-                return cascade.run(self.vlm, self.shared, [min((e.layer for e in shifted), default=0)], tail).cpu()
-            return patching.lm_logits(self.vlm, self.inp, self.prefix, tail).cpu()
+        return shifted
+
+    def _forward(self, edits, tail: int) -> torch.Tensor:
+        return self._forward_many([edits], tail, 1)[0]
+
+    def _forward_many(self, edit_sets, tail: int, blocks: int | None = None) -> list[torch.Tensor]:
+        """The run under each edit set, stacked: edit set j's rows form block j of one forward (``blocks`` sets a
+        forward; default: from the recomputed tokens, halved on out-of-memory). With shared-prefix attention each
+        block joins at its first edited layer, so blocks are run in that order."""
+        sets = [self._prepared(es) for es in edit_sets]
+        n = len(self._run)
+        starts = [min((e.layer for e in es), default=0) for es in sets]
+        order = sorted(range(len(sets)), key=starts.__getitem__) if self.shared is not None else list(range(len(sets)))
+        r = blocks or patching.default_rows_per_forward(self.vlm, self._run, self.inp.length - self.p0,
+                                                        cache_bytes=None if self.shared is not None else 8e9)
+        out: list[torch.Tensor | None] = [None] * len(sets)
+        i = 0
+        while i < len(order):
+            idx = order[i:i + r]
+            stacked = [replace(e, rows=torch.as_tensor(e.rows) + j * n) for j, g in enumerate(idx) for e in sets[g]]
+            try:
+                with hooks.intervene(self.vlm, stacked):
+                    if self.shared is not None:
+                        logits = cascade.run(self.vlm, self.shared, [starts[g] for g in idx], tail)
+                    else:
+                        logits = patching.lm_logits(self.vlm, self.inp.repeat(len(idx)), self.prefix, tail)
+            except RuntimeError as e:
+                if not patching.is_oom(e) or r == 1:
+                    raise
+                torch.cuda.empty_cache()
+                r = max(1, r // 2)
+                continue
+            logits = logits.cpu()
+            for j, g in enumerate(idx):
+                out[g] = logits[j * n:(j + 1) * n]
+            i += len(idx)
+        return out
 
     def logits(self, edits: list[hooks.Edit] = ()) -> torch.Tensor:
         """[B, vocab] float32 on the CPU (the batch's own rows; not with a ``sequence`` answer set)."""
-        if self._source is not None:
-            raise ValueError("these runs are of the answers' scoring rows; read them with scores()")
-        return self._forward(edits, 1)
+        return self.logits_many([list(edits)])[0]
 
     def scores(self, edits: list[hooks.Edit] = ()):
         """``AnswerScores`` (scores and greedy hits [B, K]) of the answer set under ``edits``."""
+        return self.scores_many([list(edits)])[0]
+
+    def logits_many(self, edit_sets, blocks: int | None = None) -> list[torch.Tensor]:
+        """``logits(edits)`` for every edit set in ``edit_sets``, from stacked forwards (``blocks`` sets a forward)."""
+        if self._source is not None:
+            raise ValueError("these runs are of the answers' scoring rows; read them with scores_many()")
+        return self._forward_many(edit_sets, 1, blocks)
+
+    def scores_many(self, edit_sets, blocks: int | None = None) -> list:
+        """``scores(edits)`` for every edit set in ``edit_sets``, from stacked forwards (``blocks`` sets a forward):
+        the many settings of an intervention experiment (head sets, alphas, directions) in few forwards."""
         if self.answers is None:
             raise ValueError("pass answers= to EditedRuns to read answer scores")
-        return self.answers.reduce(self._forward(edits, self.answers.tail))
+        return [self.answers.reduce(x) for x in self._forward_many(edit_sets, self.answers.tail, blocks)]
 
 
 def _to_rows(edit: hooks.Edit, source: list[int]) -> hooks.Edit:

@@ -92,7 +92,7 @@ def replay_errors(vlm: VLM):
     try:
         yield
     except RuntimeError as e:
-        if _is_oom(e):
+        if is_oom(e):
             raise
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"the fast engine cannot replay the {vlm.family.name} language model on its captured inputs "
@@ -206,7 +206,7 @@ def _free_bytes(device: torch.device) -> float:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def _is_oom(e: BaseException) -> bool:
+def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
@@ -307,7 +307,7 @@ def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forw
             with hooks.intervene(vlm, edits):
                 logits = _rows_forward(vlm, inp, prefix, shared, [layer for layer, _ in chunk], tail)
         except RuntimeError as e:
-            if not _is_oom(e) or r == 1:
+            if not is_oom(e) or r == 1:
                 raise
             torch.cuda.empty_cache()
             r, measure = max(1, r // 2), False

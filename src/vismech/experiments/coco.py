@@ -185,7 +185,7 @@ def run(ctx: Context) -> dict:
     splits = split_halves(len(kept), ctx.opt("splits"), seed)
     settings = [(s, k, d) for s in range(len(splits)) for k in ks for d in ("id", "random")]
 
-    def interventions():  # steps 2-5: per batch of images, vision and prompt once, then one last-token run per edit
+    def interventions():  # steps 2-5: per batch of images, vision and prompt once, then the edits' last-token runs stacked
         values = {}
         for s, k, d in settings:
             mean = zk[splits[s][0]][:, :k].mean(0)
@@ -197,10 +197,11 @@ def run(ctx: Context) -> dict:
                 # the repeat of O0, scored as the model would write it (models.answers: first token where exact)
                 runs = iv.EditedRuns(vlm, b, first_position=b.last, answers=vlm.answers(b, [[first[i]] for i in idx]))
                 hits["none"][idx] = runs.scores().greedy[:, 0].numpy()
-                for key in settings:
-                    vec = torch.as_tensor(np.repeat(values[key][None], len(idx), 0), dtype=torch.float32)
-                    edits = head_edits(heads[:key[1]], vec, "set", b.last)
-                    hits[key][idx] = runs.scores(edits).greedy[:, 0].numpy()
+                edit_sets = [head_edits(heads[:key[1]], torch.as_tensor(np.repeat(values[key][None], len(idx), 0),
+                                                                         dtype=torch.float32), "set", b.last)
+                             for key in settings]
+                for key, sc in zip(settings, runs.scores_many(edit_sets)):  # all settings in stacked forwards
+                    hits[key][idx] = sc.greedy[:, 0].numpy()
                 update(len(idx))
         return hits
 

@@ -94,15 +94,18 @@ def edit_hits(vlm, held, vecs: dict, head_sets: dict, alphas, batch_size: int, s
         clean = runs.scores().greedy
         base_pred += int(clean[:, 0].sum())
         base_orig += int(clean[:, 1].sum())
+        keys, edit_sets = [], []
         for (c, tag), heads in head_sets.items():
             labels = [id_labels(t, c) for t in chunk]
             for a in alphas:
                 for d in directions:
-                    edits = iv.additive_edits(vecs[c], [x[0] for x in labels], [x[1] for x in labels], pos[c], a,
-                                              heads=heads, direction=d, seed=seed + len(heads))
-                    hits[((c, tag), a, d)] += int(runs.scores(edits).greedy[:, 0].sum())
-                    if update:
-                        update(len(chunk))
+                    keys.append(((c, tag), a, d))
+                    edit_sets.append(iv.additive_edits(vecs[c], [x[0] for x in labels], [x[1] for x in labels],
+                                                       pos[c], a, heads=heads, direction=d, seed=seed + len(heads)))
+        for key, sc in zip(keys, runs.scores_many(edit_sets)):  # every setting of the chunk in stacked forwards
+            hits[key] += int(sc.greedy[:, 0].sum())
+        if update:
+            update(len(chunk) * len(keys))
     return hits, base_pred, base_orig
 
 

@@ -65,9 +65,10 @@ def key_hits(vlm, held, vecs, alpha: float, batch_size: int, seed: int, update=N
         clean = runs.scores().greedy
         hits["none"] += int(clean[:, 0].sum())
         hits["original"] += int(clean[:, 1].sum())
-        for d in ("id", "random"):
-            edits = iv.key_swap_edits(vecs, b, pairs, alpha, direction=d, seed=seed)
-            hits[d] += int(runs.scores(edits).greedy[:, 0].sum())
+        dirs = ("id", "random")
+        edited = runs.scores_many([iv.key_swap_edits(vecs, b, pairs, alpha, direction=d, seed=seed) for d in dirs])
+        for d, sc in zip(dirs, edited):
+            hits[d] += int(sc.greedy[:, 0].sum())
         if update:
             update(len(chunk))
     return hits
