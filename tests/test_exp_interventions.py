@@ -319,6 +319,9 @@ def test_counting_settings_batched_as_row_blocks_equal_one_setting_at_a_time():
             want_first = vlm.score_answers(b, [[t.answer] for t in trials]).greedy[:, 0].int().tolist()
             want_gen = [int(answers.is_correct(t, x)) for t, x in zip(trials, vlm.generate(b, 5))]
         assert first == want_first and gen == want_gen
+    grown = counting_ablation.accuracies(vlm, batches, sets, True, 5, rows=3,  # 1 setting, then 2 per pass
+                                         resize=lambda r, ran, peak: 2 * r)
+    assert grown == got
 
 
 @pytest.mark.parametrize("family", FAMILIES)

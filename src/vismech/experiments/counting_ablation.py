@@ -4,7 +4,7 @@ Heads are ranked by their highest mean CMA score over the three conditions (``CM
 the top-K heads, the bottom-K heads and ``random_draws`` random sets of K heads have their outputs (site ``z``,
 the o_proj input) set to 0 at every position of every forward, generated tokens included
 (``interventions.zero_heads_per_block``: the settings run as row blocks of one batch, generation with the
-KV cache). Counting trials are the App. C set (3-8 unique objects on a 3x3 grid,
+KV cache; on CUDA the rows of a pass follow the memory free, from the previous pass's measured peak per row). Counting trials are the App. C set (3-8 unique objects on a 3x3 grid,
 ``scenes.sets.counting_set``) with the paper's prompt.
 
 Two accuracies per setting, each with a Wilson 95% interval over trials: generation (greedy, ``max_new_tokens``,
@@ -24,8 +24,10 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
+import torch
 
 from vismech.engine import interventions as iv
+from vismech.engine import patching
 from vismech.analysis.stats import rate
 from vismech.errors import UserError
 from vismech.experiments.cma import cma_scores
@@ -53,25 +55,47 @@ def head_order(max_score: np.ndarray) -> list[tuple[int, int]]:
     return [(int(i // H), int(i % H)) for i in order]
 
 
-def accuracies(vlm, batches, head_sets, generate: bool, max_new_tokens: int, rows: int
+def accuracies(vlm, batches, head_sets, generate: bool, max_new_tokens: int, rows: int, resize=None
                ) -> list[tuple[list[int], list[int]]]:
     """First-token and generation hits per trial for each set of zero-ablated heads in ``head_sets``: the settings
     run as row blocks of one batch (each trial batch repeated once per setting, about ``rows`` rows per forward;
-    greedy generation with the model's KV cache), the same numbers as one setting at a time."""
+    greedy generation with the model's KV cache), the same numbers as one setting at a time.
+
+    ``resize(rows, ran_rows, peak_bytes)`` gives the rows of the next pass after one of ``ran_rows`` rows (default
+    on CUDA: from that pass's measured peak memory per row and the memory free now, as the patching engine sizes
+    its chunks; elsewhere ``rows`` stays). An out-of-memory pass is run again with half the rows."""
+    cuda = vlm.device.type == "cuda"
+    if resize is None and cuda:
+        def resize(r, ran, peak):
+            return patching.rows_from_memory(patching._free_bytes(vlm.device), peak / ran, r) if peak else r
     out = [([], []) for _ in head_sets]
     for b, _ in batches:
-        per = max(1, rows // len(b))
-        for s in range(0, len(head_sets), per):
-            group = head_sets[s:s + per]
-            bb = vlm.encode(list(b.trials) * len(group))
-            with iv.zero_heads_per_block(vlm, group, len(b)):
-                first = vlm.score_answers(bb, [[t.answer] for t in bb.trials]).greedy[:, 0].int().tolist()
-                texts = vlm.generate(bb, max_new_tokens) if generate else None
+        s = 0
+        while s < len(head_sets):
+            group = head_sets[s:s + max(1, rows // len(b))]
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(vlm.device)
+                before = torch.cuda.memory_allocated(vlm.device)
+            try:
+                bb = vlm.encode(list(b.trials) * len(group))
+                with iv.zero_heads_per_block(vlm, group, len(b)):
+                    first = vlm.score_answers(bb, [[t.answer] for t in bb.trials]).greedy[:, 0].int().tolist()
+                    texts = vlm.generate(bb, max_new_tokens) if generate else None
+            except RuntimeError as e:
+                if not patching.is_oom(e) or len(group) == 1:
+                    raise
+                torch.cuda.empty_cache()
+                rows = max(len(b), rows // 2)
+                continue
             for g in range(len(group)):
                 out[s + g][0].extend(first[g * len(b):(g + 1) * len(b)])
                 if texts is not None:
                     rows_g = texts[g * len(b):(g + 1) * len(b)]
                     out[s + g][1].extend(int(answers.is_correct(t, x)) for t, x in zip(b.trials, rows_g))
+            s += len(group)
+            if resize is not None:
+                peak = torch.cuda.max_memory_allocated(vlm.device) - before if cuda else 0
+                rows = resize(rows, len(bb), peak)
     return out
 
 
@@ -130,7 +154,7 @@ def run(ctx: Context) -> dict:
         if key not in done:
             group = [k for k in sets[sets.index(key):] if k not in done][:max(1, 4 * ctx.batch_size)]
             done.update(zip(group, accuracies(vlm, batches, group, ctx.opt("generate"), ctx.opt("max_new_tokens"),
-                                              4 * ctx.batch_size)))
+                                              4 * ctx.batch_size)))  # on CUDA the rows then follow free memory
         return done[key]
 
     with ctx.progress(len(settings), "counting-ablation") as update:
