@@ -4,8 +4,9 @@ Heads are ranked by their highest mean CMA score over the three conditions (``CM
 the top-K heads, the bottom-K heads and ``random_draws`` random sets of K heads have their outputs (site ``z``,
 the o_proj input) set to 0 at every position of every forward, generated tokens included
 (``interventions.zero_heads_per_block``: the settings run as row blocks of one batch, generation with the
-KV cache; on CUDA the rows of a pass follow the memory free, from the previous pass's measured peak per row). Counting trials are the App. C set (3-8 unique objects on a 3x3 grid,
-``scenes.sets.counting_set``) with the paper's prompt.
+KV cache; on CUDA the rows of a pass follow the memory free, from the previous pass's measured peak per row).
+Counting trials are the App. C set (3-8 unique objects on a 3x3 grid, ``scenes.sets.counting_set``) with the
+paper's prompt.
 
 Two accuracies per setting, each with a Wilson 95% interval over trials: generation (greedy, ``max_new_tokens``,
 parsed by ``scenes.answers``: the number after the last "Answer:", the format the prompt asks for) and first
