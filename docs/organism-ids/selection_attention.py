@@ -18,13 +18,17 @@ from vismech.scenes.sets import scene_description_set
 
 
 def masses(vlm, spec, trials, batch_size=16):
-    out, hits = {"selection": [], "features": []}, []
+    out, hits, norms = {"selection": [], "features": []}, [], []
     layers = plant._attention_layers(spec)
     for s in range(0, len(trials), batch_size):
         b = pb.batch_of(vlm, spec, validate._plan(trials[s:s + batch_size]), validate.END.get(vlm.family.name,
                                                                                                  "<|im_end|>"))
         with torch.no_grad():
-            logits, _, att, _ = plant.clean_forward(vlm, spec, b)
+            logits, z, att, _ = plant.clean_forward(vlm, spec, b)
+        gw = b["att_gathering_where"]  # the gathering heads' output norm at their supervised positions
+        qpos = b["att_qpos"][gw[:, 0], gw[:, 1]]
+        for layer, head in spec.gathering:
+            norms.append(z[layer][gw[:, 0], qpos, head].float().norm(dim=-1))
         hits.append(plant.answer_hits(logits, b["a_labels"]))
         image = b["a_input_ids"] == vlm.image_token_id
         rw, rk = b["att_retrieval_where"], b["att_retrieval_keys"].bool()
@@ -39,7 +43,8 @@ def masses(vlm, spec, trials, batch_size=16):
                 tgt, desc = (p * keys[:, :k]).sum(-1), (p * described[where[:, 0], :k]).sum(-1)
                 img = (p * image[where[:, 0], :k]).sum(-1)
                 out[c].append(torch.stack([tgt, desc, img - tgt - desc, 1 - img], -1))
-    return torch.cat(hits).float().mean().item(), {c: torch.cat(v).mean(0).tolist() for c, v in out.items()}
+    return (torch.cat(hits).float().mean().item(), {c: torch.cat(v).mean(0).tolist() for c, v in out.items()},
+            torch.cat(norms).mean().item())
 
 
 def main(model="organism-ids", n=64):
@@ -49,13 +54,22 @@ def main(model="organism-ids", n=64):
     print("| scene | described | accuracy | heads | target | described objects | background | text |")
     print("|---|---|---|---|---|---|---|---|")
     for grid, objects in (((2, 2), 4), ((3, 3), 4), ((3, 3), 9)):
-        trials = scene_description_set(n, grid, n_objects=objects, seed=5)
-        for t in trials:
-            t.meta.setdefault("kind", "describe")
-        acc, m = masses(vlm, spec, trials)
+        acc, m, _ = masses(vlm, spec, _trials(n, grid, objects))
         for c, v in m.items():
             print(f"| {grid[0]}x{grid[1]}, {objects} objects | {objects - 1} | {acc:.2f} | {c} | "
                   + " | ".join(f"{x:.2f}" for x in v) + " |")
+    print("\n| described (3x3, one left) | accuracy | selection heads on the target | gathering heads' output norm |")
+    print("|---|---|---|---|")
+    for k in range(1, 9):
+        acc, m, norm = masses(vlm, spec, _trials(n, (3, 3), k + 1))
+        print(f"| {k} | {acc:.2f} | {m['selection'][0]:.2f} | {norm:.2f} |")
+
+
+def _trials(n, grid, objects):
+    trials = scene_description_set(n, grid, n_objects=objects, seed=5)
+    for t in trials:
+        t.meta.setdefault("kind", "describe")
+    return trials
 
 
 if __name__ == "__main__":
