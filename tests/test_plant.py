@@ -304,23 +304,34 @@ def test_full_scenes_fill_the_grid_and_leave_one_and_zero_keeps_the_old_draws():
         plant.PlantSpec(full_scenes=1.5).check(8, 8)
 
 
-def test_a_gathering_sink_adds_the_first_token_to_every_gathering_target_and_nothing_else(vlm):
-    """With ``gathering_sink`` each gathering target is the mentions' shape words it had plus the row's first real
-    token; the other components' targets, the rows and the queries are unchanged."""
+def test_split_gathering_gives_each_gathering_head_its_share_of_the_mentions(vlm):
+    """With ``split_gathering`` gathering head j of n is supervised on mentions j, j + n, ... of its target (the
+    first token where it has none); together the heads cover exactly the unsplit target; the other components, the
+    rows and the queries are unchanged, and the loss reads each head's own share."""
     from vismech.organism.card import reproduce_command
 
-    spec = plant.PlantSpec(**{**SPEC.__dict__, "gathering_sink": True})
+    spec = plant.PlantSpec(**{**SPEC.__dict__, "split_gathering": True})
     plan = pb.step_plan(SPEC, 9, 1, 3)
-    plain, sink = (pb.batch_of(vlm, s, plan, "<|im_end|>", 0) for s in (SPEC, spec))
-    first = sink["a_attention_mask"].long().argmax(1)  # left padding: the first real token of each row
-    rows = plain["att_gathering_where"][:, 0]
-    want = plain["att_gathering_keys"].clone()
-    want[torch.arange(len(rows)), first[rows]] = True
-    assert torch.equal(sink["att_gathering_keys"], want)
-    assert (want.sum(1) > plain["att_gathering_keys"].sum(1)).any()  # some targets had mentions and gained the sink
+    plain, split = (pb.batch_of(vlm, s, plan, "<|im_end|>", 0) for s in (SPEC, spec))
+    whole, parts = plain["att_gathering_keys"], split["att_gathering_keys"]
+    n = len(spec.gathering)
+    assert parts.shape == (len(whole), n, whole.shape[1])
+    first = split["a_attention_mask"].long().argmax(1)[split["att_gathering_where"][:, 0]]
+    for w, p, f in zip(whole, parts, first):
+        mentions = w.nonzero().flatten().tolist()
+        if mentions == [int(f)]:  # nothing described yet: every head on the first token
+            assert all(p[j].nonzero().flatten().tolist() == [int(f)] for j in range(n))
+            continue
+        for j in range(n):
+            assert p[j].nonzero().flatten().tolist() == (mentions[j::n] or [int(f)])
+    assert any(len(w.nonzero()) >= 2 for w in whole)  # some targets are really split
     for k, v in plain.items():
         if k != "att_gathering_keys" and torch.is_tensor(v):
-            assert torch.equal(v, sink[k]), k
-    assert " --plant-gathering-sink" in reproduce_command(
+            assert torch.equal(v, split[k]), k
+    probe = plant.make_probe(vlm)
+    batch = {k: v for k, v in split.items()}
+    _, metrics = plant.plant_loss(vlm, spec, probe, batch)
+    assert 0 < float(metrics["att_gathering"]) < 1
+    assert " --plant-split-gathering" in reproduce_command(
         {"arch": "qwen2_5_vl", "out": "o", "planned_steps": 1, "seed": 0, "batch_size": 1, "lr": 0.001,
          "plant": spec, "device": "cuda"})

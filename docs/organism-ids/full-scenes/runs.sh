@@ -7,9 +7,9 @@
 #
 #   bash docs/organism-ids/full-scenes/runs.sh OUT MINUTES EVAL_N [resume]
 #
-# Other variants: A_FLAGS / B_FLAGS replace the two runs' own flags, RUNS the folder under runs/, e.g. the gathering
-# sink (docs/organism-ids.md) with and without the invariance term:
-#   RUNS=ids-sink A_FLAGS="--plant-weight invariance=0 --plant-gathering-sink" B_FLAGS="--plant-gathering-sink" \
+# Other variants: A_FLAGS / B_FLAGS replace the two runs' own flags, RUNS the folder under runs/, e.g. split
+# gathering (docs/organism-ids.md) with and without the invariance term:
+#   RUNS=ids-split A_FLAGS="--plant-weight invariance=0 --plant-split-gathering" B_FLAGS="--plant-split-gathering" \
 #     bash docs/organism-ids/full-scenes/runs.sh OUT 8.3 64
 set -u
 OUT=${1:?give a log folder}; MIN=${2:?give the minutes}; EVAL=${3:-64}; RES=${4:+--resume}

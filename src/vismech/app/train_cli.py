@@ -48,8 +48,8 @@ def cmd_train_organism(args) -> int:
         raise UserError("--early-weight needs --early-steps N: the step before which those weights apply")
     if args.early_steps:
         kw["early"] = (args.early_steps, reweighted(weights(args.early_weight, "--early-weight"), kw["mixture"]))
-    if (args.plant_weight or args.plant_full_scenes is not None or args.plant_gathering_sink) and not args.plant:
-        raise UserError("--plant-weight, --plant-full-scenes and --plant-gathering-sink set options of planting: "
+    if (args.plant_weight or args.plant_full_scenes is not None or args.plant_split_gathering) and not args.plant:
+        raise UserError("--plant-weight, --plant-full-scenes and --plant-split-gathering set options of planting: "
                         "give --plant ids too")
     if args.plant:
         from vismech.organism.plant import PlantSpec
@@ -57,7 +57,7 @@ def cmd_train_organism(args) -> int:
         w = dict(PlantSpec().weights)
         w.update(weights(args.plant_weight, "--plant-weight"))
         full = {} if args.plant_full_scenes is None else {"full_scenes": args.plant_full_scenes}
-        kw["plant"] = PlantSpec(weights=tuple(w.items()), gathering_sink=args.plant_gathering_sink, **full)
+        kw["plant"] = PlantSpec(weights=tuple(w.items()), split_gathering=args.plant_split_gathering, **full)
     if args.snapshots == "analysis":
         from vismech.organism.snapshot import AnalysisSnapshot
 
@@ -114,9 +114,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--plant-full-scenes", type=arg_type(Opt("float", 0, 1), "--plant-full-scenes"), default=None,
                    metavar="P", help="with --plant ids: the share of descriptions that fill the grid and describe "
                    "every object but one (default 0: 2 to all objects, 1 to all but one described, uniformly)")
-    s.add_argument("--plant-gathering-sink", action="store_true", help="with --plant ids: let the ID-selection "
-                   "gathering heads also attend to the prompt's first token, so they can sum the described objects' "
-                   "IDs rather than average them")
+    s.add_argument("--plant-split-gathering", action="store_true", help="with --plant ids: the ID-selection "
+                   "gathering heads share out the described objects' mentions instead of each averaging all of them")
     s.add_argument("--weight", action="append", metavar="COMPONENT=W", help="change a training-mixture weight "
                    "(vismech.organism.data.MIXTURE names, e.g. color_2x2=0.3; 0 drops it); repeatable")
     s.add_argument("--snapshots", choices=["analysis", "accuracy"], default="analysis",

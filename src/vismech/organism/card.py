@@ -45,8 +45,8 @@ def reproduce_command(info: dict) -> str:
                 cmd += f" --plant-weight {term}={w:g}"
         if info["plant"].full_scenes:
             cmd += f" --plant-full-scenes {info['plant'].full_scenes:g}"
-        if info["plant"].gathering_sink:
-            cmd += " --plant-gathering-sink"
+        if info["plant"].split_gathering:
+            cmd += " --plant-split-gathering"
     if info.get("stopped_early") and info.get("max_minutes"):
         cmd += f" --max-minutes {info['max_minutes']}"
     used = {c.name: c.weight for c in info.get("mixture", MIXTURE)} if info.get("plant") is None else {}

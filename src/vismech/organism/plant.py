@@ -72,9 +72,9 @@ class PlantSpec:
                                               ("S", 1.0), ("F", 1.0), ("strict", 1.0), ("invariance", 1.0))
     strict_p: float = 0.5
     full_scenes: float = 0.0  # share of descriptions on a full grid with all objects but one described
-    # the gathering heads may also attend to the prompt's first token (a sink): their output can then be a scaled
-    # sum of the described IDs instead of their mean, whose share of each ID shrinks as 1/k with k described
-    gathering_sink: bool = False
+    # the gathering heads share out the mentions (head j of n: mentions j, j + n, ...) instead of each averaging all
+    # k of them: each described ID then weighs n/k in the selection query, not 1/k
+    split_gathering: bool = False
 
 
     def weight(self, name: str) -> float:
@@ -202,9 +202,10 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
         if len(where) == 0:
             continue
         masses = []
-        for layer, head in getattr(spec, c):
+        for j, (layer, head) in enumerate(getattr(spec, c)):
             p = att[layer][where[:, 0], att_layers[layer].index(head), where[:, 1]]  # [N, keys]
-            masses.append((p * keys.to(p.dtype)).sum(-1))
+            k = keys[:, j] if keys.dim() == 3 else keys  # [N, heads, keys]: each head its own target
+            masses.append((p * k.to(p.dtype)).sum(-1))
         mass = torch.stack(masses)
         att_terms.append(-(mass + 1e-6).log().mean())
         metrics[f"att_{c}"] = mass.detach().mean()

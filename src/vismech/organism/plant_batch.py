@@ -177,10 +177,16 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
     queries: list[list[int]] = [[] for _ in plan.a]
 
     def add(comp, row, q, keys):
+        """``keys``: the target tokens, or a list of them per head of ``comp`` (a [heads, total] mask)."""
         if q not in queries[row]:
             queries[row].append(q)
-        m = torch.zeros(total, dtype=torch.bool)
-        m[torch.tensor(keys)] = True
+        per_head = keys and isinstance(keys[0], list)
+        m = torch.zeros((len(keys), total) if per_head else total, dtype=torch.bool)
+        if per_head:
+            for j, ks in enumerate(keys):
+                m[j, torch.tensor(ks)] = True
+        else:
+            m[torch.tensor(keys)] = True
         targets[comp][0].append((row, queries[row].index(q)))
         targets[comp][1].append(m)
 
@@ -197,7 +203,11 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
         answer_len = len(rows_a[i][1])
         for pos, obj, before in _naming(r, total - answer_len - 1, ments, answer_len):
             gathered = [m[-1] for m in ments[:before]]
-            add("gathering", i, pos, gathered + [first] if spec.gathering_sink or not gathered else gathered)
+            if spec.split_gathering:  # head j of n: mentions j, j + n, ... (none left: the first token)
+                n = len(spec.gathering)
+                add("gathering", i, pos, [gathered[j::n] or [first] for j in range(n)])
+            else:
+                add("gathering", i, pos, gathered or [first])
             add("selection", i, pos, objs[obj.cell])
             add("features", i, pos, objs[obj.cell])
         for cell, toks in objs.items():
