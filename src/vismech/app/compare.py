@@ -134,6 +134,16 @@ def _rsa(s: dict) -> str:
     return "position RSA " + " and ".join(parts) if parts else ""
 
 
+def _with_rsa_and_edits(text: str, s: dict, edits: str) -> str:
+    """``text``, then the RSA clause and the edits clause (``edits`` with {dec} and {rnd}) where there are numbers."""
+    if _rsa(s):
+        text += f"; {_rsa(s)}"
+    dec, rnd = _edits(s)
+    if dec:
+        text += "; " + edits.format(dec=_span(dec), rnd=_span(rnd))
+    return text + "."
+
+
 def _span(values: list[float]) -> str:
     lo, hi = round(100 * min(values)), round(100 * max(values))
     return f"{lo}%" if lo == hi else f"{lo}-{hi}%"
@@ -157,13 +167,8 @@ def planted_sentence(model: str, s: dict) -> str:
     order = s["cma"]["layer_order"]["ordered"]
     text = f"vismech {verb} {model}: CMA on {s['cma_n']} pairs per condition marks {'; '.join(each)}, " \
            f"{'in the order R < S < F' if order else 'not in the order R < S < F'}"
-    if _rsa(s):
-        text += f"; {_rsa(s)}"
-    dec, rnd = _edits(s)
-    if dec:
-        text += f"; ID edits at the declared heads steer {_span(dec)} of answers, at random heads of the same " \
-                f"layers {_span(rnd)}"
-    return text + "."
+    return _with_rsa_and_edits(text, s, "ID edits at the declared heads steer {dec} of answers, at random heads of "
+                               "the same layers {rnd}")
 
 
 def control_sentence(model: str, s: dict) -> str:
@@ -181,13 +186,8 @@ def control_sentence(model: str, s: dict) -> str:
     else:
         text = "it finds " + "; ".join(found)
     text = f"On {model} (control) {text}"
-    if _rsa(s):
-        text += f"; {_rsa(s)}"
-    dec, rnd = _edits(s)
-    if dec:
-        text += f"; ID edits at the planted model's declared heads steer {_span(dec)} of answers (random heads " \
-                f"{_span(rnd)})"
-    return text + "."
+    return _with_rsa_and_edits(text, s, "ID edits at the planted model's declared heads steer {dec} of answers "
+                               "(random heads {rnd})")
 
 
 def headline(runs: list[dict]) -> str:
