@@ -162,3 +162,32 @@ def test_a_site_map_reads_and_writes_a_norm_in_either_layout(layout):
     want = ref.clone()
     want[1, 2, 3] = value
     assert torch.equal(out, want)
+
+
+def test_merged_edits_equal_the_edits_one_by_one():
+    """Consecutive edits of one mode join into one indexed write where no triple repeats among them; a repeated
+    triple, or another mode, starts a new one; either way the result equals applying them in order."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, 6, generator=g)
+
+    def e(rows, pos, heads, mode, shape=None):
+        rows, pos, heads = (torch.as_tensor(t) for t in (rows, pos, heads))
+        n = torch.broadcast_tensors(rows, pos, heads)[0].shape
+        return hooks.Edit("z", 0, rows, pos, heads, torch.randn(*(shape or n), 6, generator=g), mode)
+
+    edits = [e([0, 1], [2, 2], [0, 3], "set"), e([2], [4], [1], "set"),  # joined
+             e([0], [2], [0], "set"),  # repeats (0, 2, 0): a new write, it wins
+             e(torch.arange(3)[:, None], torch.tensor([[0, 1]]), 2, "add"),  # a grid of triples, other mode
+             e([1], [1], [2], "add"),  # repeats (1, 1, 2): a new write, the two adds sum
+             e([2], [3], [3], "add", shape=()),  # one value broadcast
+             e([0, 0], [4, 4], [1, 1], "set")]  # a triple twice in one edit: kept as it is
+    want = x
+    for ed in edits:
+        want = ed.apply(want)
+    m = hooks.merged(edits)
+    assert [len(ed.rows) for ed in m] == [3, 1, 6, 2, 2]
+    got = x.clone()
+    for ed in m:
+        ed.apply_(got)
+    assert torch.equal(got, want)
+    assert not torch.equal(want, x)

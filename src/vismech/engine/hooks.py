@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -140,34 +140,70 @@ class Edit:
     heads: torch.Tensor
     values: torch.Tensor
     mode: str = "set"
+    _on: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # tensors moved, per device
 
     def __post_init__(self) -> None:
         if self.mode not in ("set", "add"):
             raise ValueError(f"edit mode must be 'set' or 'add', not {self.mode!r}")
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        d = x.device
-        r, p, h = (torch.as_tensor(t, device=d) for t in (self.rows, self.positions, self.heads))
-        v = self.values.to(device=d, dtype=x.dtype)
-        x = x.clone()
+        """A copy of ``x`` with the edit made."""
+        return self.apply_(x.clone())
+
+    def apply_(self, x: torch.Tensor) -> torch.Tensor:
+        """The edit made in ``x`` itself (returned). Index tensors and values go to ``x``'s device once per edit."""
+        key = (x.device, x.dtype)
+        if key not in self._on:
+            self._on[key] = tuple(torch.as_tensor(t, device=x.device) for t in (self.rows, self.positions,
+                                                                                 self.heads)) \
+                + (self.values.to(device=x.device, dtype=x.dtype),)
+        r, p, h, v = self._on[key]
         if self.mode == "set":
             x[r, p, h] = v.expand_as(x[r, p, h])
         else:
             x[r, p, h] += v.expand_as(x[r, p, h])
         return x
 
+    def triples(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the edited (row, position, head) triples [N, 3], the values [N, dim]), broadcast to one per triple."""
+        idx = torch.broadcast_tensors(*(torch.as_tensor(t) for t in (self.rows, self.positions, self.heads)))
+        shape = idx[0].shape
+        v = self.values.expand(*shape, self.values.shape[-1]).reshape(-1, self.values.shape[-1])
+        return torch.stack([i.reshape(-1) for i in idx], 1), v
+
+
+def merged(edits: list[Edit]) -> list[Edit]:
+    """``edits`` (one site and layer, applied in list order) with consecutive edits of one mode joined into one
+    wherever no (row, position, head) is edited twice among them: the same result in one indexed write."""
+    out, seen = [], None
+    for e in edits:
+        t, v = e.triples()
+        if out and out[-1].mode == e.mode and v.shape[-1] == out[-1].values.shape[-1]:
+            both = torch.cat([seen, t])
+            if len(torch.unique(both, dim=0)) == len(both):
+                last = out[-1]
+                out[-1] = Edit(e.site, e.layer, both[:, 0], both[:, 1], both[:, 2],
+                               torch.cat([last.values, v.to(last.values.dtype)]), e.mode)
+                seen = both
+                continue
+        out.append(Edit(e.site, e.layer, t[:, 0], t[:, 1], t[:, 2], v, e.mode))
+        seen = t
+    return out
+
 
 @contextlib.contextmanager
 def intervene(vlm, edits: list[Edit]) -> Iterator[None]:
-    """Apply ``edits`` during every forward run inside the context (edits at one site run in list order)."""
+    """Apply ``edits`` during every forward run inside the context (edits at one site run in list order; joined
+    where that changes nothing, ``merged``, and made in one copy of the site's tensor)."""
     groups: dict[tuple[str, int], list[Edit]] = {}
     for e in edits:
         groups.setdefault((e.site, e.layer), []).append(e)
     with contextlib.ExitStack() as stack:
         for (site, layer), es in groups.items():
-            def fn(x, es=es):
+            def fn(x, es=merged(es)):
+                x = x.clone()
                 for e in es:
-                    x = e.apply(x)
+                    e.apply_(x)
                 return x
 
             stack.enter_context(hooked(vlm, site, layer, fn))
