@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_session.sh families  # LLaVA-OneVision-7B, Idefics2-8B: bf16 sweep with null (~5 min)
 #   bash benchmarks/gpu_session.sh large     # Qwen2.5-VL-32B: bf16 sweep with null (~5 min)
 #   bash benchmarks/gpu_session.sh runall    # `run all` on Qwen2.5-VL-7B, per experiment (limit 560 s)
-#   bash benchmarks/gpu_session.sh edits     # ID-intervention settings stacked vs one forward each, Qwen2.5-VL-7B
+#   bash benchmarks/gpu_session.sh edits     # Qwen2.5-VL-7B: intervention settings stacked vs one forward each;
+#                                            # edits joined into one write vs one copy each
 #   bash benchmarks/gpu_session.sh sweeps    # the bf16 sweeps with the null only (no baselines): Qwen2.5-VL-7B,
 #                                            # LLaVA-1.5-7B, and the newer families Qwen3-VL-8B and Gemma-3-12B
 # Each stage stays under the 10-minute limit of one device command (sum of its limits + exits).
@@ -59,8 +60,10 @@ case "${1:-cma}" in
     [ -n "${SKIP_GEMMA:-}" ] || step gemma3_12b_bf16 110 $B --model random:gemma-3-12b-it --dtype bf16 --pairs 16 --only-check \
       --sample-heads 1 --json "$OUT/gemma3_12b_bf16.json"
     ;;
-  edits)  # about 2-3 min
+  edits)  # about 4-5 min
     step edits_qwen7b_bf16 200 benchmarks/edits.py --model random:Qwen2.5-VL-7B --device cuda --dtype bf16 --n 64
+    step edit_writes_qwen7b_bf16 150 benchmarks/edit_writes.py --model random:Qwen2.5-VL-7B --device cuda \
+      --dtype bf16 --pairs 50
     ;;
   runall)
     step run_all_qwen7b 560 benchmarks/run_all.py --model random:Qwen2.5-VL-7B --dtype bf16 \

@@ -47,3 +47,10 @@ def test_edits_benchmark_stacks_settings_into_fewer_forwards_with_equal_hits():
     stacked = int(lines["settings stacked"].split(",")[1].split()[0])
     assert one > 70 and stacked < one / 5  # 70 settings (+ the set-up and clean runs), one forward each
     assert "hit counts equal: True" in p.stdout
+
+
+def test_edit_writes_benchmark_compares_the_two_hook_paths_with_equal_scores():
+    p = _run(["benchmarks/edit_writes.py", "--model", "tiny:llava", "--pairs", "2"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "one copy and write per edit:" in p.stdout and "edits joined:" in p.stdout
+    assert "largest score difference 0\n" in p.stdout + "\n"
