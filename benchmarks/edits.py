@@ -40,7 +40,8 @@ def main() -> None:
     head_sets = {(c, f"k{k}"): heads[:k] for k in (1, 2, 5, 10, 20)}
     alphas = idi.DEFAULTS["alphas"]
     forwards = {"n": 0}
-    handle = hooks.language_model(vlm).register_forward_pre_hook(lambda *_: forwards.__setitem__("n", forwards["n"] + 1))
+    count = lambda *_: forwards.__setitem__("n", forwards["n"] + 1)  # noqa: E731
+    handle = hooks.language_model(vlm).register_forward_pre_hook(count)
     stacked_many = iv.EditedRuns.scores_many
 
     def timed(one_each: bool):
