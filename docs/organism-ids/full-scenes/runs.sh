@@ -11,6 +11,7 @@
 # gathering (docs/organism-ids.md) with and without the invariance term:
 #   RUNS=ids-split A_FLAGS="--plant-weight invariance=0 --plant-split-gathering" B_FLAGS="--plant-split-gathering" \
 #     bash docs/organism-ids/full-scenes/runs.sh OUT 8.3 64
+# ONLY=A (or B) runs that variant alone, on GPU 0 (the other GPU stays free, e.g. for benchmarks/gpu_session.sh).
 set -u
 OUT=${1:?give a log folder}; MIN=${2:?give the minutes}; EVAL=${3:-64}; RES=${4:+--resume}
 export PYTHONPATH=${PYTHONPATH:-src}
@@ -20,12 +21,16 @@ COMMON="--arch qwen2_5_vl --vision-from organism --freeze-vision --plant ids --p
 RUNS=${RUNS:-ids-full}
 A_FLAGS=${A_FLAGS:---plant-weight invariance=0}
 B_FLAGS=${B_FLAGS:-}
-CUDA_VISIBLE_DEVICES=0 python -m vismech.app.cli train-organism --out runs/$RUNS/A $COMMON $A_FLAGS $RES \
-  > "$OUT/A.log" 2>&1 &
-CUDA_VISIBLE_DEVICES=1 python -m vismech.app.cli train-organism --out runs/$RUNS/B $COMMON $B_FLAGS $RES \
-  > "$OUT/B.log" 2>&1 &
+ONLY=${ONLY:-A B}
+gpu=0
+for r in $ONLY; do
+  flags=$A_FLAGS; [ "$r" = B ] && flags=$B_FLAGS
+  CUDA_VISIBLE_DEVICES=$gpu python -m vismech.app.cli train-organism --out "runs/$RUNS/$r" $COMMON $flags $RES \
+    > "$OUT/$r.log" 2>&1 &
+  gpu=$((gpu + 1))
+done
 wait
-for r in A B; do echo "== $r"; tail -n 2 "$OUT/$r.log"; cp "runs/$RUNS/$r/train_log.jsonl" "$OUT/$r.train_log.jsonl"
+for r in $ONLY; do echo "== $r"; tail -n 2 "$OUT/$r.log"; cp "runs/$RUNS/$r/train_log.jsonl" "$OUT/$r.train_log.jsonl"
   cp "runs/$RUNS/$r/validity.json" "$OUT/$r.validity.json"; done
 # the organisms come back one per call (the device returns at most 16 MiB a file, 8 files):
 #   tar czf $OUT/A.tgz -C runs/$RUNS/A --exclude=train_state.pt .
