@@ -115,3 +115,24 @@ def test_probe_fitted_in_the_row_span_equals_the_full_fit():
     Xt = rng.normal(size=(200, d)) + 0.4 * np.eye(K)[rng.integers(0, K, 200)] @ rng.normal(size=(K, d))
     agree = np.mean((Xt @ W_full + b_full).argmax(1) == (Xt @ W_span + b_span).argmax(1))
     assert agree >= 0.97
+
+
+def test_the_row_basis_spans_the_rows_orthonormally_and_falls_back_to_the_svd():
+    import importlib
+
+    P = importlib.import_module("vismech.analysis.pca")
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(40, 300))
+    X = (X - X.mean(0)) / X.std(0)  # centred: rank 39
+    V = P._row_basis(X)
+    _, s, vt = np.linalg.svd(X, full_matrices=False)
+    V0 = vt[s > s[0] * 300 * np.finfo(float).eps].T
+    assert V.shape == V0.shape == (300, 39)
+    assert np.abs(V.T @ V - np.eye(39)).max() < 1e-10
+    assert np.abs(V @ V.T - V0 @ V0.T).max() < 1e-10  # the same subspace
+    # a direction far below the rest (singular value 1e-6 of the largest): the Gram matrix cannot resolve it
+    # orthonormally, so the SVD answers, and keeps it
+    U, _, Vt = np.linalg.svd(rng.normal(size=(5, 300)), full_matrices=False)
+    Y = U @ np.diag([1.0, 1.0, 1.0, 1.0, 1e-6]) @ Vt
+    W = P._row_basis(Y)
+    assert W.shape == (300, 5) and np.abs(W.T @ W - np.eye(5)).max() < 1e-10
