@@ -136,3 +136,15 @@ def test_the_row_basis_spans_the_rows_orthonormally_and_falls_back_to_the_svd():
     Y = U @ np.diag([1.0, 1.0, 1.0, 1.0, 1e-6]) @ Vt
     W = P._row_basis(Y)
     assert W.shape == (300, 5) and np.abs(W.T @ W - np.eye(5)).max() < 1e-10
+
+
+def test_pca_by_the_gram_matrix_equals_the_svd():
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(50, 400)) * np.linspace(3, 0.1, 400) + rng.normal(size=(50, 1)) * rng.normal(size=400)
+    scores, comps, ratio = pca(X, 3)
+    Xc = X - X.mean(0)
+    _, S, Vt = np.linalg.svd(Xc, full_matrices=False)
+    signs = np.sign(Vt[np.arange(3), np.abs(Vt[:3]).argmax(1)])
+    np.testing.assert_allclose(comps, Vt[:3] * signs[:, None], atol=1e-10)
+    np.testing.assert_allclose(ratio, S[:3] ** 2 / (S ** 2).sum(), rtol=1e-10)
+    np.testing.assert_allclose(scores, Xc @ comps.T, atol=1e-10)
