@@ -43,3 +43,24 @@ def two_object_trials():
     b = Scene((Obj("green", "triangle", (0, 1)), Obj("red", "star", (1, 0)), Obj("blue", "heart", (0, 0))), (2, 2))
     return [tasks.scene_description(a, a.objects[1], a.objects[:1]),
             tasks.scene_description(b, b.objects[2], b.objects[:2])]
+
+
+def projector_coded_inputs(vlm, batch) -> torch.Tensor:
+    """The first decoder layer's input [rows, seq, hidden] when every projector output vector is replaced by its
+    own index: channel 0 = its tile (first axis), channel 1 = its patch (second axis); where vismech's recorded
+    positions should carry them after the model packs its image tokens."""
+    def code(mod, args, out):
+        c = torch.zeros_like(out)
+        c[..., 0] = torch.arange(out.shape[0])[:, None].float()
+        c[..., 1] = torch.arange(out.shape[1])[None, :].float()
+        return c
+
+    seen = {}
+    h1 = vlm.model.model.multi_modal_projector.register_forward_hook(code)
+    h2 = vlm.layers[0].register_forward_pre_hook(lambda m, a, k: seen.update(x=(a[0] if a else k["hidden_states"])),
+                                                 with_kwargs=True)
+    try:
+        vlm.logits(batch)
+    finally:
+        h1.remove(), h2.remove()
+    return seen["x"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import tiny, two_object_trials
+from conftest import projector_coded_inputs, tiny, two_object_trials
 from vismech.models.families import FAMILIES
 from vismech.models.presets import PRESETS
 from vismech.models.wordtok import build_word_tokenizer
@@ -78,23 +78,7 @@ def test_tiny_object_tokens_carry_their_tile_features_through_the_unpadding():
     vlm = tiny("llava_next")
     t = two_object_trials()[0]
     b = vlm.encode([t])
-    proj = vlm.model.model.multi_modal_projector
-
-    def code(mod, args, out):
-        c = torch.zeros_like(out)
-        c[..., 0] = torch.arange(out.shape[0])[:, None].float()
-        c[..., 1] = torch.arange(out.shape[1])[None, :].float()
-        return c
-
-    seen = {}
-    h1 = proj.register_forward_hook(code)
-    h2 = vlm.layers[0].register_forward_pre_hook(lambda m, a, k: seen.update(x=(a[0] if a else k["hidden_states"])),
-                                                 with_kwargs=True)
-    try:
-        vlm.logits(b)
-    finally:
-        h1.remove(), h2.remove()
-    x, p = seen["x"][0], 10
+    x, p = projector_coded_inputs(vlm, b)[0], 10
     layout = vlm.layout(t.scene.grid)
     for o in t.scene.objects:
         pos = b.objects[0][o.cell]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SPATIAL, tiny, two_object_trials
+from conftest import SPATIAL, projector_coded_inputs, tiny, two_object_trials
 from vismech.engine import hooks
 from vismech.models.load import geometry_for, load_vlm
 from vismech.scenes import tasks
@@ -65,24 +65,7 @@ def test_onevision_object_tokens_carry_their_patch_features():
     vlm = tiny("llava_onevision")
     t = two_object_trials()[0]
     b = vlm.encode([t])
-    proj = vlm.model.model.multi_modal_projector
-
-    def code(mod, args, out):
-        tiles, n, d = out.shape
-        c = torch.zeros_like(out)
-        c[..., 0] = torch.arange(tiles)[:, None].float()
-        c[..., 1] = torch.arange(n)[None, :].float()
-        return c
-
-    seen = {}
-    h1 = proj.register_forward_hook(code)
-    h2 = vlm.layers[0].register_forward_pre_hook(lambda m, a, k: seen.update(x=(a[0] if a else k["hidden_states"])),
-                                                 with_kwargs=True)
-    try:
-        vlm.logits(b)
-    finally:
-        h1.remove(), h2.remove()
-    x = seen["x"][0]
+    x = projector_coded_inputs(vlm, b)[0]
     layout = vlm.layout(t.scene.grid)
     for o in t.scene.objects:
         pos = b.objects[0][o.cell]
