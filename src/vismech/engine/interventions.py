@@ -217,7 +217,7 @@ class EditedRuns:
             self.shared = (cascade.shared_prefix(vlm, self.inp, self.prefix)
                            if self.prefix is not None and cascade.supported(vlm, self.inp.length, self.inp, self.p0)
                            else None)
-            patching.check_replay(vlm, full, self._forward([], 1))  # the self-check, as in patching
+            patching.check_replay(vlm, full, self._forward_many([[]], 1, 1)[0])  # the self-check, as in patching
 
     def _prepared(self, edits) -> list[hooks.Edit]:
         """``edits`` with positions relative to the cached prefix's end, on the rows that are run."""
@@ -231,9 +231,6 @@ class EditedRuns:
         if self._source is not None:
             shifted = [_to_rows(e, self._source) for e in shifted]
         return shifted
-
-    def _forward(self, edits, tail: int) -> torch.Tensor:
-        return self._forward_many([edits], tail, 1)[0]
 
     def _forward_many(self, edit_sets, tail: int, blocks: int | None = None) -> list[torch.Tensor]:
         """The run under each edit set, stacked: edit set j's rows form block j of one forward (``blocks`` sets a

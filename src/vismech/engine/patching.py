@@ -200,7 +200,7 @@ def rows_from_memory(free_bytes: float, per_head_bytes: float, current: int, hea
     return max(1, current, int(headroom * free_bytes // per_head_bytes))
 
 
-def _free_bytes(device: torch.device) -> float:
+def free_bytes(device: torch.device) -> float:
     """Memory a forward can still take on a CUDA device: free on the device plus what torch holds unused."""
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
@@ -316,7 +316,7 @@ def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forw
             out[i] = read(logits[j * B:(j + 1) * B]).cpu()
         if measure:  # size the next chunks from the first one's measured peak and the memory free now
             per_head = (torch.cuda.max_memory_allocated(vlm.device) - before) / len(chunk)
-            r, measure = rows_from_memory(_free_bytes(vlm.device), per_head, r), False
+            r, measure = rows_from_memory(free_bytes(vlm.device), per_head, r), False
         if progress:
             progress(len(chunk))
         start += len(chunk)

@@ -68,7 +68,7 @@ def accuracies(vlm, batches, head_sets, generate: bool, max_new_tokens: int, row
     cuda = vlm.device.type == "cuda"
     if resize is None and cuda:
         def resize(r, ran, peak):
-            return patching.rows_from_memory(patching._free_bytes(vlm.device), peak / ran, r) if peak else r
+            return patching.rows_from_memory(patching.free_bytes(vlm.device), peak / ran, r) if peak else r
     out = [([], []) for _ in head_sets]
     for b, _ in batches:
         s = 0
