@@ -19,6 +19,7 @@ spread (standard deviation) of the null scores, so the rounding can be told from
     python benchmarks/cma_engine.py --model random:Qwen2.5-VL-7B --dtype bf16 --device cuda --null  # the GPU target
     python benchmarks/cma_engine.py --model random:Qwen2.5-VL-7B --dtype fp32 --pairs 8 --only-check  # fp32 check
     python benchmarks/cma_engine.py --model tiny:qwen2_5_vl --device cpu --pairs 4                   # smoke / CPU
+    python benchmarks/cma_engine.py --model random:Qwen2.5-VL-7B --profile id_retrieval  # where the time goes
 """
 
 from __future__ import annotations
@@ -89,6 +90,27 @@ def score_of(base, logits):
     return logit_diff_score(base.numpy(), logits.numpy(), [0] * n, [1] * n)
 
 
+def profile(vlm, setup, heads) -> int:
+    """Where the fast engine's time goes: operations by self device time (CPU time on the CPU), and how much of the
+    wall time the device was busy (a low share: launch- or host-bound)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    clean, src, pos, tid, _ = setup
+    dev = vlm.device
+    patching.head_patch(vlm, clean, src, pos, tid, heads=heads[:8])  # warm-up
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        _, wall = timed(lambda: patching.head_patch(vlm, clean, src, pos, tid, heads=heads), dev)
+    ev = prof.key_averages()
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    print(ev.table(sort_by=key, row_limit=25, max_name_column_width=60))
+    busy = sum(getattr(e, key) for e in ev) / 1e6
+    print(f"{len(heads)} heads x {len(clean)} pairs: wall {wall:.2f} s, {'device' if dev.type == 'cuda' else 'CPU'} "
+          f"busy (self time summed) {busy:.2f} s = {100 * busy / wall:.0f}% of the wall time")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="random:Qwen2.5-VL-7B")
@@ -106,6 +128,9 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of parts to skip: rows, before, fast (the complete "
                     "sweep without the null; the check still runs on the sampled heads), attribution")
     ap.add_argument("--tol", type=float, default=1e-3, help="largest fp32 fast-vs-naive score difference allowed")
+    ap.add_argument("--profile", default=None, choices=CONDITIONS, help="instead of the benchmark: profile the fast "
+                    "engine on every 4th head of this condition (torch.profiler) and print its 25 costliest operations "
+                    "and the device-busy share")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     grid = tuple(int(x) for x in args.grid.split("x"))
@@ -144,6 +169,8 @@ def main():
     seq = setup["id_selection"][0].length
     print(f"{args.pairs} pairs x 3 conditions x {len(heads)} heads; sequence length {seq} tokens", flush=True)
 
+    if args.profile:
+        return profile(vlm, setup[args.profile], heads[::4])
     res = {"model": args.model, "dtype": str(vlm.dtype), "device": str(dev),
            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "pairs": args.pairs,
            "heads": len(heads), "seq_len": seq, "matmul_tflops": rate / 1e12}

@@ -191,3 +191,12 @@ def test_merged_edits_equal_the_edits_one_by_one():
         ed.apply_(got)
     assert torch.equal(got, want)
     assert not torch.equal(want, x)
+    # many disjoint edits (an intervention experiment's stacked settings): one write, the same result
+    x = torch.randn(40, 6, 8, 6, generator=g)
+    many = [e([r], [p], [h], "add") for r in range(40) for p in (1, 4) for h in (r % 8, (r + 3) % 8)]
+    want = x
+    for ed in many:
+        want = ed.apply(want)
+    m = hooks.merged(many)
+    assert len(m) == 1 and len(m[0].rows) == len(many)
+    assert torch.equal(m[0].apply(x), want)

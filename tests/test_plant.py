@@ -288,6 +288,30 @@ def test_plant_weights_on_the_command_line_and_in_the_card(capsys, tmp_path):
     assert len(err) == 1 and "give --plant ids too" in err[0] and not (tmp_path / "o").exists()
 
 
+def test_plant_heads_on_the_command_line_and_in_the_card(capsys, tmp_path):
+    """``--plant-heads STAGE=L:H,...`` replaces one stage's declared heads; the card's command repeats it; a
+    malformed value is one line that names the form, and nothing is written."""
+    from vismech.app.cli import main
+    from vismech.app.train_cli import plant_heads
+    from vismech.organism.card import reproduce_command
+
+    assert plant_heads(["gathering=3:0,3:1,3:2,3:3", "features=6:4"]) == {
+        "gathering": ((3, 0), (3, 1), (3, 2), (3, 3)), "features": ((6, 4),)}
+    spec = plant.PlantSpec(gathering=((3, 0), (3, 1), (3, 2), (3, 3)))
+    info = {"arch": "qwen2_5_vl", "out": "runs/x", "planned_steps": 10, "seed": 0, "batch_size": 4, "lr": 0.001,
+            "plant": spec, "device": "cuda"}
+    cmd = reproduce_command(info)
+    assert cmd.endswith(" --plant-heads gathering=3:0,3:1,3:2,3:3") or \
+        " --plant-heads gathering=3:0,3:1,3:2,3:3 " in cmd
+    assert cmd.count("--plant-heads") == 1
+    assert "--plant-heads" not in reproduce_command({**info, "plant": plant.PlantSpec()})
+    for bad in ("gathering=3", "gather=3:0", "selection=4:x", "features="):
+        assert main(["train-organism", "--arch", "qwen2_5_vl", "--out", str(tmp_path / "o"), "--plant", "ids",
+                     "--plant-heads", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "STAGE=LAYER:HEAD" in err[0] and not (tmp_path / "o").exists()
+
+
 def test_full_scenes_fill_the_grid_and_leave_one_and_zero_keeps_the_old_draws():
     rng = random.Random(3)
     full = [cm.draw_structure(rng, k, (3, 3), 1.0) for k in ("describe", "describe_ordered")]
@@ -310,12 +334,13 @@ def test_split_gathering_gives_each_gathering_head_its_share_of_the_mentions(vlm
     rows and the queries are unchanged, and the loss reads each head's own share."""
     from vismech.organism.card import reproduce_command
 
-    spec = plant.PlantSpec(**{**SPEC.__dict__, "split_gathering": True})
-    plan = pb.step_plan(SPEC, 9, 1, 3)
-    plain, split = (pb.batch_of(vlm, s, plan, "<|im_end|>", 0) for s in (SPEC, spec))
+    two = plant.PlantSpec(**{**SPEC.__dict__, "gathering": ((2, 0), (2, 1))})  # two heads to share the mentions
+    spec = plant.PlantSpec(**{**two.__dict__, "split_gathering": True})
+    plan = pb.step_plan(two, 9, 1, 3)
+    plain, split = (pb.batch_of(vlm, s, plan, "<|im_end|>", 0) for s in (two, spec))
     whole, parts = plain["att_gathering_keys"], split["att_gathering_keys"]
     n = len(spec.gathering)
-    assert parts.shape == (len(whole), n, whole.shape[1])
+    assert n == 2 and parts.shape == (len(whole), n, whole.shape[1])
     first = split["a_attention_mask"].long().argmax(1)[split["att_gathering_where"][:, 0]]
     for w, p, f in zip(whole, parts, first):
         mentions = w.nonzero().flatten().tolist()

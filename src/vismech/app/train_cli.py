@@ -48,16 +48,18 @@ def cmd_train_organism(args) -> int:
         raise UserError("--early-weight needs --early-steps N: the step before which those weights apply")
     if args.early_steps:
         kw["early"] = (args.early_steps, reweighted(weights(args.early_weight, "--early-weight"), kw["mixture"]))
-    if (args.plant_weight or args.plant_full_scenes is not None or args.plant_split_gathering) and not args.plant:
-        raise UserError("--plant-weight, --plant-full-scenes and --plant-split-gathering set options of planting: "
-                        "give --plant ids too")
+    if (args.plant_weight or args.plant_full_scenes is not None or args.plant_split_gathering
+            or args.plant_heads) and not args.plant:
+        raise UserError("--plant-weight, --plant-full-scenes, --plant-split-gathering and --plant-heads set options "
+                        "of planting: give --plant ids too")
     if args.plant:
         from vismech.organism.plant import PlantSpec
 
         w = dict(PlantSpec().weights)
         w.update(weights(args.plant_weight, "--plant-weight"))
         full = {} if args.plant_full_scenes is None else {"full_scenes": args.plant_full_scenes}
-        kw["plant"] = PlantSpec(weights=tuple(w.items()), split_gathering=args.plant_split_gathering, **full)
+        kw["plant"] = PlantSpec(weights=tuple(w.items()), split_gathering=args.plant_split_gathering, **full,
+                                **plant_heads(args.plant_heads))
     if args.snapshots == "analysis":
         from vismech.organism.snapshot import AnalysisSnapshot
 
@@ -74,6 +76,25 @@ def cmd_train_organism(args) -> int:
           f"{s['loss'] if s['loss'] is None else round(s['loss'], 4)}; held-out first-token accuracy: {accs} "
           f"-> {s['out']}")
     return 0
+
+
+def plant_heads(items) -> dict:
+    """``--plant-heads STAGE=L:H,L:H`` (repeatable) as PlantSpec fields: {stage: ((L, H), ...)}."""
+    from vismech.organism.plant import COMPONENTS
+
+    out = {}
+    for item in items or []:
+        stage, _, heads = item.partition("=")
+        try:
+            if stage not in COMPONENTS:
+                raise ValueError
+            out[stage] = tuple(tuple(int(x) for x in h.split(":", 1)) for h in heads.split(","))
+            if not out[stage] or any(len(h) != 2 for h in out[stage]):
+                raise ValueError
+        except ValueError:
+            raise UserError(f"--plant-heads takes STAGE=LAYER:HEAD[,LAYER:HEAD...] with STAGE one of "
+                            f"{', '.join(COMPONENTS)}, e.g. gathering=3:0,3:1,3:2,3:3; not {item!r}") from None
+    return out
 
 
 def add_train_parser(sub) -> argparse.ArgumentParser:
@@ -116,6 +137,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    "every object but one (default 0: 2 to all objects, 1 to all but one described, uniformly)")
     s.add_argument("--plant-split-gathering", action="store_true", help="with --plant ids: the ID-selection "
                    "gathering heads share out the described objects' mentions instead of each averaging all of them")
+    s.add_argument("--plant-heads", action="append", metavar="STAGE=L:H,...", help="with --plant ids: the heads "
+                   "declared for one stage (binding, retrieval, gathering, selection, features) instead of the "
+                   "default, e.g. gathering=3:0,3:1,3:2,3:3; repeatable")
     s.add_argument("--weight", action="append", metavar="COMPONENT=W", help="change a training-mixture weight "
                    "(vismech.organism.data.MIXTURE names, e.g. color_2x2=0.3; 0 drops it); repeatable")
     s.add_argument("--snapshots", choices=["analysis", "accuracy"], default="analysis",

@@ -174,20 +174,33 @@ class Edit:
 
 def merged(edits: list[Edit]) -> list[Edit]:
     """``edits`` (one site and layer, applied in list order) with consecutive edits of one mode joined into one
-    wherever no (row, position, head) is edited twice among them: the same result in one indexed write."""
-    out, seen = [], None
-    for e in edits:
-        t, v = e.triples()
-        if out and out[-1].mode == e.mode and v.shape[-1] == out[-1].values.shape[-1]:
-            both = torch.cat([seen, t])
-            if len(torch.unique(both, dim=0)) == len(both):
-                last = out[-1]
-                out[-1] = Edit(e.site, e.layer, both[:, 0], both[:, 1], both[:, 2],
-                               torch.cat([last.values, v.to(last.values.dtype)]), e.mode)
-                seen = both
-                continue
-        out.append(Edit(e.site, e.layer, t[:, 0], t[:, 1], t[:, 2], v, e.mode))
-        seen = t
+    wherever no (row, position, head) is edited twice among them: the same result in one indexed write. Linear in
+    the number of edited triples (each triple coded as one integer, a set per joined group)."""
+    trip = [e.triples() for e in edits]
+    if not trip:
+        return []
+    every = torch.cat([t for t, _ in trip])
+    lo = every.min(0).values if len(every) else torch.zeros(3, dtype=torch.long)
+    span = (every.max(0).values - lo + 1) if len(every) else torch.ones(3, dtype=torch.long)
+    groups: list[dict] = []
+    for e, (t, v) in zip(edits, trip):
+        c = t - lo
+        keys = ((c[:, 0] * span[1] + c[:, 1]) * span[2] + c[:, 2]).tolist()
+        own = set(keys)
+        ok = len(own) == len(keys)  # no triple twice inside this edit
+        g = groups[-1] if groups else None
+        if g and ok and g["ok"] and g["mode"] == e.mode and g["dim"] == v.shape[-1] and g["keys"].isdisjoint(own):
+            g["t"].append(t)
+            g["v"].append(v.to(g["v"][0].dtype))
+            g["keys"] |= own
+            continue
+        groups.append({"mode": e.mode, "dim": v.shape[-1], "t": [t], "v": [v], "keys": own, "ok": ok,
+                       "site": e.site, "layer": e.layer})
+    out = []
+    for g in groups:
+        t = torch.cat(g["t"]) if len(g["t"]) > 1 else g["t"][0]
+        v = torch.cat(g["v"]) if len(g["v"]) > 1 else g["v"][0]
+        out.append(Edit(g["site"], g["layer"], t[:, 0], t[:, 1], t[:, 2], v, g["mode"]))
     return out
 
 

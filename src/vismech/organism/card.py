@@ -36,7 +36,7 @@ def reproduce_command(info: dict) -> str:
     if info.get("label_mentions"):
         cmd += " --label-mentions"
     if info.get("plant") is not None:
-        from .plant import PlantSpec
+        from .plant import COMPONENTS, PlantSpec
 
         cmd += " --plant ids"
         default = dict(PlantSpec().weights)
@@ -47,6 +47,10 @@ def reproduce_command(info: dict) -> str:
             cmd += f" --plant-full-scenes {info['plant'].full_scenes:g}"
         if info["plant"].split_gathering:
             cmd += " --plant-split-gathering"
+        for stage in COMPONENTS:
+            heads = getattr(info["plant"], stage)
+            if heads != getattr(PlantSpec(), stage):
+                cmd += f" --plant-heads {stage}=" + ",".join(f"{layer}:{head}" for layer, head in heads)
     if info.get("stopped_early") and info.get("max_minutes"):
         cmd += f" --max-minutes {info['max_minutes']}"
     used = {c.name: c.weight for c in info.get("mixture", MIXTURE)} if info.get("plant") is None else {}
