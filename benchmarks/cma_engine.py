@@ -105,7 +105,12 @@ def profile(vlm, setup, heads) -> int:
     ev = prof.key_averages()
     key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     print(ev.table(sort_by=key, row_limit=25, max_name_column_width=60))
-    busy = sum(getattr(e, key) for e in ev) / 1e6
+    if dev.type == "cuda":  # the kernels alone (an operator's row repeats its kernels' time)
+        from torch.autograd import DeviceType
+
+        busy = sum(e.self_device_time_total for e in ev if e.device_type == DeviceType.CUDA) / 1e6
+    else:
+        busy = sum(e.self_cpu_time_total for e in ev) / 1e6
     print(f"{len(heads)} heads x {len(clean)} pairs: wall {wall:.2f} s, {'device' if dev.type == 'cuda' else 'CPU'} "
           f"busy (self time summed) {busy:.2f} s = {100 * busy / wall:.0f}% of the wall time")
     return 0

@@ -66,6 +66,12 @@ def test_memmap_and_stream_equal_the_in_memory_capture(tmp_path):
         for layer, m in enumerate(moments):
             m.update(r[layer, 0])
     assert np.array_equal(seen, mem.resid)
+    # the next batch encoded on a worker thread (the default on CUDA) gives the same batches in the same order
+    ahead = list(activations.stream(vlm, trials, CaptureSpec(z=True), batch_size=4, prefetch=True))
+    plain = list(activations.stream(vlm, trials, CaptureSpec(z=True), batch_size=4, prefetch=False))
+    assert len(ahead) == len(plain) == 2
+    for a, b in zip(ahead, plain):
+        assert a[0] == b[0] and all(np.array_equal(x, y) for x, y in zip(a[1:], b[1:]))
     for layer, m in enumerate(moments):
         assert np.allclose(m.covariance(), np.cov(mem.last()[layer].astype(np.float64), rowvar=False), atol=1e-8)
 

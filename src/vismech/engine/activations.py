@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -149,23 +150,44 @@ def forward_positions(vlm, batch, positions: torch.Tensor, with_z: bool, dtype: 
     """
     L = vlm.n_layers
     sites = [("resid", l) for l in range(L)] + ([("z", l) for l in range(L)] if with_z else [])
-    with hooks.capture(vlm, sites, positions=positions, to_cpu=True, dtype=dtype) as got:
+    # kept on the device and moved to the host once: a copy per layer would stop the host at every layer
+    with hooks.capture(vlm, sites, positions=positions, dtype=dtype) as got:
         logits = vlm.logits(batch)
-    resid = torch.stack([got[("resid", l)][:, :, 0] for l in range(L)], 2)
-    z = torch.stack([got[("z", l)] for l in range(L)], 2) if with_z else None
+    resid = torch.stack([got[("resid", l)][:, :, 0].to(vlm.input_device) for l in range(L)], 2).cpu()
+    z = torch.stack([got[("z", l)].to(vlm.input_device) for l in range(L)], 2).cpu() if with_z else None
     return resid, z, logits.argmax(-1).cpu()
 
 
-def stream(vlm, trials: list[Trial], spec: CaptureSpec = CaptureSpec(), batch_size: int = 16
+def encoded(vlm, trials: list[Trial], groups: list[list[int]], prefetch: bool | None = None
+            ) -> Iterator[tuple[list[int], object]]:
+    """(indices, ``vlm.encode`` of those trials) per group; with ``prefetch`` (default: on CUDA) the next group is
+    encoded on a worker thread while the caller runs the model on this one (rendering and image processing are
+    host work that the device would otherwise wait for)."""
+    if prefetch is None:
+        prefetch = vlm.input_device.type == "cuda"
+    if not prefetch:
+        for idx in groups:
+            yield idx, vlm.encode([trials[i] for i in idx])
+        return
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(vlm.encode, [trials[i] for i in groups[0]]) if groups else None
+        for k, idx in enumerate(groups):
+            b = nxt.result()
+            if k + 1 < len(groups):
+                nxt = pool.submit(vlm.encode, [trials[i] for i in groups[k + 1]])
+            yield idx, b
+
+
+def stream(vlm, trials: list[Trial], spec: CaptureSpec = CaptureSpec(), batch_size: int = 16,
+           prefetch: bool | None = None
            ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]]:
     """Per batch: (trial indices, resid [L, P, B, d], z [L, H, P, B, dh] or None, predicted [B], answer ids [B],
-    correct [B]: the answer is the greedy answer, ``models.answers``)."""
+    correct [B]: the answer is the greedy answer, ``models.answers``). ``prefetch``: see ``encoded``."""
     if not trials:
         raise ValueError("no trials to capture")
     S = n_slots_of(trials) if spec.commas else 0
     tdt, ndt = DTYPES[spec.dtype]
-    for idx in batches(trials, batch_size):
-        b = vlm.encode([trials[i] for i in idx])
+    for idx, b in encoded(vlm, trials, batches(trials, batch_size), prefetch):
         resid, z, top = forward_positions(vlm, b, positions_of(b, S), spec.z, tdt)
         want = vlm.answer_ids(b, [trials[i].answer for i in idx])
         aset = vlm.answers(b, [[trials[i].answer] for i in idx])

@@ -107,14 +107,21 @@ def capture(vlm, sites: list[tuple[str, int]], positions: torch.Tensor | None = 
     keeps only those heads. The dict is filled as forwards run (the last forward wins).
     """
     store: dict[tuple[str, int], torch.Tensor] = {}
+    moved: dict = {}  # index tensors per device, moved once (a host copy at every layer would stall the host)
+
+    def on(t: torch.Tensor, device: torch.device, name: str) -> torch.Tensor:
+        if (name, device) not in moved:
+            moved[name, device] = t.to(device)
+        return moved[name, device]
+
     with contextlib.ExitStack() as stack:
         for site, layer in sites:
             def fn(x, key=(site, layer)):
                 if positions is not None:
-                    idx = positions.to(x.device)
-                    x = x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
+                    idx = on(positions, x.device, "positions")
+                    x = x[on(torch.arange(x.shape[0])[:, None], x.device, f"rows{x.shape[0]}"), idx]
                 if heads is not None:
-                    x = x[..., heads.to(x.device), :]
+                    x = x[..., on(heads, x.device, "heads"), :]
                 x = x.detach()
                 if dtype is not None:
                     x = x.to(dtype)
