@@ -360,3 +360,43 @@ def test_split_gathering_gives_each_gathering_head_its_share_of_the_mentions(vlm
     assert " --plant-split-gathering" in reproduce_command(
         {"arch": "qwen2_5_vl", "out": "o", "planned_steps": 1, "seed": 0, "batch_size": 1, "lr": 0.001,
          "plant": spec, "device": "cuda"})
+
+
+def test_set_probe_reads_the_gathered_cells_where_selection_reads(vlm):
+    """With a ``set_probe`` weight, every naming position's target is the set of cells its gathered mentions name
+    (at the last token: every described object's); the probe reads the residual stream entering the selection layer,
+    its loss is a positive binary cross-entropy that trains only the set probe's outputs, and without the weight the
+    probe and the loss are as before."""
+    spec = plant.PlantSpec(**{**SPEC.__dict__, "weights": SPEC.weights + (("set_probe", 1.0),)})
+    assert plant.set_layer(spec) == 2
+    plan = pb.step_plan(spec, 9, 1, 3)
+    b = pb.batch_of(vlm, spec, plan, "<|im_end|>", 0)
+    where, cells = b["set_where"], b["set_cells"]
+    assert len(where) == len(b["att_selection_where"]) and cells.shape == (len(where), 9)
+    last = {}
+    for (i, pos), hot in zip(where.tolist(), cells.tolist()):
+        t = plan.a[i].trial
+        got = {(c // 3, c % 3) for c in range(9) if hot[c]}
+        assert got <= {tuple(o.cell) for o in t.mentioned}
+        assert t.task == "color_retrieval" or tuple(t.target.cell) not in got  # a description names the rest
+        if pos >= last.get(i, (-1,))[0]:
+            last[i] = (pos, got)
+    for i, (pos, got) in last.items():  # the row's last naming position has gathered every mention
+        t = plan.a[i].trial
+        assert got == {tuple(o.cell) for o in t.mentioned}, (t.task, pos)
+    assert len(last) == len(plan.a)
+    probe = plant.make_probe(vlm, spec)
+    assert probe.out_features == 15 and plant.make_probe(vlm, SPEC).out_features == 6
+    loss, m = plant.plant_loss(vlm, spec, probe, b)
+    assert float(m["loss_set_probe"]) > 0 and 0 <= float(m["set_probe_acc"]) <= 1
+    probe.zero_grad()
+    vlm.model.zero_grad()
+    m2 = plant.plant_loss(vlm, spec, probe, b)[1]
+    assert torch.isfinite(loss)
+    only = plant.PlantSpec(**{**spec.__dict__, "weights": tuple((t, 1.0 if t == "set_probe" else 0.0)
+                                                                  for t in plant.LOSS_TERMS)})
+    probe.zero_grad()
+    plant.plant_loss(vlm, only, probe, b)[0].backward()
+    assert probe.weight.grad[6:].abs().sum() > 0 and probe.weight.grad[:6].abs().sum() == 0
+    assert float(m2["loss_set_probe"]) == pytest.approx(float(m["loss_set_probe"]))
+    assert "loss_set_probe" not in plant.plant_loss(vlm, SPEC, plant.make_probe(vlm, SPEC), b)[1]

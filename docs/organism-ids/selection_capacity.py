@@ -139,20 +139,21 @@ def main(model="organism-ids", n=64):
     torch.manual_seed(0)
     vlm = load_vlm(model, dtype="fp32", device="cpu")
     spec = validate.spec_of(vlm)
-    print("| scene | described | model's query | best query per row: same norm | 2x | 4x | one query per cell: same "
-          "norm | 2x | 4x | query norm |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| scene | described | model's query | model's query 2x | 4x | best query per row: same norm | 2x | 4x | "
+          "one query per cell: same norm | 2x | 4x | query norm |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for grid, objects in (((2, 2), 4), ((3, 3), 4), ((3, 3), 9)):
         trials = scene_description_set(n, grid, n_objects=objects, seed=5)
         for t in trials:
             t.meta.setdefault("kind", "describe")
         data = rows(vlm, spec, trials)
         own = torch.stack([target_mass(*d[:5]) for d in data])
+        scaled = [torch.stack([target_mass(g * d[0], *d[1:5]) for d in data]).mean().item() for g in (2, 4)]
         best = [best_mass(data, g).mean().item() for g in (1, 2, 4)]
         best += [best_shared_mass(data, g).mean().item() for g in (1, 2, 4)]
         qn = torch.stack([d[0] for d in data]).norm(dim=-1).mean().item()
         print(f"| {grid[0]}x{grid[1]}, {objects} objects | {objects - 1} | {own.mean():.2f} | "
-              + " | ".join(f"{x:.2f}" for x in best) + f" | {qn:.1f} |")
+              + " | ".join(f"{x:.2f}" for x in scaled + best) + f" | {qn:.1f} |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Is the selection heads' gain what 3x3 scenes lack? Train only the planted selection and feature heads' query and
 key weights of a planted organism, on scenes with every object but one described, and compare accuracy.
 
-    PYTHONPATH=src python docs/organism-ids/sharpen.py [MODEL] [STEPS] [OUT]
+    LR=3e-3 PYTHONPATH=src python docs/organism-ids/sharpen.py [MODEL] [STEPS]
 
 Trainable: the rows of ``q_proj`` (weights and bias) that make the declared ID-selection and feature-retrieval
 heads' queries, and the rows of ``k_proj`` that make their key heads (in `organism-ids` each pair of heads has a
@@ -9,14 +9,12 @@ key head of its own, so no other head changes). Loss: the planting's attention t
 attention mass on the target's image tokens at every naming position) plus the task loss on the answer. Trials:
 random-vocabulary descriptions, 2x2 with 4 objects and 3x3 with 4 and with 9 objects, every object but one
 described (a third each). Held-out accuracy (full answer, teacher-forced arg-max) before and after on 64 trials of
-each, other seeds. With OUT, the changed organism is saved there (ground truth and card copied). CPU.
+each, other seeds (``LR``: Adam's learning rate, default 1e-3). CPU.
 """
 import os
 import random
-import shutil
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -92,7 +90,7 @@ def trainable(vlm, spec):
     return params, masks
 
 
-def main(model="organism-ids", steps=150, out=None):
+def main(model="organism-ids", steps=150):
     torch.manual_seed(0)
     vlm = load_vlm(model, dtype="fp32", device="cpu")
     spec = validate.spec_of(vlm)
@@ -118,17 +116,7 @@ def main(model="organism-ids", steps=150, out=None):
                   f"{masses['features']:.2f} ({time.time() - t0:.0f} s)", flush=True)
     after = accuracy(vlm, spec)
     print("after:", {k: f"{a:.3f} (selection mass {m:.2f})" for k, (a, m) in after.items()}, flush=True)
-    if out:
-        src = Path(vlm.path) if hasattr(vlm, "path") else None
-        vlm.model.save_pretrained(out)
-        vlm.tokenizer.save_pretrained(out)
-        if vlm.processor is not None:
-            vlm.processor.save_pretrained(out)
-        if src is not None:
-            for f in ("ground_truth.json", "README.md"):
-                if (src / f).exists():
-                    shutil.copy(src / f, Path(out) / f)
 
 
 if __name__ == "__main__":
-    main(*(sys.argv[1:2] or ["organism-ids"]), *(int(a) for a in sys.argv[2:3]), *sys.argv[3:4])
+    main(*(sys.argv[1:2] or ["organism-ids"]), *(int(a) for a in sys.argv[2:3]))

@@ -131,7 +131,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    "heads by interchange intervention training (vismech.organism.plant) and declare them in "
                    "ground_truth.json, instead of training on the task mixture")
     s.add_argument("--plant-weight", action="append", metavar="TERM=W", help="a loss weight of planting (terms: "
-                   "task, attention, probe, R, S, F, strict, invariance; 0 drops a term); repeatable")
+                   "task, attention, probe, R, S, F, strict, invariance, set_probe; 0 drops a term); repeatable")
     s.add_argument("--plant-full-scenes", type=arg_type(Opt("float", 0, 1), "--plant-full-scenes"), default=None,
                    metavar="P", help="with --plant ids: the share of descriptions that fill the grid and describe "
                    "every object but one (default 0: 2 to all objects, 1 to all but one described, uniformly)")

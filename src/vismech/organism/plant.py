@@ -29,6 +29,10 @@ Method (one training step; ``PlantSpec`` holds the heads and weights):
    that retrieval, selection and feature heads can read. (The Qwen2.5-VL vision tower cannot: with 2-D rotary
    positions only, a plain background gives it no absolute position, so the code comes from the language model's
    M-RoPE.) The probe is discarded after training.
+7. A linear *set probe* (with a ``set_probe`` weight; 0 in the default spec) on the residual stream entering the
+   selection layer at every naming position predicts, for each cell, whether a mention gathered there names it:
+   the described set made linearly explicit where the selection heads' queries read it (with eight objects
+   described it was not: ``docs/organism-ids.md``).
 
 Naming positions: the last token (and the answer's first word, which names the shape) for the final object; in a
 reading-order description also every "a" before a described object and its colour word. Everything the steps
@@ -52,7 +56,7 @@ from vismech.models.vlm import VLM
 Heads = tuple[tuple[int, int], ...]
 IIT_KINDS = ("R", "S", "F", "strict")
 COMPONENTS = ("binding", "retrieval", "gathering", "selection", "features")
-LOSS_TERMS = ("task", "attention", "probe", "R", "S", "F", "strict", "invariance")
+LOSS_TERMS = ("task", "attention", "probe", "R", "S", "F", "strict", "invariance", "set_probe")
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,8 @@ def clean_forward(vlm: VLM, spec: PlantSpec, batch: dict, autocast=contextlib.nu
         for layer in range(vlm.n_layers):
             stack.enter_context(hooks.hooked(vlm, "z", layer, lambda x, layer=layer: z.__setitem__(layer, x)))
         stack.enter_context(hooks.hooked(vlm, "resid", spec.probe_layer, lambda x: resid.__setitem__("x", x)))
+        if spec.weight("set_probe"):  # the residual stream entering the selection layer, for the set probe
+            stack.enter_context(hooks.hooked(vlm, "resid", set_layer(spec), lambda x: z.__setitem__("set_resid", x)))
         att = stack.enter_context(hooks.attention_weights(vlm, _attention_layers(spec), batch["att_qpos"]))
         with autocast():
             logits = vlm.model(**_inputs(batch, "a_"), use_cache=False).logits
@@ -212,10 +218,15 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
     losses["attention"] = torch.stack(att_terms).mean()
     feats = resid[batch["probe_where"][:, 0], batch["probe_where"][:, 1]].float()
     cells = batch["probe_cell"]
-    row_logits, col_logits = probe(feats).split(3, -1)
+    row_logits, col_logits = probe(feats)[:, :6].split(3, -1)
     losses["probe"] = (torch.nn.functional.cross_entropy(row_logits, cells[:, 0])
                        + torch.nn.functional.cross_entropy(col_logits, cells[:, 1]))
     metrics["probe_acc"] = ((row_logits.argmax(-1) == cells[:, 0]) & (col_logits.argmax(-1) == cells[:, 1])).float().mean()
+    if spec.weight("set_probe"):  # which cells the gathered mentions name, read linearly where selection reads
+        sw, want = batch["set_where"], batch["set_cells"].float()
+        set_logits = probe(z_a["set_resid"][sw[:, 0], sw[:, 1], 0].float())[:, 6:]
+        losses["set_probe"] = torch.nn.functional.binary_cross_entropy_with_logits(set_logits, want)
+        metrics["set_probe_acc"] = ((set_logits > 0) == (want > 0.5)).all(-1).float().mean()
     inv = batch.get("inv_where")
     if inv is not None and len(inv):
         terms = []
@@ -261,6 +272,14 @@ def ground_truth(spec: PlantSpec):
         method=METHOD)
 
 
-def make_probe(vlm: VLM) -> torch.nn.Module:
-    """The auxiliary position probe (row and column of a 3x3 grid from the residual stream), fp32."""
-    return torch.nn.Linear(vlm.text_config.hidden_size, 6)
+def make_probe(vlm: VLM, spec: PlantSpec | None = None) -> torch.nn.Module:
+    """The auxiliary probes, fp32: outputs 0-5 the position probe (row and column of a 3x3 grid from the residual
+    stream after ``probe_layer``); with a ``set_probe`` weight, outputs 6-14 the set probe (for each cell of a 3x3
+    grid, whether a mention gathered at a naming position names it, from the residual stream entering the selection
+    layer)."""
+    return torch.nn.Linear(vlm.text_config.hidden_size, 15 if spec is not None and spec.weight("set_probe") else 6)
+
+
+def set_layer(spec: PlantSpec) -> int:
+    """The layer whose output residual stream the selection heads' queries read (the one before them)."""
+    return min(layer for layer, _ in spec.selection) - 1

@@ -190,7 +190,7 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
         targets[comp][0].append((row, queries[row].index(q)))
         targets[comp][1].append(m)
 
-    probe_pos, probe_cls = [], []
+    probe_pos, probe_cls, set_pos, set_cells = [], [], [], []
     for i, r in enumerate(plan.a):
         sh = shift_a[i]
         ments = [[x + sh for x in m] for m in enc.mentions[i]]
@@ -210,6 +210,9 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
                 add("gathering", i, pos, gathered or [first])
             add("selection", i, pos, objs[obj.cell])
             add("features", i, pos, objs[obj.cell])
+            set_pos.append((i, pos))  # the set probe's target there: the cells of the mentions gathered
+            set_cells.append([any(tuple(o.cell) == (c // 3, c % 3) for o in r.trial.mentioned[:before])
+                              for c in range(9)])
         for cell, toks in objs.items():
             probe_pos += [(i, x) for x in toks]
             probe_cls += [cell] * len(toks)
@@ -225,6 +228,8 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
                                     dtype=torch.long).reshape(-1, 3)
     out["probe_where"] = torch.tensor(probe_pos, dtype=torch.long)
     out["probe_cell"] = torch.tensor(probe_cls, dtype=torch.long)
+    out["set_where"] = torch.tensor(set_pos, dtype=torch.long).reshape(-1, 2)
+    out["set_cells"] = torch.tensor(set_cells, dtype=torch.bool).reshape(-1, 9)
 
     # intervened rows: which (position, layer, head) take the source row's value
     patch = torch.zeros(len(plan.b), total, L, H, dtype=torch.bool)

@@ -257,7 +257,7 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
         from .plant import make_probe
 
         plant.check(vlm.n_layers, vlm.n_heads)
-        probe = make_probe(vlm).to(dev)
+        probe = make_probe(vlm, plant).to(dev)
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     trained += [(f"probe.{n}", p) for n, p in probe.named_parameters()] if probe is not None else []
     decay = [p for n, p in trained if p.ndim >= 2 and "embed" not in n]
