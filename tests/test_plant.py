@@ -239,6 +239,13 @@ def test_the_readme_commands_plant_an_organism_and_validate_it(tmp_path, capsys)
     again = json.loads(capsys.readouterr().out)
     assert again["accuracy"].keys() == measures["accuracy"].keys()
     assert all(r["n"] == 4 and 0 <= r["rate"] <= 1 for r in again["accuracy"].values())
+    # one measure at its own trial count (the single-head resampling needs hundreds of trials for 2 points)
+    assert validate.main([str(out), "--measures", "ablation", "--ablation-trials", "6", "--device", "cpu"]) == 0
+    only = json.loads(capsys.readouterr().out)
+    assert set(only) == {"ablation"} and only["ablation"]["clean"]["n"] == 6
+    assert validate.main([str(out), "--measures", "ablation,probe", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown measure(s) probe" in err[0]
 
 
 def test_the_invariance_term_is_zero_for_a_copy_and_positive_for_other_features(vlm):

@@ -19,6 +19,7 @@ objective evaluated on new trials. Each accuracy comes with n and a Wilson 95% i
 from __future__ import annotations
 
 import random
+import sys
 
 import numpy as np
 import torch
@@ -190,15 +191,28 @@ def probes(vlm, spec, n: int, seed: int, batch_size: int, end: str) -> dict:
     return out
 
 
-def validity(vlm: VLM, spec: plant.PlantSpec, n: int = 256, seed: int = 0, batch_size: int = 32) -> dict:
-    """Every measure of the module docstring on fresh draws (seeds offset from training's)."""
+MEASURES = ("accuracy", "interchange", "ablation", "probes")
+
+
+def check_measures(measures) -> None:
+    bad = [m for m in measures if m not in MEASURES]
+    if bad:
+        raise UserError(f"unknown measure(s) {', '.join(bad)}; choose from {', '.join(MEASURES)}")
+
+
+def validity(vlm: VLM, spec: plant.PlantSpec, n: int = 256, seed: int = 0, batch_size: int = 32,
+             measures=MEASURES, ablation_n: int | None = None) -> dict:
+    """The ``measures`` of the module docstring (default: every one) on fresh draws (seeds offset from
+    training's); ``ablation`` on ``ablation_n`` trials (default a quarter of ``n``, at least 4)."""
+    check_measures(measures)
     seed = seed + 7_777_777
     end = END.get(vlm.family.name, "<|im_end|>")
     vlm.model.eval()
-    return {"accuracy": accuracy(vlm, spec, n, seed, batch_size, end),
-            "interchange": interchange(vlm, spec, n, seed, batch_size, end),
-            "ablation": ablation(vlm, spec, max(4, n // 4), seed, batch_size, end),
-            "probes": probes(vlm, spec, n, seed, batch_size, end)}
+    run = {"accuracy": lambda: accuracy(vlm, spec, n, seed, batch_size, end),
+           "interchange": lambda: interchange(vlm, spec, n, seed, batch_size, end),
+           "ablation": lambda: ablation(vlm, spec, ablation_n or max(4, n // 4), seed, batch_size, end),
+           "probes": lambda: probes(vlm, spec, n, seed, batch_size, end)}
+    return {m: run[m]() for m in MEASURES if m in measures}
 
 
 def main(argv=None) -> int:
@@ -215,10 +229,20 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
+    p.add_argument("--measures", default=",".join(MEASURES),
+                   help=f"comma list of the measures to run (default: all of {','.join(MEASURES)})")
+    p.add_argument("--ablation-trials", type=int, default=None,
+                   help="trials of the single-head resampling measure (default: a quarter of --trials); each "
+                   "trial is 100/N points of accuracy, so 2-point changes need N in the hundreds")
     p.add_argument("--out", default=None, help="write the measures here as JSON")
     a = p.parse_args(argv)
-    vlm = load_vlm(a.model, dtype="fp32", device=a.device)
-    res = validity(vlm, spec_of(vlm), a.n, a.seed, a.batch_size)
+    try:
+        check_measures(a.measures.split(","))  # before loading anything
+        vlm = load_vlm(a.model, dtype="fp32", device=a.device)
+        res = validity(vlm, spec_of(vlm), a.n, a.seed, a.batch_size, a.measures.split(","), a.ablation_trials)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     text = json.dumps(res, indent=1)
     if a.out:
         from pathlib import Path
