@@ -200,3 +200,17 @@ def test_merged_edits_equal_the_edits_one_by_one():
     m = hooks.merged(many)
     assert len(m) == 1 and len(m[0].rows) == len(many)
     assert torch.equal(m[0].apply(x), want)
+
+
+def test_on_device_moves_a_tensor_once_per_device_and_dtype():
+    """A hook's host tensor is moved (and cast) once, then reused: the same tensor object for the same device and
+    dtype, a new one for another dtype; ``cast=False`` keeps index tensors' dtype."""
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    get = hooks.on_device(t)
+    x32, x64 = torch.zeros(2), torch.zeros(2, dtype=torch.float64)
+    a = get(x32)
+    assert get(x32) is a and a.dtype == torch.float32 and torch.equal(a, t)
+    b = get(x64)
+    assert b.dtype == torch.float64 and b is not a and get(x64) is b
+    idx = hooks.on_device(torch.tensor([2, 0]), cast=False)
+    assert idx(x32).dtype == torch.long and idx(x64) is idx(x32)

@@ -97,6 +97,21 @@ def hooked(vlm, site: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor
         handle.remove()
 
 
+def on_device(t: torch.Tensor, cast: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``get(x)``: ``t`` on ``x``'s device (and in its dtype with ``cast``), moved once per device and dtype. A hook
+    that moved a host tensor at every call would make the host wait for the device at every layer of every forward
+    (a copy from pageable memory is synchronous): generation and captures would run unpipelined."""
+    moved: dict = {}
+
+    def get(x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype if cast else None)
+        if key not in moved:
+            moved[key] = t.to(x.device, x.dtype) if cast else t.to(x.device)
+        return moved[key]
+
+    return get
+
+
 @contextlib.contextmanager
 def capture(vlm, sites: list[tuple[str, int]], positions: torch.Tensor | None = None,
             heads: torch.Tensor | None = None, to_cpu: bool = False, dtype: torch.dtype | None = None
@@ -107,21 +122,15 @@ def capture(vlm, sites: list[tuple[str, int]], positions: torch.Tensor | None = 
     keeps only those heads. The dict is filled as forwards run (the last forward wins).
     """
     store: dict[tuple[str, int], torch.Tensor] = {}
-    moved: dict = {}  # index tensors per device, moved once (a host copy at every layer would stall the host)
-
-    def on(t: torch.Tensor, device: torch.device, name: str) -> torch.Tensor:
-        if (name, device) not in moved:
-            moved[name, device] = t.to(device)
-        return moved[name, device]
-
+    pos = None if positions is None else on_device(positions, cast=False)
+    hds = None if heads is None else on_device(heads, cast=False)
     with contextlib.ExitStack() as stack:
         for site, layer in sites:
             def fn(x, key=(site, layer)):
-                if positions is not None:
-                    idx = on(positions, x.device, "positions")
-                    x = x[on(torch.arange(x.shape[0])[:, None], x.device, f"rows{x.shape[0]}"), idx]
-                if heads is not None:
-                    x = x[..., on(heads, x.device, "heads"), :]
+                if pos is not None:
+                    x = x[torch.arange(x.shape[0], device=x.device)[:, None], pos(x)]
+                if hds is not None:
+                    x = x[..., hds(x), :]
                 x = x.detach()
                 if dtype is not None:
                     x = x.to(dtype)

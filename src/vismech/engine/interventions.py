@@ -307,21 +307,6 @@ def _to_rows(edit: hooks.Edit, source: list[int]) -> hooks.Edit:
                    heads=full(edit.heads)[idx], values=full(values)[idx])
 
 
-def _on_device(t: torch.Tensor, cast: bool = True):
-    """``get(x)``: ``t`` on ``x``'s device (and in its dtype with ``cast``), moved once per device and dtype. A hook
-    that moved a host tensor on every call would make the host wait for the device at every layer of every
-    forward (a copy from pageable memory is synchronous), which stalls generation step by step."""
-    moved: dict = {}
-
-    def get(x: torch.Tensor) -> torch.Tensor:
-        key = (x.device, x.dtype if cast else None)
-        if key not in moved:
-            moved[key] = t.to(x.device, x.dtype) if cast else t.to(x.device)
-        return moved[key]
-
-    return get
-
-
 @contextlib.contextmanager
 def zero_heads_per_block(vlm: VLM, head_sets: Sequence[Sequence[tuple[int, int]]], block: int) -> Iterator[None]:
     """Zero, in rows ``g*block .. (g+1)*block - 1``, the outputs (site ``z``) of ``head_sets[g]``, at every position
@@ -333,7 +318,7 @@ def zero_heads_per_block(vlm: VLM, head_sets: Sequence[Sequence[tuple[int, int]]
             keep.setdefault(int(l), torch.ones(len(head_sets) * block, vlm.n_heads))[g * block:(g + 1) * block, h] = 0
     with contextlib.ExitStack() as stack:
         for l, k in keep.items():
-            stack.enter_context(hooks.hooked(vlm, "z", l, lambda x, k=_on_device(k): x * k(x)[:, None, :, None]))
+            stack.enter_context(hooks.hooked(vlm, "z", l, lambda x, k=hooks.on_device(k): x * k(x)[:, None, :, None]))
         yield
 
 
@@ -345,7 +330,7 @@ def zero_heads(vlm: VLM, heads: Sequence[tuple[int, int]]) -> Iterator[None]:
         by_layer[int(l)].append(int(h))
     with contextlib.ExitStack() as stack:
         for l, hs in by_layer.items():
-            idx = _on_device(torch.tensor(sorted(set(hs))), cast=False)
+            idx = hooks.on_device(torch.tensor(sorted(set(hs))), cast=False)
 
             def fn(x, idx=idx):
                 x = x.clone()
