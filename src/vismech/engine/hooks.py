@@ -156,7 +156,7 @@ class Edit:
     heads: torch.Tensor
     values: torch.Tensor
     mode: str = "set"
-    _on: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # tensors moved, per device
+    _on: tuple = field(default=(), init=False, repr=False, compare=False)  # rows, positions, heads, values on a device
 
     def __post_init__(self) -> None:
         if self.mode not in ("set", "add"):
@@ -168,12 +168,10 @@ class Edit:
 
     def apply_(self, x: torch.Tensor) -> torch.Tensor:
         """The edit made in ``x`` itself (returned). Index tensors and values go to ``x``'s device once per edit."""
-        key = (x.device, x.dtype)
-        if key not in self._on:
-            self._on[key] = tuple(torch.as_tensor(t, device=x.device) for t in (self.rows, self.positions,
-                                                                                 self.heads)) \
-                + (self.values.to(device=x.device, dtype=x.dtype),)
-        r, p, h, v = self._on[key]
+        if not self._on:  # made at the first write (most edits of a stacked block are merged and never applied)
+            self._on = tuple(on_device(torch.as_tensor(t), cast=False) for t in (self.rows, self.positions,
+                                                                              self.heads)) + (on_device(self.values),)
+        r, p, h, v = (get(x) for get in self._on)
         if self.mode == "set":
             x[r, p, h] = v.expand_as(x[r, p, h])
         else:
@@ -210,13 +208,12 @@ def merged(edits: list[Edit]) -> list[Edit]:
             g["v"].append(v.to(g["v"][0].dtype))
             g["keys"] |= own
             continue
-        groups.append({"mode": e.mode, "dim": v.shape[-1], "t": [t], "v": [v], "keys": own, "ok": ok,
-                       "site": e.site, "layer": e.layer})
+        groups.append({"mode": e.mode, "dim": v.shape[-1], "t": [t], "v": [v], "keys": own, "ok": ok})
     out = []
     for g in groups:
         t = torch.cat(g["t"]) if len(g["t"]) > 1 else g["t"][0]
         v = torch.cat(g["v"]) if len(g["v"]) > 1 else g["v"][0]
-        out.append(Edit(g["site"], g["layer"], t[:, 0], t[:, 1], t[:, 2], v, g["mode"]))
+        out.append(Edit(edits[0].site, edits[0].layer, t[:, 0], t[:, 1], t[:, 2], v, g["mode"]))
     return out
 
 

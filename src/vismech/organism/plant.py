@@ -80,7 +80,6 @@ class PlantSpec:
     # k of them: each described ID then weighs n/k in the selection query, not 1/k
     split_gathering: bool = False
 
-
     def weight(self, name: str) -> float:
         """The weight of loss term ``name`` (0 for a term the spec does not list)."""
         return dict(self.weights).get(name, 0.0)

@@ -236,10 +236,11 @@ def main(argv=None) -> int:
                    "trial is 100/N points of accuracy, so 2-point changes need N in the hundreds")
     p.add_argument("--out", default=None, help="write the measures here as JSON")
     a = p.parse_args(argv)
+    measures = a.measures.split(",")
     try:
-        check_measures(a.measures.split(","))  # before loading anything
+        check_measures(measures)  # before loading anything
         vlm = load_vlm(a.model, dtype="fp32", device=a.device)
-        res = validity(vlm, spec_of(vlm), a.n, a.seed, a.batch_size, a.measures.split(","), a.ablation_trials)
+        res = validity(vlm, spec_of(vlm), a.n, a.seed, a.batch_size, measures, a.ablation_trials)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
