@@ -9,6 +9,7 @@
 #                                            # edits joined into one write vs one copy each
 #   bash benchmarks/gpu_session.sh sweeps    # the bf16 sweeps with the null only (no baselines): Qwen2.5-VL-7B,
 #                                            # LLaVA-1.5-7B, and the newer families Qwen3-VL-8B and Gemma-3-12B
+#   bash benchmarks/gpu_session.sh counting  # Qwen2.5-VL-7B: counting-ablation's settings now vs before
 # Each stage stays under the 10-minute limit of one device command (sum of its limits + exits).
 #
 # Random weights of the published architectures (random:PRESET), bf16 unless noted; fp32 runs check fast == naive
@@ -23,7 +24,7 @@ step() {  # step NAME LIMIT_SECONDS ARGS...
   local name=$1 limit=$2; shift 2
   echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
   local t0=$SECONDS
-  timeout --signal=INT "$limit" python "$@" > "$OUT/$name.log" 2>&1
+  timeout --signal=INT "$limit" ${PY:-python} "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   grep -v -e "^Loading" -e "it/s]" "$OUT/$name.log" | tail -n 16
   echo "--- $name: exit $rc after $((SECONDS - t0)) s"
@@ -65,9 +66,16 @@ case "${1:-cma}" in
     step edit_writes_qwen7b_bf16 150 benchmarks/edit_writes.py --model random:Qwen2.5-VL-7B --device cuda \
       --dtype bf16 --pairs 50
     ;;
-  runall)
+  runall)  # PYSPY=path/to/py-spy: sampled Python stacks of the whole run (collapsed, $OUT/run_all.raw), where
+    # each experiment's time goes (carry the py-spy wheel as the device README says)
+    PY=python
+    [ -z "${PYSPY:-}" ] || PY="$PYSPY record -s -r 20 -f raw -o $OUT/run_all.raw -- python"
     step run_all_qwen7b 560 benchmarks/run_all.py --model random:Qwen2.5-VL-7B --dtype bf16 \
       --out "$OUT/run_all_qwen7b" --json "$OUT/run_all_qwen7b.json"
     ;;
-  *) echo "usage: gpu_session.sh cma|families|large|edits|runall|sweeps" >&2; exit 2 ;;
+  counting)  # about 3 min: counting-ablation's settings now vs before, and one pass's breakdown
+    step counting_qwen7b_bf16 230 benchmarks/counting.py --model random:Qwen2.5-VL-7B --device cuda --dtype bf16 \
+      --n 32
+    ;;
+  *) echo "usage: gpu_session.sh cma|families|large|edits|runall|sweeps|counting" >&2; exit 2 ;;
 esac

@@ -220,3 +220,28 @@ def test_vectorised_reduce_equals_the_row_by_row_loop(rule):
         assert torch.equal(got.greedy, want_g)
         assert torch.allclose(got.scores, want_s, atol=1e-6, rtol=0)
         assert got.greedy.any() or trial % 4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_hits_from_the_continuation_equal_teacher_forced_hits(family):
+    """``AnswerSet.greedy_from`` reads greedy hits off ``generate_ids`` and agrees with the scoring forward, under
+    both rules, for forms the model writes (hits) and forms that leave its path at the first or a later token."""
+    from vismech.scenes.sets import scene_description_set
+
+    vlm = tiny(family)
+    special = set(vlm.tokenizer.all_special_ids) | {vlm.image_token_id}
+    for seed in range(50):  # trials whose continuation is text (a random tiny model can write an image token,
+        b = vlm.encode(scene_description_set(2, (2, 2), n_objects=3, seed=seed))  # which no answer holds)
+        ids = vlm.generate_ids(b, 3)
+        gen = ids.tolist()
+        if not special & {t for g in gen for t in g}:
+            break
+    other = [(g[0] + 1) % len(vlm.tokenizer) for g in gen]
+    seq = AnswerSet("sequence", [[[g[:2]], [g[:1] + [(g[1] + 1) % len(vlm.tokenizer)]], [[o, g[1]]], [g[:3], [o]]]
+                                 for g, o in zip(gen, other)])
+    first = AnswerSet("first_token", [[[g[:1]], [[o]]] for g, o in zip(gen, other)])
+    for aset, want_row in ((seq, [True, False, False, True]), (first, [True, False])):
+        got = aset.greedy_from(ids, 3)
+        assert got.tolist() == [want_row] * len(gen)
+        assert torch.equal(got, vlm.score_answers(b, aset).greedy), (family, aset.rule)
+    assert seq.greedy_from(ids, 2) is None  # a form of 3 tokens needs 3 generated ones

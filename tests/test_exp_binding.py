@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny
 from vismech.app.runner import run_one
-from vismech.engine import hooks
+from vismech.engine import edits, hooks
 from vismech.engine.edits import run_heads
 from vismech.experiments import binding_errors, cma, relabs_patch, reuse
 from vismech.experiments.cma import select_heads
@@ -86,6 +86,12 @@ def test_generation_carries_the_edit_of_the_prompt_forward():
     for i in range(4):
         assert ed.texts[i].split()[0] == vlm.tokenizer.decode([int(ed.top[i])]).strip()
         assert base.texts[i].split()[0] == vlm.tokenizer.decode([int(base.top[i])]).strip()
+    # one prompt forward for scores and generation (engine.decode) == a scoring forward, then HF generate
+    plain = run_heads(vlm, trials, HEADS, vals, "add", [[t.answer] for t in trials])
+    assert np.abs(plain.cand_logits - ed.cand_logits).max() < 1e-4 and np.array_equal(plain.top, ed.top)
+    b = vlm.encode(trials)
+    with edits.edit_last(vlm, HEADS, vals, "add", b.length, b.last):
+        assert vlm.generate(b, 2) == ed.texts
 
 
 # -- pure logic ----------------------------------------------------------------------------------------------------

@@ -312,7 +312,7 @@ def test_counting_settings_batched_as_row_blocks_equal_one_setting_at_a_time():
         assert (logits[g * 3:(g + 1) * 3] - ref).abs().max() < 1e-5
         assert texts[g * 3:(g + 1) * 3] == ref_texts
     assert (logits[3:6] - logits[:3]).abs().max() > 1e-4  # the ablations change the model's output
-    batches = [(b, None)]
+    batches = [(b, vlm.answers(b, [[t.answer] for t in trials]))]
     got = counting_ablation.accuracies(vlm, batches, sets, True, 5, rows=4)  # 3 trials per forward: 3 passes
     for (first, gen), heads in zip(got, sets):
         with iv.zero_heads(vlm, heads):
@@ -322,6 +322,8 @@ def test_counting_settings_batched_as_row_blocks_equal_one_setting_at_a_time():
     grown = counting_ablation.accuracies(vlm, batches, sets, True, 5, rows=3,  # 1 setting, then 2 per pass
                                          resize=lambda r, ran, peak: 2 * r)
     assert grown == got
+    scored = counting_ablation.accuracies(vlm, batches, sets, False, 5, rows=4)  # a scoring forward, no generation
+    assert [(f, []) for f, _ in got] == scored
 
 
 @pytest.mark.parametrize("family", FAMILIES)

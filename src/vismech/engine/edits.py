@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vismech.engine import hooks
+from vismech.engine import decode, hooks, patching
 from vismech.engine.evaluate import batches
 from vismech.scenes.core import Trial
 from vismech.store.units import unit_type
@@ -89,13 +89,21 @@ def run_heads(vlm, trials: list[Trial], heads: list[Head], values=None, mode: st
         def edited(v=v, length=b.length, position=b.last):
             return edit_last(vlm, heads, v, mode, length, position) if v is not None else contextlib.nullcontext()
 
-        with edited(), (hooks.capture(vlm, [("z", l) for l in layers], positions=torch.full((len(idx), 1), b.last))
-                        if capture else contextlib.nullcontext({})) as got:
-            logits = vlm.logits(b)
-        if gen_tokens:
+        if gen_tokens and not capture:  # one prompt forward for the scores and the generation
+            inp = patching.lm_inputs(vlm, b, logits=False)[0]
             with edited():
-                for i, t in zip(idx, vlm.generate(b, gen_tokens)):
-                    texts[i] = t
+                logits, ids = decode.greedy(vlm, inp, b.inputs["attention_mask"], gen_tokens)
+            for i, t in zip(idx, vlm.decode(ids)):
+                texts[i] = t
+        else:
+            with edited(), (hooks.capture(vlm, [("z", l) for l in layers],
+                                          positions=torch.full((len(idx), 1), b.last))
+                            if capture else contextlib.nullcontext({})) as got:
+                logits = vlm.logits(b)
+            if gen_tokens:
+                with edited():
+                    for i, t in zip(idx, vlm.generate(b, gen_tokens)):
+                        texts[i] = t
         top[idx] = logits.argmax(-1).cpu().numpy()
         if C:
             aset = vlm.answers(b, [candidates[i] for i in idx])

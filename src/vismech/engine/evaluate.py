@@ -2,7 +2,8 @@
 
 Two measures per trial: first-token accuracy (the correct answer is the model's greedy answer: the arg-max of the
 last-token logits over the whole vocabulary is its token where the task's answers are single tokens, else every
-token of it, teacher forced; ``models.answers``, whose per-task rule each row records in ``scoring``) and generation
+token of it, teacher forced; ``models.answers``, whose per-task rule each row records in ``scoring``; read off the
+greedy continuation when there is one, ``AnswerSet.greedy_from``) and generation
 accuracy (greedy decoding of a few tokens, parsed by ``vismech.scenes.answers``). Intervals are Wilson 95%
 intervals over trials.
 """
@@ -37,9 +38,12 @@ def evaluate(vlm: VLM, trials: list[Trial], batch_size: int = 16, generate: bool
         chunk = [trials[i] for i in idx]
         b = vlm.encode(chunk)
         aset = vlm.answers(b, [[t.answer] for t in chunk])
-        hit = vlm.score_answers(b, aset).greedy[:, 0]
         n_new = max_new_tokens or GEN_TOKENS.get(chunk[0].task, 4)
-        texts = vlm.generate(b, n_new) if generate else [None] * len(chunk)
+        hit, texts = None, [None] * len(chunk)
+        if generate:  # the first-token hits read off the greedy continuation where it is long enough
+            ids = vlm.generate_ids(b, n_new)
+            hit, texts = aset.greedy_from(ids, n_new), vlm.decode(ids)
+        hit = (vlm.score_answers(b, aset).greedy if hit is None else hit)[:, 0]
         for j, (i, t) in enumerate(zip(idx, chunk)):
             rows[i] = {
                 "trial": i, "task": t.task, "grid": f"{t.scene.grid[0]}x{t.scene.grid[1]}",

@@ -259,12 +259,17 @@ def _detached(v):
     return v
 
 
+class StopForward(Exception):
+    """Raised by ``capture_lm_inputs(stop=True)`` once the language model's inputs are recorded."""
+
+
 @contextlib.contextmanager
-def capture_lm_inputs(vlm) -> Iterator[dict[str, object]]:
+def capture_lm_inputs(vlm, stop: bool = False) -> Iterator[dict[str, object]]:
     """Record every argument the language model is called with (by name; None values and ``RUN_CONTROL`` left
     out): embeddings with image features merged in, attention mask, position ids, and whatever else the family
     passes (tensors detached, lists, tuples and dicts of them, other values as given). With them the text backbone
-    can be rerun without the vision tower."""
+    can be rerun without the vision tower. With ``stop``, the forward ends there (``StopForward`` is raised from
+    the language model's call: the caller catches it), so the text backbone does not run at all."""
     store: dict[str, object] = {}
 
     def pre(module, args, kwargs):
@@ -274,6 +279,8 @@ def capture_lm_inputs(vlm) -> Iterator[dict[str, object]]:
         for k, v in kwargs.items():
             if v is not None and k not in RUN_CONTROL:
                 store[k] = _detached(v)
+        if stop:
+            raise StopForward
 
     handle = language_model(vlm).register_forward_pre_hook(pre, with_kwargs=True)
     try:

@@ -36,12 +36,16 @@ from vismech.models.answers import AnswerSet
 from vismech.models.vlm import VLM, Batch
 
 
-def lm_inputs(vlm: VLM, batch: Batch) -> tuple[LMInputs, torch.Tensor]:
+def lm_inputs(vlm: VLM, batch: Batch, logits: bool = True) -> tuple[LMInputs, torch.Tensor | None]:
     """Run ``batch`` once; return the language model's inputs (all of them: ``hooks.capture_lm_inputs``) and the
-    clean last-token logits of that full forward."""
-    with hooks.capture_lm_inputs(vlm) as got:
-        logits = vlm.logits(batch)
-    return LMInputs(dict(got), len(batch), dict(vlm.family.packed_inputs)), logits
+    clean last-token logits of that full forward; with ``logits=False``, None, and the forward stops where the
+    language model would start (the vision tower and the embeddings run, the text backbone does not)."""
+    with hooks.capture_lm_inputs(vlm, stop=not logits) as got:
+        try:
+            out = vlm.logits(batch)
+        except hooks.StopForward:
+            out = None
+    return LMInputs(dict(got), len(batch), dict(vlm.family.packed_inputs)), out
 
 
 def replay_tolerance(dtype: torch.dtype) -> float:

@@ -27,6 +27,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from vismech.engine import decode
 from vismech.engine import interventions as iv
 from vismech.engine import patching
 from vismech.analysis.stats import rate
@@ -34,6 +35,7 @@ from vismech.errors import UserError
 from vismech.experiments.cma import cma_scores
 from vismech.experiments import figures as F
 from vismech.experiments.common import Context
+from vismech.models.answers import AnswerSet
 from vismech.scenes import answers
 from vismech.scenes.sets import counting_set
 
@@ -59,8 +61,11 @@ def head_order(max_score: np.ndarray) -> list[tuple[int, int]]:
 def accuracies(vlm, batches, head_sets, generate: bool, max_new_tokens: int, rows: int, resize=None
                ) -> list[tuple[list[int], list[int]]]:
     """First-token and generation hits per trial for each set of zero-ablated heads in ``head_sets``: the settings
-    run as row blocks of one batch (each trial batch repeated once per setting, about ``rows`` rows per forward;
-    greedy generation with the model's KV cache), the same numbers as one setting at a time.
+    run as row blocks of one batch (each trial batch, with its ``AnswerSet``, repeated once per setting, about
+    ``rows`` rows per forward), the same numbers as one setting at a time. With ``generate``: the batch's
+    language-model inputs are captured once (one vision pass) and decoded greedily with a KV cache
+    (``engine.decode.greedy``), and the first-token hits are read off the continuations
+    (``AnswerSet.greedy_from``: no scoring forward); without, one scoring forward per pass.
 
     ``resize(rows, ran_rows, peak_bytes)`` gives the rows of the next pass after one of ``ran_rows`` rows (default
     on CUDA: from that pass's measured peak memory per row and the memory free now, as the patching engine sizes
@@ -70,7 +75,8 @@ def accuracies(vlm, batches, head_sets, generate: bool, max_new_tokens: int, row
         def resize(r, ran, peak):
             return patching.rows_from_memory(patching.free_bytes(vlm.device), peak / ran, r) if peak else r
     out = [([], []) for _ in head_sets]
-    for b, _ in batches:
+    for b, aset in batches:
+        inp = patching.lm_inputs(vlm, b, logits=False)[0] if generate else None
         s = 0
         while s < len(head_sets):
             group = head_sets[s:s + max(1, rows // len(b))]
@@ -78,10 +84,16 @@ def accuracies(vlm, batches, head_sets, generate: bool, max_new_tokens: int, row
                 torch.cuda.reset_peak_memory_stats(vlm.device)
                 before = torch.cuda.memory_allocated(vlm.device)
             try:
-                bb = vlm.encode(list(b.trials) * len(group))
+                rep = AnswerSet(aset.rule, aset.seqs * len(group))
+                first = texts = None
                 with iv.zero_heads_per_block(vlm, group, len(b)):
-                    first = vlm.score_answers(bb, [[t.answer] for t in bb.trials]).greedy[:, 0].int().tolist()
-                    texts = vlm.generate(bb, max_new_tokens) if generate else None
+                    if generate:
+                        ids = decode.greedy(vlm, inp.repeat(len(group)),
+                                            b.inputs["attention_mask"].repeat(len(group), 1), max_new_tokens).ids
+                        texts, first = vlm.decode(ids), rep.greedy_from(ids, max_new_tokens)
+                    if first is None:
+                        first = vlm.score_answers(b.take(list(range(len(b))) * len(group)), rep).greedy
+                first = first[:, 0].int().tolist()
             except RuntimeError as e:
                 if not patching.is_oom(e) or len(group) == 1:
                     raise
@@ -96,7 +108,7 @@ def accuracies(vlm, batches, head_sets, generate: bool, max_new_tokens: int, row
             s += len(group)
             if resize is not None:
                 peak = torch.cuda.max_memory_allocated(vlm.device) - before if cuda else 0
-                rows = resize(rows, len(bb), peak)
+                rows = resize(rows, len(b) * len(group), peak)
     return out
 
 

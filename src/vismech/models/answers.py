@@ -134,13 +134,23 @@ class AnswerSet:
                                          "their scores cannot tell them apart; choose stimuli whose answers differ "
                                          "in their first word")
 
+    def greedy_from(self, continuation: torch.Tensor, max_new_tokens: int) -> torch.Tensor | None:
+        """Greedy hits [B, K] read off each row's greedy continuation of up to ``max_new_tokens`` tokens
+        (``VLM.generate_ids``), without a scoring forward: a form's tokens are each the arg-max at their position,
+        teacher forced, exactly when the greedy continuation begins with them (by induction over the tokens: while
+        they agree, the model has read the same text; a row that ended first wrote its end token instead). None
+        where ``max_new_tokens`` is shorter than some form (teacher forcing is then needed)."""
+        if max_new_tokens < self.tail:
+            return None
+        gen = continuation.tolist()
+        return torch.tensor([[any(g[:len(s)] == s for s in cand) for cand in row]
+                             for g, row in zip(gen, self.seqs)], dtype=torch.bool)
+
     # -- the scoring rows --------------------------------------------------------------------------------------
     def expand(self, vlm, batch):
         """The batch whose rows are the scoring rows (the batch itself under ``first_token``)."""
         if self.rule == "first_token":
             return batch
-        from .vlm import Batch
-
         src = self.row_source
         width = self.tail - 1
         ids = batch.inputs["input_ids"][src]
@@ -151,13 +161,11 @@ class AnswerSet:
         for r, (_, toks) in enumerate(self.rows):
             extra[r, :len(toks)] = torch.tensor(toks, dtype=ids.dtype)
             more[r, :len(toks)] = 1
-        inputs = select_rows(batch.inputs, src, [len(t) for t in batch.image_tokens])
-        inputs["input_ids"] = torch.cat([ids, extra], 1)
-        inputs["attention_mask"] = torch.cat([mask, more], 1)
-        inputs.update(vlm.family.extra_inputs(inputs["input_ids"], vlm.image_token_id))
-        return Batch(inputs, [batch.trials[b] for b in src], batch.length, [batch.objects[b] for b in src],
-                     [batch.mentions[b] for b in src], [batch.commas[b] for b in src],
-                     [batch.image_tokens[b] for b in src], [batch.texts[b] for b in src])
+        out = batch.take(src)
+        out.inputs["input_ids"] = torch.cat([ids, extra], 1)
+        out.inputs["attention_mask"] = torch.cat([mask, more], 1)
+        out.inputs.update(vlm.family.extra_inputs(out.inputs["input_ids"], vlm.image_token_id))
+        return out
 
     def _index(self, device) -> tuple[torch.Tensor, ...]:
         """Gather indices of every (row, candidate, form): scoring row [N], token ids [N, L] and their validity,

@@ -51,6 +51,13 @@ class Batch:
     def __len__(self) -> int:
         return len(self.trials)
 
+    def take(self, rows: list[int]) -> "Batch":
+        """The batch of the given rows (repeats allowed), images included, without encoding anything again."""
+        inputs = answers_.select_rows(self.inputs, rows, [len(t) for t in self.image_tokens])
+        pick = lambda xs: [xs[r] for r in rows] if xs else []  # noqa: E731
+        return Batch(inputs, pick(self.trials), self.length, pick(self.objects), pick(self.mentions),
+                     pick(self.commas), pick(self.image_tokens), pick(self.texts), pick(self.coverage))
+
 
 class VLM:
     """A loaded VLM with its tokenizer, image processor and family spec."""
@@ -317,9 +324,18 @@ class VLM:
         return out.logits[:, -1].float() if tail == 1 else out.logits[:, -tail:].float()
 
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int = 4) -> list[str]:
-        """Greedy continuations of each row, decoded without special tokens."""
+    def generate_ids(self, batch: Batch, max_new_tokens: int = 4) -> torch.Tensor:
+        """The tokens of each row's greedy continuation [rows, <= max_new_tokens] (rows that ended early are
+        padded; all rows end together when every one has written its end token)."""
         inputs = self.to_device(batch.inputs)
         pad = self.tokenizer.pad_token_id
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        return self.tokenizer.batch_decode(out[:, batch.length:], skip_special_tokens=True)
+        return out[:, batch.length:]
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """Token rows as text, without special tokens."""
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def generate(self, batch: Batch, max_new_tokens: int = 4) -> list[str]:
+        """Greedy continuations of each row, decoded without special tokens."""
+        return self.decode(self.generate_ids(batch, max_new_tokens))
