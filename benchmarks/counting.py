@@ -111,7 +111,7 @@ def main() -> None:
     timed(vlm.logits, b)  # warm-up
     spent["vision"] = 0.0
     with iv.zero_heads_per_block(vlm, sets, len(b)):
-        t_prefill, _ = timed(vlm.logits, bb)
+        t_prefill, full = timed(vlm.logits, bb)
         t_vision = spent["vision"]
         t_gen, ids = timed(vlm.generate_ids, bb, a.max_new_tokens)
     for h in handles:
@@ -120,11 +120,19 @@ def main() -> None:
     with iv.zero_heads_per_block(vlm, sets, len(b)):
         t_dec, ids2 = timed(decode.greedy, vlm, inp.repeat(len(sets)), b.inputs["attention_mask"].repeat(len(sets), 1),
                             a.max_new_tokens)
+    prompt_diff = float((ids2.logits - full).abs().max())
     ids2 = ids2.ids
     steps = ids.shape[1]
     print(f"one pass of {len(bb)} rows: prefill {t_prefill:.2f} s (vision tower {t_vision:.2f} s); generation of "
           f"{steps} tokens: generate {t_gen:.2f} s ({1000 * (t_gen - t_prefill) / max(1, steps - 1):.1f} ms a "
           f"decode step), engine.decode.greedy {t_dec:.2f} s (equal: {torch.equal(ids, ids2)})", flush=True)
+    if not torch.equal(ids, ids2):  # where the two continuations part, and how far apart the prompt's logits are
+        w = min(ids.shape[1], ids2.shape[1])
+        differ = (ids[:, :w] != ids2[:, :w]).cpu()
+        first = [int(r.nonzero()[0]) for r in differ if r.any()]
+        print(f"  {len(first)} of {len(ids)} rows differ, first at token {min(first)} (median "
+              f"{int(np.median(first))}); prompt logits differ by up to {prompt_diff:.3g} (a vision pass of "
+              f"{len(b)} images vs {len(bb)}; {vlm.dtype})", flush=True)
     t_old, old = timed(before, vlm, batches, sets, a.max_new_tokens, rows, resize if cuda else None)
     print(f"before (encode, score, generate per pass): {t_old:.2f} s", flush=True)
     t_new, new = timed(ca.accuracies, vlm, batches, sets, True, a.max_new_tokens, rows)

@@ -54,3 +54,11 @@ def test_edit_writes_benchmark_compares_the_two_hook_paths_with_equal_scores():
     assert p.returncode == 0, p.stderr[-2000:]
     assert "one copy and write per edit:" in p.stdout and "edits joined:" in p.stdout
     assert "largest score difference 0\n" in p.stdout + "\n"
+
+
+def test_counting_benchmark_compares_with_the_old_passes():
+    p = _run(["benchmarks/counting.py", "--model", "tiny:qwen2_5_vl", "--device", "cpu", "--n", "2",
+              "--batch-size", "2", "--max-new-tokens", "4"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "generation hits equal: True; first-token hits equal: True" in p.stdout
+    assert "engine.decode.greedy" in p.stdout and "(equal: True)" in p.stdout and "ratio" in p.stdout

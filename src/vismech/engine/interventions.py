@@ -138,17 +138,25 @@ def _random_like(delta: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def _edits_from(site: str, vecs: IDVectors, entries: list[tuple[int, list[int], torch.Tensor]]) -> list[hooks.Edit]:
-    """Edits adding ``delta[j]`` (one row per head of ``vecs``) at (row, positions) for every entry."""
-    by_layer: dict[int, list] = defaultdict(list)
-    for row, positions, delta in entries:
-        for j, (l, h) in enumerate(vecs.heads):
-            for p in positions:
-                by_layer[l].append((row, p, h, delta[j]))
+    """Edits adding ``delta[j]`` (one row per head of ``vecs``) at (row, positions) for every entry: per layer, the
+    entries in order, each as its heads (in ``vecs.heads`` order) x its positions, built as tensors."""
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for j, (l, _) in enumerate(vecs.heads):
+        by_layer[int(l)].append(j)
     edits = []
-    for l, es in sorted(by_layer.items()):
-        rows, pos, hs, vals = zip(*es)
-        edits.append(hooks.Edit(site, l, torch.tensor(rows), torch.tensor(pos), torch.tensor(hs),
-                                torch.stack(vals), mode="add"))
+    for l, js in sorted(by_layer.items()):
+        sel = torch.tensor(js)
+        hs = torch.tensor([int(vecs.heads[j][1]) for j in js])
+        rows, pos, heads, vals = [], [], [], []
+        for row, positions, delta in entries:
+            P = len(positions)
+            rows.append(torch.full((len(js) * P,), int(row)))
+            pos.append(torch.tensor(positions, dtype=torch.long).repeat(len(js)))
+            heads.append(hs.repeat_interleave(P))
+            vals.append(delta[sel].repeat_interleave(P, 0))
+        if sum(len(r) for r in rows):
+            edits.append(hooks.Edit(site, l, torch.cat(rows), torch.cat(pos), torch.cat(heads), torch.cat(vals),
+                                    mode="add"))
     return edits
 
 
