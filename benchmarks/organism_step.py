@@ -21,7 +21,7 @@ import torch
 from vismech.models.families import family_for_config
 from vismech.organism import data
 from vismech.organism.config import END_TOKEN, build_organism
-from vismech.organism.packed_attention import packed_vision_attention
+from vismech.models.packed_attention import packed_vision_attention
 from vismech.organism.train import _autocast
 
 

@@ -120,3 +120,29 @@ def test_saved_checkpoint_loads_through_the_same_adapter(tmp_path):
     again = load_vlm(str(tmp_path), device="cpu")
     b = vlm.encode(two_object_trials())
     assert torch.equal(again.logits(again.encode(two_object_trials())), vlm.logits(b))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_vision_towers_attend_packed_with_the_same_numbers(family, monkeypatch):
+    """Every Qwen-family VLM runs its vision tower on packed SDPA (``models.packed_attention``): one call per
+    window length instead of one per window; the logits equal HF's per-window SDPA."""
+    from vismech.models import packed_attention as pa
+    from vismech.scenes.sets import scene_description_set
+
+    vlm = tiny(family)
+    assert vlm.model.config.vision_config._attn_implementation == pa.PACKED
+    b = vlm.encode(scene_description_set(3, (3, 3), n_objects=4, seed=0))
+    calls = []
+    real = pa._packed_sdpa
+    monkeypatch.setattr(pa, "_packed_sdpa", lambda *a, **k: calls.append(len(k["cu_seq_lens_q"]) - 1) or real(*a, **k))
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(pa.PACKED, pa._packed_sdpa)
+    packed = vlm.logits(b)
+    AttentionInterface.register(pa.PACKED, real)
+    assert calls and max(calls) >= len(b)  # each call covers every image (or window) of the batch at once
+    with pa.packed_vision_attention(vlm.model, False):
+        assert vlm.model.config.vision_config._attn_implementation == "sdpa"
+        plain = vlm.logits(b)
+    assert vlm.model.config.vision_config._attn_implementation == pa.PACKED  # restored
+    assert (packed - plain).abs().max() < 1e-5 * max(1.0, float(plain.abs().max()))

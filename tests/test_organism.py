@@ -11,7 +11,7 @@ from vismech.models.vlm import VLM
 from vismech.organism import data
 from vismech.organism.config import (ARCHS, END_TOKEN, MAX_BYTES, SMALL_SIZES, count_params, organism_bytes,
                                      organism_config)
-from vismech.organism.packed_attention import _packed_sdpa, packed_vision_attention
+from vismech.models.packed_attention import _packed_sdpa, packed_vision_attention
 from vismech.organism.train import lr_at, organism_files_bytes, snapshot_steps, train_organism
 
 

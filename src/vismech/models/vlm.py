@@ -22,6 +22,7 @@ from vismech.scenes.tasks import question_tasks, with_articles
 
 from . import answers as answers_
 from . import framing as framing_
+from . import packed_attention
 from .families import Family
 
 
@@ -71,6 +72,8 @@ class VLM:
             raise ValueError(f"prompt_format must be 'chat' or 'plain', not {prompt_format!r}")
         self.framing = framing or framing_.framing_for(None, tokenizer, family)
         self.model = model.eval()
+        if family.packed_vision:  # same numbers, far fewer attention calls in the vision tower
+            packed_attention.use_packed(model)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.family = family

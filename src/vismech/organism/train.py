@@ -17,8 +17,9 @@ accuracies are measured on the checkpoint as ``load_vlm(out)`` loads it, through
 
 Choices the paper leaves open (it trains nothing): every hyper-parameter here; the data for step s depends only on
 (seed, s), so resuming sees the same data. Speed: on CUDA the Qwen2.5-VL vision tower uses
-``packed_attention.packed_vision_attention`` during training (all windows of one length in one SDPA call instead of
-HF's one call per window; same numbers, tested), and batches are built by worker processes (``data.Feeder``).
+``models.packed_attention.packed_vision_attention`` during training (all windows of one length in one SDPA call
+instead of HF's one call per window; same numbers, tested), and batches are built by worker processes
+(``data.Feeder``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from vismech.models.vlm import VLM
 from . import data
 from .card import reproduce_of
 from .config import END_TOKEN, MAX_BYTES, build_organism, check_arch
-from .packed_attention import packed_vision_attention
+from vismech.models.packed_attention import packed_vision_attention
 from .stages import is_vision, load_weights
 
 STATE = "train_state.pt"

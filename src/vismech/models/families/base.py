@@ -160,6 +160,8 @@ class Family:
     attention_module: ClassVar[str] = "self_attn"
     #: the modules (children of the model's ``model``) that turn pixels into the language model's image inputs
     vision_modules: ClassVar[tuple[str, ...]] = ()
+    #: the vision tower attends over packed windows (``models.packed_attention``: one SDPA call per window length)
+    packed_vision: ClassVar[bool] = False
     #: language-model inputs packed over the image tokens of the whole batch -> the boolean [batch, pos] input
     #: marking where their rows go (row-major); the fast engine cuts and repeats them along with that mask (and,
     #: like any input beyond embeddings, mask and positions, runs them on its copied-prefix engine)

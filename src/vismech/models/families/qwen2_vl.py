@@ -153,6 +153,7 @@ class Qwen2VL(Family):
     config_tokens = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
                      "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
     vision_modules = ("visual",)
+    packed_vision = True  # Qwen2-VL, Qwen2.5-VL and Qwen3-VL (subclasses) alike
     presets = (_QWEN2_VL_7B,)
     chat = vismech_chat = ChatFormat(QWEN_SYSTEM + "<|im_start|>user\n", placeholder, "", "<|im_end|>\n",
                                      "<|im_start|>assistant\n", "<|im_start|>assistant\n", "<|im_end|>\n")
