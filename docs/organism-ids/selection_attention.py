@@ -3,8 +3,9 @@
     PYTHONPATH=src python docs/organism-ids/selection_attention.py [MODEL] [TRIALS]
 
 For random-vocabulary scene descriptions with every object but one described (2x2 with 4 objects, 3x3 with 4 and
-with 9), the share of each declared head's attention on the target object's image tokens, on the described
-objects' image tokens, on the background and on text, and the full-answer accuracy. Runs on the CPU.
+with 9), the share of each declared head's attention on its target object's image tokens (for the ID-retrieval
+heads at a mention: the mentioned object), on the described objects' image tokens, on the background and on text,
+and the full-answer accuracy; then, on 3x3 scenes, the same by number of described objects. Runs on the CPU.
 """
 import sys
 
@@ -18,7 +19,7 @@ from vismech.scenes.sets import scene_description_set
 
 
 def masses(vlm, spec, trials, batch_size=16):
-    out, hits, norms = {"selection": [], "features": []}, [], []
+    out, hits, norms = {"retrieval": [], "selection": [], "features": []}, [], []
     layers = plant._attention_layers(spec)
     for s in range(0, len(trials), batch_size):
         b = pb.batch_of(vlm, spec, validate._plan(trials[s:s + batch_size]), validate.END.get(vlm.family.name,
@@ -58,11 +59,12 @@ def main(model="organism-ids", n=64):
         for c, v in m.items():
             print(f"| {grid[0]}x{grid[1]}, {objects} objects | {objects - 1} | {acc:.2f} | {c} | "
                   + " | ".join(f"{x:.2f}" for x in v) + " |")
-    print("\n| described (3x3, one left) | accuracy | selection heads on the target | gathering heads' output norm |")
-    print("|---|---|---|---|")
+    print("\n| described (3x3, one left) | accuracy | retrieval heads on the mentioned object | selection heads on "
+          "the target | gathering heads' output norm |")
+    print("|---|---|---|---|---|")
     for k in range(1, 9):
         acc, m, norm = masses(vlm, spec, _trials(n, (3, 3), k + 1))
-        print(f"| {k} | {acc:.2f} | {m['selection'][0]:.2f} | {norm:.2f} |")
+        print(f"| {k} | {acc:.2f} | {m['retrieval'][0]:.2f} | {m['selection'][0]:.2f} | {norm:.2f} |")
 
 
 def _trials(n, grid, objects):
