@@ -407,3 +407,39 @@ def test_set_probe_reads_the_gathered_cells_where_selection_reads(vlm):
     assert probe.weight.grad[6:].abs().sum() > 0 and probe.weight.grad[:6].abs().sum() == 0
     assert float(m2["loss_set_probe"]) == pytest.approx(float(m["loss_set_probe"]))
     assert "loss_set_probe" not in plant.plant_loss(vlm, SPEC, plant.make_probe(vlm, SPEC), b)[1]
+
+
+def test_gathering_share_targets_a_sum_of_the_mentions(vlm, capsys, tmp_path):
+    """With ``gathering_share`` s, a gathering head's target is s on each gathered mention and the rest on the first
+    token (which is always among its keys); the loss is the cross-entropy against that target (checked by hand);
+    the card repeats the option and the command line refuses a share over 1/8 or one beside split gathering."""
+    from vismech.app.cli import main
+    from vismech.organism.card import reproduce_command
+
+    spec = plant.PlantSpec(**{**SPEC.__dict__, "gathering_share": 0.1})
+    plan = pb.step_plan(SPEC, 9, 1, 3)
+    plain, shared = (pb.batch_of(vlm, s, plan, "<|im_end|>", 0) for s in (SPEC, spec))
+    first = shared["a_attention_mask"].long().argmax(1)[shared["att_gathering_where"][:, 0]]
+    for w, s_, f in zip(plain["att_gathering_keys"], shared["att_gathering_keys"], first):
+        mentions = set(w.nonzero().flatten().tolist()) - {int(f)}
+        assert set(s_.nonzero().flatten().tolist()) == mentions | {int(f)}
+    assert any(int(k.sum()) >= 3 for k in shared["att_gathering_keys"])  # rows with two mentions or more
+    keys = torch.tensor([[False, True, False, True, True], [False, True, False, False, False]])
+    p = torch.tensor([[0.1, 0.5, 0.1, 0.2, 0.1], [0.2, 0.6, 0.1, 0.05, 0.05]])
+    want = -(0.8 * torch.log(torch.tensor(0.5 + 1e-6)) + 0.1 * torch.log(torch.tensor(0.2 + 1e-6))
+             + 0.1 * torch.log(torch.tensor(0.1 + 1e-6)) + torch.log(torch.tensor(0.6 + 1e-6))) / 2
+    assert float(plant.share_loss(p, keys, 0.1)) == pytest.approx(float(want), rel=1e-5)
+    loss, _ = plant.plant_loss(vlm, spec, plant.make_probe(vlm, spec), shared)
+    assert torch.isfinite(loss)
+    info = {"arch": "qwen2_5_vl", "out": "o", "planned_steps": 1, "seed": 0, "batch_size": 1, "lr": 0.001,
+            "plant": spec, "device": "cuda"}
+    assert " --plant-gathering-share 0.1" in reproduce_command(info)
+    for extra in (["--plant-gathering-share", "0.2"], ["--plant-gathering-share", "0.1", "--plant-split-gathering"]):
+        try:
+            code = main(["train-organism", "--arch", "qwen2_5_vl", "--out", str(tmp_path / "o"), "--plant", "ids",
+                         *extra])
+        except SystemExit as e:  # argparse's own refusal of an out-of-range value
+            code = e.code
+        assert code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "gathering" in err[0] and not (tmp_path / "o").exists()

@@ -12,6 +12,8 @@
 #   RUNS=ids-split A_FLAGS="--plant-weight invariance=0 --plant-split-gathering" B_FLAGS="--plant-split-gathering" \
 #     bash docs/organism-ids/full-scenes/runs.sh OUT 8.3 64
 # ONLY=A (or B) runs that variant alone, on GPU 0 (the other GPU stays free, e.g. for benchmarks/gpu_session.sh).
+# TAR=1 packs each organism (without its training state) into OUT as well, right after training: the device gives
+# back at most 8 files of 16 MiB, so the six logs and the two organisms fill it; analyse them here, on the CPU.
 set -u
 OUT=${1:?give a log folder}; MIN=${2:?give the minutes}; EVAL=${3:-64}; RES=${4:+--resume}
 export PYTHONPATH=${PYTHONPATH:-src}
@@ -32,5 +34,6 @@ done
 wait
 for r in $ONLY; do echo "== $r"; tail -n 2 "$OUT/$r.log"; cp "runs/$RUNS/$r/train_log.jsonl" "$OUT/$r.train_log.jsonl"
   cp "runs/$RUNS/$r/validity.json" "$OUT/$r.validity.json"; done
-# the organisms come back one per call (the device returns at most 16 MiB a file, 8 files):
-#   tar czf $OUT/A.tgz -C runs/$RUNS/A --exclude=train_state.pt .
+if [ -n "${TAR:-}" ]; then
+  for r in $ONLY; do tar czf "$OUT/$r.tgz" -C "runs/$RUNS/$r" --exclude=train_state.pt .; done
+fi

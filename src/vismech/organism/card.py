@@ -47,6 +47,8 @@ def reproduce_command(info: dict) -> str:
             cmd += f" --plant-full-scenes {info['plant'].full_scenes:g}"
         if info["plant"].split_gathering:
             cmd += " --plant-split-gathering"
+        if info["plant"].gathering_share:
+            cmd += f" --plant-gathering-share {info['plant'].gathering_share:g}"
         for stage in COMPONENTS:
             heads = getattr(info["plant"], stage)
             if heads != getattr(PlantSpec(), stage):

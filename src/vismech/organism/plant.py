@@ -7,7 +7,8 @@ Method (one training step; ``PlantSpec`` holds the heads and weights):
    (``binding``) at each mention's last word attends to its first word (the colour reaches the shape word, so ID
    retrieval can look up a conjunction); ID retrieval heads (``retrieval``) at each mention's last word attend to
    the mentioned object's image tokens; gathering heads (``gathering``) at each naming position attend to the last
-   words of the mentions before it (a fixed first token when there are none); selection heads (``selection``) and
+   words of the mentions before it (a fixed first token when there are none; with ``gathering_share``, a given
+   share on each mention and the rest on the first token, a cross-entropy against that target); selection heads (``selection``) and
    feature heads (``features``) at each naming position attend to the image tokens of the object to name. Loss:
    minus the log of the attention mass on those tokens.
 2. *Task loss* on clean rows (bases and their sources): the answer, and in reading-order descriptions every
@@ -79,6 +80,16 @@ class PlantSpec:
     # the gathering heads share out the mentions (head j of n: mentions j, j + n, ...) instead of each averaging all
     # k of them: each described ID then weighs n/k in the selection query, not 1/k
     split_gathering: bool = False
+    # > 0: each gathered mention gets this share of a gathering head's attention and the first token the rest, so
+    # the heads pass on the sum of the described IDs (scaled), not their mean, whose size falls as 1/k
+    gathering_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.gathering_share <= 1 / 8:
+            raise UserError(f"the gathering share must be in [0, 1/8] (eight mentions and the first token share one "
+                            f"head's attention on a 3x3 grid), got {self.gathering_share}")
+        if self.gathering_share and self.split_gathering:
+            raise UserError("give either a gathering share or split gathering, not both")
 
     def weight(self, name: str) -> float:
         """The weight of loss term ``name`` (0 for a term the spec does not list)."""
@@ -123,6 +134,17 @@ def answer_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     want = labels[:, 1:]
     ok = (pred == want) | (want == -100)
     return ok.all(-1)
+
+
+def share_loss(p: torch.Tensor, keys: torch.Tensor, share: float) -> torch.Tensor:
+    """Cross-entropy of attention ``p`` [N, keys] against the target that gives each key of ``keys`` (bool [N,
+    keys]; its first key is the first token, the others the gathered mentions) ``share`` and the first token the
+    rest: the mean over rows of -sum_j t_j log p_j."""
+    k = keys.to(p.dtype)
+    first = keys.long().argmax(-1)
+    t = k * share
+    t[torch.arange(len(t), device=t.device), first] = 1 - (k.sum(-1) - 1) * share
+    return -(t * (p.float() + 1e-6).log()).sum(-1).mean()
 
 
 def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -206,13 +228,15 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
         where, keys = batch[f"att_{c}_where"], batch[f"att_{c}_keys"]
         if len(where) == 0:
             continue
-        masses = []
+        masses, shares = [], []
         for j, (layer, head) in enumerate(getattr(spec, c)):
             p = att[layer][where[:, 0], att_layers[layer].index(head), where[:, 1]]  # [N, keys]
             k = keys[:, j] if keys.dim() == 3 else keys  # [N, heads, keys]: each head its own target
             masses.append((p * k.to(p.dtype)).sum(-1))
+            if c == "gathering" and spec.gathering_share:
+                shares.append(share_loss(p, k, spec.gathering_share))
         mass = torch.stack(masses)
-        att_terms.append(-(mass + 1e-6).log().mean())
+        att_terms.append(torch.stack(shares).mean() if shares else -(mass + 1e-6).log().mean())
         metrics[f"att_{c}"] = mass.detach().mean()
     losses["attention"] = torch.stack(att_terms).mean()
     feats = resid[batch["probe_where"][:, 0], batch["probe_where"][:, 1]].float()

@@ -206,6 +206,8 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
             if spec.split_gathering:  # head j of n: mentions j, j + n, ... (none left: the first token)
                 n = len(spec.gathering)
                 add("gathering", i, pos, [gathered[j::n] or [first] for j in range(n)])
+            elif spec.gathering_share:  # the first token always: it takes what the mentions leave
+                add("gathering", i, pos, [first] + gathered)
             else:
                 add("gathering", i, pos, gathered or [first])
             add("selection", i, pos, objs[obj.cell])
