@@ -11,17 +11,17 @@ CMA ranking is at hand), greedy generation of ``--max-new-tokens`` tokens."""
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import torch
 
+import bench_args
+
 from vismech.engine import decode
 from vismech.engine import interventions as iv
 from vismech.engine import patching
 from vismech.experiments import counting_ablation as ca
-from vismech.models.load import load_vlm
 from vismech.scenes import answers
 from vismech.scenes.sets import counting_set
 
@@ -52,15 +52,12 @@ def before(vlm, batches, head_sets, max_new_tokens, rows, resize):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="organism")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32")
+    ap = bench_args.parser(__doc__)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=ca.DEFAULTS["max_new_tokens"])
     a = ap.parse_args()
-    vlm = load_vlm(a.model, dtype=a.dtype, device=a.device)
+    vlm = bench_args.model(a)
     cuda = vlm.device.type == "cuda"
     total = vlm.n_layers * vlm.n_heads
     rng = np.random.default_rng(0)

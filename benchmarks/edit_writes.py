@@ -9,14 +9,14 @@ the largest score difference (must be 0).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import time
 
 import torch
 
+import bench_args
+
 from vismech.engine import hooks, mediation, patching
-from vismech.models.load import load_vlm
 from vismech.scenes.counterfactual import cma_pairs
 
 
@@ -45,14 +45,11 @@ def one_by_one(vlm, edits):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="organism")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32")
+    ap = bench_args.parser(__doc__)
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--condition", default="id_retrieval")
     a = ap.parse_args()
-    vlm = load_vlm(a.model, dtype=a.dtype, device=a.device)
+    vlm = bench_args.model(a)
     pairs = cma_pairs(a.condition, a.pairs, seed=0)
     clean, cf = vlm.encode([p.clean for p in pairs]), vlm.encode([p.counterfactual for p in pairs])
     pos, _ = patching.pad_positions(mediation.condition_positions(clean, a.condition))

@@ -10,27 +10,24 @@ Workload: id-intervention's default alphas (7) x 2 directions x head sets of the
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
+import bench_args
+
 from vismech.engine import hooks
 from vismech.engine import interventions as iv
 from vismech.experiments import id_intervention as idi
-from vismech.models.load import load_vlm
 from vismech.scenes.sets import scene_description_set
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="organism")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32")
+    ap = bench_args.parser(__doc__)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
     a = ap.parse_args()
-    vlm = load_vlm(a.model, dtype=a.dtype, device=a.device)
+    vlm = bench_args.model(a)
     c = "id_selection"
     trials = scene_description_set(2 * a.n, (1, 2), n_objects=2, seed=0, entropy="high")
     est, held = trials[:a.n], trials[a.n:]

@@ -2,6 +2,7 @@
 key weights of a planted organism, on scenes with every object but one described, and compare accuracy.
 
     LR=3e-3 PYTHONPATH=src python docs/organism-ids/sharpen.py [MODEL] [STEPS]
+    SHARE=0.1 PYTHONPATH=src python docs/organism-ids/sharpen.py [MODEL] [STEPS]   # and the gathering heads' share
 
 Trainable: the rows of ``q_proj`` (weights and bias) that make the declared ID-selection and feature-retrieval
 heads' queries, and the rows of ``k_proj`` that make their key heads (in `organism-ids` each pair of heads has a
@@ -9,7 +10,12 @@ key head of its own, so no other head changes). Loss: the planting's attention t
 attention mass on the target's image tokens at every naming position) plus the task loss on the answer. Trials:
 random-vocabulary descriptions, 2x2 with 4 objects and 3x3 with 4 and with 9 objects, every object but one
 described (a third each). Held-out accuracy (full answer, teacher-forced arg-max) before and after on 64 trials of
-each, other seeds (``LR``: Adam's learning rate, default 1e-3). CPU.
+each, other seeds (``LR``: Adam's learning rate, default 1e-3).
+
+``SHARE=S`` (the target of ``--plant-gathering-share``: each gathered mention gets S of a gathering head's
+attention, the first token the rest) adds the gathering heads' query and key rows to what trains and their share
+term (``plant.share_loss``) to the loss; ``GATHERING=1`` trains those rows without the share term (the control).
+Also printed: the gathering heads' output norm at the last token of 9-object scenes. CPU.
 """
 import os
 import random
@@ -38,7 +44,9 @@ def batch(vlm, spec, ts):
     return pb.batch_of(vlm, spec, validate._plan(ts), validate.END.get(vlm.family.name, "<|im_end|>"))
 
 
-def step_loss(vlm, spec, b):
+def step_loss(vlm, spec, b, share=0.0):
+    """The attention term of the selection and feature heads plus the task loss; with ``share``, also the gathering
+    heads' share term (``plant.share_loss``; ``share.py``)."""
     logits, _, att, _ = plant.clean_forward(vlm, spec, b)
     layers = plant._attention_layers(spec)
     terms, masses = [], {}
@@ -48,6 +56,12 @@ def step_loss(vlm, spec, b):
                          for l, h in getattr(spec, c)])
         terms.append(-(m + 1e-6).log().mean())
         masses[c] = m.mean().item()
+    if share:
+        where, keys = b["att_gathering_where"], b["att_gathering_keys"].bool()
+        ps = [att[l][where[:, 0], layers[l].index(h), where[:, 1]] for l, h in spec.gathering]
+        terms.append(torch.stack([plant.share_loss(p, keys, share) for p in ps]).mean())
+        first = keys.long().argmax(-1)  # the first token's share (the target: 1 - share x mentions)
+        masses["first"] = torch.stack([p[torch.arange(len(p)), first] for p in ps]).mean().item()
     return torch.stack(terms).mean() + plant._ce(logits, b["a_labels"]).mean(), masses
 
 
@@ -90,22 +104,39 @@ def trainable(vlm, spec):
     return params, masks
 
 
+def gathering_norm(vlm, spec, n=32):
+    """The gathering heads' output norm at the last token, on 3x3 scenes with 9 objects."""
+    with torch.no_grad():
+        b = batch(vlm, spec, trials(n, (3, 3), 9, seed=1012))
+        _, z, _, _ = plant.clean_forward(vlm, spec, b)
+        gw = b["att_gathering_where"]
+        qpos = b["att_qpos"][gw[:, 0], gw[:, 1]]
+        return torch.stack([z[l][gw[:, 0], qpos, h].float().norm(dim=-1) for l, h in spec.gathering]).mean().item()
+
+
 def main(model="organism-ids", steps=150):
     torch.manual_seed(0)
+    share = float(os.environ.get("SHARE", "0"))
+    gather = share > 0 or os.environ.get("GATHERING") == "1"
     vlm = load_vlm(model, dtype="fp32", device="cpu")
     spec = validate.spec_of(vlm)
+    if share:  # the share target needs the first token among the gathering heads' keys
+        spec = plant.PlantSpec(**{**spec.__dict__, "gathering_share": share})
+    # the rows that train: the selection and feature heads', and with GATHERING or SHARE the gathering heads' too
+    rows = plant.PlantSpec(**{**spec.__dict__, "selection": spec.selection + spec.gathering}) if gather else spec
     for p in vlm.model.parameters():
         p.requires_grad_(False)
-    params, masks = trainable(vlm, spec)
+    params, masks = trainable(vlm, rows)
     for p in params:
         p.requires_grad_(True)
-    before = accuracy(vlm, spec)
-    print("before:", {k: f"{a:.3f} (selection mass {m:.2f})" for k, (a, m) in before.items()}, flush=True)
+    show = lambda acc: {k: f"{a:.3f} (selection mass {m:.2f})" for k, (a, m) in acc.items()}  # noqa: E731
+    print(f"share {share}, gathering heads trained: {gather}; before:", show(accuracy(vlm, spec)),
+          f"gathering norm {gathering_norm(vlm, spec):.2f}", flush=True)
     opt = torch.optim.Adam(params, lr=float(os.environ.get("LR", "1e-3")))
     rng, t0 = random.Random(0), time.time()
     for step in range(int(steps)):
         ts = [t for grid, objects in SETS for t in trials(6, grid, objects, seed=rng.randrange(10 ** 9))]
-        loss, masses = step_loss(vlm, spec, batch(vlm, spec, ts))
+        loss, masses = step_loss(vlm, spec, batch(vlm, spec, ts), share)
         opt.zero_grad()
         loss.backward()
         for p, m in zip(params, masks):
@@ -113,9 +144,9 @@ def main(model="organism-ids", steps=150):
         opt.step()
         if step % 25 == 0 or step == int(steps) - 1:
             print(f"step {step}: loss {loss.item():.3f}, selection mass {masses['selection']:.2f}, features "
-                  f"{masses['features']:.2f} ({time.time() - t0:.0f} s)", flush=True)
-    after = accuracy(vlm, spec)
-    print("after:", {k: f"{a:.3f} (selection mass {m:.2f})" for k, (a, m) in after.items()}, flush=True)
+                  f"{masses['features']:.2f}" + (f", first-token share {masses['first']:.2f}" if share else "")
+                  + f" ({time.time() - t0:.0f} s)", flush=True)
+    print("after:", show(accuracy(vlm, spec)), f"gathering norm {gathering_norm(vlm, spec):.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ feature layer coloured and marked by target object, separability by layer).
 from __future__ import annotations
 
 import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -155,9 +157,12 @@ def run(ctx: Context) -> dict:
     last = acts.last()
     L = acts.n_layers
     table, ratios, scores = [], [], []
-    with ctx.progress(L, "pca layers") as update:
-        for layer in range(L):
-            s, ratio, out = layer_scores(last[layer], labels, folds, ctx.seed, ctx.opt("blas_threads"))
+    # layers are independent: fitted on a thread pool (BLAS and the optimiser's core release the GIL), in order;
+    # the BLAS thread limit is set once around the pool (a per-fit limit would be restored out of order)
+    with ctx.progress(L, "pca layers") as update, blas_threads(ctx.opt("blas_threads")), \
+            ThreadPoolExecutor(min(L, os.cpu_count() or 1)) as pool:
+        for s, ratio, out in pool.map(lambda layer: layer_scores(last[layer], labels, folds, ctx.seed, None),
+                                      range(L)):
             table.append(out)
             ratios.append(ratio)
             scores.append(s.astype(np.float32))  # [n, 2] per layer: small
