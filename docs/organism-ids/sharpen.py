@@ -15,7 +15,9 @@ each, other seeds (``LR``: Adam's learning rate, default 1e-3).
 ``SHARE=S`` (the target of ``--plant-gathering-share``: each gathered mention gets S of a gathering head's
 attention, the first token the rest) adds the gathering heads' query and key rows to what trains and their share
 term (``plant.share_loss``) to the loss; ``GATHERING=1`` trains those rows without the share term (the control).
-Also printed: the gathering heads' output norm at the last token of 9-object scenes. CPU.
+Also printed: the gathering heads' output norm at the last token of 9-object scenes. ``ONLY9=1`` trains on the
+9-object scenes alone (18 a step); ``ALL=1`` trains every language-model weight instead of the rows above (can the
+architecture at this size select among eight described objects at all?). CPU.
 """
 import os
 import random
@@ -126,16 +128,22 @@ def main(model="organism-ids", steps=150):
     rows = plant.PlantSpec(**{**spec.__dict__, "selection": spec.selection + spec.gathering}) if gather else spec
     for p in vlm.model.parameters():
         p.requires_grad_(False)
-    params, masks = trainable(vlm, rows)
+    if os.environ.get("ALL") == "1":  # every language-model weight (the capacity question), no masks
+        params = [p for n, p in vlm.model.named_parameters() if "language_model" in n or "lm_head" in n]
+        masks = [torch.ones_like(p) for p in params]
+    else:
+        params, masks = trainable(vlm, rows)
     for p in params:
         p.requires_grad_(True)
+    train_sets = SETS[2:] if os.environ.get("ONLY9") == "1" else SETS  # 9-object scenes alone
     show = lambda acc: {k: f"{a:.3f} (selection mass {m:.2f})" for k, (a, m) in acc.items()}  # noqa: E731
     print(f"share {share}, gathering heads trained: {gather}; before:", show(accuracy(vlm, spec)),
           f"gathering norm {gathering_norm(vlm, spec):.2f}", flush=True)
     opt = torch.optim.Adam(params, lr=float(os.environ.get("LR", "1e-3")))
     rng, t0 = random.Random(0), time.time()
     for step in range(int(steps)):
-        ts = [t for grid, objects in SETS for t in trials(6, grid, objects, seed=rng.randrange(10 ** 9))]
+        ts = [t for grid, objects in train_sets for t in trials(18 // len(train_sets), grid, objects,
+                                                                  seed=rng.randrange(10 ** 9))]
         loss, masses = step_loss(vlm, spec, batch(vlm, spec, ts), share)
         opt.zero_grad()
         loss.backward()
