@@ -47,3 +47,32 @@ def test_greedy_under_row_block_ablations_equals_generate_per_setting(family):
         assert (got[g * len(b):(g + 1) * len(b), ref.shape[1]:] == vlm.tokenizer.pad_token_id).all()
     if family != "idefics3":  # the ablations change what the model writes (tiny Idefics3 ends at once, whatever)
         assert not all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_replays_is_checked_once_and_a_missed_input_falls_back_to_generate(monkeypatch):
+    """``decode.replays`` holds on a tiny family and is remembered; where the captured inputs miss one (M-RoPE
+    positions dropped here) it is False, and counting-ablation then generates with HF ``generate``, giving the same
+    hits as the replayed path."""
+    from vismech.experiments import counting_ablation
+
+    vlm = tiny("qwen2_5_vl")
+    b = vlm.encode(counting_set(3, seed=0, grid=(3, 3)))
+    batches = [(b, vlm.answers(b, [[t.answer] for t in b.trials]))]
+    sets = [[], [(0, 1), (1, 0)]]
+    vlm._replays = None
+    assert decode.replays(vlm, b) is True
+    got = counting_ablation.accuracies(vlm, batches, sets, True, 5, rows=6)
+    real = patching.lm_inputs
+
+    def missing(v, batch, logits=True):
+        inp, full = real(v, batch, logits)
+        inp.tensors.pop("position_ids", None)
+        return inp, full
+
+    monkeypatch.setattr(patching, "lm_inputs", missing)
+    assert decode.replays(vlm, b) is True  # remembered: not checked again
+    vlm._replays = None
+    assert decode.replays(vlm, b) is False
+    monkeypatch.setattr(decode, "greedy", None)  # the fallback must not use it
+    assert counting_ablation.accuracies(vlm, batches, sets, True, 5, rows=6) == got
+    vlm._replays = None

@@ -11,7 +11,8 @@ column, and the next positions: the last prompt position plus the step on every 
 positions were given (M-RoPE's axes all continue from the last, text, position), else none, as the backbone
 numbers a cached run itself. Rows stop at an end token (the generation config's) and are padded after it; all
 stop together when every row has stopped, as ``generate`` does. ``greedy`` equals ``VLM.generate_ids`` on every
-family (tested).
+family (tested); ``replays`` checks, once per model, that the captured inputs are complete (callers fall back to
+``generate`` where they are not).
 """
 
 from __future__ import annotations
@@ -20,9 +21,26 @@ from typing import NamedTuple
 
 import torch
 
-from vismech.engine import hooks
+from vismech.engine import hooks, patching
 from vismech.engine.patching import _cache_kwarg
 from vismech.engine.replay import LMInputs
+
+
+def replays(vlm, batch) -> bool:
+    """Whether the text backbone, run alone on ``batch``'s captured inputs, gives the full forward's logits
+    (``patching.check_replay``; checked on the first batch a model is given, then remembered): where it does not
+    (a family whose language model takes an input the capture misses), callers generate with HF ``generate``."""
+    if getattr(vlm, "_replays", None) is None:
+        from vismech.errors import UserError
+
+        inp, full = patching.lm_inputs(vlm, batch)
+        try:
+            with patching.replay_errors(vlm):
+                patching.check_replay(vlm, full, patching.lm_logits(vlm, inp))
+            vlm._replays = True
+        except UserError:
+            vlm._replays = False
+    return vlm._replays
 
 
 def end_tokens(vlm) -> list[int]:

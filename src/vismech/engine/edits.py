@@ -89,7 +89,7 @@ def run_heads(vlm, trials: list[Trial], heads: list[Head], values=None, mode: st
         def edited(v=v, length=b.length, position=b.last):
             return edit_last(vlm, heads, v, mode, length, position) if v is not None else contextlib.nullcontext()
 
-        if gen_tokens and not capture:  # one prompt forward for the scores and the generation
+        if gen_tokens and not capture and decode.replays(vlm, b):  # one prompt forward: scores and generation
             inp = patching.lm_inputs(vlm, b, logits=False)[0]
             with edited():
                 logits, ids = decode.greedy(vlm, inp, b.inputs["attention_mask"], gen_tokens)

@@ -76,7 +76,8 @@ def accuracies(vlm, batches, head_sets, generate: bool, max_new_tokens: int, row
             return patching.rows_from_memory(patching.free_bytes(vlm.device), peak / ran, r) if peak else r
     out = [([], []) for _ in head_sets]
     for b, aset in batches:
-        inp = patching.lm_inputs(vlm, b, logits=False)[0] if generate else None
+        replay = generate and decode.replays(vlm, b)
+        inp = patching.lm_inputs(vlm, b, logits=False)[0] if replay else None
         s = 0
         while s < len(head_sets):
             group = head_sets[s:s + max(1, rows // len(b))]
@@ -87,9 +88,12 @@ def accuracies(vlm, batches, head_sets, generate: bool, max_new_tokens: int, row
                 rep = AnswerSet(aset.rule, aset.seqs * len(group))
                 first = texts = None
                 with iv.zero_heads_per_block(vlm, group, len(b)):
-                    if generate:
+                    if replay:
                         ids = decode.greedy(vlm, inp.repeat(len(group)),
                                             b.inputs["attention_mask"].repeat(len(group), 1), max_new_tokens).ids
+                    elif generate:  # the full model, vision tower included, on every row
+                        ids = vlm.generate_ids(b.take(list(range(len(b))) * len(group)), max_new_tokens)
+                    if generate:
                         texts, first = vlm.decode(ids), rep.greedy_from(ids, max_new_tokens)
                     if first is None:
                         first = vlm.score_answers(b.take(list(range(len(b))) * len(group)), rep).greedy
