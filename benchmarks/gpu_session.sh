@@ -73,9 +73,12 @@ case "${1:-cma}" in
     step run_all_qwen7b 560 benchmarks/run_all.py --model random:Qwen2.5-VL-7B --dtype bf16 \
       --out "$OUT/run_all_qwen7b" --json "$OUT/run_all_qwen7b.json"
     ;;
-  counting)  # about 3 min: counting-ablation's settings now vs before, and one pass's breakdown
+  counting)  # about 5 min: counting-ablation's settings now vs before, one pass's breakdown; the fp32 step
+    # settles whether decode.greedy and HF generate part only by bf16 rounding (they must agree in fp32)
     step counting_qwen7b_bf16 230 benchmarks/counting.py --model random:Qwen2.5-VL-7B --device cuda --dtype bf16 \
       --n 32
+    step counting_qwen7b_fp32 150 benchmarks/counting.py --model random:Qwen2.5-VL-7B --device cuda --dtype fp32 \
+      --n 8 --batch-size 8 --max-new-tokens 24
     ;;
   *) echo "usage: gpu_session.sh cma|families|large|edits|runall|sweeps|counting" >&2; exit 2 ;;
 esac
