@@ -64,8 +64,7 @@ def _attribution(vlm, inp, source_z, positions, a1, a1_star) -> torch.Tensor:
             stack.enter_context(hooks.hooked(vlm, "z", layer, keep(layer)))
         lm = hooks.language_model(vlm)
         out = lm(**tensors, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        logits = vlm.model.get_output_embeddings()(hidden[:, -1]).float()
+        logits = hooks.output_logits(vlm, out)
         dev = logits.device
         rows = torch.arange(B, device=dev)
         metric = logits[rows, a1_star.to(dev)] - logits[rows, a1.to(dev)]

@@ -193,8 +193,7 @@ def run(vlm, sp: SharedPrefix, starts: list[int], tail: int = 1, record: dict | 
         inputs["position_ids"] = _repeat_rows(pos, joined[first], _batch_dim("position_ids", pos))
     with hooks.layer_inputs(vlm, join), hooks.attention_function(vlm, _attend(sp)), _layers_from(vlm, first) as lm:
         out = lm(**inputs, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return vlm.model.get_output_embeddings()(hidden[:, -1] if tail == 1 else hidden[:, -tail:]).float()
+    return hooks.output_logits(vlm, out, tail)
 
 
 @torch.no_grad()

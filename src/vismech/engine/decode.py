@@ -24,6 +24,7 @@ import torch
 from vismech.engine import hooks, patching
 from vismech.engine.patching import _cache_kwarg
 from vismech.engine.replay import LMInputs
+from vismech.errors import UserError
 
 
 def replays(vlm, batch) -> bool:
@@ -31,8 +32,6 @@ def replays(vlm, batch) -> bool:
     (``patching.check_replay``; checked on the first batch a model is given, then remembered): where it does not
     (a family whose language model takes an input the capture misses), callers generate with HF ``generate``."""
     if getattr(vlm, "_replays", None) is None:
-        from vismech.errors import UserError
-
         inp, full = patching.lm_inputs(vlm, batch)
         try:
             with patching.replay_errors(vlm):
@@ -66,15 +65,12 @@ def greedy(vlm, inp: LMInputs, attention_mask: torch.Tensor, max_new_tokens: int
     from transformers import DynamicCache
 
     lm = hooks.language_model(vlm)
-    head = vlm.model.get_output_embeddings()
     embed = vlm.model.get_input_embeddings()
-    dev = head.weight.device
     cache = DynamicCache()
     kw = _cache_kwarg(lm)
-    out = lm(**inp.tensors, use_cache=True, **{kw: cache})
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    first = head(hidden[:, -1]).float()
+    first = hooks.output_logits(vlm, lm(**inp.tensors, use_cache=True, **{kw: cache}))
     tok = first.argmax(-1)
+    dev = tok.device
     pos = inp.tensors.get("position_ids")
     last = None if pos is None else pos[..., -1:]
     mask = attention_mask.to(dev)
@@ -92,7 +88,5 @@ def greedy(vlm, inp: LMInputs, attention_mask: torch.Tensor, max_new_tokens: int
         step_kw = {"inputs_embeds": embed(tok[:, None]), "attention_mask": mask, "use_cache": True, kw: cache}
         if last is not None:
             step_kw["position_ids"] = last + step
-        out = lm(**step_kw)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        tok = head(hidden[:, -1]).argmax(-1)
+        tok = hooks.output_logits(vlm, lm(**step_kw)).argmax(-1)
     return Greedy(first, torch.stack(new, 1))

@@ -244,6 +244,13 @@ def language_model(vlm) -> torch.nn.Module:
     raise ValueError("could not find the language model that holds the decoder layers")
 
 
+def output_logits(vlm, out, tail: int = 1) -> torch.Tensor:
+    """Logits (float32) of a language-model output ``out`` (what ``language_model(vlm)`` returns): of its last
+    position [rows, vocab], or of its last ``tail`` positions [rows, tail, vocab]."""
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return vlm.model.get_output_embeddings()(hidden[:, -1] if tail == 1 else hidden[:, -tail:]).float()
+
+
 #: Language-model arguments that steer a run rather than describe its inputs: whoever replays the inputs sets
 #: these itself (the fast engine runs with and without a cache of a prefix).
 RUN_CONTROL = ("use_cache", "cache", "past_key_values", "cache_position")

@@ -152,8 +152,7 @@ def lm_logits(vlm: VLM, inp: LMInputs, prefix: PrefixCache | None = None, tail: 
         suf = inp.positions(prefix.p0, inp.length)
         r = inp.rows // prefix.kv[0][0].shape[0]
         out = lm(**suf, use_cache=True, **{_cache_kwarg(lm): prefix.expand(r)})
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return vlm.model.get_output_embeddings()(hidden[:, -1] if tail == 1 else hidden[:, -tail:]).float()
+    return hooks.output_logits(vlm, out, tail)
 
 
 def _reader(vlm: VLM, clean: Batch, source_z, positions, token_ids):

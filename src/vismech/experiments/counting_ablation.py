@@ -86,17 +86,18 @@ def accuracies(vlm, batches, head_sets, generate: bool, max_new_tokens: int, row
                 before = torch.cuda.memory_allocated(vlm.device)
             try:
                 rep = AnswerSet(aset.rule, aset.seqs * len(group))
+                tiled = lambda: b.take(list(range(len(b))) * len(group))  # noqa: E731  (the batch once per setting)
                 first = texts = None
                 with iv.zero_heads_per_block(vlm, group, len(b)):
                     if replay:
                         ids = decode.greedy(vlm, inp.repeat(len(group)),
                                             b.inputs["attention_mask"].repeat(len(group), 1), max_new_tokens).ids
                     elif generate:  # the full model, vision tower included, on every row
-                        ids = vlm.generate_ids(b.take(list(range(len(b))) * len(group)), max_new_tokens)
+                        ids = vlm.generate_ids(tiled(), max_new_tokens)
                     if generate:
                         texts, first = vlm.decode(ids), rep.greedy_from(ids, max_new_tokens)
                     if first is None:
-                        first = vlm.score_answers(b.take(list(range(len(b))) * len(group)), rep).greedy
+                        first = vlm.score_answers(tiled(), rep).greedy
                 first = first[:, 0].int().tolist()
             except RuntimeError as e:
                 if not patching.is_oom(e) or len(group) == 1:

@@ -81,16 +81,15 @@ def labels_of(trials) -> dict[str, np.ndarray]:
             "features": np.array([t.target.name for t in trials])}
 
 
-def layer_scores(X, labels: dict, folds: int, seed: int, threads: int | None = 1
-                 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """PC scores [n, 2], explained-variance ratios [2] and {(label, measure): (value, se, chance)} of one layer."""
+def layer_scores(X, labels: dict, folds: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """PC scores [n, 2], explained-variance ratios [2] and {(label, measure): (value, se, chance)} of one layer
+    (under whatever BLAS thread limit the caller set: ``run`` sets ``blas_threads`` around all layers)."""
     X = np.asarray(X, dtype=np.float64)
     scores, _, ratio = pca(X, 2)
     out = {}
     for name, y in labels.items():
         out[(name, "silhouette")] = (silhouette(scores, y), np.nan, np.nan)
-        with blas_threads(threads):
-            acc, se = probe_accuracy(X, y, folds=min(folds, len(y)), seed=seed)
+        acc, se = probe_accuracy(X, y, folds=min(folds, len(y)), seed=seed)
         out[(name, "probe_accuracy")] = (acc, se, chance_accuracy(y))
     return scores, ratio, out
 
@@ -161,7 +160,7 @@ def run(ctx: Context) -> dict:
     # the BLAS thread limit is set once around the pool (a per-fit limit would be restored out of order)
     with ctx.progress(L, "pca layers") as update, blas_threads(ctx.opt("blas_threads")), \
             ThreadPoolExecutor(min(L, os.cpu_count() or 1)) as pool:
-        for s, ratio, out in pool.map(lambda layer: layer_scores(last[layer], labels, folds, ctx.seed, None),
+        for s, ratio, out in pool.map(lambda layer: layer_scores(last[layer], labels, folds, ctx.seed),
                                       range(L)):
             table.append(out)
             ratios.append(ratio)
