@@ -133,9 +133,9 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of parts to skip: rows, before, fast (the complete "
                     "sweep without the null; the check still runs on the sampled heads), attribution")
     ap.add_argument("--tol", type=float, default=1e-3, help="largest fp32 fast-vs-naive score difference allowed")
-    ap.add_argument("--profile", default=None, choices=CONDITIONS, help="instead of the benchmark: profile the fast "
-                    "engine on every 4th head of this condition (torch.profiler) and print its 25 costliest operations "
-                    "and the device-busy share")
+    ap.add_argument("--profile", default=None, nargs="+", choices=CONDITIONS, help="instead of the benchmark: "
+                    "profile the fast engine on every 4th head of each of these conditions (torch.profiler) and print "
+                    "its 25 costliest operations and the device-busy share")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     grid = tuple(int(x) for x in args.grid.split("x"))
@@ -175,7 +175,10 @@ def main():
     print(f"{args.pairs} pairs x 3 conditions x {len(heads)} heads; sequence length {seq} tokens", flush=True)
 
     if args.profile:
-        return profile(vlm, setup[args.profile], heads[::4])
+        for cond in args.profile:
+            print(f"== profile: {cond}", flush=True)
+            profile(vlm, setup[cond], heads[::4])
+        return 0
     res = {"model": args.model, "dtype": str(vlm.dtype), "device": str(dev),
            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "pairs": args.pairs,
            "heads": len(heads), "seq_len": seq, "matmul_tflops": rate / 1e12}

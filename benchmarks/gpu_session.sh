@@ -9,6 +9,7 @@
 #                                            # edits joined into one write vs one copy each
 #   bash benchmarks/gpu_session.sh sweeps    # the bf16 sweeps with the null only (no baselines): Qwen2.5-VL-7B,
 #                                            # LLaVA-1.5-7B, and the newer families Qwen3-VL-8B and Gemma-3-12B
+#                                            # (ONLY_7B=1: the first two alone)
 #   bash benchmarks/gpu_session.sh counting  # Qwen2.5-VL-7B: counting-ablation's settings now vs before
 # Each stage stays under the 10-minute limit of one device command (sum of its limits + exits).
 #
@@ -56,9 +57,9 @@ case "${1:-cma}" in
       --sample-heads 1 --json "$OUT/qwen7b_bf16.json"
     step llava7b_bf16 150 $B --model random:LLaVA-1.5-7B --dtype bf16 --pairs 50 --null --only-check \
       --sample-heads 1 --json "$OUT/llava7b_bf16.json"
-    step qwen3vl8b_bf16 110 $B --model random:Qwen3-VL-8B-Instruct --dtype bf16 --pairs 16 --only-check \
+    [ -n "${ONLY_7B:-}" ] || step qwen3vl8b_bf16 110 $B --model random:Qwen3-VL-8B-Instruct --dtype bf16 --pairs 16 --only-check \
       --sample-heads 1 --json "$OUT/qwen3vl8b_bf16.json"
-    [ -n "${SKIP_GEMMA:-}" ] || step gemma3_12b_bf16 110 $B --model random:gemma-3-12b-it --dtype bf16 --pairs 16 --only-check \
+    [ -n "${SKIP_GEMMA:-}${ONLY_7B:-}" ] || step gemma3_12b_bf16 110 $B --model random:gemma-3-12b-it --dtype bf16 --pairs 16 --only-check \
       --sample-heads 1 --json "$OUT/gemma3_12b_bf16.json"
     ;;
   edits)  # about 4-5 min
@@ -70,7 +71,7 @@ case "${1:-cma}" in
     # each experiment's time goes (carry the py-spy wheel as the device README says)
     PY=python
     [ -z "${PYSPY:-}" ] || PY="$PYSPY record -s -r 20 -f raw -o $OUT/run_all.raw -- python"
-    step run_all_qwen7b 560 benchmarks/run_all.py --model random:Qwen2.5-VL-7B --dtype bf16 \
+    step run_all_qwen7b "${RUNALL_LIMIT:-560}" benchmarks/run_all.py --model random:Qwen2.5-VL-7B --dtype bf16 \
       --out "$OUT/run_all_qwen7b" --json "$OUT/run_all_qwen7b.json"
     ;;
   counting)  # about 5 min: counting-ablation's settings now vs before, one pass's breakdown; the fp32 step

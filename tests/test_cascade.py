@@ -58,6 +58,27 @@ def test_cascade_merge_keeps_bf16_inputs_and_accumulates_in_fp32():
     assert got.dtype == torch.bfloat16 and (got.double() - want).abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_cascade_merge_in_low_precision_products_rounds_only_the_weights(device):
+    """``low`` (the default for bf16 on CUDA): products of bf16 inputs with float32 accumulation, weights rounded
+    to bf16 before they multiply the values, as fused attention kernels do; against the float32 products of the
+    same bf16 inputs it differs by that rounding alone (2^-8 of a weight), on every padding case."""
+    g = torch.Generator().manual_seed(1)
+    R, B, H, Hkv, S, P, D = 3, 2, 8, 2, 3, 40, 16
+    ts = [torch.randn(*shape, generator=g).bfloat16().to(device) for shape in
+          [(R, B, H, S, D), (R, B, Hkv, S, D), (R, B, Hkv, S, D), (B, Hkv, P, D), (B, Hkv, P, D)]]
+    pre_valid, suf_valid = torch.ones(B, P, dtype=torch.bool), torch.ones(B, S, dtype=torch.bool)
+    pre_valid[1, :7], suf_valid[0, -1] = False, False
+    low = cascade.cascade_attention(*ts, pre_valid, suf_valid, 0.25, low=True)
+    full = cascade.cascade_attention(*ts, pre_valid, suf_valid, 0.25, low=False)
+    want = _plain_attention(*(t.float().cpu() for t in ts), pre_valid, suf_valid, 0.25)
+    err_low, err_full = (float((x.double().cpu() - want).abs().max()) for x in (low, full))
+    assert low.dtype == torch.bfloat16 and err_low < 2e-2 and err_full < 1e-2
+    assert float((low.float() - full.float()).abs().max()) < 2e-2
+    if device == "cuda":  # the default there is the low-precision path
+        assert torch.equal(cascade.cascade_attention(*ts, pre_valid, suf_valid, 0.25), low)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shared_prefix_engine_equals_naive_on_every_condition(family, monkeypatch):
     """Every head of the tiny model, the three CMA conditions (their positions and answer scoring): fast == naive

@@ -226,7 +226,7 @@ def test_cma_baseline_scores_and_null_share_one_setup_and_equal_separate_setups(
     pairs = cma_pairs("id_retrieval", 4, 0, (2, 2))
     calls = []
     real = patching.lm_inputs
-    monkeypatch.setattr(patching, "lm_inputs", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(patching, "lm_inputs", lambda *a, **k: calls.append(1) or real(*a, **k))
     shared = mediation.condition_scores(vlm, pairs, "id_retrieval", batch_size=2)
     n_shared = len(calls)
     monkeypatch.setattr(patching, "reused_setup", contextlib.nullcontext)
@@ -234,3 +234,36 @@ def test_cma_baseline_scores_and_null_share_one_setup_and_equal_separate_setups(
     assert n_shared == 2 and len(calls) - n_shared == 6  # one set-up per chunk instead of three
     assert np.array_equal(shared[0], separate[0]) and np.array_equal(shared[1], separate[1])
     assert np.abs(shared[0]).max() > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_prefix_cache_cut_from_the_clean_forward_equals_a_run_of_the_prefix(family):
+    from vismech.scenes.counterfactual import cma_pairs
+
+    vlm = tiny(family)
+    batch = vlm.encode([p.clean for p in cma_pairs("id_retrieval", 3, 0, (2, 2))])
+    kept, full = patching.lm_inputs(vlm, batch, keys=True)
+    plain, full_plain = patching.lm_inputs(vlm, batch)
+    assert plain.kv is None and len(kept.kv) == vlm.n_layers
+    assert float((full - full_plain).abs().max()) < 1e-5
+    p0 = batch.length - 4
+    cut, ran = patching.prefix_cache(vlm, kept, p0), patching.prefix_cache(vlm, plain, p0)
+    for (k1, v1), (k2, v2) in zip(cut.kv, ran.kv):
+        assert k1.shape == k2.shape == (len(batch), vlm.n_kv_heads, p0, vlm.head_dim)
+        assert float((k1 - k2).abs().max()) < 1e-5 and float((v1 - v2).abs().max()) < 1e-5
+
+
+def test_head_patch_set_up_runs_the_text_backbone_once_less():
+    vlm = tiny("qwen2_5_vl")
+    clean, pos, src, tid = _setup(vlm)
+    calls = []
+    handle = hooks.language_model(vlm).register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        fast = patching.head_patch(vlm, clean, src, pos, tid, heads=[(1, 0)])
+    finally:
+        handle.remove()
+    # the full forward (inputs, clean logits, keys and values), the clean suffix pass, the self-check, the rows;
+    # no separate run of the prefix
+    assert len(calls) == 4
+    naive = patching.naive_head_patch(vlm, clean, src, pos, tid, heads=[(1, 0)])
+    assert float((fast - naive).abs().max()) < 1e-4

@@ -25,48 +25,59 @@ import torch
 from vismech.engine import hooks
 
 
+def _mm32(a: torch.Tensor, b: torch.Tensor, low: bool) -> torch.Tensor:
+    """Batched ``a @ b`` (3-D) with float32 results: with ``low``, bf16/fp16 inputs multiplied as they are with float32
+    accumulation and output (tensor cores on CUDA: ``bmm(out_dtype=float32)``; elsewhere the same numbers through
+    float32), else both inputs in float32."""
+    if low and a.is_cuda:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
 def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Tensor,
-                      pre_valid: torch.Tensor, suf_valid: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of R rows per pair over a shared prefix and their own suffix, in float32.
+                      pre_valid: torch.Tensor, suf_valid: torch.Tensor, scale: float, low: bool | None = None
+                      ) -> torch.Tensor:
+    """Causal attention of R rows per pair over a shared prefix and their own suffix; scores, softmax and sums in
+    float32.
 
     ``q`` [R, B, H, S, D] (suffix queries); ``k``, ``v`` [R, B, Hkv, S, D] (each row's suffix keys/values);
     ``k_pre``, ``v_pre`` [B, Hkv, P, D] (the pair's prefix, shared by its R rows); ``pre_valid`` [B, P] and
     ``suf_valid`` [B, S] (bool: key not padding). Suffix query i sees the whole prefix and suffix keys 0..i.
-    Returns [R, B, H, S, D] in ``q``'s dtype."""
+    ``low`` (default: bf16/fp16 inputs on CUDA) multiplies the inputs in their own precision with float32
+    accumulation, as fused attention kernels do (the weights are rounded to that precision before they multiply
+    the values); otherwise every product is in float32. Returns [R, B, H, S, D] in ``q``'s dtype."""
     R, B, H, S, D = q.shape
     hkv, P = k.shape[2], k_pre.shape[2]
     g = H // hkv
-    qf = q.float().reshape(R, B, hkv, g, S, D)
+    low = (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)) if low is None else low
+    lo = q.dtype if low else torch.float32
     neg = float("-inf")
     # own suffix: [R, B, Hkv, g*S, S]
-    ss = qf.reshape(R, B, hkv, g * S, D) @ k.float().transpose(-1, -2) * scale
+    qs = q.reshape(R * B * hkv, g * S, D)
+    ss = _mm32(qs, k.reshape(R * B * hkv, S, D).transpose(1, 2), low).reshape(R, B, hkv, g * S, S) * scale
     causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
     allowed = causal[None] & suf_valid.to(q.device)[:, None, :]  # [B, S, S]
     allowed = allowed[:, None, None].expand(B, 1, g, S, S).reshape(B, 1, g * S, S)
     ss = ss.masked_fill(~allowed[None], neg)
-    ms = ss.amax(-1, keepdim=True)
-    parts = [(ms.reshape(R, B, hkv, g, S, 1), ss, v.float())]
+    m = ss.amax(-1, keepdim=True).reshape(R, B, hkv, g, S, 1)
     if P:
         # shared prefix: every row's queries folded into the query axis, [B, Hkv, R*g*S, P]
-        qp = qf.permute(1, 2, 0, 3, 4, 5).reshape(B, hkv, R * g * S, D)
-        sp = qp @ k_pre.float().transpose(-1, -2) * scale
+        qp = q.reshape(R, B, hkv, g * S, D).permute(1, 2, 0, 3, 4).reshape(B * hkv, R * g * S, D)
+        sp = _mm32(qp, k_pre.reshape(B * hkv, P, D).transpose(1, 2), low).reshape(B, hkv, R * g * S, P) * scale
         sp = sp.masked_fill(~pre_valid.to(q.device)[:, None, None, :], neg)
-        mp = sp.amax(-1, keepdim=True)
-        m_p = mp.reshape(B, hkv, R, g, S, 1).permute(2, 0, 1, 3, 4, 5)
-        parts.append((m_p, sp, v_pre.float()))
-    m = parts[0][0] if not P else torch.maximum(parts[0][0], parts[1][0])
+        m_p = sp.amax(-1, keepdim=True).reshape(B, hkv, R, g, S, 1).permute(2, 0, 1, 3, 4, 5)
+        m = torch.maximum(m, m_p)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a query with no allowed key (padding)
-    num = torch.zeros(R, B, hkv, g, S, D, device=q.device)
-    den = torch.zeros(R, B, hkv, g, S, 1, device=q.device)
     # suffix part
     w = (ss - m.reshape(R, B, hkv, g * S, 1)).exp()
-    num += (w @ parts[0][2]).reshape(R, B, hkv, g, S, D)
-    den += w.sum(-1, keepdim=True).reshape(R, B, hkv, g, S, 1)
+    num = _mm32(w.to(lo).reshape(R * B * hkv, g * S, S), v.reshape(R * B * hkv, S, D), low).reshape(R, B, hkv, g, S, D)
+    den = w.sum(-1, keepdim=True).reshape(R, B, hkv, g, S, 1)
     if P:
         mq = m.permute(1, 2, 0, 3, 4, 5).reshape(B, hkv, R * g * S, 1)
         w = (sp - mq).exp()
-        num += (w @ v_pre.float()).reshape(B, hkv, R, g, S, D).permute(2, 0, 1, 3, 4, 5)
-        den += w.sum(-1, keepdim=True).reshape(B, hkv, R, g, S, 1).permute(2, 0, 1, 3, 4, 5)
+        pv = _mm32(w.to(lo).reshape(B * hkv, R * g * S, P), v_pre.reshape(B * hkv, P, D), low)
+        num = num + pv.reshape(B, hkv, R, g, S, D).permute(2, 0, 1, 3, 4, 5)
+        den = den + w.sum(-1, keepdim=True).reshape(B, hkv, R, g, S, 1).permute(2, 0, 1, 3, 4, 5)
     out = num / den.clamp_min(torch.finfo(torch.float32).tiny)
     return out.reshape(R, B, H, S, D).to(q.dtype)
 

@@ -217,10 +217,11 @@ class EditedRuns:
         self._source = answers.row_source if answers is not None and answers.rule == "sequence" else None
         run = answers.expand(vlm, batch) if self._source is not None else batch
         self._run = run
-        self.inp, full = patching.lm_inputs(vlm, run)
+        self.inp, full = patching.lm_inputs(vlm, run, keys=bool(first_position))
         self.p0 = self.inp.causal_start(int(first_position)) if first_position else 0
         with patching.replay_errors(vlm):
             self.prefix = patching.prefix_cache(vlm, self.inp, self.p0) if self.p0 > 0 else None
+            self.inp.kv = None  # the prefix holds what is needed of it
             # shared-prefix attention: a run starts at its first edited layer from the clean suffix there
             self.shared = (cascade.shared_prefix(vlm, self.inp, self.prefix)
                            if self.prefix is not None and cascade.supported(vlm, self.inp.length, self.inp, self.p0)

@@ -36,16 +36,43 @@ from vismech.models.answers import AnswerSet
 from vismech.models.vlm import VLM, Batch
 
 
-def lm_inputs(vlm: VLM, batch: Batch, logits: bool = True) -> tuple[LMInputs, torch.Tensor | None]:
+def lm_inputs(vlm: VLM, batch: Batch, logits: bool = True, keys: bool = False
+              ) -> tuple[LMInputs, torch.Tensor | None]:
     """Run ``batch`` once; return the language model's inputs (all of them: ``hooks.capture_lm_inputs``) and the
     clean last-token logits of that full forward; with ``logits=False``, None, and the forward stops where the
-    language model would start (the vision tower and the embeddings run, the text backbone does not)."""
+    language model would start (the vision tower and the embeddings run, the text backbone does not). With
+    ``keys``, the forward also keeps every layer's keys and values (``LMInputs.kv``), so that a prefix cache is
+    cut from it instead of running the text backbone on the prefix again (``prefix_cache``)."""
+    kv = None
     with hooks.capture_lm_inputs(vlm, stop=not logits) as got:
         try:
-            out = vlm.logits(batch)
+            out, kv = _logits_and_kv(vlm, batch) if keys else (vlm.logits(batch), None)
         except hooks.StopForward:
             out = None
-    return LMInputs(dict(got), len(batch), dict(vlm.family.packed_inputs)), out
+    return LMInputs(dict(got), len(batch), dict(vlm.family.packed_inputs), kv), out
+
+
+def _logits_and_kv(vlm: VLM, batch: Batch) -> tuple[torch.Tensor, list | None]:
+    """The full forward's last-token logits and its cache's keys and values: None where the model takes no cache
+    argument or its cache did not keep every position of every layer (then ``prefix_cache`` runs the prefix)."""
+    from transformers import DynamicCache
+
+    try:
+        out = vlm.model(**vlm.to_device(batch.inputs), logits_to_keep=1, use_cache=True,
+                        **{_cache_kwarg(vlm.model): DynamicCache()})
+    except TypeError:  # no cache argument: the plain forward
+        return vlm.logits(batch), None
+    kv = _cache_kv(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
+    if len(kv) != vlm.n_layers or any(k.shape[2] != batch.length for k, _ in kv):
+        kv = None
+    return out.logits[:, -1].float(), kv
+
+
+def _cache_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's (keys, values) of an HF cache."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))  # older transformers
 
 
 def replay_tolerance(dtype: torch.dtype) -> float:
@@ -127,18 +154,17 @@ def _cache_kwarg(lm) -> str:
 
 @torch.no_grad()
 def prefix_cache(vlm: VLM, inp: LMInputs, p0: int) -> PrefixCache:
-    """Run the text backbone on positions [0, p0) and keep their keys and values (every one: a cache the model made
-    itself would keep only a sliding window's worth in its local layers, which the replayed masks do not expect)."""
+    """Keys and values of positions [0, p0): cut from the clean forward's (``inp.kv``, ``lm_inputs(keys=True)``;
+    under causal attention a position's keys and values do not depend on later positions), else from a run of the
+    text backbone on the prefix (every position kept: a cache the model made itself would keep only a sliding
+    window's worth in its local layers, which the replayed masks do not expect)."""
     from transformers import DynamicCache
 
+    if inp.kv is not None:
+        return PrefixCache(p0, [(k[:, :, :p0].contiguous(), v[:, :, :p0].contiguous()) for k, v in inp.kv])
     lm = hooks.language_model(vlm)
     out = lm(**inp.positions(0, p0), use_cache=True, **{_cache_kwarg(lm): DynamicCache()})
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    if hasattr(cache, "layers"):
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-    else:  # older transformers
-        kv = list(zip(cache.key_cache, cache.value_cache))
-    return PrefixCache(p0, kv)
+    return PrefixCache(p0, _cache_kv(getattr(out, "cache", None) or getattr(out, "past_key_values", None)))
 
 
 @torch.no_grad()
@@ -276,7 +302,7 @@ def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forw
     rows, pos = _row_positions(positions)
     setup = _SETUPS[-1].get(key) if _SETUPS else None
     if setup is None:
-        inp, full = lm_inputs(vlm, clean)
+        inp, full = lm_inputs(vlm, clean, keys=use_cache)
         p0 = inp.causal_start(int(pos.min())) if use_cache else 0
         shared = None
         with replay_errors(vlm):
@@ -286,6 +312,7 @@ def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forw
             # the self-check: this run's engine, unedited, against the full forward
             check_replay(vlm, full, cascade.run(vlm, shared, [0], tail) if shared
                          else lm_logits(vlm, inp, prefix, tail))
+        inp.kv = None  # the prefix holds what is needed of it
         setup = (inp, prefix, shared, clean, p0, given)  # the objects of the key are kept alive with it
         if _SETUPS:
             _SETUPS[-1][key] = setup

@@ -46,6 +46,9 @@ class LMInputs:
     tensors: dict[str, Any]
     rows: int
     packed: dict[str, str] = field(default_factory=dict)
+    #: every layer's keys and values [rows, kv heads, length, dim] of the forward the inputs were captured from
+    #: (``patching.lm_inputs(keys=True)``), where its cache kept every position; not carried by cuts of the inputs
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
     @property
     def length(self) -> int:
