@@ -11,6 +11,8 @@
 #                                            # LLaVA-1.5-7B, and the newer families Qwen3-VL-8B and Gemma-3-12B
 #                                            # (ONLY_7B=1: the first two alone)
 #   bash benchmarks/gpu_session.sh counting  # Qwen2.5-VL-7B: counting-ablation's settings now vs before
+#   bash benchmarks/gpu_session.sh ab        # prefix cut from the clean forward, low-precision attention products:
+#                                            # each against its alternative in one process (Qwen-7B, LLaVA-7B)
 # Each stage stays under the 10-minute limit of one device command (sum of its limits + exits).
 #
 # Random weights of the published architectures (random:PRESET), bf16 unless noted; fp32 runs check fast == naive
@@ -81,5 +83,11 @@ case "${1:-cma}" in
     step counting_qwen7b_fp32 150 benchmarks/counting.py --model random:Qwen2.5-VL-7B --device cuda --dtype fp32 \
       --n 8 --batch-size 8 --max-new-tokens 24
     ;;
-  *) echo "usage: gpu_session.sh cma|families|large|edits|runall|sweeps|counting" >&2; exit 2 ;;
+  ab)  # about 4 min
+    step ab_qwen7b_bf16 120 benchmarks/setup_ab.py --model random:Qwen2.5-VL-7B --device cuda --dtype bf16 \
+      --condition id_selection
+    step ab_llava7b_bf16 150 benchmarks/setup_ab.py --model random:LLaVA-1.5-7B --device cuda --dtype bf16 \
+      --condition id_retrieval
+    ;;
+  *) echo "usage: gpu_session.sh cma|families|large|edits|runall|sweeps|counting|ab" >&2; exit 2 ;;
 esac
