@@ -34,8 +34,6 @@ feature layer coloured and marked by target object, separability by layer).
 from __future__ import annotations
 
 import contextlib
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -156,12 +154,12 @@ def run(ctx: Context) -> dict:
     last = acts.last()
     L = acts.n_layers
     table, ratios, scores = [], [], []
-    # layers are independent: fitted on a thread pool (BLAS and the optimiser's core release the GIL), in order;
-    # the BLAS thread limit is set once around the pool (a per-fit limit would be restored out of order)
-    with ctx.progress(L, "pca layers") as update, blas_threads(ctx.opt("blas_threads")), \
-            ThreadPoolExecutor(min(L, os.cpu_count() or 1)) as pool:
-        for s, ratio, out in pool.map(lambda layer: layer_scores(last[layer], labels, folds, ctx.seed),
-                                      range(L)):
+    # layer by layer, in one thread: the probe's optimiser holds the GIL between its many small products, so a
+    # thread pool over layers made this step 2-3x slower on a 16-core GPU host (32-44 s against 19 s in `run all`
+    # on Qwen2.5-VL-7B; benchmarks/README.md), though 1.2x faster on 2 cores
+    with ctx.progress(L, "pca layers") as update, blas_threads(ctx.opt("blas_threads")):
+        for layer in range(L):
+            s, ratio, out = layer_scores(last[layer], labels, folds, ctx.seed)
             table.append(out)
             ratios.append(ratio)
             scores.append(s.astype(np.float32))  # [n, 2] per layer: small
