@@ -1,8 +1,9 @@
 """Benchmark: one CMA condition as `run cma` runs it (baseline, scores, re-paired null), with and without each of
-two engine choices, interleaved in one process: the prefix cache cut from the clean forward's keys and values
-(``patching.lm_inputs(keys=True)``) against a separate run of the prefix, and the shared-prefix attention's products
+three engine choices, interleaved in one process: the prefix cache cut from the clean forward's keys and values
+(``patching.lm_inputs(keys=True)``) against a separate run of the prefix; the shared-prefix attention's products
 in the model's precision with float32 accumulation (``cascade_attention(low=True)``, the CUDA default) against
-products in float32.
+products in float32; the patched rows' logits of the answers' token ids alone (``hooks.output_logits(vocab=...)``)
+against the whole vocabulary's.
 
     python benchmarks/setup_ab.py --model random:Qwen2.5-VL-7B --device cuda --dtype bf16   # GPU
     python benchmarks/setup_ab.py --model tiny:qwen2_5_vl --pairs 4                          # smoke (CPU)
@@ -27,23 +28,25 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     vlm = bench_args.model(args)
     pairs = cma_pairs(args.condition, args.pairs, seed=0, grid=(3, 3))
-    real_inputs, real_attention = patching.lm_inputs, cascade.cascade_attention
+    real_inputs, real_attention, real_reader = patching.lm_inputs, cascade.cascade_attention, patching._reader
 
-    def variant(keys: bool, low: bool | None):
+    def variant(keys: bool, low: bool | None, part: bool = True):
         patching.lm_inputs = (real_inputs if keys else
                               lambda vlm, batch, logits=True, keys=False: real_inputs(vlm, batch, logits))
         cascade.cascade_attention = (real_attention if low is None else
                                      lambda *a, **k: real_attention(*a, **{**k, "low": low}))
+        patching._reader = real_reader if part else lambda *a: (*real_reader(*a)[:5], None)
 
-    variants = {"as shipped": (True, None), "prefix run again": (False, None), "float32 products": (True, False)}
+    variants = {"as shipped": (True, None), "prefix run again": (False, None), "float32 products": (True, False),
+                "whole vocabulary": (True, None, False)}
     times = {name: [] for name in variants}
     scores = {}
     try:
         variant(True, None)
         mediation.condition_scores(vlm, pairs[:4], args.condition, batch_size=4)  # warm-up
         for _ in range(args.repeats):
-            for name, (keys, low) in variants.items():
-                variant(keys, low)
+            for name, how in variants.items():
+                variant(*how)
                 if vlm.device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t0)
     finally:
-        patching.lm_inputs, cascade.cascade_attention = real_inputs, real_attention
+        patching.lm_inputs, cascade.cascade_attention, patching._reader = real_inputs, real_attention, real_reader
     base = min(times["as shipped"])
     print(f"{args.model} {args.dtype}, {args.condition}, {args.pairs} pairs, baseline + scores + null, best of "
           f"{args.repeats}:")

@@ -245,3 +245,30 @@ def test_greedy_hits_from_the_continuation_equal_teacher_forced_hits(family):
         assert got.tolist() == [want_row] * len(gen)
         assert torch.equal(got, vlm.score_answers(b, aset).greedy), (family, aset.rule)
     assert seq.greedy_from(ids, 2) is None  # a form of 3 tokens needs 3 generated ones
+
+
+def test_first_token_scores_from_the_answers_own_logits_equal_the_whole_vocabulary():
+    from vismech.engine import hooks
+    from vismech.models.answers import AnswerSet
+
+    seqs = [[[[3]], [[7], [9]]], [[[1]], [[4]]], [[[5], [6], [2]], [[8]]]]
+    aset = AnswerSet("first_token", seqs)
+    vocab = aset.vocab()
+    assert vocab.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    logits = torch.randn(3, 12, generator=torch.Generator().manual_seed(1)) * 3
+    full, part = aset.reduce(logits), aset.reduce(logits[:, vocab], vocab)
+    assert torch.equal(part.scores, full.scores) and part.greedy is None
+    seq = AnswerSet("sequence", [[[[3, 4]], [[7]]]])
+    assert seq.vocab() is None
+    with pytest.raises(ValueError, match="first-token"):
+        seq.reduce(torch.randn(len(seq.rows), 2, 12), torch.tensor([3, 4, 7]))
+    # the output projection's rows of those ids give those columns of the whole projection
+    vlm = tiny("qwen2_5_vl")
+    batch = vlm.encode(two_object_trials())
+    from vismech.engine import patching
+
+    inp, _ = patching.lm_inputs(vlm, batch)
+    out = hooks.language_model(vlm)(**inp.tensors, use_cache=False)
+    ids = torch.tensor([2, 5, 11])
+    whole = hooks.output_logits(vlm, out)
+    assert float((hooks.output_logits(vlm, out, vocab=ids) - whole[:, ids]).abs().max()) < 1e-6

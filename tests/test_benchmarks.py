@@ -67,8 +67,8 @@ def test_counting_benchmark_compares_with_the_old_passes():
 def test_setup_benchmark_times_the_engine_choices_with_equal_scores():
     p = _run(["benchmarks/setup_ab.py", "--model", "tiny:qwen2_5_vl", "--pairs", "4", "--repeats", "1"])
     assert p.returncode == 0, p.stderr[-2000:]
-    lines = {name: line for name in ("as shipped", "prefix run again", "float32 products")
+    lines = {name: line for name in ("as shipped", "prefix run again", "float32 products", "whole vocabulary")
              for line in p.stdout.splitlines() if line.strip().startswith(name)}
-    assert len(lines) == 3 and all("x the shipped time" in line for line in lines.values())
+    assert len(lines) == 4 and all("x the shipped time" in line for line in lines.values())
     diffs = [float(line.split("largest score difference ")[1].split(";")[0]) for line in lines.values()]
     assert max(diffs) < 1e-4

@@ -126,11 +126,11 @@ def test_out_of_memory_halves_the_stacked_heads_and_gives_the_same_result(monkey
     ref = patching.head_patch(vlm, clean, src, pos, tid, rows_per_forward=12)
     real, sizes = patching._rows_forward, []
 
-    def flaky(vlm_, inp, prefix, shared, starts, tail):
+    def flaky(vlm_, inp, prefix, shared, starts, tail, vocab=None):
         sizes.append(len(starts) * len(clean))
         if len(starts) > 4:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(vlm_, inp, prefix, shared, starts, tail)
+        return real(vlm_, inp, prefix, shared, starts, tail, vocab)
 
     monkeypatch.setattr(patching, "_rows_forward", flaky)
     out = patching.head_patch(vlm, clean, src, pos, tid, rows_per_forward=12)

@@ -167,12 +167,13 @@ def _attend(sp: SharedPrefix):
 
 
 @torch.no_grad()
-def run(vlm, sp: SharedPrefix, starts: list[int], tail: int = 1, record: dict | None = None) -> torch.Tensor:
+def run(vlm, sp: SharedPrefix, starts: list[int], tail: int = 1, record: dict | None = None,
+        vocab: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of the last position(s) of ``len(starts)`` row blocks (block j = rows j*B..(j+1)*B-1, one per pair),
     block j joining at layer ``starts[j]`` (non-decreasing) from the clean suffix there. Edits registered by the
     caller (``hooks.intervene``, rows and positions relative to the suffix) apply as usual. With ``record`` (a
     dict) the rows' layer inputs and rotary tables are stored into it (the clean pass). Returns [rows, vocab] or
-    [rows, tail, vocab], float32."""
+    [rows, tail, vocab], float32 (with ``vocab``, token ids: those columns only, ``hooks.output_logits``)."""
     if any(b < a for a, b in zip(starts, starts[1:])):
         raise ValueError("row blocks must be ordered by the layer they join at")
     first = starts[0]
@@ -204,7 +205,7 @@ def run(vlm, sp: SharedPrefix, starts: list[int], tail: int = 1, record: dict | 
         inputs["position_ids"] = _repeat_rows(pos, joined[first], _batch_dim("position_ids", pos))
     with hooks.layer_inputs(vlm, join), hooks.attention_function(vlm, _attend(sp)), _layers_from(vlm, first) as lm:
         out = lm(**inputs, use_cache=False)
-    return hooks.output_logits(vlm, out, tail)
+    return hooks.output_logits(vlm, out, tail, vocab)
 
 
 @torch.no_grad()

@@ -168,9 +168,11 @@ def prefix_cache(vlm: VLM, inp: LMInputs, p0: int) -> PrefixCache:
 
 
 @torch.no_grad()
-def lm_logits(vlm: VLM, inp: LMInputs, prefix: PrefixCache | None = None, tail: int = 1) -> torch.Tensor:
+def lm_logits(vlm: VLM, inp: LMInputs, prefix: PrefixCache | None = None, tail: int = 1,
+              vocab: torch.Tensor | None = None) -> torch.Tensor:
     """Last-token logits [rows, vocab] (float32) from the text backbone alone, optionally after a cached prefix;
-    with ``tail`` > 1 the logits of the last ``tail`` positions, [rows, tail, vocab]."""
+    with ``tail`` > 1 the logits of the last ``tail`` positions, [rows, tail, vocab]; with ``vocab`` (token ids)
+    only those columns."""
     lm = hooks.language_model(vlm)
     if prefix is None:
         out = lm(**inp.tensors, use_cache=False)
@@ -178,21 +180,28 @@ def lm_logits(vlm: VLM, inp: LMInputs, prefix: PrefixCache | None = None, tail: 
         suf = inp.positions(prefix.p0, inp.length)
         r = inp.rows // prefix.kv[0][0].shape[0]
         out = lm(**suf, use_cache=True, **{_cache_kwarg(lm): prefix.expand(r)})
-    return hooks.output_logits(vlm, out, tail)
+    return hooks.output_logits(vlm, out, tail, vocab)
 
 
 def _reader(vlm: VLM, clean: Batch, source_z, positions, token_ids):
-    """(batch, source values, positions, tail, read) for patching: ``read(logits)`` -> [B, K] per patched run.
-    With an AnswerSet the batch becomes its scoring rows (source values and positions follow their rows)."""
+    """(batch, source values, positions, tail, read, vocab) for patching: ``read(logits, vocab=None)`` -> [B, K]
+    per patched run, from logits of the whole vocabulary or of the token ids ``vocab`` alone (sorted; None where
+    reading needs every logit: a ``sequence`` answer set's log-probabilities). With an AnswerSet the batch becomes
+    its scoring rows (source values and positions follow their rows)."""
     if not isinstance(token_ids, AnswerSet):
-        return clean, source_z, positions, 1, lambda logits: logits.gather(1, token_ids.to(logits.device))
+        def read(logits, vocab=None):
+            ids = token_ids.to(logits.device)
+            return logits.gather(1, ids if vocab is None else torch.searchsorted(vocab.to(logits.device), ids))
+
+        return clean, source_z, positions, 1, read, torch.unique(token_ids)
     aset = token_ids
     if aset.rule == "sequence":
         src = aset.row_source
         clean = aset.expand(vlm, clean)
         source_z = {l: v[src] for l, v in source_z.items()}
         positions = [positions[b] for b in src]
-    return clean, source_z, positions, aset.tail, lambda logits: aset.reduce(logits).scores
+    return clean, source_z, positions, aset.tail, lambda logits, vocab=None: aset.reduce(logits, vocab).scores, \
+        aset.vocab()
 
 
 def pad_positions(positions: list[list[int]]) -> tuple[list[list[int]], list[int]]:
@@ -283,12 +292,13 @@ def reused_setup():
         _SETUPS.pop()
 
 
-def _rows_forward(vlm: VLM, inp: LMInputs, prefix: PrefixCache | None, shared, starts: list[int], tail: int):
+def _rows_forward(vlm: VLM, inp: LMInputs, prefix: PrefixCache | None, shared, starts: list[int], tail: int,
+                  vocab: torch.Tensor | None = None):
     """One forward of the stacked rows: by the shared-prefix engine when ``shared`` is set, else by the engine that
-    gives every row its own copy of the prefix cache (or none)."""
+    gives every row its own copy of the prefix cache (or none); logits of ``vocab``'s token ids only, if given."""
     if shared is not None:
-        return cascade.run(vlm, shared, starts, tail)
-    return lm_logits(vlm, inp.repeat(len(starts)), prefix, tail)
+        return cascade.run(vlm, shared, starts, tail, vocab=vocab)
+    return lm_logits(vlm, inp.repeat(len(starts)), prefix, tail, vocab)
 
 
 def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forward, progress, mode, scale,
@@ -296,7 +306,7 @@ def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forw
     K = token_ids.k if isinstance(token_ids, AnswerSet) else token_ids.shape[1]
     key = (id(vlm), id(clean), id(token_ids), tuple(map(tuple, positions)), use_cache, shared_prefix)
     given = (clean, token_ids)
-    clean, source_z, positions, tail, read = _reader(vlm, clean, source_z, positions, token_ids)
+    clean, source_z, positions, tail, read, vocab = _reader(vlm, clean, source_z, positions, token_ids)
     per_row = len(positions[0])
     B = len(clean)
     rows, pos = _row_positions(positions)
@@ -335,7 +345,7 @@ def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forw
             before = torch.cuda.memory_allocated(vlm.device)  # measured cost an upper bound (smaller chunks)
         try:
             with hooks.intervene(vlm, edits):
-                logits = _rows_forward(vlm, inp, prefix, shared, [layer for layer, _ in chunk], tail)
+                logits = _rows_forward(vlm, inp, prefix, shared, [layer for layer, _ in chunk], tail, vocab)
         except RuntimeError as e:
             if not is_oom(e) or r == 1:
                 raise
@@ -343,7 +353,7 @@ def _head_patch(vlm, clean, source_z, positions, token_ids, heads, rows_per_forw
             r, measure = max(1, r // 2), False
             continue
         for j, i in enumerate(idx):  # the lm head may sit on another GPU than the inputs (device_map)
-            out[i] = read(logits[j * B:(j + 1) * B]).cpu()
+            out[i] = read(logits[j * B:(j + 1) * B], vocab).cpu()
         if measure:  # size the next chunks from the first one's measured peak and the memory free now
             per_head = (torch.cuda.max_memory_allocated(vlm.device) - before) / len(chunk)
             r, measure = rows_from_memory(free_bytes(vlm.device), per_head, r), False
@@ -360,7 +370,7 @@ def naive_head_patch(vlm: VLM, clean: Batch, source_z: dict[int, torch.Tensor], 
     heads = heads if heads is not None else [(l, h) for l in range(vlm.n_layers) for h in range(vlm.n_heads)]
     K = token_ids.k if isinstance(token_ids, AnswerSet) else token_ids.shape[1]
     n = len(token_ids.seqs) if isinstance(token_ids, AnswerSet) else len(clean)
-    clean, source_z, positions, tail, read = _reader(vlm, clean, source_z, positions, token_ids)
+    clean, source_z, positions, tail, read, _ = _reader(vlm, clean, source_z, positions, token_ids)
     rows, pos = _row_positions(positions)
     B, per_row = len(clean), len(positions[0])
     out = torch.empty(len(heads), n, K)

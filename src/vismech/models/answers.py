@@ -82,10 +82,11 @@ def decide_rule(tokenizer, task: str, text: str) -> str:
 
 @dataclass
 class AnswerScores:
-    """Scores [B, K] (log-probabilities, or logits under ``first_token``) and greedy hits [B, K] of K answers."""
+    """Scores [B, K] (log-probabilities, or logits under ``first_token``) and greedy hits [B, K] of K answers (None
+    where only the answers' own logits were computed: ``AnswerSet.reduce(vocab=...)``)."""
 
     scores: torch.Tensor
-    greedy: torch.Tensor
+    greedy: torch.Tensor | None
 
 
 @dataclass
@@ -187,27 +188,43 @@ class AnswerSet:
                                                           torch.tensor(slot)))
         return cache[device]
 
-    def reduce(self, logits: torch.Tensor) -> AnswerScores:
+    def vocab(self) -> torch.Tensor | None:
+        """The token ids scoring reads (sorted), where they are all it needs: under ``first_token`` the answers'
+        first tokens (a patched run then needs only those logits: ``reduce(..., vocab)``); None under
+        ``sequence``, whose log-probabilities need the whole vocabulary."""
+        if self.rule != "first_token":
+            return None
+        return torch.tensor(sorted({s[0] for row in self.seqs for c in row for s in c}), dtype=torch.long)
+
+    def reduce(self, logits: torch.Tensor, vocab: torch.Tensor | None = None) -> AnswerScores:
         """Scores and greedy hits [B, K] from the scoring rows' logits: [rows, vocab] (the last position) or
         [rows, tail, vocab] (the last ``tail`` positions). A candidate's score is the log-sum-exp over its forms of
         the form's summed token scores; it is a greedy hit when every token of one of its forms is the arg-max.
-        One gather for the whole batch (no per-row work on the host)."""
+        One gather for the whole batch (no per-row work on the host). With ``vocab`` (``self.vocab()``) the logits
+        are those of these token ids only, [rows, len(vocab)]: the scores are the same, and the greedy hits, which
+        need every logit, are None."""
         if logits.dim() == 2:
             logits = logits[:, None]
         logits = logits.float()
         logp = logits if self.rule == "first_token" else torch.log_softmax(logits, -1)
-        top = logits.argmax(-1)
         rows, tok, valid, owner, slot = self._index(logits.device)
+        if vocab is not None:
+            if self.rule != "first_token":
+                raise ValueError("only first-token scoring reads a part of the vocabulary")
+            tok = torch.searchsorted(vocab.to(logits.device), tok).clamp(max=logits.shape[-1] - 1)
         at = torch.arange(tok.shape[1], device=logits.device).expand_as(tok)
         r = rows[:, None].expand_as(tok)
         vals = torch.where(valid, logp[r, at.clamp(max=logp.shape[1] - 1), tok], 0.0).sum(-1)
-        hits = ((top[r, at.clamp(max=top.shape[1] - 1)] == tok) | ~valid).all(-1)
         B, K = len(self.seqs), self.k
         per = torch.full((B * K, int(slot.max()) + 1), float("-inf"), device=logits.device)
         per[owner, slot] = vals
+        scores = torch.where(torch.isinf(per[:, 1:]).all(-1), per[:, 0], torch.logsumexp(per, -1))
+        if vocab is not None:
+            return AnswerScores(scores.view(B, K).cpu(), None)
+        top = logits.argmax(-1)
+        hits = ((top[r, at.clamp(max=top.shape[1] - 1)] == tok) | ~valid).all(-1)
         got = torch.zeros(B * K, dtype=torch.int8, device=logits.device).scatter_reduce(0, owner, hits.to(torch.int8),
                                                                                          "amax")
-        scores = torch.where(torch.isinf(per[:, 1:]).all(-1), per[:, 0], torch.logsumexp(per, -1))
         return AnswerScores(scores.view(B, K).cpu(), got.view(B, K).bool().cpu())
 
 
