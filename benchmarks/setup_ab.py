@@ -1,5 +1,5 @@
 """Benchmark: one CMA condition as `run cma` runs it (baseline, scores, re-paired null), with and without each of
-three engine choices, interleaved in one process: the prefix cache cut from the clean forward's keys and values
+three engine choices, interleaved in one process (the order turning each round): the prefix cache cut from the clean forward's keys and values
 (``patching.lm_inputs(keys=True)``) against a separate run of the prefix; the shared-prefix attention's products
 in the model's precision with float32 accumulation (``cascade_attention(low=True)``, the CUDA default) against
 products in float32; the patched rows' logits of the answers' token ids alone (``hooks.output_logits(vocab=...)``)
@@ -44,8 +44,10 @@ def main(argv=None) -> int:
     try:
         variant(True, None)
         mediation.condition_scores(vlm, pairs[:4], args.condition, batch_size=4)  # warm-up
-        for _ in range(args.repeats):
-            for name, how in variants.items():
+        names = list(variants)
+        for rep in range(args.repeats):  # the order turns each round, so no variant always runs first
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                how = variants[name]
                 variant(*how)
                 if vlm.device.type == "cuda":
                     torch.cuda.synchronize()
