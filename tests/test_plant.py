@@ -443,3 +443,41 @@ def test_gathering_share_targets_a_sum_of_the_mentions(vlm, capsys, tmp_path):
         assert code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "gathering" in err[0] and not (tmp_path / "o").exists()
+
+
+def test_cell_code_probe_reads_nine_cells_along_fixed_directions(vlm, capsys, tmp_path):
+    """With ``cell_code`` the position probe scores each of the 9 cells along a fixed orthonormal direction (never
+    trained) times one learned scale; its loss is the 9-way cross-entropy of the object's cell (checked by hand on
+    the step's features), only the scale of the probe trains, a set probe follows it, and the card and the command
+    line carry the option."""
+    from vismech.organism.card import reproduce_command
+
+    spec = plant.PlantSpec(**{**SPEC.__dict__, "cell_code": True})
+    probe = plant.make_probe(vlm, spec)
+    d = probe.directions
+    assert d.shape == (9, 32) and torch.allclose(d @ d.T, torch.eye(9), atol=1e-5)
+    assert [n for n, _ in probe.named_parameters()] == ["log_scale"]
+    assert torch.equal(plant.make_probe(vlm, spec).directions, d)  # the same directions every time
+    with_set = plant.make_probe(vlm, plant.PlantSpec(**{**spec.__dict__, "weights": spec.weights + (("set_probe", 1.0),)}))
+    assert with_set.out_features == 18 and with_set(torch.randn(2, 32)).shape == (2, 18)
+    plan = pb.step_plan(spec, 9, 1, 3)
+    b = pb.batch_of(vlm, spec, plan, "<|im_end|>", 0)
+    loss, m = plant.plant_loss(vlm, spec, probe, b)
+    with torch.no_grad():
+        resid = plant.clean_forward(vlm, spec, b)[3]  # the residual stream after the probe layer
+    feats = resid[b["probe_where"][:, 0], b["probe_where"][:, 1]].float()
+    cell = b["probe_cell"][:, 0] * 3 + b["probe_cell"][:, 1]
+    want = torch.nn.functional.cross_entropy(feats @ d.T, cell)  # scale exp(0) = 1
+    assert float(m["loss_probe"]) == pytest.approx(float(want), rel=1e-4)
+    only = plant.PlantSpec(**{**spec.__dict__, "weights": tuple((t, 1.0 if t == "probe" else 0.0)
+                                                                  for t in plant.LOSS_TERMS)})
+    plant.plant_loss(vlm, only, probe, b)[0].backward()
+    assert probe.log_scale.grad is not None and probe.directions.grad is None
+    info = {"arch": "qwen2_5_vl", "out": "o", "planned_steps": 1, "seed": 0, "batch_size": 1, "lr": 0.001,
+            "plant": spec, "device": "cuda"}
+    assert " --plant-cell-code" in reproduce_command(info)
+    from vismech.app.cli import main
+
+    assert main(["train-organism", "--arch", "qwen2_5_vl", "--out", str(tmp_path / "o"), "--plant-cell-code"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--plant ids" in err[0] and not (tmp_path / "o").exists()

@@ -49,9 +49,9 @@ def cmd_train_organism(args) -> int:
     if args.early_steps:
         kw["early"] = (args.early_steps, reweighted(weights(args.early_weight, "--early-weight"), kw["mixture"]))
     if (args.plant_weight or args.plant_full_scenes is not None or args.plant_split_gathering
-            or args.plant_heads or args.plant_gathering_share) and not args.plant:
-        raise UserError("--plant-weight, --plant-full-scenes, --plant-split-gathering, --plant-gathering-share and "
-                        "--plant-heads set options of planting: give --plant ids too")
+            or args.plant_heads or args.plant_gathering_share or args.plant_cell_code) and not args.plant:
+        raise UserError("--plant-weight, --plant-full-scenes, --plant-split-gathering, --plant-gathering-share, "
+                        "--plant-cell-code and --plant-heads set options of planting: give --plant ids too")
     if args.plant:
         from vismech.organism.plant import PlantSpec
 
@@ -59,7 +59,8 @@ def cmd_train_organism(args) -> int:
         w.update(weights(args.plant_weight, "--plant-weight"))
         full = {} if args.plant_full_scenes is None else {"full_scenes": args.plant_full_scenes}
         kw["plant"] = PlantSpec(weights=tuple(w.items()), split_gathering=args.plant_split_gathering, **full,
-                                gathering_share=args.plant_gathering_share or 0.0, **plant_heads(args.plant_heads))
+                                gathering_share=args.plant_gathering_share or 0.0, cell_code=args.plant_cell_code,
+                                **plant_heads(args.plant_heads))
     if args.snapshots == "analysis":
         from vismech.organism.snapshot import AnalysisSnapshot
 
@@ -141,6 +142,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    default=None, metavar="S", help="with --plant ids: each gathered mention gets this share of a "
                    "gathering head's attention and the first token the rest (a sum of the described IDs, not their "
                    "mean; at most 1/8)")
+    s.add_argument("--plant-cell-code", action="store_true", help="with --plant ids: the position probe reads each "
+                   "cell of the grid along a fixed direction of its own (nine IDs) instead of rows and columns with "
+                   "trained weights (which the organisms satisfied with a planar map of the grid)")
     s.add_argument("--plant-heads", action="append", metavar="STAGE=L:H,...", help="with --plant ids: the heads "
                    "declared for one stage (binding, retrieval, gathering, selection, features) instead of the "
                    "default, e.g. gathering=3:0,3:1,3:2,3:3; repeatable")

@@ -49,6 +49,8 @@ def reproduce_command(info: dict) -> str:
             cmd += " --plant-split-gathering"
         if info["plant"].gathering_share:
             cmd += f" --plant-gathering-share {info['plant'].gathering_share:g}"
+        if info["plant"].cell_code:
+            cmd += " --plant-cell-code"
         for stage in COMPONENTS:
             heads = getattr(info["plant"], stage)
             if heads != getattr(PlantSpec(), stage):

@@ -29,7 +29,10 @@ Method (one training step; ``PlantSpec`` holds the heads and weights):
    the object's row and column: the language model must write a content-free position code into the image tokens
    that retrieval, selection and feature heads can read. (The Qwen2.5-VL vision tower cannot: with 2-D rotary
    positions only, a plain background gives it no absolute position, so the code comes from the language model's
-   M-RoPE.) The probe is discarded after training.
+   M-RoPE.) The probe is discarded after training. A row-and-column probe is satisfied by a planar map of the
+   cells, and that is what both planted organisms learned (their cell codes span two dimensions, same-row
+   neighbours alike: ``docs/organism-ids.md``); with ``cell_code`` the probe instead reads each of the nine cells
+   along a fixed direction of its own (``CellProbe``), which asks for nine distinct IDs.
 7. A linear *set probe* (with a ``set_probe`` weight; 0 in the default spec) on the residual stream entering the
    selection layer at every naming position predicts, for each cell, whether a mention gathered there names it:
    the described set made linearly explicit where the selection heads' queries read it (with eight objects
@@ -83,6 +86,9 @@ class PlantSpec:
     # > 0: each gathered mention gets this share of a gathering head's attention and the first token the rest, so
     # the heads pass on the sum of the described IDs (scaled), not their mean, whose size falls as 1/k
     gathering_share: float = 0.0
+    # the position probe reads the 9 cells along fixed orthonormal directions (``CellProbe``) instead of rows and
+    # columns with trained weights: an ID per cell rather than a planar map of the grid
+    cell_code: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.gathering_share <= 1 / 8:
@@ -241,13 +247,20 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
     losses["attention"] = torch.stack(att_terms).mean()
     feats = resid[batch["probe_where"][:, 0], batch["probe_where"][:, 1]].float()
     cells = batch["probe_cell"]
-    row_logits, col_logits = probe(feats)[:, :6].split(3, -1)
-    losses["probe"] = (torch.nn.functional.cross_entropy(row_logits, cells[:, 0])
-                       + torch.nn.functional.cross_entropy(col_logits, cells[:, 1]))
-    metrics["probe_acc"] = ((row_logits.argmax(-1) == cells[:, 0]) & (col_logits.argmax(-1) == cells[:, 1])).float().mean()
+    width = _position_width(spec)
+    if spec.cell_code:  # one of nine cells
+        cell_logits, cell = probe(feats)[:, :width], cells[:, 0] * 3 + cells[:, 1]
+        losses["probe"] = torch.nn.functional.cross_entropy(cell_logits, cell)
+        metrics["probe_acc"] = (cell_logits.argmax(-1) == cell).float().mean()
+    else:  # its row and its column
+        row_logits, col_logits = probe(feats)[:, :width].split(3, -1)
+        losses["probe"] = (torch.nn.functional.cross_entropy(row_logits, cells[:, 0])
+                           + torch.nn.functional.cross_entropy(col_logits, cells[:, 1]))
+        metrics["probe_acc"] = ((row_logits.argmax(-1) == cells[:, 0])
+                                & (col_logits.argmax(-1) == cells[:, 1])).float().mean()
     if spec.weight("set_probe"):  # which cells the gathered mentions name, read linearly where selection reads
         sw, want = batch["set_where"], batch["set_cells"].float()
-        set_logits = probe(z_a["set_resid"][sw[:, 0], sw[:, 1], 0].float())[:, 6:]
+        set_logits = probe(z_a["set_resid"][sw[:, 0], sw[:, 1], 0].float())[:, width:]
         losses["set_probe"] = torch.nn.functional.binary_cross_entropy_with_logits(set_logits, want)
         metrics["set_probe_acc"] = ((set_logits > 0) == (want > 0.5)).all(-1).float().mean()
     inv = batch.get("inv_where")
@@ -295,12 +308,39 @@ def ground_truth(spec: PlantSpec):
         method=METHOD)
 
 
+def _position_width(spec: PlantSpec | None) -> int:
+    """The position probe's outputs: 9 cells with ``cell_code``, else 3 rows and 3 columns."""
+    return 9 if spec is not None and spec.cell_code else 6
+
+
+class CellProbe(torch.nn.Module):
+    """The position probe of ``PlantSpec.cell_code``: cell c of a 3x3 grid is read along direction c of nine
+    orthonormal directions of the residual stream, drawn once from a fixed seed and never trained, times one
+    learned scale; its cross-entropy is low only where each cell's code points its own way (nine IDs, not a planar
+    map). With ``set_probe``, a linear set probe follows (outputs 9-17)."""
+
+    def __init__(self, hidden: int, set_probe: bool = False):
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(hidden, 9, generator=torch.Generator().manual_seed(0)))
+        self.register_buffer("directions", q.T.contiguous())  # [9, hidden], orthonormal rows
+        self.log_scale = torch.nn.Parameter(torch.zeros(()))
+        self.set = torch.nn.Linear(hidden, 9) if set_probe else None
+        self.out_features = 18 if set_probe else 9
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cells = x @ self.directions.T * self.log_scale.exp()
+        return cells if self.set is None else torch.cat([cells, self.set(x)], -1)
+
+
 def make_probe(vlm: VLM, spec: PlantSpec | None = None) -> torch.nn.Module:
-    """The auxiliary probes, fp32: outputs 0-5 the position probe (row and column of a 3x3 grid from the residual
-    stream after ``probe_layer``); with a ``set_probe`` weight, outputs 6-14 the set probe (for each cell of a 3x3
-    grid, whether a mention gathered at a naming position names it, from the residual stream entering the selection
-    layer)."""
-    return torch.nn.Linear(vlm.text_config.hidden_size, 15 if spec is not None and spec.weight("set_probe") else 6)
+    """The auxiliary probes, fp32: first the position probe on the residual stream after ``probe_layer`` (outputs
+    0-5, the row and column of a 3x3 grid; with ``cell_code``, outputs 0-8, its cell: ``CellProbe``); then, with a
+    ``set_probe`` weight, the set probe (for each cell of a 3x3 grid, whether a mention gathered at a naming position
+    names it, from the residual stream entering the selection layer)."""
+    hidden, with_set = vlm.text_config.hidden_size, spec is not None and bool(spec.weight("set_probe"))
+    if spec is not None and spec.cell_code:
+        return CellProbe(hidden, with_set)
+    return torch.nn.Linear(hidden, 15 if with_set else 6)
 
 
 def set_layer(spec: PlantSpec) -> int:
