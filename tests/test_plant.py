@@ -446,10 +446,10 @@ def test_gathering_share_targets_a_sum_of_the_mentions(vlm, capsys, tmp_path):
 
 
 def test_cell_code_probe_reads_nine_cells_along_fixed_directions(vlm, capsys, tmp_path):
-    """With ``cell_code`` the position probe scores each of the 9 cells along a fixed orthonormal direction (never
-    trained) times one learned scale; its loss is the 9-way cross-entropy of the object's cell (checked by hand on
-    the step's features), only the scale of the probe trains, a set probe follows it, and the card and the command
-    line carry the option."""
+    """With ``cell_code`` the position probe projects on 9 fixed orthonormal directions (never trained), normalises,
+    and scales by one learned temperature; its loss is the 9-way cross-entropy of the object's cell (checked by hand
+    on the step's features); one-hot codes along the directions score best and a planar code cannot match them; only
+    the scale of the probe trains, a set probe follows it, and the card and the command line carry the option."""
     from vismech.organism.card import reproduce_command
 
     spec = plant.PlantSpec(**{**SPEC.__dict__, "cell_code": True})
@@ -467,8 +467,17 @@ def test_cell_code_probe_reads_nine_cells_along_fixed_directions(vlm, capsys, tm
         resid = plant.clean_forward(vlm, spec, b)[3]  # the residual stream after the probe layer
     feats = resid[b["probe_where"][:, 0], b["probe_where"][:, 1]].float()
     cell = b["probe_cell"][:, 0] * 3 + b["probe_cell"][:, 1]
-    want = torch.nn.functional.cross_entropy(feats @ d.T, cell)  # scale exp(0) = 1
+    logits = torch.nn.functional.normalize(feats @ d.T, dim=-1) * 10.0  # cosine logits at the initial scale
+    want = torch.nn.functional.cross_entropy(logits, cell)
     assert float(m["loss_probe"]) == pytest.approx(float(want), rel=1e-4)
+    # the nine directions themselves are read perfectly; the best planar map of the grid (any offset, any plane, here
+    # the grid's own coordinates mapped by least squares onto the one-hot targets) is not
+    ce = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        assert float(ce(probe(d * 5.0), torch.arange(9))) < 0.01
+        grid = torch.tensor([[r, c, 1.0] for r in range(3) for c in range(3)])
+        plane = grid @ torch.linalg.lstsq(grid, torch.eye(9)).solution  # [9 cells, 9 coordinates], rank 3
+        assert float(ce(probe(plane @ d * 50.0), torch.arange(9))) > 0.5
     only = plant.PlantSpec(**{**spec.__dict__, "weights": tuple((t, 1.0 if t == "probe" else 0.0)
                                                                   for t in plant.LOSS_TERMS)})
     plant.plant_loss(vlm, only, probe, b)[0].backward()

@@ -142,9 +142,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    default=None, metavar="S", help="with --plant ids: each gathered mention gets this share of a "
                    "gathering head's attention and the first token the rest (a sum of the described IDs, not their "
                    "mean; at most 1/8)")
-    s.add_argument("--plant-cell-code", action="store_true", help="with --plant ids: the position probe reads each "
-                   "cell of the grid along a fixed direction of its own (nine IDs) instead of rows and columns with "
-                   "trained weights (which the organisms satisfied with a planar map of the grid)")
+    s.add_argument("--plant-cell-code", action="store_true", help="with --plant ids: the position probe is a cosine "
+                   "classifier of the grid's nine cells over fixed orthogonal directions (nine IDs) instead of a "
+                   "trained row-and-column probe (which the organisms satisfied with a planar map of the grid)")
     s.add_argument("--plant-heads", action="append", metavar="STAGE=L:H,...", help="with --plant ids: the heads "
                    "declared for one stage (binding, retrieval, gathering, selection, features) instead of the "
                    "default, e.g. gathering=3:0,3:1,3:2,3:3; repeatable")

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -314,21 +315,23 @@ def _position_width(spec: PlantSpec | None) -> int:
 
 
 class CellProbe(torch.nn.Module):
-    """The position probe of ``PlantSpec.cell_code``: cell c of a 3x3 grid is read along direction c of nine
-    orthonormal directions of the residual stream, drawn once from a fixed seed and never trained, times one
-    learned scale; its cross-entropy is low only where each cell's code points its own way (nine IDs, not a planar
-    map). With ``set_probe``, a linear set probe follows (outputs 9-17)."""
+    """The position probe of ``PlantSpec.cell_code``: the residual stream is projected on nine orthonormal
+    directions (drawn once from a fixed seed, never trained), the projection is normalised, and cell c's logit is
+    its coordinate c times one learned scale (a cosine classifier). Without the normalisation a planar map of the
+    grid with offsets could be read out as well as nine IDs (a linear read-out of a plane separates a 3x3 grid);
+    with it, the cross-entropy is lowest where each cell's projection points along its own direction (orthogonal
+    codes). With ``set_probe``, a linear set probe follows (outputs 9-17)."""
 
     def __init__(self, hidden: int, set_probe: bool = False):
         super().__init__()
         q, _ = torch.linalg.qr(torch.randn(hidden, 9, generator=torch.Generator().manual_seed(0)))
         self.register_buffer("directions", q.T.contiguous())  # [9, hidden], orthonormal rows
-        self.log_scale = torch.nn.Parameter(torch.zeros(()))
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))  # a cosine classifier's usual temperature
         self.set = torch.nn.Linear(hidden, 9) if set_probe else None
         self.out_features = 18 if set_probe else 9
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cells = x @ self.directions.T * self.log_scale.exp()
+        cells = torch.nn.functional.normalize(x @ self.directions.T, dim=-1) * self.log_scale.exp()
         return cells if self.set is None else torch.cat([cells, self.set(x)], -1)
 
 
