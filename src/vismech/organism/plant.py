@@ -31,8 +31,8 @@ Method (one training step; ``PlantSpec`` holds the heads and weights):
    positions only, a plain background gives it no absolute position, so the code comes from the language model's
    M-RoPE.) The probe is discarded after training. A row-and-column probe is satisfied by a planar map of the
    cells, and that is what both planted organisms learned (their cell codes span two dimensions, same-row
-   neighbours alike: ``docs/organism-ids.md``); with ``cell_code`` the probe instead reads each of the nine cells
-   along a fixed direction of its own (``CellProbe``), which asks for nine distinct IDs.
+   neighbours alike: ``docs/organism-ids.md``); with ``cell_code`` the probe is instead a cosine classifier of the
+   nine cells over fixed orthonormal directions (``CellProbe``), which asks for nine distinct IDs.
 7. A linear *set probe* (with a ``set_probe`` weight; 0 in the default spec) on the residual stream entering the
    selection layer at every naming position predicts, for each cell, whether a mention gathered there names it:
    the described set made linearly explicit where the selection heads' queries read it (with eight objects
@@ -87,8 +87,8 @@ class PlantSpec:
     # > 0: each gathered mention gets this share of a gathering head's attention and the first token the rest, so
     # the heads pass on the sum of the described IDs (scaled), not their mean, whose size falls as 1/k
     gathering_share: float = 0.0
-    # the position probe reads the 9 cells along fixed orthonormal directions (``CellProbe``) instead of rows and
-    # columns with trained weights: an ID per cell rather than a planar map of the grid
+    # the position probe is a cosine classifier of the 9 cells over fixed orthonormal directions (``CellProbe``)
+    # instead of rows and columns with trained weights: an ID per cell rather than a planar map of the grid
     cell_code: bool = False
 
     def __post_init__(self) -> None:
