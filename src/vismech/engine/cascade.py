@@ -25,11 +25,27 @@ import torch
 from vismech.engine import hooks
 
 
+_BMM_OUT_DTYPE: dict[str, bool] = {}
+
+
+def _bmm_out_dtype(device) -> bool:
+    """Whether this torch multiplies bf16 matrices into float32 results on ``device`` (``bmm(out_dtype=float32)``:
+    CUDA, torch 2.8 and later); tried once per device type."""
+    kind = torch.device(device).type
+    if kind not in _BMM_OUT_DTYPE:
+        try:
+            x = torch.zeros(1, 1, 1, dtype=torch.bfloat16, device=device)
+            _BMM_OUT_DTYPE[kind] = torch.bmm(x, x, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):  # an older torch, or a backend without it
+            _BMM_OUT_DTYPE[kind] = False
+    return _BMM_OUT_DTYPE[kind]
+
+
 def _mm32(a: torch.Tensor, b: torch.Tensor, low: bool) -> torch.Tensor:
     """Batched ``a @ b`` (3-D) with float32 results: with ``low``, bf16/fp16 inputs multiplied as they are with float32
-    accumulation and output (tensor cores on CUDA: ``bmm(out_dtype=float32)``; elsewhere the same numbers through
-    float32), else both inputs in float32."""
-    if low and a.is_cuda:
+    accumulation and output where the backend can (tensor cores on CUDA: ``bmm(out_dtype=float32)``; elsewhere the
+    same numbers through float32), else both inputs in float32."""
+    if low and _bmm_out_dtype(a.device):
         return torch.bmm(a, b, out_dtype=torch.float32)
     return torch.bmm(a.float(), b.float())
 
