@@ -20,7 +20,7 @@ import bench_args
 
 from vismech.engine import decode
 from vismech.engine import interventions as iv
-from vismech.engine import patching
+from vismech.engine import patching, replay
 from vismech.experiments import counting_ablation as ca
 from vismech.scenes import answers
 from vismech.scenes.sets import counting_set
@@ -113,7 +113,7 @@ def main() -> None:
         t_gen, ids = timed(vlm.generate_ids, bb, a.max_new_tokens)
     for h in handles:
         h.remove()
-    inp = patching.lm_inputs(vlm, b)[0]
+    inp = replay.lm_inputs(vlm, b)[0]
     with iv.zero_heads_per_block(vlm, sets, len(b)):
         t_dec, ids2 = timed(decode.greedy, vlm, inp.repeat(len(sets)), b.inputs["attention_mask"].repeat(len(sets), 1),
                             a.max_new_tokens)

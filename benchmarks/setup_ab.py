@@ -1,8 +1,8 @@
 """Benchmark: one CMA condition as `run cma` runs it (baseline, scores, re-paired null), with and without each of
-three engine choices, interleaved in one process (the order turning each round): the prefix cache cut from the clean forward's keys and values
-(``patching.lm_inputs(keys=True)``) against a separate run of the prefix; the shared-prefix attention's products
-in the model's precision with float32 accumulation (``cascade_attention(low=True)``, the CUDA default) against
-products in float32; the patched rows' logits of the answers' token ids alone (``hooks.output_logits(vocab=...)``)
+three engine choices, interleaved in one process (the order turning each round): the prefix cache cut from the
+clean forward's keys and values (``replay.lm_inputs(keys=True)``) against a separate run of the prefix; the
+shared-prefix attention's products in the model's precision with float32 accumulation (``cascade_attention(low=True)``, the CUDA default) against
+products in float32; the patched rows' logits of the answers' token ids alone (``replay.output_logits(vocab=...)``)
 against the whole vocabulary's.
 
     python benchmarks/setup_ab.py --model random:Qwen2.5-VL-7B --device cuda --dtype bf16   # GPU
@@ -16,7 +16,7 @@ import time
 import torch
 
 import bench_args
-from vismech.engine import cascade, mediation, patching
+from vismech.engine import cascade, mediation, patching, replay
 from vismech.scenes.counterfactual import CONDITIONS, cma_pairs
 
 
@@ -28,10 +28,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     vlm = bench_args.model(args)
     pairs = cma_pairs(args.condition, args.pairs, seed=0, grid=(3, 3))
-    real_inputs, real_attention, real_reader = patching.lm_inputs, cascade.cascade_attention, patching._reader
+    real_inputs, real_attention, real_reader = replay.lm_inputs, cascade.cascade_attention, patching._reader
 
     def variant(keys: bool, low: bool | None, part: bool = True):
-        patching.lm_inputs = (real_inputs if keys else
+        patching.lm_inputs = (real_inputs if keys else  # what the engine's set-up calls
                               lambda vlm, batch, logits=True, keys=False: real_inputs(vlm, batch, logits))
         cascade.cascade_attention = (real_attention if low is None else
                                      lambda *a, **k: real_attention(*a, **{**k, "low": low}))

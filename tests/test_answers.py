@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, tiny, two_object_trials
-from vismech.engine import patching
+from vismech.engine import patching, replay
 from vismech.models.answers import AnswerSet, continuation
 from vismech.scenes.counterfactual import cma_pairs
 
@@ -265,10 +265,8 @@ def test_first_token_scores_from_the_answers_own_logits_equal_the_whole_vocabula
     # the output projection's rows of those ids give those columns of the whole projection
     vlm = tiny("qwen2_5_vl")
     batch = vlm.encode(two_object_trials())
-    from vismech.engine import patching
-
-    inp, _ = patching.lm_inputs(vlm, batch)
+    inp, _ = replay.lm_inputs(vlm, batch)
     out = hooks.language_model(vlm)(**inp.tensors, use_cache=False)
     ids = torch.tensor([2, 5, 11])
-    whole = hooks.output_logits(vlm, out)
-    assert float((hooks.output_logits(vlm, out, vocab=ids) - whole[:, ids]).abs().max()) < 1e-6
+    whole = replay.output_logits(vlm, out)
+    assert float((replay.output_logits(vlm, out, vocab=ids) - whole[:, ids]).abs().max()) < 1e-6

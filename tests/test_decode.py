@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, tiny
-from vismech.engine import decode, patching
+from vismech.engine import decode, replay
 from vismech.engine import interventions as iv
 from vismech.scenes.sets import counting_set, scene_description_set
 
@@ -19,7 +19,7 @@ def test_greedy_from_captured_inputs_equals_generate(family):
     b = vlm.encode(scene_description_set(2, (2, 2), n_objects=3, seed=1)
                    + scene_description_set(2, (2, 2), n_objects=2, seed=2))
     assert (b.inputs["attention_mask"] == 0).any()  # some rows are left-padded
-    inp, none = patching.lm_inputs(vlm, b, logits=False)  # the text backbone does not run
+    inp, none = replay.lm_inputs(vlm, b, logits=False)  # the text backbone does not run
     assert none is None
     ref = vlm.generate_ids(b, 6)
     logits, got = decode.greedy(vlm, inp.repeat(2), b.inputs["attention_mask"].repeat(2, 1), 6)
@@ -34,7 +34,7 @@ def test_greedy_under_row_block_ablations_equals_generate_per_setting(family):
     trials = counting_set(3, seed=0, grid=(3, 3))
     b = vlm.encode(trials)
     sets = [[], [(0, 1), (1, 0)], [(l, h) for l in range(vlm.n_layers) for h in range(vlm.n_heads)][::3]]
-    inp, _ = patching.lm_inputs(vlm, b)
+    inp, _ = replay.lm_inputs(vlm, b)
     with iv.zero_heads_per_block(vlm, sets, len(b)):
         got = decode.greedy(vlm, inp.repeat(len(sets)), b.inputs["attention_mask"].repeat(len(sets), 1), 8).ids
     outs = []
@@ -62,14 +62,14 @@ def test_replays_is_checked_once_and_a_missed_input_falls_back_to_generate(monke
     vlm._replays = None
     assert decode.replays(vlm, b) is True
     got = counting_ablation.accuracies(vlm, batches, sets, True, 5, rows=6)
-    real = patching.lm_inputs
+    real = replay.lm_inputs
 
     def missing(v, batch, logits=True):
         inp, full = real(v, batch, logits)
         inp.tensors.pop("position_ids", None)
         return inp, full
 
-    monkeypatch.setattr(patching, "lm_inputs", missing)
+    monkeypatch.setattr(replay, "lm_inputs", missing)
     assert decode.replays(vlm, b) is True  # remembered: not checked again
     vlm._replays = None
     assert decode.replays(vlm, b) is False

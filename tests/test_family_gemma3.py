@@ -7,7 +7,7 @@ import torch
 import transformers as tf
 
 from conftest import tiny, two_object_trials
-from vismech.engine import hooks, patching
+from vismech.engine import hooks, patching, replay
 from vismech.engine import interventions as iv
 from vismech.models.families import FAMILIES
 from vismech.models.presets import PRESETS
@@ -106,7 +106,7 @@ def test_token_type_ids_open_the_image_block_and_matter():
     b = vlm.encode(two_object_trials())
     tt = b.inputs["token_type_ids"]
     assert [torch.nonzero(row).flatten().tolist() for row in tt] == b.image_tokens
-    inp, full = patching.lm_inputs(vlm, b)
+    inp, full = replay.lm_inputs(vlm, b)
     masks = inp.tensors["attention_mask"]
     assert set(masks) == {"full_attention", "sliding_attention"}
     for m in masks.values():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny, two_object_trials
-from vismech.engine import cascade, hooks, patching
+from vismech.engine import cascade, hooks, patching, replay
 from vismech.errors import UserError
 from vismech.models.families import FAMILIES, image_processor_class
 from vismech.models.load import geometry_for
@@ -71,9 +71,9 @@ def test_the_self_check_catches_a_replay_without_the_deepstack_inputs(vlm, monke
     from vismech.engine.interventions import EditedRuns
 
     clean, pos, src, tid = _mid_prompt_setup(vlm)
-    inp, full = patching.lm_inputs(vlm, clean)
+    inp, full = replay.lm_inputs(vlm, clean)
     assert set(inp.packed) == {"deepstack_visual_embeds"}
-    assert patching.check_replay(vlm, full, patching.lm_logits(vlm, inp)) < 1e-5
+    assert replay.check_replay(vlm, full, replay.lm_logits(vlm, inp)) < 1e-5
     p0, last_image = min(p[0] for p in pos), max(max(t) for t in clean.image_tokens)
     # the shared-prefix engine runs where the recomputed suffix holds no image token
     assert p0 > last_image and cascade.supported(vlm, inp.length, inp, p0)
@@ -105,7 +105,7 @@ def test_patches_at_image_tokens_replay_deepstack_in_the_suffix(vlm):
     and their DeepStack rows): the engine that copies the prefix equals one full forward per head."""
     clean = vlm.encode(two_object_trials())
     pos, _ = patching.pad_positions([sorted(p for cell in objs.values() for p in cell)[-3:] for objs in clean.objects])
-    inp, _ = patching.lm_inputs(vlm, clean)
+    inp, _ = replay.lm_inputs(vlm, clean)
     assert not cascade.supported(vlm, inp.length, inp, min(min(p) for p in pos))
     with hooks.hooked(vlm, "v", 0, lambda x: -x):
         src = patching.capture_z(vlm, clean, pos)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny, two_object_trials
-from vismech.engine import hooks, patching
+from vismech.engine import hooks, patching, replay
 from vismech.analysis.cma import logit_diff_score
 
 
@@ -171,8 +171,8 @@ def test_the_fast_engine_checks_its_replay_against_the_full_forward(monkeypatch)
     with hooks.hooked(vlm, "v", 0, lambda x: -x):
         src = patching.capture_z(vlm, clean, pos)
     tid = torch.stack([vlm.answer_ids(clean, ["blue", "blue"]), vlm.answer_ids(clean, ["red", "green"])], 1)
-    inp, full = patching.lm_inputs(vlm, clean)
-    assert patching.check_replay(vlm, full, patching.lm_logits(vlm, inp)) < 1e-5
+    inp, full = replay.lm_inputs(vlm, clean)
+    assert replay.check_replay(vlm, full, replay.lm_logits(vlm, inp)) < 1e-5
     monkeypatch.setattr(hooks, "RUN_CONTROL", hooks.RUN_CONTROL + ("position_ids",))
     for kw in (dict(shared_prefix=True), dict(shared_prefix=False), dict(use_cache=False)):
         with pytest.raises(UserError, match=r"replay of the qwen2_5_vl language model differs from the full "
@@ -188,19 +188,19 @@ def test_replay_tolerance_follows_the_dtype_and_the_logit_scale():
 
     vlm = tiny("llava")
     full = torch.tensor([[0.5, -40.0, 3.0]])  # scale 40: float32 allows 0.04
-    assert patching.check_replay(vlm, full, full + 0.039) == pytest.approx(0.039, abs=1e-5)
+    assert replay.check_replay(vlm, full, full + 0.039) == pytest.approx(0.039, abs=1e-5)
     with pytest.raises(UserError, match=r"differs from the full forward by 0.041 \(tolerance 0.04 at float32\)"):
-        patching.check_replay(vlm, full, full + 0.041)
+        replay.check_replay(vlm, full, full + 0.041)
     small = torch.tensor([[0.5, -0.2]])  # scale below 1 counts as 1
     with pytest.raises(UserError):
-        patching.check_replay(vlm, small, small + 2e-3)
+        replay.check_replay(vlm, small, small + 2e-3)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # an fp32 model run under bf16 autocast (training snapshots)
-        assert patching.compute_dtype(vlm) == torch.bfloat16
-        assert patching.check_replay(vlm, small, small + 6e-3) == pytest.approx(6e-3, abs=1e-6)
-    assert patching.compute_dtype(vlm) == torch.float32
-    assert patching.replay_tolerance(torch.float32) == 1e-3
-    assert patching.replay_tolerance(torch.float16) == 8 * 2 ** -10
-    assert patching.replay_tolerance(torch.bfloat16) == 2 ** -4
+        assert replay.compute_dtype(vlm) == torch.bfloat16
+        assert replay.check_replay(vlm, small, small + 6e-3) == pytest.approx(6e-3, abs=1e-6)
+    assert replay.compute_dtype(vlm) == torch.float32
+    assert replay.replay_tolerance(torch.float32) == 1e-3
+    assert replay.replay_tolerance(torch.float16) == 8 * 2 ** -10
+    assert replay.replay_tolerance(torch.bfloat16) == 2 ** -4
 
 
 def test_a_replay_that_fails_outright_is_a_user_error_naming_the_family():
@@ -209,10 +209,10 @@ def test_a_replay_that_fails_outright_is_a_user_error_naming_the_family():
 
     vlm = tiny("llava")
     with pytest.raises(UserError, match=r"cannot replay the llava language model on its captured inputs \(The size"):
-        with patching.replay_errors(vlm):
+        with replay.replay_errors(vlm):
             torch.zeros(40, 2) + torch.zeros(200, 2)
     with pytest.raises(torch.cuda.OutOfMemoryError):  # out of memory passes (the engine retries smaller chunks)
-        with patching.replay_errors(vlm):
+        with replay.replay_errors(vlm):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
 
@@ -225,7 +225,7 @@ def test_cma_baseline_scores_and_null_share_one_setup_and_equal_separate_setups(
     vlm = tiny("qwen2_5_vl")
     pairs = cma_pairs("id_retrieval", 4, 0, (2, 2))
     calls = []
-    real = patching.lm_inputs
+    real = replay.lm_inputs
     monkeypatch.setattr(patching, "lm_inputs", lambda *a, **k: calls.append(1) or real(*a, **k))
     shared = mediation.condition_scores(vlm, pairs, "id_retrieval", batch_size=2)
     n_shared = len(calls)
@@ -242,12 +242,12 @@ def test_prefix_cache_cut_from_the_clean_forward_equals_a_run_of_the_prefix(fami
 
     vlm = tiny(family)
     batch = vlm.encode([p.clean for p in cma_pairs("id_retrieval", 3, 0, (2, 2))])
-    kept, full = patching.lm_inputs(vlm, batch, keys=True)
-    plain, full_plain = patching.lm_inputs(vlm, batch)
+    kept, full = replay.lm_inputs(vlm, batch, keys=True)
+    plain, full_plain = replay.lm_inputs(vlm, batch)
     assert plain.kv is None and len(kept.kv) == vlm.n_layers
     assert float((full - full_plain).abs().max()) < 1e-5
     p0 = batch.length - 4
-    cut, ran = patching.prefix_cache(vlm, kept, p0), patching.prefix_cache(vlm, plain, p0)
+    cut, ran = replay.prefix_cache(vlm, kept, p0), replay.prefix_cache(vlm, plain, p0)
     for (k1, v1), (k2, v2) in zip(cut.kv, ran.kv):
         assert k1.shape == k2.shape == (len(batch), vlm.n_kv_heads, p0, vlm.head_dim)
         assert float((k1 - k2).abs().max()) < 1e-5 and float((v1 - v2).abs().max()) < 1e-5

@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from vismech.engine import hooks, patching
+from vismech.engine import hooks, replay
 from vismech.models.vlm import VLM, Batch
 
 
@@ -34,7 +34,7 @@ def attribution_scores(vlm: VLM, clean: Batch, source_z: dict[int, torch.Tensor]
 
     The backward pass holds every layer's activations, so pairs go through in groups of ``rows_per_pass``.
     """
-    inp, _ = patching.lm_inputs(vlm, clean)
+    inp, _ = replay.lm_inputs(vlm, clean)
     B = len(clean)
     out = torch.empty(vlm.n_layers, vlm.n_heads, B)
     for a in range(0, B, rows_per_pass):
@@ -64,7 +64,7 @@ def _attribution(vlm, inp, source_z, positions, a1, a1_star) -> torch.Tensor:
             stack.enter_context(hooks.hooked(vlm, "z", layer, keep(layer)))
         lm = hooks.language_model(vlm)
         out = lm(**tensors, use_cache=False)
-        logits = hooks.output_logits(vlm, out)
+        logits = replay.output_logits(vlm, out)
         dev = logits.device
         rows = torch.arange(B, device=dev)
         metric = logits[rows, a1_star.to(dev)] - logits[rows, a1.to(dev)]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vismech.engine import hooks
+from vismech.engine import hooks, replay
 
 
 _BMM_OUT_DTYPE: dict[str, bool] = {}
@@ -189,7 +189,7 @@ def run(vlm, sp: SharedPrefix, starts: list[int], tail: int = 1, record: dict | 
     block j joining at layer ``starts[j]`` (non-decreasing) from the clean suffix there. Edits registered by the
     caller (``hooks.intervene``, rows and positions relative to the suffix) apply as usual. With ``record`` (a
     dict) the rows' layer inputs and rotary tables are stored into it (the clean pass). Returns [rows, vocab] or
-    [rows, tail, vocab], float32 (with ``vocab``, token ids: those columns only, ``hooks.output_logits``)."""
+    [rows, tail, vocab], float32 (with ``vocab``, token ids: those columns only, ``replay.output_logits``)."""
     if any(b < a for a, b in zip(starts, starts[1:])):
         raise ValueError("row blocks must be ordered by the layer they join at")
     first = starts[0]
@@ -221,12 +221,12 @@ def run(vlm, sp: SharedPrefix, starts: list[int], tail: int = 1, record: dict | 
         inputs["position_ids"] = _repeat_rows(pos, joined[first], _batch_dim("position_ids", pos))
     with hooks.layer_inputs(vlm, join), hooks.attention_function(vlm, _attend(sp)), _layers_from(vlm, first) as lm:
         out = lm(**inputs, use_cache=False)
-    return hooks.output_logits(vlm, out, tail, vocab)
+    return replay.output_logits(vlm, out, tail, vocab)
 
 
 @torch.no_grad()
 def shared_prefix(vlm, inp, prefix) -> SharedPrefix:
-    """The shared prefix of a batch: ``prefix`` (``patching.PrefixCache``) and a clean pass of the suffix through
+    """The shared prefix of a batch: ``prefix`` (``replay.PrefixCache``) and a clean pass of the suffix through
     every layer with cascade attention, recording each layer's input there."""
     t = inp.tensors
     p0, B = prefix.p0, inp.rows

@@ -3,7 +3,7 @@
 ``VLM.generate_ids`` (HF ``generate``) runs the whole model, vision tower included, on every row it is given; an
 experiment that generates under many settings (counting-ablation's head sets, stacked as row blocks) repeats the
 same images once per setting. Here the batch's language-model inputs are captured once
-(``patching.lm_inputs``), stacked ``r`` times (``LMInputs.repeat``), and decoded greedily with a KV cache by the
+(``replay.lm_inputs``), stacked ``r`` times (``LMInputs.repeat``), and decoded greedily with a KV cache by the
 text backbone alone. Whatever hooks are active run at every step, the prompt's forward and each new token's.
 
 Each step feeds the new tokens' embeddings (the model's input embeddings), the 2-D attention mask grown by one
@@ -21,21 +21,20 @@ from typing import NamedTuple
 
 import torch
 
-from vismech.engine import hooks, patching
-from vismech.engine.patching import _cache_kwarg
-from vismech.engine.replay import LMInputs
+from vismech.engine import hooks, replay
+from vismech.engine.replay import LMInputs, _cache_kwarg
 from vismech.errors import UserError
 
 
 def replays(vlm, batch) -> bool:
     """Whether the text backbone, run alone on ``batch``'s captured inputs, gives the full forward's logits
-    (``patching.check_replay``; checked on the first batch a model is given, then remembered): where it does not
+    (``replay.check_replay``; checked on the first batch a model is given, then remembered): where it does not
     (a family whose language model takes an input the capture misses), callers generate with HF ``generate``."""
     if getattr(vlm, "_replays", None) is None:
-        inp, full = patching.lm_inputs(vlm, batch)
+        inp, full = replay.lm_inputs(vlm, batch)
         try:
-            with patching.replay_errors(vlm):
-                patching.check_replay(vlm, full, patching.lm_logits(vlm, inp))
+            with replay.replay_errors(vlm):
+                replay.check_replay(vlm, full, replay.lm_logits(vlm, inp))
             vlm._replays = True
         except UserError:
             vlm._replays = False
@@ -68,7 +67,7 @@ def greedy(vlm, inp: LMInputs, attention_mask: torch.Tensor, max_new_tokens: int
     embed = vlm.model.get_input_embeddings()
     cache = DynamicCache()
     kw = _cache_kwarg(lm)
-    first = hooks.output_logits(vlm, lm(**inp.tensors, use_cache=True, **{kw: cache}))
+    first = replay.output_logits(vlm, lm(**inp.tensors, use_cache=True, **{kw: cache}))
     tok = first.argmax(-1)
     dev = tok.device
     pos = inp.tensors.get("position_ids")
@@ -88,5 +87,5 @@ def greedy(vlm, inp: LMInputs, attention_mask: torch.Tensor, max_new_tokens: int
         step_kw = {"inputs_embeds": embed(tok[:, None]), "attention_mask": mask, "use_cache": True, kw: cache}
         if last is not None:
             step_kw["position_ids"] = last + step
-        tok = hooks.output_logits(vlm, lm(**step_kw)).argmax(-1)
+        tok = replay.output_logits(vlm, lm(**step_kw)).argmax(-1)
     return Greedy(first, torch.stack(new, 1))

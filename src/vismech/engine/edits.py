@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vismech.engine import decode, hooks, patching
+from vismech.engine import decode, hooks, replay
 from vismech.engine.evaluate import batches
 from vismech.scenes.core import Trial
 from vismech.store.units import unit_type
@@ -90,7 +90,7 @@ def run_heads(vlm, trials: list[Trial], heads: list[Head], values=None, mode: st
             return edit_last(vlm, heads, v, mode, length, position) if v is not None else contextlib.nullcontext()
 
         if gen_tokens and not capture and decode.replays(vlm, b):  # one prompt forward: scores and generation
-            inp = patching.lm_inputs(vlm, b, logits=False)[0]
+            inp = replay.lm_inputs(vlm, b, logits=False)[0]
             with edited():
                 logits, ids = decode.greedy(vlm, inp, b.inputs["attention_mask"], gen_tokens)
             for i, t in zip(idx, vlm.decode(ids)):

@@ -244,21 +244,6 @@ def language_model(vlm) -> torch.nn.Module:
     raise ValueError("could not find the language model that holds the decoder layers")
 
 
-def output_logits(vlm, out, tail: int = 1, vocab: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits (float32) of a language-model output ``out`` (what ``language_model(vlm)`` returns): of its last
-    position [rows, vocab], or of its last ``tail`` positions [rows, tail, vocab]. With ``vocab`` (token ids) only
-    those columns, [rows, len(vocab)] (the output projection's rows of those ids: a patched run that reads two
-    answers' logits skips the rest of a 150,000-word projection and its float32 copy)."""
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    hidden = hidden[:, -1] if tail == 1 else hidden[:, -tail:]
-    head = vlm.model.get_output_embeddings()
-    if vocab is None:
-        return head(hidden).float()
-    ids = vocab.to(head.weight.device)
-    bias = None if getattr(head, "bias", None) is None else head.bias[ids]
-    return torch.nn.functional.linear(hidden.to(head.weight.device), head.weight[ids], bias).float()
-
-
 #: Language-model arguments that steer a run rather than describe its inputs: whoever replays the inputs sets
 #: these itself (the fast engine runs with and without a cache of a prefix).
 RUN_CONTROL = ("use_cache", "cache", "past_key_values", "cache_position")

@@ -13,7 +13,7 @@ intervention experiments (id-intervention, key-intervention, reuse, relabs-patch
   K^{o1} += alpha (d0 - d1) (§4.3).
 - ``kv_heads_for``: query heads -> the (layer, kv head) pairs whose keys they read (GQA, ``hooks.kv_head_of``).
 - ``EditedRuns``: logits, or answer scores (``models.answers``), of one batch under many edit sets; the vision
-  tower runs once, the prefix before the earliest edited position once (``patching.prefix_cache``), and each run
+  tower runs once, the prefix before the earliest edited position once (``replay.prefix_cache``), and each run
   starts at its first edited layer from the clean residual stream there (``engine.cascade``, where supported).
   With alpha = 0 the logits are bit-equal to no edit.
 - ``zero_heads``: zero-ablate head outputs at every position (also during generation).
@@ -34,7 +34,7 @@ from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 
-from vismech.engine import cascade, hooks, patching
+from vismech.engine import cascade, hooks, patching, replay
 from vismech.engine.evaluate import batches
 from vismech.models.answers import AnswerSet
 from vismech.models.vlm import VLM, Batch
@@ -217,16 +217,16 @@ class EditedRuns:
         self._source = answers.row_source if answers is not None and answers.rule == "sequence" else None
         run = answers.expand(vlm, batch) if self._source is not None else batch
         self._run = run
-        self.inp, full = patching.lm_inputs(vlm, run, keys=bool(first_position))
+        self.inp, full = replay.lm_inputs(vlm, run, keys=bool(first_position))
         self.p0 = self.inp.causal_start(int(first_position)) if first_position else 0
-        with patching.replay_errors(vlm):
-            self.prefix = patching.prefix_cache(vlm, self.inp, self.p0) if self.p0 > 0 else None
+        with replay.replay_errors(vlm):
+            self.prefix = replay.prefix_cache(vlm, self.inp, self.p0) if self.p0 > 0 else None
             self.inp.kv = None  # the prefix holds what is needed of it
             # shared-prefix attention: a run starts at its first edited layer from the clean suffix there
             self.shared = (cascade.shared_prefix(vlm, self.inp, self.prefix)
                            if self.prefix is not None and cascade.supported(vlm, self.inp.length, self.inp, self.p0)
                            else None)
-            patching.check_replay(vlm, full, self._forward_many([[]], 1, 1)[0])  # the self-check, as in patching
+            replay.check_replay(vlm, full, self._forward_many([[]], 1, 1)[0])  # the self-check, as in patching
 
     def _prepared(self, edits) -> list[hooks.Edit]:
         """``edits`` with positions relative to the cached prefix's end, on the rows that are run."""
@@ -261,9 +261,9 @@ class EditedRuns:
                     if self.shared is not None:
                         logits = cascade.run(self.vlm, self.shared, [starts[g] for g in idx], tail)
                     else:
-                        logits = patching.lm_logits(self.vlm, self.inp.repeat(len(idx)), self.prefix, tail)
+                        logits = replay.lm_logits(self.vlm, self.inp.repeat(len(idx)), self.prefix, tail)
             except RuntimeError as e:
-                if not patching.is_oom(e) or r == 1:
+                if not replay.is_oom(e) or r == 1:
                     raise
                 torch.cuda.empty_cache()
                 r = max(1, r // 2)

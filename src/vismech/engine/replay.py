@@ -1,5 +1,8 @@
-"""The language model's inputs for one batch, as captured (``hooks.capture_lm_inputs``), and how the fast engine
-cuts them: rows of the batch, stacked copies of the batch, and positions (a suffix after a cached prefix).
+"""The language model's inputs for one batch, as captured (``hooks.capture_lm_inputs``); how the fast engine cuts
+them: rows of the batch, stacked copies of the batch, and positions (a suffix after a cached prefix); and how it
+replays them: ``lm_inputs`` captures them (with the clean forward's logits, and its keys and values where asked),
+``prefix_cache`` keeps a prefix's keys and values, ``lm_logits`` runs the text backbone alone (``output_logits``:
+the logits of its output), ``check_replay`` is the self-check against the full forward.
 
 Every argument is kept, whatever the family passes. Each tensor (also inside a list, tuple or dict) is cut along
 its axes, found from its name and shape:
@@ -18,10 +21,16 @@ may let a block of tokens attend both ways (Gemma 3's image tokens).
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from vismech.engine import hooks
+from vismech.errors import UserError
+from vismech.models.vlm import VLM, Batch
 
 
 def _tree(v, fn: Callable[[torch.Tensor], torch.Tensor]):
@@ -47,7 +56,7 @@ class LMInputs:
     rows: int
     packed: dict[str, str] = field(default_factory=dict)
     #: every layer's keys and values [rows, kv heads, length, dim] of the forward the inputs were captured from
-    #: (``patching.lm_inputs(keys=True)``), where its cache kept every position; not carried by cuts of the inputs
+    #: (``lm_inputs(keys=True)``), where its cache kept every position; not carried by cuts of the inputs
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
     @property
@@ -139,3 +148,171 @@ class LMInputs:
             return t[(col >= a) & (col < b)]
 
         return self._map(plain, packed)
+
+
+# -- capturing, replaying and checking the language model ------------------------------------------------------
+def lm_inputs(vlm: VLM, batch: Batch, logits: bool = True, keys: bool = False
+              ) -> tuple[LMInputs, torch.Tensor | None]:
+    """Run ``batch`` once; return the language model's inputs (all of them: ``hooks.capture_lm_inputs``) and the
+    clean last-token logits of that full forward; with ``logits=False``, None, and the forward stops where the
+    language model would start (the vision tower and the embeddings run, the text backbone does not). With
+    ``keys``, the forward also keeps every layer's keys and values (``LMInputs.kv``), so that a prefix cache is
+    cut from it instead of running the text backbone on the prefix again (``prefix_cache``)."""
+    kv = None
+    with hooks.capture_lm_inputs(vlm, stop=not logits) as got:
+        try:
+            out, kv = _logits_and_kv(vlm, batch) if keys else (vlm.logits(batch), None)
+        except hooks.StopForward:
+            out = None
+    return LMInputs(dict(got), len(batch), dict(vlm.family.packed_inputs), kv), out
+
+
+def _logits_and_kv(vlm: VLM, batch: Batch) -> tuple[torch.Tensor, list | None]:
+    """The full forward's last-token logits and its cache's keys and values: None where the model takes no cache
+    argument or its cache did not keep every position of every layer (then ``prefix_cache`` runs the prefix)."""
+    from transformers import DynamicCache
+
+    try:
+        out = vlm.model(**vlm.to_device(batch.inputs), logits_to_keep=1, use_cache=True,
+                        **{_cache_kwarg(vlm.model): DynamicCache()})
+    except TypeError:  # no cache argument: the plain forward
+        return vlm.logits(batch), None
+    kv = _cache_kv(out)
+    if len(kv) != vlm.n_layers or any(k.shape[2] != batch.length for k, _ in kv):
+        kv = None
+    return out.logits[:, -1].float(), kv
+
+
+def _cache_kv(out) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's (keys, values) of the cache a forward with ``use_cache`` returned in ``out``."""
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))  # older transformers
+
+
+def replay_tolerance(dtype: torch.dtype) -> float:
+    """Largest difference allowed between the replayed and the full forward's clean logits, as a fraction of the
+    logit scale (max |logit|, at least 1): 8 rounding steps of ``dtype`` (``torch.finfo(dtype).eps``; the step
+    ``experiments.cma.resolution`` reports), at least 1e-3. A replay given every input computes the same function
+    and only rounds differently where the fast engine splits the work (a cached prefix, shared-prefix attention in
+    float32): float32 differs by ~1e-6 of the scale, so 1e-3 leaves a wide margin; bfloat16 (eps 2^-7: bound
+    0.0625) and float16 (eps 2^-10: bound 0.0078) differ by 0.0072 and 0.0008 on the shipped organism, rounding that
+    grows with depth. A dropped input moves logits by far more: Qwen3-VL without its DeepStack features 0.275 on a
+    tiny model (issue 20), Qwen2.5-VL without its M-RoPE positions 0.0022 on a tiny model of logit scale 0.47."""
+    return max(1e-3, 8 * torch.finfo(dtype).eps)
+
+
+def compute_dtype(vlm: VLM) -> torch.dtype:
+    """The precision the model computes in: its weights' dtype, or the autocast dtype where autocast is on for its
+    device and lower (an fp32 organism trained under bf16 autocast runs its snapshots in bf16)."""
+    dev = vlm.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        low = torch.get_autocast_dtype(dev)
+        if torch.finfo(low).eps > torch.finfo(vlm.dtype).eps:
+            return low
+    return vlm.dtype
+
+
+def check_replay(vlm: VLM, full: torch.Tensor, replayed: torch.Tensor) -> float:
+    """The fast engine's self-check: ``replayed`` (clean last-token logits [B, vocab], or [B, tail, vocab], from the
+    language model alone) must match the full forward's ``full`` [B, vocab]; a ``UserError`` naming the family and
+    the difference otherwise. Returns the max abs difference."""
+    if replayed.dim() == 3:
+        replayed = replayed[:, -1]
+    full, replayed = full.float().cpu(), replayed.float().cpu()
+    diff = float((full - replayed).abs().max())
+    dtype = compute_dtype(vlm)
+    tol = replay_tolerance(dtype) * max(1.0, float(full.abs().max()))
+    if not diff <= tol:
+        raise UserError(f"the fast engine's replay of the {vlm.family.name} language model differs from the full "
+                        f"forward by {diff:.4g} (tolerance {tol:.3g} at {str(dtype).replace('torch.', '')}): it "
+                        "misses an input of this family's language model; use the naive engine (cma: --set "
+                        "engine=naive) and report it")
+    return diff
+
+
+@contextlib.contextmanager
+def replay_errors(vlm: VLM):
+    """A replay that fails outright (an input the engine cuts wrongly: shapes that no longer match) becomes a
+    ``UserError`` naming the family; out-of-memory errors pass as they are."""
+    try:
+        yield
+    except RuntimeError as e:
+        if is_oom(e):
+            raise
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"the fast engine cannot replay the {vlm.family.name} language model on its captured inputs "
+                        f"({first}); an input packed over image tokens needs the family's packed_inputs; use the "
+                        "naive engine (cma: --set engine=naive) and report it") from e
+
+
+@dataclass
+class PrefixCache:
+    """Keys and values of positions [0, p0) of every layer, computed once for a batch."""
+
+    p0: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def expand(self, r: int):
+        """A fresh HF cache holding the prefix for ``r`` stacked copies of the batch."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(self.kv):
+            cache.update(k.repeat(r, 1, 1, 1), v.repeat(r, 1, 1, 1), i)
+        return cache
+
+
+def _cache_kwarg(lm) -> str:
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def prefix_cache(vlm: VLM, inp: LMInputs, p0: int) -> PrefixCache:
+    """Keys and values of positions [0, p0): cut from the clean forward's (``inp.kv``, ``lm_inputs(keys=True)``;
+    under causal attention a position's keys and values do not depend on later positions), else from a run of the
+    text backbone on the prefix (every position kept: a cache the model made itself would keep only a sliding
+    window's worth in its local layers, which the replayed masks do not expect)."""
+    from transformers import DynamicCache
+
+    if inp.kv is not None:
+        return PrefixCache(p0, [(k[:, :, :p0].contiguous(), v[:, :, :p0].contiguous()) for k, v in inp.kv])
+    lm = hooks.language_model(vlm)
+    out = lm(**inp.positions(0, p0), use_cache=True, **{_cache_kwarg(lm): DynamicCache()})
+    return PrefixCache(p0, _cache_kv(out))
+
+
+@torch.no_grad()
+def lm_logits(vlm: VLM, inp: LMInputs, prefix: PrefixCache | None = None, tail: int = 1,
+              vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """Last-token logits [rows, vocab] (float32) from the text backbone alone, optionally after a cached prefix;
+    with ``tail`` > 1 the logits of the last ``tail`` positions, [rows, tail, vocab]; with ``vocab`` (token ids)
+    only those columns."""
+    lm = hooks.language_model(vlm)
+    if prefix is None:
+        out = lm(**inp.tensors, use_cache=False)
+    else:
+        suf = inp.positions(prefix.p0, inp.length)
+        r = inp.rows // prefix.kv[0][0].shape[0]
+        out = lm(**suf, use_cache=True, **{_cache_kwarg(lm): prefix.expand(r)})
+    return output_logits(vlm, out, tail, vocab)
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def output_logits(vlm, out, tail: int = 1, vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (float32) of a language-model output ``out`` (what ``language_model(vlm)`` returns): of its last
+    position [rows, vocab], or of its last ``tail`` positions [rows, tail, vocab]. With ``vocab`` (token ids) only
+    those columns, [rows, len(vocab)] (the output projection's rows of those ids: a patched run that reads two
+    answers' logits skips the rest of a 150,000-word projection and its float32 copy)."""
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden = hidden[:, -1] if tail == 1 else hidden[:, -tail:]
+    head = vlm.model.get_output_embeddings()
+    if vocab is None:
+        return head(hidden).float()
+    ids = vocab.to(head.weight.device)
+    bias = None if getattr(head, "bias", None) is None else head.bias[ids]
+    return torch.nn.functional.linear(hidden.to(head.weight.device), head.weight[ids], bias).float()

@@ -29,7 +29,7 @@ import torch
 
 from vismech.engine import decode
 from vismech.engine import interventions as iv
-from vismech.engine import patching
+from vismech.engine import patching, replay
 from vismech.analysis.stats import rate
 from vismech.errors import UserError
 from vismech.experiments.cma import cma_scores
@@ -76,8 +76,8 @@ def accuracies(vlm, batches, head_sets, generate: bool, max_new_tokens: int, row
             return patching.rows_from_memory(patching.free_bytes(vlm.device), peak / ran, r) if peak else r
     out = [([], []) for _ in head_sets]
     for b, aset in batches:
-        replay = generate and decode.replays(vlm, b)
-        inp = patching.lm_inputs(vlm, b, logits=False)[0] if replay else None
+        from_inputs = generate and decode.replays(vlm, b)  # greedy decoding on the captured inputs
+        inp = replay.lm_inputs(vlm, b, logits=False)[0] if from_inputs else None
         s = 0
         while s < len(head_sets):
             group = head_sets[s:s + max(1, rows // len(b))]
@@ -89,7 +89,7 @@ def accuracies(vlm, batches, head_sets, generate: bool, max_new_tokens: int, row
                 tiled = lambda: b.take(list(range(len(b))) * len(group))  # noqa: E731  (the batch once per setting)
                 first = texts = None
                 with iv.zero_heads_per_block(vlm, group, len(b)):
-                    if replay:
+                    if from_inputs:
                         ids = decode.greedy(vlm, inp.repeat(len(group)),
                                             b.inputs["attention_mask"].repeat(len(group), 1), max_new_tokens).ids
                     elif generate:  # the full model, vision tower included, on every row
@@ -100,7 +100,7 @@ def accuracies(vlm, batches, head_sets, generate: bool, max_new_tokens: int, row
                         first = vlm.score_answers(tiled(), rep).greedy
                 first = first[:, 0].int().tolist()
             except RuntimeError as e:
-                if not patching.is_oom(e) or len(group) == 1:
+                if not replay.is_oom(e) or len(group) == 1:
                     raise
                 torch.cuda.empty_cache()
                 rows = max(len(b), rows // 2)
