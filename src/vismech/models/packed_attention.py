@@ -40,13 +40,14 @@ def _packed_sdpa(module, query, key, value, attention_mask=None, scaling=None, d
 PACKED = "flash_vismech_packed_sdpa"  # "flash" in the name routes HF's vision attention to its packed branch
 
 
-#: the model types whose vision attention takes the packed branch (their specs set ``Family.packed_vision``)
-PACKED_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-
-
 def _vision_config(model):
+    """The vision config of a model whose family's vision attention takes the packed branch (its spec sets
+    ``Family.packed_vision``), else None."""
+    from .families import FAMILIES, MODEL_TYPES
+
+    name = MODEL_TYPES.get(getattr(model.config, "model_type", None))
     vc = getattr(model.config, "vision_config", None)
-    return vc if vc is not None and getattr(model.config, "model_type", "") in PACKED_TYPES else None
+    return vc if vc is not None and name is not None and FAMILIES[name].packed_vision else None
 
 
 def use_packed(model) -> bool:
