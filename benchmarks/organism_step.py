@@ -117,7 +117,7 @@ def main():
             next(feeder)
         data_s = (time.perf_counter() - t) / a.steps
     print(f"data: {data_s * 1000:.0f} ms a batch with {a.workers} workers; shapes "
-          + str({k: tuple(v.shape) for k, v in batches[0].items()}))
+          + str({k: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__ for k, v in batches[0].items()}))
     for packed in (True, False):
         times = {"fwd": 0.0, "bwd": 0.0, "opt": 0.0}
         with packed_vision_attention(model, packed):
