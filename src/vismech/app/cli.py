@@ -14,64 +14,12 @@ import traceback
 from pathlib import Path
 
 from vismech.errors import UserError
-from vismech.experiments.options import BATCH, GRID, MAX_GRID, SEED, TRIALS, Opt, arg_type
+from vismech.experiments.options import SEED, Opt, arg_type
+from vismech.app.arguments import (MODEL_HELP, Parser, WithFamilies, add_model_args, add_trials, add_verbosity,
+                                   grid)
 from vismech.app.train_cli import add_train_parser
 from vismech.store.rundir import output_dir
 from vismech.version import __version__
-
-MODEL_HELP = ("HF hub id or local checkpoint dir, organism (the tiny VLM vismech ships), organism-llava, "
-              "organism-ids, tiny:FAMILY (tiny random model), random:PRESET (real size, random weights)")
-
-
-
-
-class _WithFamilies(str):
-    """A help text whose ``%(families)s`` lists the registered families, filled in only when help is shown (the
-    family registry imports torch, which other commands need not wait for)."""
-
-    def __mod__(self, params):
-        from vismech.models.families import FAMILIES
-
-        return str.__mod__(self, {**params, "families": ", ".join(FAMILIES)})
-
-
-def _grid(s: str) -> tuple[int, int]:
-    try:
-        r, c = (int(x) for x in s.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"grid must look like 3x3, not {s!r}") from None
-    try:
-        return tuple(GRID.check("--grid", [r, c]))
-    except UserError:
-        raise argparse.ArgumentTypeError(f"must be ROWSxCOLS with 1 to {MAX_GRID} each and at least 2 cells, "
-                                         f"e.g. 3x3, not {s!r}") from None
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``vismech COMMAND: error: ...; see vismech COMMAND --help``, exit 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
-
-
-def _trials(p: argparse.ArgumentParser, default, help: str) -> None:
-    p.add_argument("-n", "--trials", dest="n", type=arg_type(TRIALS, "--trials"), default=default, help=help)
-    p.add_argument("--n", dest="n", type=arg_type(TRIALS, "--n"), default=argparse.SUPPRESS,
-                   help=argparse.SUPPRESS)  # the old spelling (ambiguous to torchrun's own parser)
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="required: " + MODEL_HELP)
-    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto (multi-GPU)")
-    g.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"],
-                   help="the checkpoint's chat template with the sentence as the assistant's start, or plain "
-                   "completion; auto: chat for vismech's own models, else the better of the two on a small set")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
-    g.add_argument("--batch-size", type=arg_type(BATCH, "--batch-size"), default=16)
-
 
 def _check_model_args(args) -> None:
     """What can be checked about the model arguments before loading anything (a model is named, the device)."""
@@ -273,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="vismech", description="Find, measure and edit the position-ID binding mechanisms of "
                "vision-language models.")
     p.add_argument("--version", action="version", version=f"vismech {__version__}")
-    _verbosity(p)
+    add_verbosity(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("models", help="list supported families, presets and organisms")
@@ -284,11 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "entropy-low, entropy-high, cma-id_retrieval, cma-id_selection, cma-feature_retrieval, "
                    "photoreal, photoreal-cma-id_retrieval, photoreal-cma-id_selection, "
                    "photoreal-cma-feature_retrieval (photoreal: rendered with Mitsuba 3)")
-    s.add_argument("--grid", type=_grid, default=(2, 2))
+    s.add_argument("--grid", type=grid, default=(2, 2))
     s.add_argument("--model", default="qwen2_5_vl",
-                   help=_WithFamilies("family (%(families)s) or any --model value whose token geometry to "
+                   help=WithFamilies("family (%(families)s) or any --model value whose token geometry to "
                                       "render for"))
-    _trials(s, 10, "trials (K per identity x cell for the K x N x N sets)")
+    add_trials(s, 10, "trials (K per identity x cell for the K x N x N sets)")
     s.add_argument("--seed", type=arg_type(SEED, "--seed"), default=0)
     s.add_argument("--spp", type=arg_type(Opt("int", 1, 1 << 16), "--spp"), default=64,
                    help="photoreal sets: path-tracing samples per pixel")
@@ -298,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="how vismech frames and scores MODEL: one framed trial per task, patched "
                        "positions, answer tokens, chat-vs-plain accuracy")
     s.add_argument("model", help="HF hub id or local checkpoint dir, tiny:FAMILY, organism, organism-llava")
-    _trials(s, 8, "trials per task for the chat-vs-plain accuracy")
+    add_trials(s, 8, "trials per task for the chat-vs-plain accuracy")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -307,10 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("eval", help="behavioural accuracy by task, grid, entropy and target cell")
-    _model_args(s)
+    add_model_args(s)
     s.add_argument("--task", nargs="+", default=["scene_description"])
-    s.add_argument("--grid", type=_grid, default=(2, 2))
-    _trials(s, 20, "trials per task")
+    s.add_argument("--grid", type=grid, default=(2, 2))
+    add_trials(s, 20, "trials per task")
     s.add_argument("--seed", type=arg_type(SEED, "--seed"), default=0)
     s.add_argument("--no-generate", action="store_true", help="first-token accuracy only (faster)")
     s.add_argument("--stimuli", default=None, metavar="DIR", help="evaluate the trials of a stimulus folder "
@@ -326,9 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("experiments", nargs="+", help="experiment names (listed below), or all")
     s.add_argument("--help-options", action="store_true",
                    help="list each option of the named experiments with its default and meaning, and exit")
-    _model_args(s)
+    add_model_args(s)
     s.add_argument("--out", default=None, help="run directory (default runs/<model>)")
-    _trials(s, None, "trials per condition, passed to every experiment (its option n)")
+    add_trials(s, None, "trials per condition, passed to every experiment (its option n)")
     s.add_argument("--seed", type=arg_type(SEED, "--seed"), default=0)
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override an experiment option (JSON values), e.g. --set grid=[3,3]; NAME.KEY sets it for "
@@ -345,12 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the README's first command: every experiment on organism-ids (planted position "
                        "IDs) and the comparable ones on a control without them, quickly, and a page setting the two "
                        "side by side")
-    _model_args(s)
+    add_model_args(s)
     s.set_defaults(model="organism-ids")
     s.add_argument("--control", default="organism", help="the model shown beside --model, scored against its "
                    "declared ground truth (default organism, which has no position IDs); none: no control")
     s.add_argument("--out", default="runs/demo", help="one folder per model inside it, and report.html comparing them")
-    _trials(s, None, "trials per condition (the demo's own: 4)")
+    add_trials(s, None, "trials per condition (the demo's own: 4)")
     s.add_argument("--seed", type=arg_type(SEED, "--seed"), default=0)
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option (JSON values); "
                    "NAME.KEY sets it for experiment NAME alone, e.g. --set recovery.rsa_n=192")
@@ -369,18 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
     for command in sub.choices.values():  # --debug, -q and -v are accepted after the command too
-        _verbosity(command, hidden=True)
+        add_verbosity(command, hidden=True)
     return p
-
-
-def _verbosity(p: argparse.ArgumentParser, hidden: bool = False) -> None:
-    """--debug, -q, -v; ``hidden``: repeated on each command (accepted after it too), not shown in its help."""
-    def kw(default, help):
-        return {"default": argparse.SUPPRESS, "help": argparse.SUPPRESS} if hidden else {"default": default,
-                                                                                          "help": help}
-    p.add_argument("--debug", action="store_true", **kw(False, "show the traceback of user errors too"))
-    p.add_argument("-q", "--quiet", action="count", **kw(0, "less output: warnings and errors only, no progress bars"))
-    p.add_argument("-v", "--verbose", action="count", **kw(0, "more output (debug messages)"))
 
 
 def setup_logging(verbosity: int) -> None:
