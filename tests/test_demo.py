@@ -141,6 +141,19 @@ def test_the_readme_demo_command_runs_both_models_and_the_page_shows_their_store
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_a_folder_that_is_not_a_demo_is_refused_untouched(tmp_path, capsys):
+    """--out naming the user's own folder (not new, not empty, no demo.json): a one-line error, nothing written."""
+    out = tmp_path / "mine"
+    (out / "src").mkdir(parents=True)
+    (out / "report.html").write_text("the user's page")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(["demo", "--model", "tiny:qwen2_5_vl", "--control", "none", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds files that are not a vismech demo's (report.html, src)" in err and len(err.splitlines()) == 1
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert (out / "report.html").read_text() == "the user's page"
+
+
 def test_control_none_runs_the_planted_model_alone(tmp_path, monkeypatch):
     """``--control none``: one folder, a page with one column, its headline about that model alone; a model
     without ground truth and a control is refused before anything is written."""

@@ -5,7 +5,8 @@ control (``--control``, default ``organism``; ``none`` skips it) gets ``CONTROL_
 scored against the planted model's declared ground truth, so that one precision/recall table reads on both. Each
 model's run goes into its own folder of ``--out`` (named as ``runs/<model>``), a normal run with its own report that
 resumes as any run does (a demo continues by default; ``--fresh`` refuses a folder that holds a run), and
-``OUT/report.html`` sets the two side by side (``app.compare``).
+``OUT/report.html`` sets the two side by side (``app.compare``). An ``--out`` that holds anything but a demo's
+files is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -67,6 +68,20 @@ def _taken(names: list[str], options: dict) -> dict:
     return {k: v for k, v in options.items() if (k.split(".", 1)[0] in names if "." in k else k in defaults)}
 
 
+def _check_demo_folder(out: Path, dirs: list[str]) -> None:
+    """A demo writes only into a new or empty folder, a demo's own (its ``demo.json``), or one holding nothing but
+    this demo's run folders (a demo stopped before its page); anything else is the user's and is refused."""
+    from vismech.app.compare import FILE
+
+    if not out.is_dir() or (out / FILE).exists():
+        return
+    other = sorted(p.name for p in out.iterdir() if p.name not in dirs)
+    if other:
+        shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+        raise UserError(f"--out {out} holds files that are not a vismech demo's ({shown}); choose a new or empty "
+                        "folder for --out")
+
+
 def run_demo(args, given: dict) -> Path:
     """Run the demo into ``args.out``; ``given``: the user's option overrides. Returns the comparison page."""
     from vismech.app.compare import write_comparison, write_demo_file
@@ -91,6 +106,7 @@ def run_demo(args, given: dict) -> Path:
     dirs = [default_run_dir(m).name for m, *_ in runs]
     if len(set(dirs)) != len(dirs):
         raise UserError(f"--model and --control name the same run folder ({dirs[0]}): choose two different models")
+    _check_demo_folder(out, dirs)
     for _, _, names, opts in runs:  # every option of both runs checked before either starts
         plan(names, args, opts)
     for (model, _, names, opts), d in zip(runs, dirs):
