@@ -1,9 +1,9 @@
 """Benchmark: one CMA condition as `run cma` runs it (baseline, scores, re-paired null), with and without each of
 three engine choices, interleaved in one process (the order turning each round): the prefix cache cut from the
 clean forward's keys and values (``replay.lm_inputs(keys=True)``) against a separate run of the prefix; the
-shared-prefix attention's products in the model's precision with float32 accumulation (``cascade_attention(low=True)``, the CUDA default) against
-products in float32; the patched rows' logits of the answers' token ids alone (``replay.output_logits(vocab=...)``)
-against the whole vocabulary's.
+shared-prefix attention's products in the model's precision with float32 accumulation
+(``cascade_attention(low=True)``, the CUDA default) against products in float32; the patched rows' logits of the
+answers' token ids alone (``replay.output_logits(vocab=...)``) against the whole vocabulary's.
 
     python benchmarks/setup_ab.py --model random:Qwen2.5-VL-7B --device cuda --dtype bf16   # GPU
     python benchmarks/setup_ab.py --model tiny:qwen2_5_vl --pairs 4                          # smoke (CPU)

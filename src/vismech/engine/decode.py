@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from vismech.engine import hooks, replay
-from vismech.engine.replay import LMInputs, _cache_kwarg
+from vismech.engine.replay import LMInputs, cache_kwarg
 from vismech.errors import UserError
 
 
@@ -66,7 +66,7 @@ def greedy(vlm, inp: LMInputs, attention_mask: torch.Tensor, max_new_tokens: int
     lm = hooks.language_model(vlm)
     embed = vlm.model.get_input_embeddings()
     cache = DynamicCache()
-    kw = _cache_kwarg(lm)
+    kw = cache_kwarg(lm)
     first = replay.output_logits(vlm, lm(**inp.tensors, use_cache=True, **{kw: cache}))
     tok = first.argmax(-1)
     dev = tok.device

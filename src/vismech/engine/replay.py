@@ -174,7 +174,7 @@ def _logits_and_kv(vlm: VLM, batch: Batch) -> tuple[torch.Tensor, list | None]:
 
     try:
         out = vlm.model(**vlm.to_device(batch.inputs), logits_to_keep=1, use_cache=True,
-                        **{_cache_kwarg(vlm.model): DynamicCache()})
+                        **{cache_kwarg(vlm.model): DynamicCache()})
     except TypeError:  # no cache argument: the plain forward
         return vlm.logits(batch), None
     kv = _cache_kv(out)
@@ -264,7 +264,9 @@ class PrefixCache:
         return cache
 
 
-def _cache_kwarg(lm) -> str:
+def cache_kwarg(lm) -> str:
+    """The keyword under which ``lm``'s forward takes a cache: ``cache`` where its signature has it, else
+    ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
@@ -279,7 +281,7 @@ def prefix_cache(vlm: VLM, inp: LMInputs, p0: int) -> PrefixCache:
     if inp.kv is not None:
         return PrefixCache(p0, [(k[:, :, :p0].contiguous(), v[:, :, :p0].contiguous()) for k, v in inp.kv])
     lm = hooks.language_model(vlm)
-    out = lm(**inp.positions(0, p0), use_cache=True, **{_cache_kwarg(lm): DynamicCache()})
+    out = lm(**inp.positions(0, p0), use_cache=True, **{cache_kwarg(lm): DynamicCache()})
     return PrefixCache(p0, _cache_kv(out))
 
 
@@ -295,7 +297,7 @@ def lm_logits(vlm: VLM, inp: LMInputs, prefix: PrefixCache | None = None, tail: 
     else:
         suf = inp.positions(prefix.p0, inp.length)
         r = inp.rows // prefix.kv[0][0].shape[0]
-        out = lm(**suf, use_cache=True, **{_cache_kwarg(lm): prefix.expand(r)})
+        out = lm(**suf, use_cache=True, **{cache_kwarg(lm): prefix.expand(r)})
     return output_logits(vlm, out, tail, vocab)
 
 
