@@ -1,6 +1,7 @@
 """Benchmark: one training step of each organism, split into data wait, forward and backward, with and without the
 packed vision attention, and the CUDA ops that take the time (torch.profiler); then the training loop as it runs
-(data workers producing while the model trains) for each worker count of ``--loop-workers``.
+(data workers producing while the model trains) for each worker count of ``--loop-workers``. The step is timed
+with the vision tower's tables cached (``cached_vision_tables``, as the trainer runs) and without, in one process.
 
     PYTHONPATH=src python benchmarks/organism_step.py --arch qwen2_5_vl --steps 12 --workers 12 --loop-workers 3 15
 
@@ -12,6 +13,7 @@ of base trials (each brings three sources and four intervened rows).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ import torch
 from vismech.models.families import family_for_config
 from vismech.organism import data
 from vismech.organism.config import END_TOKEN, build_organism
-from vismech.models.packed_attention import packed_vision_attention
+from vismech.models.packed_attention import cached_vision_tables, packed_vision_attention
 from vismech.organism.train import _autocast
 
 
@@ -59,7 +61,8 @@ def _feeder(a, workers, seed):
 
 def loop(a, model, vlm, probe, opt, dev, workers: int) -> float:
     """Steps per second of the training loop as ``train_organism`` runs it, with ``workers`` data workers."""
-    with _feeder(a, workers, 1) as feeder, packed_vision_attention(model, dev.type == "cuda"):
+    with _feeder(a, workers, 1) as feeder, packed_vision_attention(model, dev.type == "cuda"), \
+            cached_vision_tables(model):
         for i in range(5 + a.loop_steps):
             if i == 5:
                 sync(dev)
@@ -118,9 +121,10 @@ def main():
         data_s = (time.perf_counter() - t) / a.steps
     print(f"data: {data_s * 1000:.0f} ms a batch with {a.workers} workers; shapes "
           + str({k: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__ for k, v in batches[0].items()}))
-    for packed in (True, False):
+    for packed, tables in ((True, True), (True, False), (False, False)):
         times = {"fwd": 0.0, "bwd": 0.0, "opt": 0.0}
-        with packed_vision_attention(model, packed):
+        cached = cached_vision_tables(model) if tables else contextlib.nullcontext()
+        with packed_vision_attention(model, packed), cached:
             for i, b in enumerate(batches):
                 b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
                 sync(dev)
@@ -140,7 +144,7 @@ def main():
                     times["bwd"] += t2 - t1
                     times["opt"] += t3 - t2
         n = len(batches) - 2
-        print(f"packed={packed}: " + ", ".join(f"{k} {v / n * 1000:.0f} ms" for k, v in times.items())
+        print(f"packed={packed} cached tables={tables}: " + ", ".join(f"{k} {v / n * 1000:.0f} ms" for k, v in times.items())
               + f"; {n / sum(times.values()):.2f} steps/s")
     for w in a.loop_workers:
         print(f"training loop with {w} data workers: {loop(a, model, vlm, probe, opt, dev, w):.2f} steps/s",
@@ -149,7 +153,7 @@ def main():
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-        with packed_vision_attention(model, True), profile(activities=acts) as prof:
+        with packed_vision_attention(model, True), cached_vision_tables(model), profile(activities=acts) as prof:
             for b in batches[:3]:
                 b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
                 loss = _step(a, model, vlm, probe, b, dev)

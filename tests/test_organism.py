@@ -11,7 +11,8 @@ from vismech.models.vlm import VLM
 from vismech.organism import data
 from vismech.organism.config import (ARCHS, END_TOKEN, MAX_BYTES, SMALL_SIZES, count_params, organism_bytes,
                                      organism_config)
-from vismech.models.packed_attention import _packed_sdpa, packed_vision_attention
+from vismech.models.packed_attention import (PLAN, _packed_sdpa, cached_vision_tables, packed_vision_attention,
+                                             vision_tables)
 from vismech.organism.train import lr_at, organism_files_bytes, snapshot_steps, train_organism
 
 
@@ -138,6 +139,38 @@ def test_packed_vision_attention_equals_hf_sdpa_values_and_gradients():
         ref = torch.nn.functional.scaled_dot_product_attention(q[..., a:z, :], k[..., a:z, :], v[..., a:z, :],
                                                                scale=0.5)
         assert torch.allclose(got[a:z], ref[0].transpose(0, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cached_vision_tables_are_hf_tables_and_leave_the_tower_output_unchanged(packed, monkeypatch):
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+    from vismech.models import packed_attention as pa
+    from vismech.organism.config import build_organism
+
+    model, _, _ = build_organism("qwen2_5_vl", seed=1, **SMALL_SIZES["qwen2_5_vl"])
+    vis = model.model.visual
+    b = data.adapter_without_weights("qwen2_5_vl", SMALL_SIZES["qwen2_5_vl"]).encode(data.step_trials(0, 1, 6)).inputs
+    # the batch's two image sizes, a 392 px image, one whose last window row and column are empty, two frames
+    grids = [tuple(g) for g in b["image_grid_thw"].tolist()] + [(1, 28, 28), (1, 16, 16), (2, 20, 12)]
+    thw = torch.tensor(grids)
+    with packed_vision_attention(model, packed):
+        got = vision_tables(vis, grids, {}, "cpu")
+    order, bounds = get_vision_window_index(thw, vis.spatial_merge_size, vis.window_size, vis.patch_size)
+    assert torch.equal(got["position_ids"], get_vision_position_ids(thw, vis.spatial_merge_size))
+    assert torch.equal(got["window_index"], order) and torch.equal(got["cu_window_seqlens"], bounds)
+    frames = torch.tensor([h * w for _, h, w in grids]).repeat_interleave(torch.tensor([t for t, _, _ in grids]))
+    assert got["cu_seqlens"].tolist() == [0] + frames.cumsum(0).tolist()
+    assert ("max_seqlen" in got) is packed and (got.get("max_window_seqlen") == 64 if packed else True)
+    assert hasattr(got["cu_window_seqlens"], PLAN) is packed  # the chunk plan rides on the bounds
+    built = []
+    monkeypatch.setattr(pa, "_one_grid", lambda tower, g, real=pa._one_grid: built.append(g) or real(tower, g))
+    with packed_vision_attention(model, packed):
+        outs = [vis(b["pixel_values"], grid_thw=b["image_grid_thw"]).pooler_output]
+        with cached_vision_tables(model):  # the second forward reads the per-grid pieces from the cache
+            outs += [vis(b["pixel_values"], grid_thw=b["image_grid_thw"]).pooler_output for _ in range(2)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert sorted(built) == sorted(set(grids[:-3]))  # each of the batch's two sizes built once
+    assert not vis._forward_pre_hooks  # the hook is gone after the block
 
 
 def test_schedule_and_snapshot_steps():

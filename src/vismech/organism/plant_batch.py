@@ -159,7 +159,8 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
     parts = [("a_", ids_a, mask_a, labels_a)]
     if plan.b:  # a plan of clean rows only has no intervened rows to encode
         parts.append(("b_", ids_b, mask_b, labels_b))
-    per_image = vlm.family.process_images(vlm.image_processor, images).tensors
+    text_keys = {"input_ids", "attention_mask", *vlm.family.extra_inputs(ids_a[:1], vlm.image_token_id)}
+    per_image = {k: v for k, v in enc.inputs.items() if k not in text_keys}  # encode's pixels, not made twice
     out.update({"a_" + k: v for k, v in per_image.items()})
     if plan.b:  # an intervened row shows its base's image: no pixels, the forward reuses the clean image features
         out["b_base"] = torch.tensor([r.group for r, _, _ in plan.b], dtype=torch.long)  # bases: first rows of a

@@ -18,8 +18,8 @@ accuracies are measured on the checkpoint as ``load_vlm(out)`` loads it, through
 Choices the paper leaves open (it trains nothing): every hyper-parameter here; the data for step s depends only on
 (seed, s), so resuming sees the same data. Speed: on CUDA the Qwen2.5-VL vision tower uses
 ``models.packed_attention.packed_vision_attention`` during training (all windows of one length in one SDPA call
-instead of HF's one call per window; same numbers, tested), and batches are built by worker processes
-(``data.Feeder``).
+instead of HF's one call per window; same numbers, tested) with its per-image tables built once per image size
+(``cached_vision_tables``), and batches are built by worker processes (``data.Feeder``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from vismech.models.vlm import VLM
 from . import data
 from .card import reproduce_of
 from .config import END_TOKEN, MAX_BYTES, build_organism, check_arch
-from vismech.models.packed_attention import packed_vision_attention
+from vismech.models.packed_attention import cached_vision_tables, packed_vision_attention
 from .stages import is_vision, load_weights
 
 STATE = "train_state.pt"
@@ -305,7 +305,7 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
     model.train()
     stopped_early = False
     try:
-        with feeder, packed_vision_attention(model, packed):
+        with feeder, packed_vision_attention(model, packed), cached_vision_tables(model):
             for step in range(start, end):
                 cur_lr = lr_at(step, steps, lr, warmup, min_lr_ratio)
                 for g in opt.param_groups:
