@@ -98,8 +98,8 @@ def packed_vision_attention(model, enabled: bool = True):
         vc._attn_implementation = old
 
 
-def _one_grid(tower, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """HF's own tables for one image of ``grid`` (t, h, w), on the CPU: rotary positions [t*h*w, 2], window order
+def _one_grid(tower, grid: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HF's own tables for one image of ``grid`` (t, h, w), as arrays: rotary positions [t*h*w, 2], window order
     [t*h*w / merge**2] and window bounds (in patches, from 0)."""
     from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
@@ -107,7 +107,7 @@ def _one_grid(tower, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Te
     pos = get_vision_position_ids(thw, tower.spatial_merge_size)
     order, bounds = get_vision_window_index(thw, spatial_merge_size=tower.spatial_merge_size,
                                             window_size=tower.window_size, patch_size=tower.patch_size)
-    return pos, order, bounds.long()
+    return pos.numpy(), order.numpy(), bounds.long().numpy()
 
 
 def vision_tables(tower, grids: list[tuple[int, int, int]], cache: dict, device) -> dict:
@@ -118,15 +118,17 @@ def vision_tables(tower, grids: list[tuple[int, int, int]], cache: dict, device)
 
     for g in set(grids) - set(cache):
         cache[g] = _one_grid(tower, g)
-    parts = [cache[g] for g in grids]
-    merged = [t * (h // tower.spatial_merge_size) * (w // tower.spatial_merge_size) for t, h, w in grids]
-    offsets = np.concatenate([[0], np.cumsum(merged)[:-1]]).tolist()
-    frames = np.repeat([h * w for _, h, w in grids], [t for t, _, _ in grids])
-    cu = np.concatenate([[0], np.cumsum(frames)])
-    patches = np.concatenate([[0], np.cumsum([t * h * w for t, h, w in grids])[:-1]]).tolist()
-    cu_win = torch.cat([torch.zeros(1, dtype=torch.long)] + [b[1:] + p for (_, _, b), p in zip(parts, patches)])
-    out = {"position_ids": torch.cat([pos for pos, _, _ in parts]).to(device),
-           "window_index": torch.cat([o + off for (_, o, _), off in zip(parts, offsets)]).to(device)}
+    pos, order, bounds = zip(*(cache[g] for g in grids))
+    m = tower.spatial_merge_size
+    merged = np.array([t * (h // m) * (w // m) for t, h, w in grids])  # each image's tokens after merging
+    patches = np.array([t * h * w for t, h, w in grids])
+    windows = np.array([len(b) - 1 for b in bounds])
+    cu = np.concatenate([[0], np.cumsum(np.repeat([h * w for _, h, w in grids], [t for t, _, _ in grids]))])
+    cu_win = np.concatenate([[0], np.concatenate([b[1:] for b in bounds])
+                             + np.repeat(np.cumsum(patches) - patches, windows)])
+    out = {"position_ids": torch.from_numpy(np.concatenate(pos)).to(device),
+           "window_index": torch.from_numpy(np.concatenate(order) + np.repeat(np.cumsum(merged) - merged, merged))
+           .to(device)}
     for key, longest, bounds in (("cu_seqlens", "max_seqlen", cu.tolist()),
                                  ("cu_window_seqlens", "max_window_seqlen", cu_win.tolist())):
         t = torch.tensor(bounds, dtype=torch.int32).to(device)
