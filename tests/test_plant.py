@@ -445,6 +445,55 @@ def test_gathering_share_targets_a_sum_of_the_mentions(vlm, capsys, tmp_path):
         assert len(err) == 1 and "gathering" in err[0] and not (tmp_path / "o").exists()
 
 
+def test_ring_probe_reads_row_column_and_ring_which_no_planar_code_gives(vlm, capsys, tmp_path):
+    """With ``ring_probe`` the linear position probe has three more outputs, the cell's ring (centre 0, edge 1,
+    corner 2), and its loss is the sum of three cross-entropies (checked by hand on the step's features). A linear
+    read-out of the planar map of the grid cannot get the rings right (the centre lies inside its edges), one of the
+    lifted code (the plane plus the squared distance to the centre) can; the card and the command line carry the
+    option, which needs --plant ids and excludes the cell code."""
+    from vismech.app.cli import main
+    from vismech.organism.card import reproduce_command
+
+    cells = torch.tensor([[r, c] for r in range(3) for c in range(3)])
+    assert plant.ring_of(cells).tolist() == [2, 1, 2, 1, 0, 1, 2, 1, 2]
+    spec = plant.PlantSpec(**{**SPEC.__dict__, "ring_probe": True})
+    probe = plant.make_probe(vlm, spec)
+    assert probe.out_features == 9
+    set_spec = plant.PlantSpec(**{**spec.__dict__, "weights": spec.weights + (("set_probe", 1.0),)})
+    assert plant.make_probe(vlm, set_spec).out_features == 18
+    b = pb.batch_of(vlm, spec, pb.step_plan(spec, 9, 1, 3), "<|im_end|>", 0)
+    _, m = plant.plant_loss(vlm, spec, probe, b)
+    with torch.no_grad():
+        feats = plant.clean_forward(vlm, spec, b)[3][b["probe_where"][:, 0], b["probe_where"][:, 1]].float()
+        out, cell = probe(feats), b["probe_cell"]
+    ce = torch.nn.functional.cross_entropy
+    want = ce(out[:, :3], cell[:, 0]) + ce(out[:, 3:6], cell[:, 1]) + ce(out[:, 6:9], plant.ring_of(cell))
+    assert float(m["loss_probe"]) == pytest.approx(float(want), rel=1e-4)
+    # a linear classifier of the rings, fitted on each code of the nine cells
+    x, y = cells[:, 0].float() - 1, cells[:, 1].float() - 1
+
+    def ring_accuracy(code):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(code.shape[1], 3)
+        opt = torch.optim.Adam(lin.parameters(), lr=0.1)
+        for _ in range(500):
+            opt.zero_grad()
+            ce(lin(code), plant.ring_of(cells)).backward()
+            opt.step()
+        return float((lin(code).argmax(-1) == plant.ring_of(cells)).float().mean())
+
+    assert ring_accuracy(torch.stack([x, y], 1)) <= 8 / 9  # no line puts the centre apart from all four edges
+    assert ring_accuracy(torch.stack([x, y, x * x + y * y], 1)) == 1.0
+    info = {"arch": "qwen2_5_vl", "out": "o", "planned_steps": 1, "seed": 0, "batch_size": 1, "lr": 0.001,
+            "plant": spec, "device": "cuda"}
+    assert " --plant-ring-probe" in reproduce_command(info)
+    with pytest.raises(UserError, match="cell code or the ring probe"):
+        plant.PlantSpec(cell_code=True, ring_probe=True)
+    assert main(["train-organism", "--arch", "qwen2_5_vl", "--out", str(tmp_path / "o"), "--plant-ring-probe"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--plant ids" in err[0] and not (tmp_path / "o").exists()
+
+
 def test_cell_code_probe_reads_nine_cells_along_fixed_directions(vlm, capsys, tmp_path):
     """With ``cell_code`` the position probe projects on 9 fixed orthonormal directions (never trained), normalises,
     and scales by one learned temperature; its loss is the 9-way cross-entropy of the object's cell (checked by hand

@@ -49,9 +49,11 @@ def cmd_train_organism(args) -> int:
     if args.early_steps:
         kw["early"] = (args.early_steps, reweighted(weights(args.early_weight, "--early-weight"), kw["mixture"]))
     if (args.plant_weight or args.plant_full_scenes is not None or args.plant_split_gathering
-            or args.plant_heads or args.plant_gathering_share or args.plant_cell_code) and not args.plant:
+            or args.plant_heads or args.plant_gathering_share or args.plant_cell_code or args.plant_ring_probe) \
+            and not args.plant:
         raise UserError("--plant-weight, --plant-full-scenes, --plant-split-gathering, --plant-gathering-share, "
-                        "--plant-cell-code and --plant-heads set options of planting: give --plant ids too")
+                        "--plant-cell-code, --plant-ring-probe and --plant-heads set options of planting: give --plant "
+                        "ids too")
     if args.plant:
         from vismech.organism.plant import PlantSpec
 
@@ -60,6 +62,7 @@ def cmd_train_organism(args) -> int:
         full = {} if args.plant_full_scenes is None else {"full_scenes": args.plant_full_scenes}
         kw["plant"] = PlantSpec(weights=tuple(w.items()), split_gathering=args.plant_split_gathering, **full,
                                 gathering_share=args.plant_gathering_share or 0.0, cell_code=args.plant_cell_code,
+                                ring_probe=args.plant_ring_probe,
                                 **plant_heads(args.plant_heads))
     if args.snapshots == "analysis":
         from vismech.organism.snapshot import AnalysisSnapshot
@@ -145,6 +148,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--plant-cell-code", action="store_true", help="with --plant ids: the position probe is a cosine "
                    "classifier of the grid's nine cells over fixed orthogonal directions (nine IDs) instead of a "
                    "trained row-and-column probe (which the organisms satisfied with a planar map of the grid)")
+    s.add_argument("--plant-ring-probe", action="store_true", help="with --plant ids: the row-and-column probe also "
+                   "reads each cell's ring (centre, edge, corner), which a planar map of the grid cannot give: a code "
+                   "in which every cell, the centre included, can be singled out")
     s.add_argument("--plant-heads", action="append", metavar="STAGE=L:H,...", help="with --plant ids: the heads "
                    "declared for one stage (binding, retrieval, gathering, selection, features) instead of the "
                    "default, e.g. gathering=3:0,3:1,3:2,3:3; repeatable")

@@ -51,6 +51,8 @@ def reproduce_command(info: dict) -> str:
             cmd += f" --plant-gathering-share {info['plant'].gathering_share:g}"
         if info["plant"].cell_code:
             cmd += " --plant-cell-code"
+        if info["plant"].ring_probe:
+            cmd += " --plant-ring-probe"
         for stage in COMPONENTS:
             heads = getattr(info["plant"], stage)
             if heads != getattr(PlantSpec(), stage):

@@ -32,7 +32,9 @@ Method (one training step; ``PlantSpec`` holds the heads and weights):
    M-RoPE.) The probe is discarded after training. A row-and-column probe is satisfied by a planar map of the
    cells, and that is what both planted organisms learned (their cell codes span two dimensions, same-row
    neighbours alike: ``docs/organism-ids.md``); with ``cell_code`` the probe is instead a cosine classifier of the
-   nine cells over fixed orthonormal directions (``CellProbe``), which asks for nine distinct IDs.
+   nine cells over fixed orthonormal directions (``CellProbe``), which asks for nine distinct IDs; with
+   ``ring_probe`` it reads each cell's ring as well (``ring_of``), a third dimension of a code that keeps the grid's
+   distances.
 7. A linear *set probe* (with a ``set_probe`` weight; 0 in the default spec) on the residual stream entering the
    selection layer at every naming position predicts, for each cell, whether a mention gathered there names it:
    the described set made linearly explicit where the selection heads' queries read it (with eight objects
@@ -90,6 +92,10 @@ class PlantSpec:
     # the position probe is a cosine classifier of the 9 cells over fixed orthonormal directions (``CellProbe``)
     # instead of rows and columns with trained weights: an ID per cell rather than a planar map of the grid
     cell_code: bool = False
+    # the row-and-column probe also reads the cell's ring (0 the centre, 1 an edge, 2 a corner of the 3x3 grid), which
+    # no linear read-out of a planar map can: the code gains the third dimension that lets a dot product single out
+    # any cell, the centre included, and keeps the grid's distances (``ring_of``)
+    ring_probe: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.gathering_share <= 1 / 8:
@@ -97,6 +103,9 @@ class PlantSpec:
                             f"head's attention on a 3x3 grid), got {self.gathering_share}")
         if self.gathering_share and self.split_gathering:
             raise UserError("give either a gathering share or split gathering, not both")
+        if self.cell_code and self.ring_probe:
+            raise UserError("give either the cell code or the ring probe, not both: the ring is read with the "
+                            "row-and-column probe, which the cell code replaces")
 
     def weight(self, name: str) -> float:
         """The weight of loss term ``name`` (0 for a term the spec does not list)."""
@@ -253,12 +262,11 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
         cell_logits, cell = probe(feats)[:, :width], cells[:, 0] * 3 + cells[:, 1]
         losses["probe"] = torch.nn.functional.cross_entropy(cell_logits, cell)
         metrics["probe_acc"] = (cell_logits.argmax(-1) == cell).float().mean()
-    else:  # its row and its column
-        row_logits, col_logits = probe(feats)[:, :width].split(3, -1)
-        losses["probe"] = (torch.nn.functional.cross_entropy(row_logits, cells[:, 0])
-                           + torch.nn.functional.cross_entropy(col_logits, cells[:, 1]))
-        metrics["probe_acc"] = ((row_logits.argmax(-1) == cells[:, 0])
-                                & (col_logits.argmax(-1) == cells[:, 1])).float().mean()
+    else:  # its row and its column (and with ``ring_probe`` its ring)
+        parts = probe(feats)[:, :width].split(3, -1)
+        want = [cells[:, 0], cells[:, 1]] + ([ring_of(cells)] if spec.ring_probe else [])
+        losses["probe"] = sum(torch.nn.functional.cross_entropy(x, y) for x, y in zip(parts, want))
+        metrics["probe_acc"] = torch.stack([x.argmax(-1) == y for x, y in zip(parts, want)]).all(0).float().mean()
     if spec.weight("set_probe"):  # which cells the gathered mentions name, read linearly where selection reads
         sw, want = batch["set_where"], batch["set_cells"].float()
         set_logits = probe(z_a["set_resid"][sw[:, 0], sw[:, 1], 0].float())[:, width:]
@@ -310,8 +318,15 @@ def ground_truth(spec: PlantSpec):
 
 
 def _position_width(spec: PlantSpec | None) -> int:
-    """The position probe's outputs: 9 cells with ``cell_code``, else 3 rows and 3 columns."""
-    return 9 if spec is not None and spec.cell_code else 6
+    """The position probe's outputs: 9 cells with ``cell_code``, else 3 rows and 3 columns (and 3 rings)."""
+    return 9 if spec is not None and (spec.cell_code or spec.ring_probe) else 6
+
+
+def ring_of(cells: torch.Tensor) -> torch.Tensor:
+    """The ring of each (row, column) of a 3x3 grid: 0 the centre, 1 an edge, 2 a corner (the squared distance to
+    the centre, in cells). Nothing linear in a planar map of the grid separates the centre from the edges around it;
+    with the ring added, the cells lie on a paraboloid, every one of them a vertex of the code's convex hull."""
+    return (cells[..., 0] != 1).long() + (cells[..., 1] != 1).long()
 
 
 class CellProbe(torch.nn.Module):
@@ -337,13 +352,14 @@ class CellProbe(torch.nn.Module):
 
 def make_probe(vlm: VLM, spec: PlantSpec | None = None) -> torch.nn.Module:
     """The auxiliary probes, fp32: first the position probe on the residual stream after ``probe_layer`` (outputs
-    0-5, the row and column of a 3x3 grid; with ``cell_code``, outputs 0-8, its cell: ``CellProbe``); then, with a
+    0-5, the row and column of a 3x3 grid, and 6-8 its ring with ``ring_probe``; with ``cell_code``, outputs 0-8,
+    its cell: ``CellProbe``); then, with a
     ``set_probe`` weight, the set probe (for each cell of a 3x3 grid, whether a mention gathered at a naming position
     names it, from the residual stream entering the selection layer)."""
     hidden, with_set = vlm.text_config.hidden_size, spec is not None and bool(spec.weight("set_probe"))
     if spec is not None and spec.cell_code:
         return CellProbe(hidden, with_set)
-    return torch.nn.Linear(hidden, 15 if with_set else 6)
+    return torch.nn.Linear(hidden, _position_width(spec) + (9 if with_set else 0))
 
 
 def set_layer(spec: PlantSpec) -> int:
