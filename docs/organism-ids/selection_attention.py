@@ -5,7 +5,8 @@
 For random-vocabulary scene descriptions with every object but one described (2x2 with 4 objects, 3x3 with 4 and
 with 9), the share of each declared head's attention on its target object's image tokens (for the ID-retrieval
 heads at a mention: the mentioned object), on the described objects' image tokens, on the background and on text,
-and the full-answer accuracy; then, on 3x3 scenes, the same by number of described objects. Runs on the CPU.
+and the full-answer accuracy; then, on 3x3 scenes, the same by number of described objects (with the feature heads'
+attention on the target and on the described objects). Runs on the CPU.
 """
 import sys
 
@@ -60,11 +61,12 @@ def main(model="organism-ids", n=64):
             print(f"| {grid[0]}x{grid[1]}, {objects} objects | {objects - 1} | {acc:.2f} | {c} | "
                   + " | ".join(f"{x:.2f}" for x in v) + " |")
     print("\n| described (3x3, one left) | accuracy | retrieval heads on the mentioned object | selection heads on "
-          "the target | gathering heads' output norm |")
-    print("|---|---|---|---|---|")
+          "the target | gathering heads' output norm | feature heads on the target / on described objects |")
+    print("|---|---|---|---|---|---|")
     for k in range(1, 9):
         acc, m, norm = masses(vlm, spec, _trials(n, (3, 3), k + 1))
-        print(f"| {k} | {acc:.2f} | {m['retrieval'][0]:.2f} | {m['selection'][0]:.2f} | {norm:.2f} |")
+        print(f"| {k} | {acc:.2f} | {m['retrieval'][0]:.2f} | {m['selection'][0]:.2f} | {norm:.2f} | "
+              f"{m['features'][0]:.2f} / {m['features'][1]:.2f} |")
 
 
 def _trials(n, grid, objects):

@@ -47,16 +47,24 @@ def add_trials(p: argparse.ArgumentParser, default, help: str) -> None:
                    help=argparse.SUPPRESS)  # the old spelling (ambiguous to torchrun's own parser)
 
 
+DEVICE_HELP = "cpu or cuda (default: cuda when available)"
+
+
+def add_load_args(g) -> None:
+    """How a model's weights load: --dtype, --device, --trust-remote-code (every command that loads one)."""
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--device", default=None, help=DEVICE_HELP)
+    g.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="required: " + MODEL_HELP)
-    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_load_args(g)
     g.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto (multi-GPU)")
     g.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"],
                    help="the checkpoint's chat template with the sentence as the assistant's start, or plain "
                    "completion; auto: chat for vismech's own models, else the better of the two on a small set")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
     g.add_argument("--batch-size", type=arg_type(BATCH, "--batch-size"), default=16)
 
 

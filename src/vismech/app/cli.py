@@ -15,8 +15,8 @@ from pathlib import Path
 
 from vismech.errors import UserError
 from vismech.experiments.options import SEED, Opt, arg_type
-from vismech.app.arguments import (MODEL_HELP, Parser, WithFamilies, add_model_args, add_trials, add_verbosity,
-                                   grid)
+from vismech.app.arguments import (MODEL_HELP, Parser, WithFamilies, add_load_args, add_model_args, add_trials,
+                                   add_verbosity, grid)
 from vismech.app.train_cli import add_train_parser
 from vismech.store.rundir import output_dir
 from vismech.version import __version__
@@ -245,12 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("inspect", help="how vismech frames and scores MODEL: one framed trial per task, patched "
                        "positions, answer tokens, chat-vs-plain accuracy")
-    s.add_argument("model", help="HF hub id or local checkpoint dir, tiny:FAMILY, organism, organism-llava")
+    s.add_argument("model", help=MODEL_HELP)
     add_trials(s, 8, "trials per task for the chat-vs-plain accuracy")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
+    add_load_args(s)
     s.add_argument("--out", default=None, help="also write the result as JSON here")
     s.set_defaults(fn=cmd_inspect)
 

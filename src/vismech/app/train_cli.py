@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from vismech.app.arguments import DEVICE_HELP
 from vismech.errors import UserError
 from vismech.experiments.options import BATCH, COUNT, SEED, TRIALS, Opt, arg_type
 from vismech.store.rundir import output_dir
@@ -108,7 +109,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory (checkpoint, model card, logs, train state)")
     s.add_argument("--steps", type=arg_type(COUNT, "--steps"), default=8000)
     s.add_argument("--seed", type=arg_type(SEED, "--seed"), default=0)
-    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--device", default=None, help=DEVICE_HELP)
     s.add_argument("--batch-size", type=arg_type(BATCH, "--batch-size"), default=128)
     s.add_argument("--lr", type=arg_type(Opt("float", 0, 10, open=True), "--lr"), default=1e-3, help="peak learning rate (warmup, then cosine decay)")
     s.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
