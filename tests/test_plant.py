@@ -248,6 +248,32 @@ def test_the_readme_commands_plant_an_organism_and_validate_it(tmp_path, capsys)
     assert len(err) == 1 and "unknown measure(s) probe" in err[0]
 
 
+def test_a_planting_state_saved_before_a_spec_field_existed_resumes_and_another_spec_is_refused(tmp_path):
+    """A training state whose saved planting spec lacks a field added since (``ring_probe``: such runs behaved as its
+    default) resumes and finishes; resuming it with a spec that differs is refused with one error."""
+    import json
+
+    from vismech.organism.train import STATE, train_organism
+
+    sizes = {"text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=7, num_attention_heads=8,
+                          num_key_value_heads=4, head_dim=8),
+             "vision": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            projection_dim=16)}
+    out = tmp_path / "r"
+    kw = dict(steps=2, batch_size=1, eval_n=1, progress=False, device="cpu", sizes=sizes)
+    assert train_organism("llava", out, stop_at=1, plant=plant.PlantSpec(), **kw).summary["stopped_at"] == 1
+    state = torch.load(out / STATE, weights_only=True)
+    old = json.loads(state["run"]["plant"])
+    del old["ring_probe"]
+    state["run"]["plant"] = json.dumps(old, sort_keys=True)
+    torch.save(state, out / STATE)
+    with pytest.raises(UserError, match="trained with plant="):
+        train_organism("llava", out, resume=True, plant=plant.PlantSpec(ring_probe=True), **kw)
+    res = train_organism("llava", out, resume=True, plant=plant.PlantSpec(), **kw)
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert res.summary.get("stopped_at") is None and log[-1]["step"] == 2
+
+
 def test_the_invariance_term_is_zero_for_a_copy_and_positive_for_other_features(vlm):
     """With an invariance weight each base gets a source whose described object has other features at the same
     cell; the term compares the ID-retrieval heads' outputs at that mention's last word. It is exactly 0 when the

@@ -145,7 +145,7 @@ def _load_state(path: Path, model, opt, run: dict, probe=None) -> tuple[int, flo
             "freeze_vision", "plant")
     keys += ("mixture",) if "mixture" in saved else ()  # states saved before it was recorded have none
     for key in keys:
-        if saved.get(key) != run.get(key):
+        if not _same_setting(key, saved.get(key), run.get(key)):
             raise UserError(f"{path} was trained with {key}={saved.get(key)!r}, not {run.get(key)!r}; resume with "
                             "the same settings or choose another --out")
     model.load_state_dict(state["model"])
@@ -157,6 +157,17 @@ def _load_state(path: Path, model, opt, run: dict, probe=None) -> tuple[int, flo
     kind, keys, *rest = state["rng"]["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     return int(state["step"]), float(state.get("seconds", 0.0))
+
+
+def _same_setting(key: str, saved, now) -> bool:
+    """Whether a resumed run's setting ``key`` is the saved one. A planting spec saved before a field was added to
+    ``PlantSpec`` lacks it and behaved as its default does (fields are added with the old behaviour as default)."""
+    if key != "plant" or saved is None or now is None:
+        return saved == now
+    from .plant import PlantSpec
+
+    default = json.loads(PlantSpec().to_json())
+    return {**default, **json.loads(saved)} == {**default, **json.loads(now)}
 
 
 def _truncate(path: Path, step: int) -> None:
