@@ -253,7 +253,8 @@ def test_a_planting_state_saved_before_a_spec_field_existed_resumes_and_another_
     default) resumes and finishes; resuming it with a spec that differs is refused with one error."""
     import json
 
-    from vismech.organism.train import STATE, train_organism
+    from vismech.organism.resume import STATE
+    from vismech.organism.train import train_organism
 
     sizes = {"text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=7, num_attention_heads=8,
                           num_key_value_heads=4, head_dim=8),

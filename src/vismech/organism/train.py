@@ -47,9 +47,9 @@ from . import data
 from .card import reproduce_of
 from .config import END_TOKEN, MAX_BYTES, build_organism, check_arch
 from vismech.models.packed_attention import cached_vision_tables, packed_vision_attention
+from .resume import STATE, load_state, save_state, truncate_log
 from .stages import is_vision, load_weights
 
-STATE = "train_state.pt"
 LOG = "train_log.jsonl"
 EMERGENCE = "emergence.jsonl"
 DEFAULTS = dict(steps=8000, batch_size=128, lr=1e-3, seed=0)
@@ -121,59 +121,6 @@ class HeldOut:
 
 def _flat(acc: dict[str, dict]) -> dict[str, float]:
     return {g: round(a["value"], 4) for g, a in acc.items()}
-
-
-# -- state ----------------------------------------------------------------------------------------------------
-def _save_state(path: Path, model, opt, step: int, run: dict, seconds: float, probe=None) -> None:
-    rng = {"torch": torch.get_rng_state(), "python": repr(random.getstate()),
-           "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
-    state = {"step": step, "run": run, "seconds": seconds, "model": model.state_dict(),
-             "optimizer": opt.state_dict(), "rng": rng}
-    if probe is not None:
-        state["probe"] = probe.state_dict()
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _load_state(path: Path, model, opt, run: dict, probe=None) -> tuple[int, float]:
-    import ast
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = state["run"]
-    keys = ("arch", "seed", "batch_size", "lr", "sizes", "label_mentions", "early", "vision_from", "init_from",
-            "freeze_vision", "plant")
-    keys += ("mixture",) if "mixture" in saved else ()  # states saved before it was recorded have none
-    for key in keys:
-        if not _same_setting(key, saved.get(key), run.get(key)):
-            raise UserError(f"{path} was trained with {key}={saved.get(key)!r}, not {run.get(key)!r}; resume with "
-                            "the same settings or choose another --out")
-    model.load_state_dict(state["model"])
-    if probe is not None:
-        probe.load_state_dict(state["probe"])
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(ast.literal_eval(state["rng"]["python"]))
-    kind, keys, *rest = state["rng"]["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    return int(state["step"]), float(state.get("seconds", 0.0))
-
-
-def _same_setting(key: str, saved, now) -> bool:
-    """Whether a resumed run's setting ``key`` is the saved one. A planting spec saved before a field was added to
-    ``PlantSpec`` lacks it and behaved as its default does (fields are added with the old behaviour as default)."""
-    if key != "plant" or saved is None or now is None:
-        return saved == now
-    from .plant import PlantSpec
-
-    default = json.loads(PlantSpec().to_json())
-    return {**default, **json.loads(saved)} == {**default, **json.loads(now)}
-
-
-def _truncate(path: Path, step: int) -> None:
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def _append(path: Path, row: dict) -> None:
@@ -278,9 +225,9 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
                             lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=dev.type == "cuda")
     start, before = 0, 0.0
     if resume and state_path.exists():
-        start, before = _load_state(state_path, model, opt, run, probe)
+        start, before = load_state(state_path, model, opt, run, probe)
         for f in (LOG, EMERGENCE):
-            _truncate(out / f, start)
+            truncate_log(out / f, start)
     elif resume:
         print(f"vismech: no {STATE} in {out}; starting from step 0")
     heldout = HeldOut(vlm, eval_n, seed, max(batch_size, 32), compact=dev.type == "cuda")
@@ -352,10 +299,10 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
                     bar.set_postfix(loss=f"{last_loss:.3f}")
                 bar.update(1)
                 if done % save_every == 0 or done == end:
-                    _save_state(state_path, model, opt, done, run, time.time() - t0, probe)
+                    save_state(state_path, model, opt, done, run, time.time() - t0, probe)
                 if max_minutes is not None and time.time() - t_start > 60 * max_minutes and done < end:
                     stopped_early = True
-                    _save_state(state_path, model, opt, done, run, time.time() - t0, probe)
+                    save_state(state_path, model, opt, done, run, time.time() - t0, probe)
                     break
     finally:
         bar.close()
