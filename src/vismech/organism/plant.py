@@ -353,9 +353,8 @@ class CellProbe(torch.nn.Module):
 def make_probe(vlm: VLM, spec: PlantSpec | None = None) -> torch.nn.Module:
     """The auxiliary probes, fp32: first the position probe on the residual stream after ``probe_layer`` (outputs
     0-5, the row and column of a 3x3 grid, and 6-8 its ring with ``ring_probe``; with ``cell_code``, outputs 0-8,
-    its cell: ``CellProbe``); then, with a
-    ``set_probe`` weight, the set probe (for each cell of a 3x3 grid, whether a mention gathered at a naming position
-    names it, from the residual stream entering the selection layer)."""
+    its cell: ``CellProbe``); then, with a ``set_probe`` weight, the set probe (for each cell of a 3x3 grid, whether
+    a mention gathered at a naming position names it, from the residual stream entering the selection layer)."""
     hidden, with_set = vlm.text_config.hidden_size, spec is not None and bool(spec.weight("set_probe"))
     if spec is not None and spec.cell_code:
         return CellProbe(hidden, with_set)
