@@ -3,7 +3,9 @@
 # measures the planting step's speed (benchmarks/organism_step.py, the loop with 12 workers), fixes the schedule
 # from it (as many steps as 14.6 minutes buy, less a margin for the held-out evaluations) and trains for MINUTES;
 # part 2 resumes for whatever is left of the 15 minutes (read from the training log), then measures validity
-# (n = 128) and recovery and packs the organism (without its training state) and the results into OUT.
+# (n = 128) and recovery. The logs and results of each part come back packed as OUT/logsPART.tgz, and after part 2
+# the organism (without its training state) as OUT/organism.tgz: two runs side by side stay within the files a
+# device call returns.
 #
 #   bash docs/organism-ids/plant_15min.sh OUT 1 6.8
 #   bash docs/organism-ids/plant_15min.sh OUT 2
@@ -17,12 +19,13 @@ OUT=${1:?give a log folder}; PART=${2:?give the part, 1 or 2}; MIN=${3:-}
 export PYTHONPATH=${PYTHONPATH:-src}
 FLAGS=${FLAGS:---plant-cell-code --plant-full-scenes 0.3 --plant-weight probe=3}
 RUN=${RUN:-runs/org/cells2}
-mkdir -p "$OUT" "$(dirname "$RUN")"
+LOGS=$RUN.logs
+mkdir -p "$OUT" "$LOGS"
 if [ "$PART" = 1 ]; then
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt"
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$LOGS/gpu.txt"
   python benchmarks/organism_step.py --plant --batch-size 32 --steps 6 --workers 12 --loop-workers 12 \
-    --loop-steps 40 > "$OUT/organism_step.log" 2>&1
-  rate=$(grep "training loop with 12" "$OUT/organism_step.log" | awk '{print $(NF-1)}')
+    --loop-steps 40 > "$LOGS/organism_step.log" 2>&1
+  rate=$(grep "training loop with 12" "$LOGS/organism_step.log" | awk '{print $(NF-1)}')
   python -c "print(int(float('${rate:-4.4}') * 0.93 * 14.6 * 60 / 100) * 100)" > "$RUN.steps"
   RES=
 else
@@ -32,15 +35,16 @@ else
 print(round(max(0.5, 14.8 - r[-1]['seconds'] / 60), 2))")}
 fi
 STEPS=$(cat "$RUN.steps")
-echo "part $PART: $STEPS steps planned, $MIN minutes" | tee -a "$OUT/steps.txt"
+echo "part $PART: $STEPS steps planned, $MIN minutes" | tee -a "$LOGS/steps.txt"
 python -m vismech.app.cli train-organism --arch qwen2_5_vl --out "$RUN" --batch-size 32 --plant ids $FLAGS \
   --vision-from organism --freeze-vision --eval-every 500 --workers 12 --device cuda --steps "$STEPS" --eval-n 64 \
-  --lr 0.001 --seed 0 --max-minutes "$MIN" $RES > "$OUT/train$PART.log" 2>&1
-grep "^organism qwen" "$OUT/train$PART.log"
-cp "$RUN/train_log.jsonl" "$OUT/"
+  --lr 0.001 --seed 0 --max-minutes "$MIN" $RES > "$LOGS/train$PART.log" 2>&1
+grep "^organism qwen" "$LOGS/train$PART.log"
+cp "$RUN/train_log.jsonl" "$LOGS/"
 if [ "$PART" = 2 ]; then
-  python -m vismech.organism.validate "$RUN" -n 128 --device cuda --out "$OUT/validity.json" > "$OUT/validate.log" 2>&1
-  python -m vismech.app.cli run recovery --model "$RUN" --device cuda --out "$RUN.recovery" > "$OUT/recovery.log" 2>&1
-  cp "$RUN.recovery/results/recovery.json" "$OUT/" 2>/dev/null
+  python -m vismech.organism.validate "$RUN" -n 128 --device cuda --out "$LOGS/validity.json" > "$LOGS/validate.log" 2>&1
+  python -m vismech.app.cli run recovery --model "$RUN" --device cuda --out "$RUN.recovery" > "$LOGS/recovery.log" 2>&1
+  cp "$RUN.recovery/results/recovery.json" "$LOGS/" 2>/dev/null
   tar czf "$OUT/organism.tgz" -C "$RUN" --exclude=train_state.pt .
 fi
+tar czf "$OUT/logs$PART.tgz" -C "$LOGS" .
