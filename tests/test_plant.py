@@ -472,6 +472,67 @@ def test_gathering_share_targets_a_sum_of_the_mentions(vlm, capsys, tmp_path):
         assert len(err) == 1 and "gathering" in err[0] and not (tmp_path / "o").exists()
 
 
+def test_strict_rows_resample_the_late_mlps_as_a_patch_made_by_hand(capsys, tmp_path):
+    """With ``strict_late_mlps`` the strict rows also take the MLP outputs of the layers after the feature heads
+    from their source row (each layer with probability ``strict_p``, every position of the row); no other row and
+    no earlier layer is touched. A patched row equals the same row run by hand with its head outputs and those MLP
+    outputs replaced; the card and the command line carry the option."""
+    from vismech.app.cli import main
+    from vismech.organism.card import reproduce_command
+
+    sizes = {**SIZES, "text": {**SIZES["text"], "num_hidden_layers": 7}}
+    model, tok, proc = build_organism("qwen2_5_vl", 0, **sizes)
+    vlm = VLM(model.float(), tok, proc, family_for_config(model.config), "tiny-plant-7", "chat")
+    spec = plant.PlantSpec(**{**SPEC.__dict__, "strict_late_mlps": True})
+    assert plant.late_layers(spec, 7) == [5, 6]
+    plan = pb.step_plan(spec, 4, 0, 4)
+    b = pb.batch_of(vlm, spec, plan, "<|im_end|>", 0)
+    mlp = b["b_patch_mlp"]
+    strict = [k for k, (_, kind, _) in enumerate(plan.b) if kind == "strict"]
+    assert strict and not mlp[[k for k in range(len(plan.b)) if k not in strict]].any()
+    assert not mlp[:, :, :5].any() and mlp[strict].any()
+    for k in strict:  # a layer is patched at every real position of the row or at none
+        for layer in (5, 6):
+            col = mlp[k, :, layer]
+            assert torch.equal(col, b["b_attention_mask"][k].bool()) or not col.any()
+    assert "b_patch_mlp" not in pb.batch_of(vlm, SPEC, pb.step_plan(SPEC, 4, 0, 4), "<|im_end|>", 0)
+    with torch.no_grad():
+        _, z_a, _, _ = plant.clean_forward(vlm, spec, b)
+        logits_b = plant.patched_forward(vlm, b, z_a)
+    assert set(k for k in z_a if str(k).startswith("mlp")) == {"mlp5", "mlp6"}
+    k = next(k for k in strict if mlp[k].any())
+    src, g = int(b["b_source"][k]), int(b["b_base"][k])
+    one = {key: v[k:k + 1] for key, v in plant._inputs(b, "b_").items()}
+    grid = b["a_image_grid_thw"]
+    per = grid.prod(-1).tolist()
+    one["pixel_values"] = b["a_pixel_values"][sum(per[:g]):sum(per[:g + 1])]
+    one["image_grid_thw"], one["position_ids"] = grid[g:g + 1], b["b_position_ids"][:, k:k + 1]
+    edits = [hooks.Edit("z", layer, torch.tensor([0]), torch.tensor([p]), torch.tensor([head]),
+                        z_a[layer][src, p, head][None]) for p, layer, head in b["b_patch"][k].nonzero().tolist()]
+    handles = []
+    for layer in (5, 6):
+        if mlp[k, :, layer].any():
+            def swap(module, args, out, layer=layer):
+                return torch.where(mlp[k:k + 1, :, layer, None], z_a[f"mlp{layer}"][src:src + 1], out)
+
+            handles.append(vlm.layers[layer].mlp.register_forward_hook(swap))
+    with torch.no_grad(), hooks.intervene(vlm, edits):
+        hand = vlm.model(**one, use_cache=False).logits[0]
+    for h in handles:
+        h.remove()
+    assert torch.allclose(hand, logits_b[k], atol=2e-5)
+    with torch.no_grad():  # the MLP patch matters: without it the row comes out otherwise
+        plain = plant.patched_forward(vlm, {**b, "b_patch_mlp": torch.zeros_like(mlp)}, z_a)
+    assert not torch.allclose(plain[k], logits_b[k], atol=1e-4)
+    info = {"arch": "qwen2_5_vl", "out": "o", "planned_steps": 1, "seed": 0, "batch_size": 1, "lr": 0.001,
+            "plant": spec, "device": "cuda"}
+    assert " --plant-strict-late-mlps" in reproduce_command(info)
+    assert main(["train-organism", "--arch", "qwen2_5_vl", "--out", str(tmp_path / "o"),
+                 "--plant-strict-late-mlps"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--plant ids" in err[0] and not (tmp_path / "o").exists()
+
+
 def test_ring_probe_reads_row_column_and_ring_which_no_planar_code_gives(vlm, capsys, tmp_path):
     """With ``ring_probe`` the linear position probe has three more outputs, the cell's ring (centre 0, edge 1,
     corner 2), and its loss is the sum of three cross-entropies (checked by hand on the step's features). A linear

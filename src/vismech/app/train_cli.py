@@ -50,11 +50,11 @@ def cmd_train_organism(args) -> int:
     if args.early_steps:
         kw["early"] = (args.early_steps, reweighted(weights(args.early_weight, "--early-weight"), kw["mixture"]))
     if (args.plant_weight or args.plant_full_scenes is not None or args.plant_split_gathering
-            or args.plant_heads or args.plant_gathering_share or args.plant_cell_code or args.plant_ring_probe) \
-            and not args.plant:
+            or args.plant_heads or args.plant_gathering_share or args.plant_cell_code or args.plant_ring_probe
+            or args.plant_strict_late_mlps) and not args.plant:
         raise UserError("--plant-weight, --plant-full-scenes, --plant-split-gathering, --plant-gathering-share, "
-                        "--plant-cell-code, --plant-ring-probe and --plant-heads set options of planting: give --plant "
-                        "ids too")
+                        "--plant-cell-code, --plant-ring-probe, --plant-strict-late-mlps and --plant-heads set options "
+                        "of planting: give --plant ids too")
     if args.plant:
         from vismech.organism.plant import PlantSpec
 
@@ -63,7 +63,7 @@ def cmd_train_organism(args) -> int:
         full = {} if args.plant_full_scenes is None else {"full_scenes": args.plant_full_scenes}
         kw["plant"] = PlantSpec(weights=tuple(w.items()), split_gathering=args.plant_split_gathering, **full,
                                 gathering_share=args.plant_gathering_share or 0.0, cell_code=args.plant_cell_code,
-                                ring_probe=args.plant_ring_probe,
+                                ring_probe=args.plant_ring_probe, strict_late_mlps=args.plant_strict_late_mlps,
                                 **plant_heads(args.plant_heads))
     if args.snapshots == "analysis":
         from vismech.organism.snapshot import AnalysisSnapshot
@@ -152,6 +152,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--plant-ring-probe", action="store_true", help="with --plant ids: the row-and-column probe also "
                    "reads each cell's ring (centre, edge, corner), which a planar map of the grid cannot give: a code "
                    "in which every cell, the centre included, can be singled out")
+    s.add_argument("--plant-strict-late-mlps", action="store_true", help="with --plant ids: the strict term also "
+                   "resamples the MLPs of the layers after the feature heads (it resamples undeclared heads only)")
     s.add_argument("--plant-heads", action="append", metavar="STAGE=L:H,...", help="with --plant ids: the heads "
                    "declared for one stage (binding, retrieval, gathering, selection, features) instead of the "
                    "default, e.g. gathering=3:0,3:1,3:2,3:3; repeatable")

@@ -53,6 +53,8 @@ def reproduce_command(info: dict) -> str:
             cmd += " --plant-cell-code"
         if info["plant"].ring_probe:
             cmd += " --plant-ring-probe"
+        if info["plant"].strict_late_mlps:
+            cmd += " --plant-strict-late-mlps"
         for stage in COMPONENTS:
             heads = getattr(info["plant"], stage)
             if heads != getattr(PlantSpec(), stage):

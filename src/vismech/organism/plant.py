@@ -21,6 +21,7 @@ Method (one training step; ``PlantSpec`` holds the heads and weights):
 4. *Strict* rows (SIIT, Gupta et al. 2024): every head outside the declared set, and every declared head outside
    its declared positions, is resampled from an independent trial of the same layout with probability
    ``strict_p``; the label is the base answer, so nothing but the declared heads may carry what the answer needs.
+   MLPs are not resampled, except, with ``strict_late_mlps``, those of the layers after the feature heads.
 5. *Invariance* (with an ``invariance`` weight; 1 in the default spec): each base gets a source with one
    described object's features replaced at its cell (``causal_model.mention_feature_source``); the ID-retrieval
    heads' outputs at that mention's last word must be equal in the two (squared difference over squared norms), so
@@ -96,6 +97,10 @@ class PlantSpec:
     # no linear read-out of a planar map can: the code gains the third dimension that lets a dot product single out
     # any cell, the centre included, and keeps the grid's distances (``ring_of``)
     ring_probe: bool = False
+    # the strict term also resamples the MLP of every layer after the feature heads (with ``strict_p``, at every
+    # position): their heads were resampled already, their MLPs never, and a last-layer MLP was seen to override the
+    # planted read-out (``docs/organism-ids.md``, the seventh attempt)
+    strict_late_mlps: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.gathering_share <= 1 / 8:
@@ -196,17 +201,28 @@ def clean_forward(vlm: VLM, spec: PlantSpec, batch: dict, autocast=contextlib.nu
         stack.enter_context(hooks.hooked(vlm, "resid", spec.probe_layer, lambda x: resid.__setitem__("x", x)))
         if spec.weight("set_probe"):  # the residual stream entering the selection layer, for the set probe
             stack.enter_context(hooks.hooked(vlm, "resid", set_layer(spec), lambda x: z.__setitem__("set_resid", x)))
+        for layer in late_layers(spec, vlm.n_layers) if spec.strict_late_mlps else ():
+            def keep(module, args, out, layer=layer):
+                z[f"mlp{layer}"] = out
+
+            stack.callback(vlm.layers[layer].mlp.register_forward_hook(keep).remove)
         att = stack.enter_context(hooks.attention_weights(vlm, _attention_layers(spec), batch["att_qpos"]))
         with autocast():
             logits = vlm.model(**_inputs(batch, "a_"), use_cache=False).logits
     return logits, z, att, resid["x"][:, :, 0]
 
 
+def late_layers(spec: PlantSpec, n_layers: int) -> list[int]:
+    """The layers after the last feature-retrieval head's: nothing planted runs there."""
+    return list(range(max(layer for layer, _ in spec.features) + 1, n_layers))
+
+
 def patched_forward(vlm: VLM, batch: dict, z_a: dict, autocast=contextlib.nullcontext):
     """The intervened rows: row k runs its own inputs with the head outputs that ``b_patch[k]`` marks taken from
     clean row ``b_source[k]`` (same positions). Row k shows the image of clean row ``b_base[k]``: its image
     features are taken from the clean forward (``z_a["embeddings"]``, the language model's input there) instead of
-    running the vision tower again."""
+    running the vision tower again. With ``b_patch_mlp`` (``PlantSpec.strict_late_mlps``) the late layers' MLP
+    outputs it marks are taken from the source row too."""
     patch, source = batch["b_patch"], batch["b_source"]
 
     def fn(layer):
@@ -221,6 +237,13 @@ def patched_forward(vlm: VLM, batch: dict, z_a: dict, autocast=contextlib.nullco
     with contextlib.ExitStack() as stack:
         for layer in range(vlm.n_layers):
             stack.enter_context(hooks.hooked(vlm, "z", layer, fn(layer)))
+        mlps = batch.get("b_patch_mlp")  # [rows, positions, layers]: late MLP outputs taken from the source row
+        for layer in range(vlm.n_layers) if mlps is not None else ():
+            def swap(module, args, out, layer=layer):
+                return torch.where(mlps[:, :, layer, None], z_a[f"mlp{layer}"][source].to(out.dtype), out)
+
+            if f"mlp{layer}" in z_a:
+                stack.callback(vlm.layers[layer].mlp.register_forward_hook(swap).remove)
         with autocast():
             return vlm.model(inputs_embeds=embeds, **inputs, use_cache=False).logits
 

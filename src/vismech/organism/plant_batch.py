@@ -20,7 +20,7 @@ from vismech.scenes.core import Trial
 
 from . import causal_model as cm
 from .data import answer_tokens, rope_positions
-from .plant import COMPONENTS, IIT_KINDS, PlantSpec, _split
+from .plant import COMPONENTS, IIT_KINDS, PlantSpec, _split, late_layers
 
 
 # -- rows of one step ------------------------------------------------------------------------------------------
@@ -261,6 +261,15 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
             for layer, head in heads:
                 patch[k, pos, layer, head] = True
     out["b_patch"] = patch
+    if spec.strict_late_mlps:  # strict rows also take the late layers' MLP outputs from their source
+        mlp = torch.zeros(len(plan.b), total, L, dtype=torch.bool)
+        late = late_layers(spec, L)
+        for k, (_, kind, _) in enumerate(plan.b):
+            if kind == "strict":
+                for layer in late:
+                    if torch.rand((), generator=gen) < spec.strict_p:
+                        mlp[k, :, layer] = mask_b[k].bool()
+        out["b_patch_mlp"] = mlp
     out["b_source"] = torch.tensor(src_rows, dtype=torch.long)
     out["b_kind"] = torch.tensor(kinds, dtype=torch.long)
     # known on the CPU, so the loss needs no device sync to find them: the kinds present and the number of bases
