@@ -67,7 +67,7 @@ def loop(a, model, vlm, probe, opt, dev, workers: int) -> float:
             if i == 5:
                 sync(dev)
                 t = time.perf_counter()
-            b = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(feeder).items()}
+            b = data.to_device(next(feeder), dev)
             loss = _step(a, model, vlm, probe, b, dev)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -123,7 +123,7 @@ def main():
           + str({k: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__ for k, v in batches[0].items()}))
     with packed_vision_attention(model, True), cached_vision_tables(model):  # every batch once, untimed: kernels,
         for b in batches:  # autotuning and the allocator see each batch's shapes before any configuration is timed
-            b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
+            b = data.to_device(b, dev)
             _step(a, model, vlm, probe, b, dev).backward()
             opt.zero_grad(set_to_none=True)
     for packed, tables in ((True, True), (True, False), (False, False), (True, True)):
@@ -131,7 +131,7 @@ def main():
         cached = cached_vision_tables(model) if tables else contextlib.nullcontext()
         with packed_vision_attention(model, packed), cached:
             for i, b in enumerate(batches):
-                b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
+                b = data.to_device(b, dev)
                 sync(dev)
                 t0 = time.perf_counter()
                 loss = _step(a, model, vlm, probe, b, dev)
@@ -161,7 +161,7 @@ def main():
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with packed_vision_attention(model, True), cached_vision_tables(model), profile(activities=acts) as prof:
             for b in batches[:3]:
-                b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
+                b = data.to_device(b, dev)
                 loss = _step(a, model, vlm, probe, b, dev)
                 loss.backward()
                 sync(dev)

@@ -264,7 +264,8 @@ def test_precomputed_rope_positions_give_the_same_loss():
 
     for arch in ("qwen2_5_vl", "llava"):
         maker = data._Maker(arch, SMALL_SIZES[arch], 0, 6, END_TOKEN[arch], None, data.MIXTURE, True)
-        batch = maker(3)
+        batch = data.to_device(maker(3), "cpu")
+        assert "pixel_values" in batch and not any(k.startswith("pixel_frame") for k in batch)
         assert ("position_ids" in batch) == (arch == "qwen2_5_vl")
         model, _, _ = build_organism(arch, 0, **SMALL_SIZES[arch])
         plain = {k: v for k, v in batch.items() if k != "position_ids"}
@@ -275,6 +276,30 @@ def test_precomputed_rope_positions_give_the_same_loss():
             pos = batch["position_ids"]
             assert pos.shape == (3,) + tuple(batch["input_ids"].shape)
             assert not torch.equal(pos[1], pos[2])  # image rows and columns differ
+
+
+def test_pixels_cross_to_the_device_as_one_frame_and_come_back_exactly():
+    """A Qwen-family still image repeats each patch over the temporal patch (2 frames): the data workers send one
+    frame (``pack_pixels``) and ``to_device`` restores the pixel values bit for bit, in training and planting
+    batches; pixels whose frames differ (a video) and LLaVA's are sent as they are."""
+    from vismech.organism.plant import PlantSpec
+    from vismech.organism.plant_batch import make_batch
+
+    vlm = data.adapter_without_weights("qwen2_5_vl", SMALL_SIZES["qwen2_5_vl"])
+    plain = data.teacher_forcing(vlm, data.step_trials(0, 1, 4), END_TOKEN["qwen2_5_vl"])
+    planting = make_batch(data.adapter_without_weights("qwen2_5_vl"), PlantSpec(), 0, 1, 2, END_TOKEN["qwen2_5_vl"])
+    for batch, key in ((plain, "pixel_values"), (planting, "a_pixel_values")):
+        want = batch[key].clone()
+        packed = data.pack_pixels(dict(batch), 2, 8)
+        frame = packed[key.replace("pixel_values", "pixel_frame")]
+        assert key not in packed and frame.shape == (want.shape[0], 3, 64) and frame.numel() * 2 == want.numel()
+        assert torch.equal(data.to_device(packed, "cpu")[key], want)
+    video = dict(plain)
+    video["pixel_values"] = plain["pixel_values"].clone()
+    video["pixel_values"][0, 64] += 1.0  # the second frame of the first patch's first channel differs
+    assert torch.equal(data.pack_pixels(dict(video), 2, 8)["pixel_values"], video["pixel_values"])
+    llava = data._Maker("llava", SMALL_SIZES["llava"], 0, 2, END_TOKEN["llava"], None, data.MIXTURE, True)(0)
+    assert "pixel_values" in llava and "pixel_frame" not in llava
 
 
 def test_mixture_weights_can_be_changed_and_the_card_says_how():

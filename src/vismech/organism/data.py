@@ -270,7 +270,34 @@ class _Maker:
             batch.update(rope_positions(self.vlm.model, batch))
         if self.dtype is not None:
             batch = {k: v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
-        return batch
+        proc = self.vlm.image_processor
+        return pack_pixels(batch, getattr(proc, "temporal_patch_size", None) or 1, getattr(proc, "patch_size", 0))
+
+
+def pack_pixels(batch: dict, frames: int, patch: int) -> dict:
+    """``batch`` with each ``*pixel_values`` [patches, channels * frames * patch**2] whose ``frames`` temporal copies
+    are equal (a Qwen-family still image repeats over the temporal patch) replaced by one copy, ``*pixel_frame``
+    [patches, channels, patch**2], and the count, ``*pixel_repeat``: half of what crosses from a data worker and
+    then to the device. ``to_device`` restores them exactly; other batches are returned as they are."""
+    for key in [k for k in batch if k.endswith("pixel_values")] if frames > 1 and patch else ():
+        x = batch[key]
+        v = x.view(x.shape[0], -1, frames, patch * patch)  # HF's patch layout: channel, frame, row, column
+        if torch.equal(v, v[:, :, :1].expand_as(v)):
+            del batch[key]
+            batch[key.replace("pixel_values", "pixel_frame")] = v[:, :, 0].contiguous()
+            batch[key.replace("pixel_values", "pixel_repeat")] = frames
+    return batch
+
+
+def to_device(batch: dict, device) -> dict:
+    """The tensors of a training batch on ``device`` (without waiting), packed pixels (``pack_pixels``) restored
+    there."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    for key in [k for k in out if k.endswith("pixel_frame")]:
+        x, frames = out.pop(key), out.pop(key.replace("pixel_frame", "pixel_repeat"))
+        out[key.replace("pixel_frame", "pixel_values")] = x.unsqueeze(2).expand(-1, -1, frames, -1).reshape(
+            x.shape[0], -1)
+    return out
 
 
 def rope_positions(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

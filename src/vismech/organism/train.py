@@ -268,7 +268,7 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
                 cur_lr = lr_at(step, steps, lr, warmup, min_lr_ratio)
                 for g in opt.param_groups:
                     g["lr"] = cur_lr
-                batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(feeder).items()}
+                batch = data.to_device(next(feeder), dev)
                 if plant is not None:
                     from .plant import plant_loss
 
