@@ -27,41 +27,39 @@ first = (labels != -100).int().argmax(-1)  # the first labelled token (the answe
 pos = first - 1
 want = labels[torch.arange(len(labels)), first]
 tok = vlm.tokenizer
-# the described object's colour word as a token (the first described mention's colour)
-desc = []
-for t in trials:
-    d = t.mentioned[0]
-    desc.append(tok.convert_tokens_to_ids(tok.tokenize(" " + d.color))[0] if tok.tokenize(" " + d.color) else -1)
-desc = torch.tensor(desc)
+# the first described object's colour word, as the answer would begin with it
+desc = torch.tensor([tok.convert_tokens_to_ids(tok.tokenize(" " + t.mentioned[0].color)[0]) for t in trials])
+norm, last = hooks.language_model(vlm).norm, vlm.n_layers - 1
+rows = torch.arange(len(labels))
 resid = {}
 with torch.no_grad():
     with contextlib.ExitStack() as st:
         for layer in range(vlm.n_layers):
             st.enter_context(hooks.hooked(vlm, "resid", layer, lambda x, layer=layer: resid.__setitem__(layer, x)))
         logits = vlm.model(**inputs, use_cache=False).logits
-    lm = vlm.model
-    norm = lm.model.language_model.norm if hasattr(lm.model, "language_model") else lm.model.norm
-    head = lm.lm_head
-    rows = torch.arange(len(labels))
     print(f"{sys.argv[1]}: final first-word accuracy {(logits[rows, pos].argmax(-1) == want).float().mean():.2f}, "
           f"names the described colour {(logits[rows, pos].argmax(-1) == desc).float().mean():.2f}")
     for layer in range(vlm.n_layers):
         x = resid[layer][rows, pos, 0] if resid[layer].dim() == 4 else resid[layer][rows, pos]
-        pred = head(norm(x)).argmax(-1)
+        pred = vlm.model.lm_head(norm(x)).argmax(-1)
         print(f"after layer {layer}: target colour {(pred == want).float().mean():.2f}, described colour "
               f"{(pred == desc).float().mean():.2f}")
 
-# layer 7: every head's output replaced by its batch mean, or the MLP's output by its batch mean
+
+
 def run(ctx):
+    """First-word and full-answer accuracy, and how often the described colour comes first, within ``ctx``."""
     with torch.no_grad(), ctx:
         lg = vlm.model(**inputs, use_cache=False).logits
     p = lg[rows, pos].argmax(-1)
     full = plant.answer_hits(lg, labels).float().mean()
-    return f"first word {(p == want).float().mean():.2f}, described {(p == desc).float().mean():.2f}, full answer {full:.2f}"
+    return (f"first word {(p == want).float().mean():.2f}, described {(p == desc).float().mean():.2f}, "
+            f"full answer {full:.2f}")
 
-last = vlm.n_layers - 1
-print("heads of the last layer mean-ablated:", run(hooks.hooked(vlm, "z", last, lambda z: z.mean(0, keepdim=True).expand_as(z))))
-mlp = (lm.model.language_model if hasattr(lm.model, "language_model") else lm.model).layers[last].mlp
-h = mlp.register_forward_hook(lambda m, a, o: o.mean(0, keepdim=True).expand_as(o))
+
+# the last layer: every head's output replaced by its mean over the trials, or the MLP's output
+mean = lambda z: z.mean(0, keepdim=True).expand_as(z)  # noqa: E731
+print("heads of the last layer mean-ablated:", run(hooks.hooked(vlm, "z", last, mean)))
+h = vlm.layers[last].mlp.register_forward_hook(lambda m, a, out: mean(out))
 print("MLP of the last layer mean-ablated:", run(contextlib.nullcontext()))
 h.remove()

@@ -278,7 +278,7 @@ def pack_pixels(batch: dict, frames: int, patch: int) -> dict:
     """``batch`` with each ``*pixel_values`` [patches, channels * frames * patch**2] whose ``frames`` temporal copies
     are equal (a Qwen-family still image repeats over the temporal patch) replaced by one copy, ``*pixel_frame``
     [patches, channels, patch**2], and the count, ``*pixel_repeat``: half of what crosses from a data worker and
-    then to the device. ``to_device`` restores them exactly; other batches are returned as they are."""
+    then to the device (in place). ``to_device`` restores them exactly; other batches are returned as they are."""
     for key in [k for k in batch if k.endswith("pixel_values")] if frames > 1 and patch else ():
         x = batch[key]
         v = x.view(x.shape[0], -1, frames, patch * patch)  # HF's patch layout: channel, frame, row, column

@@ -238,12 +238,11 @@ def patched_forward(vlm: VLM, batch: dict, z_a: dict, autocast=contextlib.nullco
         for layer in range(vlm.n_layers):
             stack.enter_context(hooks.hooked(vlm, "z", layer, fn(layer)))
         mlps = batch.get("b_patch_mlp")  # [rows, positions, layers]: late MLP outputs taken from the source row
-        for layer in range(vlm.n_layers) if mlps is not None else ():
+        for layer in [x for x in range(vlm.n_layers) if f"mlp{x}" in z_a] if mlps is not None else ():
             def swap(module, args, out, layer=layer):
                 return torch.where(mlps[:, :, layer, None], z_a[f"mlp{layer}"][source].to(out.dtype), out)
 
-            if f"mlp{layer}" in z_a:
-                stack.callback(vlm.layers[layer].mlp.register_forward_hook(swap).remove)
+            stack.callback(vlm.layers[layer].mlp.register_forward_hook(swap).remove)
         with autocast():
             return vlm.model(inputs_embeds=embeds, **inputs, use_cache=False).logits
 
