@@ -253,6 +253,19 @@ def test_prefix_cache_cut_from_the_clean_forward_equals_a_run_of_the_prefix(fami
         assert float((k1 - k2).abs().max()) < 1e-5 and float((v1 - v2).abs().max()) < 1e-5
 
 
+def test_the_kept_cache_holds_no_autograd_graph():
+    """A checkpoint loaded from disk has weights that require grad; the cache kept for a whole experiment must not
+    hold the full forward's graph (every layer's saved activations) alive with it."""
+    from vismech.scenes.counterfactual import cma_pairs
+
+    vlm = tiny("qwen2_5_vl")
+    vlm.model.requires_grad_(True)
+    batch = vlm.encode([p.clean for p in cma_pairs("id_retrieval", 2, 0, (2, 2))])
+    kept, full = replay.lm_inputs(vlm, batch, keys=True)
+    assert kept.kv is not None and not full.requires_grad
+    assert not any(t.requires_grad for kv in kept.kv for t in kv)
+
+
 def test_head_patch_set_up_runs_the_text_backbone_once_less():
     vlm = tiny("qwen2_5_vl")
     clean, pos, src, tid = _setup(vlm)

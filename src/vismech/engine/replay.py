@@ -167,6 +167,7 @@ def lm_inputs(vlm: VLM, batch: Batch, logits: bool = True, keys: bool = False
     return LMInputs(dict(got), len(batch), dict(vlm.family.packed_inputs), kv), out
 
 
+@torch.no_grad()  # a loaded checkpoint's weights require grad: the kept cache would hold the whole forward's graph
 def _logits_and_kv(vlm: VLM, batch: Batch) -> tuple[torch.Tensor, list | None]:
     """The full forward's last-token logits and its cache's keys and values: None where the model takes no cache
     argument or its cache did not keep every position of every layer (then ``prefix_cache`` runs the prefix)."""
