@@ -1,6 +1,7 @@
 """Planting: the high-level causal model (golden cases), the batches it builds (every position decodes to the right
 token), and the patched forward (equal to a hand-made patch with hooks)."""
 
+import contextlib
 import random
 
 import pytest
@@ -275,6 +276,77 @@ def test_a_planting_state_saved_before_a_spec_field_existed_resumes_and_another_
     assert res.summary.get("stopped_at") is None and log[-1]["step"] == 2
 
 
+def test_dropped_late_mlps_stay_zero_through_training_and_resume(tmp_path, capsys):
+    """With ``drop_late_mlps`` the MLPs of the layers after the feature heads are zero from the first step to the
+    saved organism, across a resume, and add nothing to the residual stream; the layers before them train. The ground
+    truth and the card say so; the option with ``strict_late_mlps`` is refused with one error."""
+    import json
+
+    from vismech.app.cli import main
+    from vismech.models.load import load_vlm
+    from vismech.organism.card import reproduce_command
+    from vismech.organism.train import train_organism
+
+    sizes = {"text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=8,
+                          num_key_value_heads=4, head_dim=8),
+             "vision": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            projection_dim=16)}
+    spec = plant.PlantSpec(drop_late_mlps=True)
+    assert plant.late_layers(spec, 8) == [7]
+    out = tmp_path / "d"
+    kw = dict(steps=2, batch_size=1, eval_n=1, progress=False, device="cpu", sizes=sizes, lr=0.01)
+    train_organism("llava", out, stop_at=1, plant=spec, **kw)
+    train_organism("llava", out, resume=True, plant=spec, **kw)
+    vlm = load_vlm(str(out), dtype="fp32", device="cpu")
+    late = [p for p in vlm.layers[7].mlp.parameters()]
+    assert late and all(float(p.detach().abs().max()) == 0 for p in late)
+    model, _, _ = build_organism("llava", 0, **sizes)  # the same seed's fresh weights: layer 6 has moved from them
+    lm = dict(model.named_parameters())
+    moved = [n for n, p in vlm.model.named_parameters() if "layers.6.mlp" in n and not torch.equal(p, lm[n])]
+    assert moved
+    seen = {}
+    handle = vlm.layers[7].mlp.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o))
+    with torch.no_grad():
+        objs = [Obj("red", "circle", (0, 0)), Obj("blue", "square", (1, 1))]
+        vlm.model(**vlm.encode([cm.build("describe", (2, 2), objs, objs[:1])]).inputs)
+    handle.remove()
+    assert seen["out"].abs().max() == 0
+    assert "removed" in json.loads((out / "ground_truth.json").read_text())["method"]
+    info = {"arch": "llava", "out": "o", "planned_steps": 1, "seed": 0, "batch_size": 1, "lr": 0.001,
+            "plant": spec, "device": "cuda"}
+    assert " --plant-drop-late-mlps" in reproduce_command(info)
+    capsys.readouterr()
+    assert main(["train-organism", "--arch", "llava", "--out", str(tmp_path / "e"), "--plant", "ids",
+                 "--plant-drop-late-mlps", "--plant-strict-late-mlps"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "either" in err[0] and not (tmp_path / "e").exists()
+
+
+def test_the_invariance_term_starts_at_its_step(capsys, tmp_path):
+    """With ``invariance_from`` the steps before it draw no invariance rows and the others exactly as they would;
+    from it on they draw the spec's own; the card and the command line carry it, a negative step is refused."""
+    from vismech.app.cli import main
+    from vismech.organism.card import reproduce_command
+
+    late = plant.PlantSpec(**{**SPEC.__dict__, "invariance_from": 7})
+    off = plant.PlantSpec(**{**SPEC.__dict__, "weights": SPEC.weights + (("invariance", 0.0),)})
+    for step in (0, 6):
+        early, plain = pb.step_plan(late, 3, step, 4), pb.step_plan(off, 3, step, 4)
+        assert not early.inv and [r.trial for r in early.a] == [r.trial for r in plain.a]
+    for step in (7, 20):
+        got, want = pb.step_plan(late, 3, step, 4), pb.step_plan(SPEC, 3, step, 4)
+        assert got.inv and got.inv == want.inv and [r.trial for r in got.a] == [r.trial for r in want.a]
+    info = {"arch": "qwen2_5_vl", "out": "o", "planned_steps": 1, "seed": 0, "batch_size": 1, "lr": 0.001,
+            "plant": late, "device": "cuda"}
+    assert " --plant-invariance-from 7" in reproduce_command(info)
+    with pytest.raises(SystemExit) as e:  # refused by the argument parser
+        main(["train-organism", "--arch", "qwen2_5_vl", "--out", str(tmp_path / "o"), "--plant", "ids",
+              "--plant-invariance-from", "-1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ">= 0" in err[0] and not (tmp_path / "o").exists()
+
+
 def test_the_invariance_term_is_zero_for_a_copy_and_positive_for_other_features(vlm):
     """With an invariance weight each base gets a source whose described object has other features at the same
     cell; the term compares the ID-retrieval heads' outputs at that mention's last word. It is exactly 0 when the
@@ -304,6 +376,46 @@ def test_the_invariance_term_is_zero_for_a_copy_and_positive_for_other_features(
     assert m0["loss_invariance"] == 0.0
     with pytest.raises(ValueError, match="unknown or negative"):
         plant.PlantSpec(weights=(("invariant", 1.0),)).check(8, 8)
+
+
+def test_the_selection_invariance_term_pairs_bases_with_their_feature_sources(vlm):
+    """With an ``invariance_s`` weight the gathering heads are compared over the invariance sources and the selection
+    heads over the F interchange's sources (the target's features replaced at its cell, same prompt), at each row's
+    last prompt token: the term equals a computation by hand over those pairs, is exactly 0 when every source row is
+    its base, and the batch of a spec without the weight has none of its tensors."""
+    from vismech.organism import invariance
+
+    spec = plant.PlantSpec(**{**SPEC.__dict__, "weights": SPEC.weights + (("invariance_s", 1.0),)})
+    plan = pb.step_plan(spec, 5, 2, 3)
+    b = pb.batch_of(vlm, spec, plan, "<|im_end|>", 0)
+    assert "f_pairs" not in pb.batch_of(vlm, SPEC, plan, "<|im_end|>", 0)
+    pairs, last, ids = b["f_pairs"].tolist(), b["last_pos"], b["a_input_ids"]
+    assert [g for g, _ in pairs] == [0, 1, 2]
+    for g, f in pairs:
+        base, src = plan.a[g].trial, plan.a[f].trial
+        assert src.prompt == base.prompt and src.target.cell == base.target.cell and src.target != base.target
+        for row, t in ((g, base), (f, src)):  # the answer follows the last prompt token
+            assert vlm.tokenizer.decode(ids[row, int(last[row]) + 1:]).strip().startswith(t.answer)
+        assert ids[g, last[g]] == ids[f, last[f]]
+    z = {}
+    with contextlib.ExitStack() as st, torch.no_grad():
+        for layer in range(vlm.n_layers):
+            st.enter_context(hooks.hooked(vlm, "z", layer, lambda x, layer=layer: z.__setitem__(layer, x)))
+        vlm.model(**plant._inputs(b, "a_"), use_cache=False)
+    want = []
+    for heads, rows in ((spec.gathering, [(g, i) for g, i, _ in b["inv_where"].tolist()]), (spec.selection, pairs)):
+        for g, i in rows:
+            for layer, head in heads:
+                zb, zs = z[layer][g, last[g], head], z[layer][i, last[i], head]
+                want.append(float(((zb - zs) ** 2).sum() / (zb.pow(2).sum() + zs.pow(2).sum() + 1e-6)))
+    got = invariance.terms(spec, b, z)
+    assert abs(float(got["invariance_s"]) - sum(want) / len(want)) < 1e-6 and float(got["invariance_s"]) > 0
+    same = dict(b, f_pairs=b["f_pairs"][:, [0, 0]], inv_where=b["inv_where"][:, [0, 0, 2]])
+    assert float(invariance.terms(spec, same, z)["invariance_s"]) == 0.0
+    probe = plant.make_probe(vlm)
+    with torch.no_grad():
+        _, m = plant.plant_loss(vlm, spec, probe, b)
+    assert abs(float(m["loss_invariance_s"]) - float(got["invariance_s"])) < 1e-5
 
 
 def test_plant_weights_on_the_command_line_and_in_the_card(capsys, tmp_path):

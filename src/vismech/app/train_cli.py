@@ -51,10 +51,11 @@ def cmd_train_organism(args) -> int:
         kw["early"] = (args.early_steps, reweighted(weights(args.early_weight, "--early-weight"), kw["mixture"]))
     if (args.plant_weight or args.plant_full_scenes is not None or args.plant_split_gathering
             or args.plant_heads or args.plant_gathering_share or args.plant_cell_code or args.plant_ring_probe
-            or args.plant_strict_late_mlps) and not args.plant:
+            or args.plant_strict_late_mlps or args.plant_drop_late_mlps or args.plant_invariance_from) \
+            and not args.plant:
         raise UserError("--plant-weight, --plant-full-scenes, --plant-split-gathering, --plant-gathering-share, "
-                        "--plant-cell-code, --plant-ring-probe, --plant-strict-late-mlps and --plant-heads set options "
-                        "of planting: give --plant ids too")
+                        "--plant-cell-code, --plant-ring-probe, --plant-strict-late-mlps, --plant-drop-late-mlps, "
+                        "--plant-invariance-from and --plant-heads set options of planting: give --plant ids too")
     if args.plant:
         from vismech.organism.plant import PlantSpec
 
@@ -64,6 +65,8 @@ def cmd_train_organism(args) -> int:
         kw["plant"] = PlantSpec(weights=tuple(w.items()), split_gathering=args.plant_split_gathering, **full,
                                 gathering_share=args.plant_gathering_share or 0.0, cell_code=args.plant_cell_code,
                                 ring_probe=args.plant_ring_probe, strict_late_mlps=args.plant_strict_late_mlps,
+                                drop_late_mlps=args.plant_drop_late_mlps,
+                                invariance_from=args.plant_invariance_from or 0,
                                 **plant_heads(args.plant_heads))
     if args.snapshots == "analysis":
         from vismech.organism.snapshot import AnalysisSnapshot
@@ -154,6 +157,11 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    "in which every cell, the centre included, can be singled out")
     s.add_argument("--plant-strict-late-mlps", action="store_true", help="with --plant ids: the strict term also "
                    "resamples the MLPs of the layers after the feature heads (it resamples undeclared heads only)")
+    s.add_argument("--plant-drop-late-mlps", action="store_true", help="with --plant ids: remove the MLPs of the "
+                   "layers after the feature heads (zero and frozen): only heads run after the planted read-out")
+    s.add_argument("--plant-invariance-from", type=arg_type(Opt("int", 0), "--plant-invariance-from"), metavar="STEP",
+                   help="with --plant ids: start the invariance term at this step, once R and S can become causal "
+                   "without it (default 0)")
     s.add_argument("--plant-heads", action="append", metavar="STAGE=L:H,...", help="with --plant ids: the heads "
                    "declared for one stage (binding, retrieval, gathering, selection, features) instead of the "
                    "default, e.g. gathering=3:0,3:1,3:2,3:3; repeatable")

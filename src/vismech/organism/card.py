@@ -55,6 +55,10 @@ def reproduce_command(info: dict) -> str:
             cmd += " --plant-ring-probe"
         if info["plant"].strict_late_mlps:
             cmd += " --plant-strict-late-mlps"
+        if info["plant"].drop_late_mlps:
+            cmd += " --plant-drop-late-mlps"
+        if info["plant"].invariance_from:
+            cmd += f" --plant-invariance-from {info['plant'].invariance_from}"
         for stage in COMPONENTS:
             heads = getattr(info["plant"], stage)
             if heads != getattr(PlantSpec(), stage):

@@ -22,20 +22,19 @@ Method (one training step; ``PlantSpec`` holds the heads and weights):
    its declared positions, is resampled from an independent trial of the same layout with probability
    ``strict_p``; the label is the base answer, so nothing but the declared heads may carry what the answer needs.
    MLPs are not resampled, except, with ``strict_late_mlps``, those of the layers after the feature heads.
-5. *Invariance* (with an ``invariance`` weight; 1 in the default spec): each base gets a source with one
-   described object's features replaced at its cell (``causal_model.mention_feature_source``); the ID-retrieval
-   heads' outputs at that mention's last word must be equal in the two (squared difference over squared norms), so
-   they carry the cell and nothing of the features.
+5. *Invariance* (with an ``invariance`` weight; 1 in the default spec; from step ``invariance_from``): each base
+   gets a source with one described object's features replaced at its cell (``causal_model.mention_feature_source``);
+   the ID-retrieval heads' outputs at that mention's last word must be equal in the two (squared difference over
+   squared norms), so they carry the cell and nothing of the features. With an ``invariance_s`` weight the same for
+   the gathering and selection heads (``invariance``).
 6. A linear *position probe* on the residual stream after ``probe_layer`` at every object's image tokens predicts
    the object's row and column: the language model must write a content-free position code into the image tokens
    that retrieval, selection and feature heads can read. (The Qwen2.5-VL vision tower cannot: with 2-D rotary
    positions only, a plain background gives it no absolute position, so the code comes from the language model's
-   M-RoPE.) The probe is discarded after training. A row-and-column probe is satisfied by a planar map of the
-   cells, and that is what both planted organisms learned (their cell codes span two dimensions, same-row
-   neighbours alike: ``docs/organism-ids.md``); with ``cell_code`` the probe is instead a cosine classifier of the
-   nine cells over fixed orthonormal directions (``CellProbe``), which asks for nine distinct IDs; with
-   ``ring_probe`` it reads each cell's ring as well (``ring_of``), a third dimension of a code that keeps the grid's
-   distances.
+   M-RoPE.) The probe is discarded after training. Rows and columns are satisfied by a planar map of the cells (what
+   both planted organisms learned: ``docs/organism-ids.md``); ``cell_code`` asks for nine distinct IDs instead (a
+   cosine classifier over fixed orthonormal directions, ``CellProbe``), ``ring_probe`` for each cell's ring as well
+   (``ring_of``), a third dimension of a code that keeps the grid's distances.
 7. A linear *set probe* (with a ``set_probe`` weight; 0 in the default spec) on the residual stream entering the
    selection layer at every naming position predicts, for each cell, whether a mention gathered there names it:
    the described set made linearly explicit where the selection heads' queries read it (with eight objects
@@ -59,12 +58,13 @@ import torch
 from vismech.engine import hooks
 from vismech.errors import UserError
 from vismech.models.vlm import VLM
+from vismech.organism import invariance
 
 
 Heads = tuple[tuple[int, int], ...]
 IIT_KINDS = ("R", "S", "F", "strict")
 COMPONENTS = ("binding", "retrieval", "gathering", "selection", "features")
-LOSS_TERMS = ("task", "attention", "probe", "R", "S", "F", "strict", "invariance", "set_probe")
+LOSS_TERMS = ("task", "attention", "probe", "R", "S", "F", "strict", "invariance", "invariance_s", "set_probe")
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,14 @@ class PlantSpec:
     # no linear read-out of a planar map can: the code gains the third dimension that lets a dot product single out
     # any cell, the centre included, and keeps the grid's distances (``ring_of``)
     ring_probe: bool = False
-    # the strict term also resamples the MLP of every layer after the feature heads (with ``strict_p``, at every
-    # position): their heads were resampled already, their MLPs never, and a last-layer MLP was seen to override the
-    # planted read-out (``docs/organism-ids.md``, the seventh attempt)
+    # the strict term also resamples the MLPs after the feature heads (``strict_p``, every position): a last-layer MLP
+    # was seen to override the planted read-out, which only heads were resampled (the seventh attempt)
     strict_late_mlps: bool = False
+    # those MLPs are removed instead (``drop_mlps``: zero and frozen from the first step), so that only heads run after
+    # the planted read-out: resampling them did not stop the override (the eighth attempt)
+    drop_late_mlps: bool = False
+    # the invariance terms start at this step: the runs with one from step 0 mostly never made R and S causal
+    invariance_from: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.gathering_share <= 1 / 8:
@@ -111,6 +115,9 @@ class PlantSpec:
         if self.cell_code and self.ring_probe:
             raise UserError("give either the cell code or the ring probe, not both: the ring is read with the "
                             "row-and-column probe, which the cell code replaces")
+        if self.strict_late_mlps and self.drop_late_mlps:
+            raise UserError("give either --plant-strict-late-mlps or --plant-drop-late-mlps: a dropped MLP leaves "
+                            "nothing to resample")
 
     def weight(self, name: str) -> float:
         """The weight of loss term ``name`` (0 for a term the spec does not list)."""
@@ -217,6 +224,13 @@ def late_layers(spec: PlantSpec, n_layers: int) -> list[int]:
     return list(range(max(layer for layer, _ in spec.features) + 1, n_layers))
 
 
+def drop_mlps(vlm: VLM, spec: PlantSpec) -> None:
+    """With ``spec.drop_late_mlps``: the MLPs after the feature heads zeroed and frozen (they add nothing, ever)."""
+    for layer in late_layers(spec, vlm.n_layers) if spec.drop_late_mlps else ():
+        for p in vlm.layers[layer].mlp.parameters():
+            p.requires_grad_(False).zero_()
+
+
 def patched_forward(vlm: VLM, batch: dict, z_a: dict, autocast=contextlib.nullcontext):
     """The intervened rows: row k runs its own inputs with the head outputs that ``b_patch[k]`` marks taken from
     clean row ``b_source[k]`` (same positions). Row k shows the image of clean row ``b_base[k]``: its image
@@ -294,15 +308,7 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
         set_logits = probe(z_a["set_resid"][sw[:, 0], sw[:, 1], 0].float())[:, width:]
         losses["set_probe"] = torch.nn.functional.binary_cross_entropy_with_logits(set_logits, want)
         metrics["set_probe_acc"] = ((set_logits > 0) == (want > 0.5)).all(-1).float().mean()
-    inv = batch.get("inv_where")
-    if inv is not None and len(inv):
-        terms = []
-        for layer in sorted({a for a, _ in spec.retrieval}):
-            hs = [h for a, h in spec.retrieval if a == layer]
-            zb = z_a[layer][inv[:, 0], inv[:, 2]][:, hs].float()
-            zs = z_a[layer][inv[:, 1], inv[:, 2]][:, hs].float()
-            terms.append(((zb - zs) ** 2).sum(-1) / (zb.pow(2).sum(-1) + zs.pow(2).sum(-1) + 1e-6))
-        losses["invariance"] = torch.cat(terms, -1).mean()
+    losses.update(invariance.terms(spec, batch, z_a))
     logits_b = patched_forward(vlm, batch, z_a, autocast)
     ce_b, hits_b = _ce(logits_b, labels_b), answer_hits(logits_b, labels_b)
     kinds = set(batch["b_kinds"])  # which kinds the batch holds, known on the CPU (no device sync)
@@ -336,7 +342,7 @@ def ground_truth(spec: PlantSpec):
             "feature_retrieval": Declared(spec.features, "last", "F: colour and shape of the object at cell S")},
         helpers={"binding": Declared(spec.binding, "mentions", "the mention's colour word, moved to its shape word "
                                      "(text only: no CMA condition changes it)")},
-        method=METHOD)
+        method=METHOD + ("; the MLPs after the feature heads' layer removed (zero)" if spec.drop_late_mlps else ""))
 
 
 def _position_width(spec: PlantSpec | None) -> int:

@@ -70,7 +70,8 @@ def step_plan(spec: PlantSpec, seed: int, step: int, n: int) -> Plan:
                        rng.choice(("S_gathering", "S_selection")), swap_i))
         plan.b.append((Row(base, cm.counterfactual_answer(base, feat, "F"), False, g), "F", feat_i))
         plan.b.append((Row(base, base.answer, False, g), "strict", res_i))
-    if spec.weight("invariance") > 0:  # drawn last, so the other rows are those of the spec without it
+    # the invariance rows are drawn last, so that the other rows are those of the spec without them
+    if (spec.weight("invariance") or spec.weight("invariance_s")) and step >= spec.invariance_from:
         for g, base in enumerate(bases):
             drawn = cm.mention_feature_source(base, rng)
             if drawn is None:  # nothing described (the colour question): no mention to hold invariant
@@ -229,6 +230,10 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
         out[f"att_{comp}_keys"] = torch.stack(masks) if masks else torch.zeros(0, total, dtype=torch.bool)
     out["inv_where"] = torch.tensor([(g, i, enc.mentions[g][j][-1] + shift_a[g]) for g, i, j in plan.inv],
                                     dtype=torch.long).reshape(-1, 3)
+    if spec.weight("invariance_s") and plan.inv:  # the selection heads' pairs: each base and its F source
+        out["f_pairs"] = torch.tensor([(r.group, src) for r, kind, src in plan.b if kind == "F"],
+                                      dtype=torch.long).reshape(-1, 2)
+        out["last_pos"] = torch.tensor([total - len(rows_a[i][1]) - 1 for i in range(len(plan.a))])
     out["probe_where"] = torch.tensor(probe_pos, dtype=torch.long)
     out["probe_cell"] = torch.tensor(probe_cls, dtype=torch.long)
     out["set_where"] = torch.tensor(set_pos, dtype=torch.long).reshape(-1, 2)

@@ -213,9 +213,10 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
     vlm = VLM(model, tok, proc, spec, f"organism:{arch}", "chat")
     probe = None
     if plant is not None:
-        from .plant import make_probe
+        from .plant import drop_mlps, make_probe
 
         plant.check(vlm.n_layers, vlm.n_heads)
+        drop_mlps(vlm, plant)  # before the optimizer is built: it leaves them out
         probe = make_probe(vlm, plant).to(dev)
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     trained += [(f"probe.{n}", p) for n, p in probe.named_parameters()] if probe is not None else []

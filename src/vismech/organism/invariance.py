@@ -1,0 +1,45 @@
+"""The invariance terms of planting (``plant.plant_loss``): a declared head's output must be the same in a base row
+and a source row that differs from it only in features its variable does not carry.
+
+- ``invariance`` (ID retrieval): the source has one described object's colour and shape replaced at the same cell
+  (``causal_model.mention_feature_source``); the retrieval heads' outputs at that mention's last word.
+- ``invariance_s`` (ID selection): the gathering heads over the same sources, the selection heads over the feature
+  sources of the F interchange (the target's features replaced at its cell, same prompt), both at the prompt's last
+  token. Without it the gathering heads pass on the described objects' words as well as their cells, and part of
+  the answer excludes the described objects by their words (``docs/organism-ids.md``, the eighth attempt).
+
+Each pair's term is the squared difference of the two outputs over the sum of their squared norms: 0 when equal.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gap(z: dict, heads, rows_b: torch.Tensor, pos_b: torch.Tensor, rows_s: torch.Tensor,
+        pos_s: torch.Tensor) -> torch.Tensor:
+    """[pairs, heads]: each head of ``heads`` ((layer, head) pairs), its output z at (rows_b, pos_b) against the
+    same head's at (rows_s, pos_s)."""
+    terms = []
+    for layer in sorted({a for a, _ in heads}):
+        hs = [h for a, h in heads if a == layer]
+        zb, zs = z[layer][rows_b, pos_b][:, hs].float(), z[layer][rows_s, pos_s][:, hs].float()
+        terms.append(((zb - zs) ** 2).sum(-1) / (zb.pow(2).sum(-1) + zs.pow(2).sum(-1) + 1e-6))
+    return torch.cat(terms, -1)
+
+
+def terms(spec, batch: dict, z: dict) -> dict[str, torch.Tensor]:
+    """The invariance losses the batch has rows for (``plant_batch``: ``inv_where``, ``f_pairs``, ``last_pos``)."""
+    out = {}
+    inv = batch.get("inv_where")
+    if inv is not None and len(inv):
+        out["invariance"] = gap(z, spec.retrieval, inv[:, 0], inv[:, 2], inv[:, 1], inv[:, 2]).mean()
+    if spec.weight("invariance_s") and "f_pairs" in batch:
+        last, parts, gathered = batch["last_pos"], [], inv[:, :2] if inv is not None else None
+        for heads, pairs in ((spec.gathering, gathered), (spec.selection, batch["f_pairs"])):
+            if pairs is not None and len(pairs):
+                b, s = pairs[:, 0], pairs[:, 1]
+                parts.append(gap(z, heads, b, last[b], s, last[s]).flatten())
+        if parts:
+            out["invariance_s"] = torch.cat(parts).mean()
+    return out
