@@ -418,6 +418,46 @@ def test_the_selection_invariance_term_pairs_bases_with_their_feature_sources(vl
     assert abs(float(m["loss_invariance_s"]) - float(got["invariance_s"])) < 1e-5
 
 
+def test_the_key_invariance_term_compares_the_targets_keys_with_its_feature_sources(vlm):
+    """With an ``invariance_k`` weight the selection and feature heads' keys (their key/value heads) at the target's
+    image tokens are compared between each base and its F source (the target's features replaced at its cell):
+    the pairs are the tokens the feature heads are taught to attend to, in both rows; the term equals a computation
+    by hand from keys captured with hooks, is 0 for a copy, and ``plant_loss`` reports it."""
+    from vismech.organism import invariance
+
+    spec = plant.PlantSpec(**{**SPEC.__dict__, "weights": SPEC.weights + (("invariance_k", 1.0), ("invariance", 0.0))})
+    plan = pb.step_plan(spec, 5, 2, 3)
+    b = pb.batch_of(vlm, spec, plan, "<|im_end|>", 0)
+    assert "k_where" not in pb.batch_of(vlm, SPEC, plan, "<|im_end|>", 0)
+    kw = b["k_where"]
+    fw, fk = b["att_features_where"], b["att_features_keys"]
+    for g, f in [(r.group, src) for r, kind, src in plan.b if kind == "F"]:
+        mine = kw[kw[:, 0] == g]
+        assert len(mine) and (mine[:, 2] == f).all()
+        taught = [set(fk[k].nonzero()[:, 0].tolist()) for k in range(len(fw)) if fw[k, 0] == g]
+        assert set(mine[:, 1].tolist()) in taught  # the tokens of an object the feature heads attend to
+        taught_f = [set(fk[k].nonzero()[:, 0].tolist()) for k in range(len(fw)) if fw[k, 0] == f]
+        assert set(mine[:, 3].tolist()) in taught_f and (b["a_input_ids"][f, mine[:, 3]] == vlm.image_token_id).all()
+    assert invariance.key_heads(spec, 2) == [(3, 0), (4, 0)]
+    keys = {}
+    with contextlib.ExitStack() as st, torch.no_grad():
+        for layer in (3, 4):
+            st.enter_context(hooks.hooked(vlm, "k", layer, lambda x, layer=layer: keys.__setitem__(layer, x)))
+        vlm.model(**plant._inputs(b, "a_"), use_cache=False)
+    want = []
+    for g, x, f, y in kw.tolist():
+        for layer in (3, 4):
+            kb, ks = keys[layer][g, x, 0], keys[layer][f, y, 0]
+            want.append(float(((kb - ks) ** 2).sum() / (kb.pow(2).sum() + ks.pow(2).sum() + 1e-6)))
+    z = {("k", layer): keys[layer] for layer in (3, 4)}
+    got = float(invariance.terms(spec, b, z, 2)["invariance_k"])
+    assert abs(got - sum(want) / len(want)) < 1e-6 and got > 0
+    assert float(invariance.terms(spec, dict(b, k_where=kw[:, [0, 1, 0, 1]]), z, 2)["invariance_k"]) == 0.0
+    with torch.no_grad():
+        _, m = plant.plant_loss(vlm, spec, plant.make_probe(vlm), b)
+    assert abs(float(m["loss_invariance_k"]) - got) < 1e-5
+
+
 def test_plant_weights_on_the_command_line_and_in_the_card(capsys, tmp_path):
     from vismech.app.cli import main
     from vismech.organism.card import reproduce_command

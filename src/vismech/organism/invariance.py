@@ -8,6 +8,11 @@ and a source row that differs from it only in features its variable does not car
   token. Without it the gathering heads pass on the described objects' words as well as their cells, and part of
   the answer excludes the described objects by their words (``docs/organism-ids.md``, the eighth attempt).
 
+- ``invariance_k`` (keys): the selection and feature heads' keys at the target's image tokens, over the F
+  interchange's sources: the heads that fetch by position must find the target by its cell code, their values alone
+  carrying its features. Without it the feature heads' own attention skipped a described object by its features in
+  the image (``docs/organism-ids.md``, the eighth attempt: the base answer stayed with every head before them patched).
+
 Each pair's term is the squared difference of the two outputs over the sum of their squared norms: 0 when equal.
 """
 
@@ -28,8 +33,10 @@ def gap(z: dict, heads, rows_b: torch.Tensor, pos_b: torch.Tensor, rows_s: torch
     return torch.cat(terms, -1)
 
 
-def terms(spec, batch: dict, z: dict) -> dict[str, torch.Tensor]:
-    """The invariance losses the batch has rows for (``plant_batch``: ``inv_where``, ``f_pairs``, ``last_pos``)."""
+def terms(spec, batch: dict, z: dict, group: int = 1) -> dict[str, torch.Tensor]:
+    """The invariance losses the batch has rows for (``plant_batch``: ``inv_where``, ``f_pairs``, ``last_pos``,
+    ``k_where``); ``z`` holds the clean rows' head outputs by layer and, with ``invariance_k``, their keys by
+    ("k", layer) (``plant.clean_forward``); ``group`` query heads share a key head."""
     out = {}
     inv = batch.get("inv_where")
     if inv is not None and len(inv):
@@ -42,4 +49,17 @@ def terms(spec, batch: dict, z: dict) -> dict[str, torch.Tensor]:
                 parts.append(gap(z, heads, b, last[b], s, last[s]).flatten())
         if parts:
             out["invariance_s"] = torch.cat(parts).mean()
+    kw = batch.get("k_where")
+    if spec.weight("invariance_k") and kw is not None and len(kw):
+        keys = {layer: z[("k", layer)] for layer in key_layers(spec)}
+        out["invariance_k"] = gap(keys, key_heads(spec, group), kw[:, 0], kw[:, 1], kw[:, 2], kw[:, 3]).mean()
     return out
+
+
+def key_layers(spec) -> list[int]:
+    return sorted({layer for layer, _ in spec.selection + spec.features})
+
+
+def key_heads(spec, group: int) -> list[tuple[int, int]]:
+    """The key heads (layer, key/value head) that the selection and feature heads read."""
+    return sorted({(layer, head // group) for layer, head in spec.selection + spec.features})

@@ -8,9 +8,9 @@ Method (one training step; ``PlantSpec`` holds the heads and weights):
    retrieval can look up a conjunction); ID retrieval heads (``retrieval``) at each mention's last word attend to
    the mentioned object's image tokens; gathering heads (``gathering``) at each naming position attend to the last
    words of the mentions before it (a fixed first token when there are none; with ``gathering_share``, a given
-   share on each mention and the rest on the first token, a cross-entropy against that target); selection heads (``selection``) and
-   feature heads (``features``) at each naming position attend to the image tokens of the object to name. Loss:
-   minus the log of the attention mass on those tokens.
+   share on each mention and the rest on the first token, a cross-entropy against that target); selection heads
+   (``selection``) and feature heads (``features``) at each naming position attend to the image tokens of the
+   object to name. Loss: minus the log of the attention mass on those tokens.
 2. *Task loss* on clean rows (bases and their sources): the answer, and in reading-order descriptions every
    described object's words.
 3. *Interchange intervention training* (IIT, Geiger et al. 2022): rows that run a base with some heads' outputs
@@ -25,8 +25,8 @@ Method (one training step; ``PlantSpec`` holds the heads and weights):
 5. *Invariance* (with an ``invariance`` weight; 1 in the default spec; from step ``invariance_from``): each base
    gets a source with one described object's features replaced at its cell (``causal_model.mention_feature_source``);
    the ID-retrieval heads' outputs at that mention's last word must be equal in the two (squared difference over
-   squared norms), so they carry the cell and nothing of the features. With an ``invariance_s`` weight the same for
-   the gathering and selection heads (``invariance``).
+   squared norms), so they carry the cell and nothing of the features. With ``invariance_s`` and ``invariance_k``
+   weights the same for the gathering and selection heads' outputs and the selection and feature heads' keys.
 6. A linear *position probe* on the residual stream after ``probe_layer`` at every object's image tokens predicts
    the object's row and column: the language model must write a content-free position code into the image tokens
    that retrieval, selection and feature heads can read. (The Qwen2.5-VL vision tower cannot: with 2-D rotary
@@ -64,7 +64,8 @@ from vismech.organism import invariance
 Heads = tuple[tuple[int, int], ...]
 IIT_KINDS = ("R", "S", "F", "strict")
 COMPONENTS = ("binding", "retrieval", "gathering", "selection", "features")
-LOSS_TERMS = ("task", "attention", "probe", "R", "S", "F", "strict", "invariance", "invariance_s", "set_probe")
+LOSS_TERMS = ("task", "attention", "probe", "R", "S", "F", "strict", "invariance", "invariance_s", "invariance_k",
+              "set_probe")
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,8 @@ def clean_forward(vlm: VLM, spec: PlantSpec, batch: dict, autocast=contextlib.nu
         stack.enter_context(hooks.hooked(vlm, "resid", spec.probe_layer, lambda x: resid.__setitem__("x", x)))
         if spec.weight("set_probe"):  # the residual stream entering the selection layer, for the set probe
             stack.enter_context(hooks.hooked(vlm, "resid", set_layer(spec), lambda x: z.__setitem__("set_resid", x)))
+        for layer in invariance.key_layers(spec) if spec.weight("invariance_k") else ():
+            stack.enter_context(hooks.hooked(vlm, "k", layer, lambda x, layer=layer: z.__setitem__(("k", layer), x)))
         for layer in late_layers(spec, vlm.n_layers) if spec.strict_late_mlps else ():
             def keep(module, args, out, layer=layer):
                 z[f"mlp{layer}"] = out
@@ -308,7 +311,7 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
         set_logits = probe(z_a["set_resid"][sw[:, 0], sw[:, 1], 0].float())[:, width:]
         losses["set_probe"] = torch.nn.functional.binary_cross_entropy_with_logits(set_logits, want)
         metrics["set_probe_acc"] = ((set_logits > 0) == (want > 0.5)).all(-1).float().mean()
-    losses.update(invariance.terms(spec, batch, z_a))
+    losses.update(invariance.terms(spec, batch, z_a, vlm.n_heads // vlm.n_kv_heads))
     logits_b = patched_forward(vlm, batch, z_a, autocast)
     ce_b, hits_b = _ce(logits_b, labels_b), answer_hits(logits_b, labels_b)
     kinds = set(batch["b_kinds"])  # which kinds the batch holds, known on the CPU (no device sync)

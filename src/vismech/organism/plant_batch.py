@@ -37,6 +37,7 @@ class Plan:
     a: list[Row] = field(default_factory=list)  # clean rows: bases, then their sources
     b: list[tuple[Row, str, int]] = field(default_factory=list)  # (row, kind, index of its source in a)
     inv: list[tuple[int, int, int]] = field(default_factory=list)  # (base row, source row, mention) in a
+    invariant: bool = True  # whether the invariance terms run at this step (``PlantSpec.invariance_from``)
 
 
 def _pick(rng: random.Random, table) -> object:
@@ -71,7 +72,8 @@ def step_plan(spec: PlantSpec, seed: int, step: int, n: int) -> Plan:
         plan.b.append((Row(base, cm.counterfactual_answer(base, feat, "F"), False, g), "F", feat_i))
         plan.b.append((Row(base, base.answer, False, g), "strict", res_i))
     # the invariance rows are drawn last, so that the other rows are those of the spec without them
-    if (spec.weight("invariance") or spec.weight("invariance_s")) and step >= spec.invariance_from:
+    plan.invariant = step >= spec.invariance_from
+    if (spec.weight("invariance") or spec.weight("invariance_s")) and plan.invariant:
         for g, base in enumerate(bases):
             drawn = cm.mention_feature_source(base, rng)
             if drawn is None:  # nothing described (the colour question): no mention to hold invariant
@@ -192,11 +194,12 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
         targets[comp][0].append((row, queries[row].index(q)))
         targets[comp][1].append(m)
 
-    probe_pos, probe_cls, set_pos, set_cells = [], [], [], []
+    probe_pos, probe_cls, set_pos, set_cells, target = [], [], [], [], []
     for i, r in enumerate(plan.a):
         sh = shift_a[i]
         ments = [[x + sh for x in m] for m in enc.mentions[i]]
         objs = {cell: [x + sh for x in toks] for cell, toks in enc.objects[i].items()}
+        target.append(objs[r.trial.target.cell])
         first = int(mask_a[i].nonzero()[0])
         for m, obj in zip(ments, r.trial.mentioned):
             if len(m) > 1:
@@ -230,10 +233,13 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
         out[f"att_{comp}_keys"] = torch.stack(masks) if masks else torch.zeros(0, total, dtype=torch.bool)
     out["inv_where"] = torch.tensor([(g, i, enc.mentions[g][j][-1] + shift_a[g]) for g, i, j in plan.inv],
                                     dtype=torch.long).reshape(-1, 3)
-    if spec.weight("invariance_s") and plan.inv:  # the selection heads' pairs: each base and its F source
-        out["f_pairs"] = torch.tensor([(r.group, src) for r, kind, src in plan.b if kind == "F"],
-                                      dtype=torch.long).reshape(-1, 2)
+    f_pairs = [(r.group, src) for r, kind, src in plan.b if kind == "F"]  # each base and its F source
+    if spec.weight("invariance_s") and plan.invariant:
+        out["f_pairs"] = torch.tensor(f_pairs, dtype=torch.long).reshape(-1, 2)
         out["last_pos"] = torch.tensor([total - len(rows_a[i][1]) - 1 for i in range(len(plan.a))])
+    if spec.weight("invariance_k") and plan.invariant:  # the target's image tokens in each (same count: same cell)
+        out["k_where"] = torch.tensor([(g, x, f, y) for g, f in f_pairs for x, y in zip(target[g], target[f])],
+                                      dtype=torch.long).reshape(-1, 4)
     out["probe_where"] = torch.tensor(probe_pos, dtype=torch.long)
     out["probe_cell"] = torch.tensor(probe_cls, dtype=torch.long)
     out["set_where"] = torch.tensor(set_pos, dtype=torch.long).reshape(-1, 2)
