@@ -160,7 +160,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--plant-drop-late-mlps", action="store_true", help="with --plant ids: remove the MLPs of the "
                    "layers after the feature heads (zero and frozen): only heads run after the planted read-out")
     s.add_argument("--plant-invariance-from", type=arg_type(Opt("int", 0), "--plant-invariance-from"), metavar="STEP",
-                   help="with --plant ids: start the invariance term at this step, once R and S can become causal "
+                   help="with --plant ids: start the invariance terms at this step, once R and S can become causal "
                    "without it (default 0)")
     s.add_argument("--plant-heads", action="append", metavar="STAGE=L:H,...", help="with --plant ids: the heads "
                    "declared for one stage (binding, retrieval, gathering, selection, features) instead of the "
