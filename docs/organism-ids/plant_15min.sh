@@ -15,8 +15,7 @@
 # The third attempt's B recipe with the longer schedule:
 #   FLAGS="--plant-full-scenes 0.3" RUN=runs/org/b-long bash docs/organism-ids/plant_15min.sh OUT 1 6.8
 # The eighth attempt: FLAGS="--plant-full-scenes 0.3 --plant-strict-late-mlps" RUN=runs/org/b-late; the next:
-#   FLAGS="--plant-full-scenes 0.3 --plant-drop-late-mlps --plant-weight invariance_s=1 --plant-weight invariance_k=1"
-#   RUN=runs/org/drop
+#   FLAGS="--plant-full-scenes 0.3 --plant-drop-late-mlps --plant-weight invariance_s=1" RUN=runs/org/drop
 set -u
 OUT=${1:?give a log folder}; PART=${2:?give the part, 1 or 2}; MIN=${3:-}
 export PYTHONPATH=${PYTHONPATH:-src}
