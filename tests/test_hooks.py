@@ -24,6 +24,32 @@ def test_idle_hooks_change_nothing(vlm):
     assert got[("resid", 2)].shape[-2:] == (1, vlm.text_config.hidden_size)
 
 
+def test_the_mlp_site_is_what_the_mlp_adds_and_replacing_it_changes_the_output(vlm):
+    """``mlp`` is the output of the layer's MLP module (read here with a plain hook for comparison), shown as one
+    "head" spanning the width; zeroing it at a layer gives the same logits as zeroing that MLP's down projection."""
+    b, layer = _batch(vlm), 1
+    seen = {}
+    mlp = vlm.layers[layer].mlp
+    handle = mlp.register_forward_hook(lambda m, a, out: seen.__setitem__("out", out))
+    with hooks.capture(vlm, [("mlp", layer)]) as got:
+        ref = vlm.logits(b)
+    handle.remove()
+    assert got[("mlp", layer)].shape == (2, b.length, 1, vlm.text_config.hidden_size)
+    assert torch.equal(got[("mlp", layer)][:, :, 0], seen["out"])
+    with hooks.hooked(vlm, "mlp", layer, torch.zeros_like):
+        zeroed = vlm.logits(b)
+    assert not torch.allclose(zeroed, ref)
+    down = mlp.down_proj.weight
+    saved = down.detach().clone()
+    with torch.no_grad():
+        down.zero_()
+    try:
+        assert torch.allclose(vlm.logits(b), zeroed, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            down.copy_(saved)
+
+
 def test_self_patch_changes_nothing(vlm):
     b = _batch(vlm)
     ref = vlm.logits(b)
@@ -93,7 +119,7 @@ def test_no_hook_survives_its_context_even_after_an_exception(vlm):
 
 def test_bad_site_and_layer_are_clear_errors(vlm):
     with pytest.raises(ValueError, match="unknown hook site"):
-        with hooks.capture(vlm, [("mlp", 0)]):
+        with hooks.capture(vlm, [("mlp_out", 0)]):
             pass
     with pytest.raises(ValueError, match="out of range"):
         with hooks.capture(vlm, [("z", 99)]):

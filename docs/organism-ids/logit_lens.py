@@ -60,6 +60,4 @@ def run(ctx):
 # the last layer: every head's output replaced by its mean over the trials, or the MLP's output
 mean = lambda z: z.mean(0, keepdim=True).expand_as(z)  # noqa: E731
 print("heads of the last layer mean-ablated:", run(hooks.hooked(vlm, "z", last, mean)))
-h = vlm.layers[last].mlp.register_forward_hook(lambda m, a, out: mean(out))
-print("MLP of the last layer mean-ablated:", run(contextlib.nullcontext()))
-h.remove()
+print("MLP of the last layer mean-ablated:", run(hooks.hooked(vlm, "mlp", last, mean)))

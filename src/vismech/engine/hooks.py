@@ -9,7 +9,8 @@ spec's site map (``Family.sites``: module, input or output, layout), here the Ll
 - ``k``: keys, likewise (``k_proj`` or ``k_norm``), [batch, pos, kv_heads, head_dim] (GQA: fewer heads than
   ``q``; see ``kv_head_of``);
 - ``v``: values, the output of ``v_proj``, [batch, pos, kv_heads, head_dim];
-- ``resid``: the residual stream after the layer, [batch, pos, 1, hidden] (one "head" spanning the width).
+- ``resid``: the residual stream after the layer, [batch, pos, 1, hidden] (one "head" spanning the width);
+- ``mlp``: the output of the layer's MLP, what it adds to the residual stream, [batch, pos, 1, hidden].
 
 ``attention_weights`` records attention probabilities of chosen heads at chosen query positions (after rotary
 embedding and masking, as the model computes them), keeping the autograd graph: training can supervise them.
@@ -28,7 +29,7 @@ from typing import Callable, Iterator
 
 import torch
 
-SITES = ("z", "q", "k", "v", "resid")
+SITES = ("z", "q", "k", "v", "resid", "mlp")
 
 
 def site_module(vlm, site: str, layer: int):
@@ -42,7 +43,8 @@ def site_module(vlm, site: str, layer: int):
 
 
 def n_heads_at(vlm, site: str) -> int:
-    return {"z": vlm.n_heads, "q": vlm.n_heads, "k": vlm.n_kv_heads, "v": vlm.n_kv_heads, "resid": 1}[site]
+    return {"z": vlm.n_heads, "q": vlm.n_heads, "k": vlm.n_kv_heads, "v": vlm.n_kv_heads, "resid": 1,
+            "mlp": 1}[site]
 
 
 def kv_head_of(vlm, head: int) -> int:

@@ -211,11 +211,9 @@ def clean_forward(vlm: VLM, spec: PlantSpec, batch: dict, autocast=contextlib.nu
             stack.enter_context(hooks.hooked(vlm, "resid", set_layer(spec), lambda x: z.__setitem__("set_resid", x)))
         for layer in invariance.key_layers(spec) if spec.weight("invariance_k") else ():
             stack.enter_context(hooks.hooked(vlm, "k", layer, lambda x, layer=layer: z.__setitem__(("k", layer), x)))
-        for layer in late_layers(spec, vlm.n_layers) if spec.strict_late_mlps else ():
-            def keep(module, args, out, layer=layer):
-                z[f"mlp{layer}"] = out
-
-            stack.callback(vlm.layers[layer].mlp.register_forward_hook(keep).remove)
+        for layer in late_layers(spec, vlm.n_layers) if spec.strict_late_mlps else ():  # kept [rows, positions, hidden]
+            keep = (lambda x, name=f"mlp{layer}": z.__setitem__(name, x[:, :, 0]))
+            stack.enter_context(hooks.hooked(vlm, "mlp", layer, keep))
         att = stack.enter_context(hooks.attention_weights(vlm, _attention_layers(spec), batch["att_qpos"]))
         with autocast():
             logits = vlm.model(**_inputs(batch, "a_"), use_cache=False).logits
@@ -256,10 +254,10 @@ def patched_forward(vlm: VLM, batch: dict, z_a: dict, autocast=contextlib.nullco
             stack.enter_context(hooks.hooked(vlm, "z", layer, fn(layer)))
         mlps = batch.get("b_patch_mlp")  # [rows, positions, layers]: late MLP outputs taken from the source row
         for layer in [x for x in range(vlm.n_layers) if f"mlp{x}" in z_a] if mlps is not None else ():
-            def swap(module, args, out, layer=layer):
-                return torch.where(mlps[:, :, layer, None], z_a[f"mlp{layer}"][source].to(out.dtype), out)
+            def swap(x, layer=layer):  # x: [rows, positions, 1, hidden]
+                return torch.where(mlps[:, :, layer, None, None], z_a[f"mlp{layer}"][source, :, None].to(x.dtype), x)
 
-            stack.callback(vlm.layers[layer].mlp.register_forward_hook(swap).remove)
+            stack.enter_context(hooks.hooked(vlm, "mlp", layer, swap))
         with autocast():
             return vlm.model(inputs_embeds=embeds, **inputs, use_cache=False).logits
 

@@ -62,13 +62,14 @@ class Site:
 
 #: The sites of a Llama-style decoder layer (every family so far): head outputs are the input of the attention
 #: output projection, queries / keys / values the outputs of their projections (before rotary embedding), the
-#: residual stream the layer's output.
+#: residual stream the layer's output, the MLP's contribution its output.
 DEFAULT_SITES: dict[str, Site] = {
     "z": Site("self_attn.o_proj", "input"),
     "q": Site("self_attn.q_proj"),
     "k": Site("self_attn.k_proj"),
     "v": Site("self_attn.v_proj"),
     "resid": Site(""),
+    "mlp": Site("mlp"),
 }
 
 
