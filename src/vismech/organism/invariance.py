@@ -7,7 +7,6 @@ and a source row that differs from it only in features its variable does not car
   sources of the F interchange (the target's features replaced at its cell, same prompt), both at the prompt's last
   token. Without it the gathering heads pass on the described objects' words as well as their cells, and part of
   the answer excludes the described objects by their words (``docs/organism-ids.md``, the eighth attempt).
-
 - ``invariance_k`` (keys): the selection and feature heads' keys at the target's image tokens, over the F
   interchange's sources: the heads that fetch by position must find the target by its cell code, their values alone
   carrying its features. Without it the feature heads' own attention skipped a described object by its features in

@@ -194,7 +194,7 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
         targets[comp][0].append((row, queries[row].index(q)))
         targets[comp][1].append(m)
 
-    probe_pos, probe_cls, set_pos, set_cells, target = [], [], [], [], []
+    probe_pos, probe_cls, set_pos, set_cells, target, last = [], [], [], [], [], []
     for i, r in enumerate(plan.a):
         sh = shift_a[i]
         ments = [[x + sh for x in m] for m in enc.mentions[i]]
@@ -206,7 +206,8 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
                 add("binding", i, m[-1], [m[0]])
             add("retrieval", i, m[-1], objs[obj.cell])
         answer_len = len(rows_a[i][1])
-        for pos, obj, before in _naming(r, total - answer_len - 1, ments, answer_len):
+        last.append(total - answer_len - 1)  # the prompt's last token
+        for pos, obj, before in _naming(r, last[i], ments, answer_len):
             gathered = [m[-1] for m in ments[:before]]
             if spec.split_gathering:  # head j of n: mentions j, j + n, ... (none left: the first token)
                 n = len(spec.gathering)
@@ -236,7 +237,7 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
     f_pairs = [(r.group, src) for r, kind, src in plan.b if kind == "F"]  # each base and its F source
     if spec.weight("invariance_s") and plan.invariant:
         out["f_pairs"] = torch.tensor(f_pairs, dtype=torch.long).reshape(-1, 2)
-        out["last_pos"] = torch.tensor([total - len(rows_a[i][1]) - 1 for i in range(len(plan.a))])
+        out["last_pos"] = torch.tensor(last)
     if spec.weight("invariance_k") and plan.invariant:  # the target's image tokens in each (same count: same cell)
         out["k_where"] = torch.tensor([(g, x, f, y) for g, f in f_pairs for x, y in zip(target[g], target[f])],
                                       dtype=torch.long).reshape(-1, 4)
