@@ -88,12 +88,16 @@ def test_load_vlm_exposes_a_checkpoint_s_ground_truth(tmp_path):
 def test_shipped_planted_organisms_declare_the_default_spec_heads_and_meet_their_recorded_validity(name):
     """Both planted organisms load offline by name with the heads planting declares, and their recorded validity
     shows the planted heads matter: resampling them all leaves accuracy below chance, while interchange of F moves
-    the answer as the causal model says in >= 90% of trials."""
+    the answer as the causal model says in >= 90% of trials. organism-ids' last MLP is zero, as its method says."""
     from vismech.models.load import load_vlm, organism_dir
 
     vlm = load_vlm(name, dtype="fp32", device="cpu")
     assert vlm.family.name == {"organism-ids": "qwen2_5_vl", "organism-llava-ids": "llava"}[name]
-    assert vlm.ground_truth == ground_truth(PlantSpec())
+    # organism-ids was planted with its MLPs after the feature heads removed, which its declared method says
+    dropped = name == "organism-ids"
+    assert vlm.ground_truth == ground_truth(PlantSpec(drop_late_mlps=dropped))
+    late = [p for p in vlm.layers[-1].mlp.parameters()]  # the one layer after the feature heads' (6 of 8)
+    assert all(bool((p == 0).all()) == dropped for p in late)
     v = json.loads((organism_dir(name) / "validity.json").read_text())
     assert v["ablation"]["declared_resampled"]["rate"] < v["ablation"]["chance"]
     assert v["interchange"]["F"]["rate"] >= 0.9

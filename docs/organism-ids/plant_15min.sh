@@ -14,8 +14,10 @@
 # seventh attempt (docs/organism-ids.md) ran with the defaults, the second part then given 8.3 minutes by hand.
 # The third attempt's B recipe with the longer schedule:
 #   FLAGS="--plant-full-scenes 0.3" RUN=runs/org/b-long bash docs/organism-ids/plant_15min.sh OUT 1 6.8
-# The eighth attempt: FLAGS="--plant-full-scenes 0.3 --plant-strict-late-mlps" RUN=runs/org/b-late; the next:
-#   FLAGS="--plant-full-scenes 0.3 --plant-drop-late-mlps --plant-weight invariance_s=1" RUN=runs/org/drop
+# The eighth attempt: FLAGS="--plant-full-scenes 0.3 --plant-strict-late-mlps" RUN=runs/org/b-late; the ninth, shipped
+# as organism-ids:
+#   FLAGS="--plant-full-scenes 0.3 --plant-drop-late-mlps --plant-weight invariance_s=1 --plant-invariance-from 2000" \
+#   RUN=runs/org/drop
 set -u
 OUT=${1:?give a log folder}; PART=${2:?give the part, 1 or 2}; MIN=${3:-}
 export PYTHONPATH=${PYTHONPATH:-src}

@@ -156,8 +156,10 @@ def ablation(vlm, spec, n: int, seed: int, batch_size: int, end: str) -> dict:
             "declared_resampled": _rate(hits["declared"], n), "chance": chance}
 
 
-def probes(vlm, spec, n: int, seed: int, batch_size: int, end: str) -> dict:
-    """Ridge probes on the ID-retrieval heads' outputs (concatenated) at the mentions' last words."""
+def mention_outputs(vlm, spec, n: int, seed: int, batch_size: int, end: str):
+    """The ID-retrieval heads' outputs at the mentions' last words of ``n`` 3x3 description trials, [mentions,
+    heads, head_dim] (the heads of the first retrieval layer), and each mention's cell (row * 3 + column), colour
+    and shape."""
     rng = random.Random(seed + 37)
     X, labels = [], {"cell": [], "color": [], "shape": []}
     layer = spec.retrieval[0][0]
@@ -172,11 +174,17 @@ def probes(vlm, spec, n: int, seed: int, batch_size: int, end: str) -> dict:
             ans = int((b["a_labels"][i] != -100).sum())
             sh = b["a_input_ids"].shape[1] - ans - enc.length
             for m, obj in zip(enc.mentions[i], t.mentioned):
-                X.append(z[layer][i, m[-1] + sh, heads].reshape(-1).float().cpu().numpy())
+                X.append(z[layer][i, m[-1] + sh, heads].float().cpu().numpy())
                 labels["cell"].append(obj.cell[0] * 3 + obj.cell[1])
                 labels["color"].append(obj.color)
                 labels["shape"].append(obj.shape)
-    X = np.stack(X)
+    return np.stack(X), labels
+
+
+def probes(vlm, spec, n: int, seed: int, batch_size: int, end: str) -> dict:
+    """Ridge probes on the ID-retrieval heads' outputs (concatenated) at the mentions' last words."""
+    X, labels = mention_outputs(vlm, spec, n, seed, batch_size, end)
+    X = X.reshape(len(X), -1)
     split = int(0.7 * len(X))
     out = {}
     for name, y in labels.items():
