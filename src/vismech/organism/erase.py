@@ -17,8 +17,9 @@ the value projection W_v, b_v of that key/value head becomes (I - P) W_v and (I 
 sum to one, so each R head's output becomes z - P (z - m) at every position, exactly (a family without a value bias
 gets (I - P) z, with no constant to add). ``docs/organism-ids/erase_test.py`` showed why the whitening matters: the
 orthogonal projector onto C's columns takes cell information with it and drops full answers to 56%. On
-``organism-ids`` the result depends on the draw it is fitted on (``docs/organism-ids.md``, the ninth attempt): no
-shipped organism is edited with it yet.
+``organism-ids`` the erased checkpoint keeps the cell and loses the features but answers half of ``validate``'s
+trials wrong, however many trials it is fitted on (``docs/organism-ids.md``, the ninth attempt): no shipped organism
+is edited with it.
 
     python -m vismech.organism.erase MODEL --out DIR [--trials N] [--seed S]
 """
