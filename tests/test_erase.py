@@ -31,10 +31,7 @@ def _vlm():
 
 def _cross(z, labels):
     """[heads, d, classes]: each head's cross-covariance with the one-hot colour and shape."""
-    y = np.concatenate([np.eye(len(c))[[c.index(v) for v in labels[k]]]
-                        for k, c in (("color", sorted(set(labels["color"]))), ("shape", sorted(set(labels["shape"]))))],
-                       1)
-    return np.einsum("nhd,nk->hdk", z - z.mean(0), y - y.mean(0)) / len(z)
+    return np.einsum("nhd,nk->hdk", z - z.mean(0), erase.label_matrix(labels)) / len(z)
 
 
 def test_the_value_edit_is_the_erasure_at_every_position_and_removes_the_cross_covariance():

@@ -1,11 +1,12 @@
-"""Can the mentioned object's features be erased from the ID-retrieval heads' outputs without breaking the answer?
-Fits a linear erasure of colour and shape on the R heads' outputs at the mentions' last words (256 3x3 description
-trials, heads pooled): either the orthogonal projector onto their cross-covariance with the one-hot labels, or
-LEACE's (Belrose et al. 2023) least-change oblique projector (the same in whitened coordinates). Then, on other
-trials, applies z - P (z - m) (m: the outputs' mean) to those heads' outputs at every shape word only (a hook: the
-mentions, and the answer's shape word) or at every position (what an edit of the value projection would do), and
-measures full-answer accuracy of the clean rows (64 trials) and ridge probes for cell, colour and shape at the
-mentions (fresh trials, 70/30 split, as ``validate.probes``). Runs on the CPU.
+"""Can the mentioned object's features be erased from the ID-retrieval heads' outputs without breaking the answer? Fits
+a linear erasure of colour and shape on the R heads' outputs at the mentions' last words (256 3x3 description
+trials, heads pooled; ``vismech.organism.erase.eraser``): either the orthogonal projector onto their
+cross-covariance with the one-hot labels, or LEACE's (Belrose et al. 2023) least-change oblique projector (the same
+in whitened coordinates). Then, on other trials, applies z - P (z - m) (m: the outputs' mean) to those heads'
+outputs at every shape word only (a hook: the mentions, and the answer's shape word) or at every position (what an
+edit of the value projection would do), and measures full-answer accuracy of the clean rows (64 trials) and ridge
+probes for cell, colour and shape at the mentions (fresh trials, 70/30 split, as ``validate.probes``). Runs on the
+CPU.
 
     PYTHONPATH=src python docs/organism-ids/erase_test.py [MODEL]
 """
@@ -17,37 +18,13 @@ import torch
 
 from vismech.models.load import load_vlm
 from vismech.organism import causal_model as cm
-from vismech.organism import validate
+from vismech.organism import erase, validate
 
 vlm = load_vlm(sys.argv[1] if len(sys.argv) > 1 else "organism-ids", dtype="fp32", device="cpu")
 spec = validate.spec_of(vlm)
 end = validate.END.get(vlm.family.name, "<|im_end|>")
 layer = spec.retrieval[0][0]
 heads = [h for lay, h in spec.retrieval if lay == layer]
-
-
-def onehots(labels):
-    ys = []
-    for key in ("color", "shape"):
-        classes = sorted(set(labels[key]))
-        y = np.eye(len(classes))[[classes.index(v) for v in labels[key]]]
-        ys.append(y - y.mean(0))
-    return np.concatenate(ys, 1)
-
-
-def eraser(z, labels, whiten, tol=0.05):
-    """P [d, d] and m [d]: z - P (z - m) has no cross-covariance with colour and shape on these samples."""
-    y, flat = onehots(labels), z.reshape(-1, z.shape[-1])
-    d = z.shape[-1]
-    w = wi = np.eye(d)
-    if whiten:
-        ev, u = np.linalg.eigh(np.cov(flat.T) + 1e-6 * np.eye(d))
-        w, wi = u @ np.diag(ev ** -0.5) @ u.T, u @ np.diag(ev ** 0.5) @ u.T
-    zc = z - z.mean(0)
-    cross = np.concatenate([zc[:, h].T @ y / len(z) for h in range(z.shape[1])], 1)
-    u, s, _ = np.linalg.svd(w @ cross, full_matrices=False)
-    q = u[:, :int((s > tol * s[0]).sum())]
-    return wi @ q @ q.T @ w, flat.mean(0), q.shape[1]
 
 
 shape_ids = torch.tensor([vlm.tokenizer.convert_tokens_to_ids(s) for s in cm.SHAPES])
@@ -81,7 +58,8 @@ def accuracy():
 print(f"{vlm.name}: no edit: full answers {accuracy():.2f}; probes "
       + ", ".join(f"{k} {r['rate']:.2f}" for k, r in validate.probes(vlm, spec, 128, 0, 32, end).items()))
 for whiten in (False, True):
-    p, m, rank = eraser(fit_z, fit_labels, whiten)
+    p, m, _ = erase.eraser(fit_z, fit_labels, whiten=whiten)
+    rank = int(round(float(np.trace(p))))
     pt, mt = torch.tensor(p, dtype=torch.float32), torch.tensor(m, dtype=torch.float32)
     for where in ("shape words", "every position"):
         state["edit"] = (pt, mt, where)

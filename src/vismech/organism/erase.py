@@ -26,6 +26,7 @@ is edited with it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -42,21 +43,30 @@ from . import validate
 KEPT = ("train_log.jsonl", "emergence.jsonl")  # copied from the source checkpoint; the card and validity are not
 
 
-def eraser(z: np.ndarray, labels: dict, tol: float = 0.05) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """P [d, d], m [d] and the relative singular values of W C (module docstring) for outputs ``z`` [samples,
-    heads, d] and ``labels["color"]``, ``labels["shape"]``. On ``organism-ids`` the values fall from 0.38 to 0.02
-    after the 18th (colours + shapes - 2); the directions below ``tol`` are estimation noise, and erasing them too
-    cost accuracy (erase_test.py)."""
+def label_matrix(labels: dict) -> np.ndarray:
+    """[samples, colours + shapes]: the one-hot colour and shape of each sample, each column centred."""
     ys = []
     for key in ("color", "shape"):
         classes = sorted(set(labels[key]))
         y = np.eye(len(classes))[[classes.index(v) for v in labels[key]]]
         ys.append(y - y.mean(0))
-    y = np.concatenate(ys, 1)
+    return np.concatenate(ys, 1)
+
+
+def eraser(z: np.ndarray, labels: dict, tol: float = 0.05,
+           whiten: bool = True) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """P [d, d], m [d] and the relative singular values of W C (module docstring) for outputs ``z`` [samples,
+    heads, d] and ``labels["color"]``, ``labels["shape"]``. On ``organism-ids`` the values fall from 0.38 to 0.02
+    after the 18th (colours + shapes - 2); the directions below ``tol`` are estimation noise, and erasing them too
+    cost accuracy (erase_test.py). ``whiten=False``: W = I, the orthogonal projector onto C's columns (the
+    comparison erase_test.py makes)."""
+    y = label_matrix(labels)
     flat = z.reshape(-1, z.shape[-1]).astype(np.float64)
     d = z.shape[-1]
-    ev, u = np.linalg.eigh(np.cov(flat.T) + 1e-6 * np.eye(d))
-    w, w_inv = u @ np.diag(ev ** -0.5) @ u.T, u @ np.diag(ev ** 0.5) @ u.T
+    w = w_inv = np.eye(d)
+    if whiten:
+        ev, u = np.linalg.eigh(np.cov(flat.T) + 1e-6 * np.eye(d))
+        w, w_inv = u @ np.diag(ev ** -0.5) @ u.T, u @ np.diag(ev ** 0.5) @ u.T
     zc = z - z.mean(0)
     cross = np.concatenate([zc[:, h].T @ y / len(z) for h in range(z.shape[1])], 1)  # [d, heads * classes]
     q, s, _ = np.linalg.svd(w @ cross, full_matrices=False)
@@ -129,8 +139,8 @@ def main(argv=None) -> int:
     vlm.tokenizer.save_pretrained(out)
     vlm.image_processor.save_pretrained(out)
     gt = vlm.ground_truth
-    type(gt)(gt.stages, gt.helpers, gt.method + f"; colour and shape erased from the ID-retrieval heads' values "
-             f"(vismech.organism.erase, LEACE, rank {ranks}, {a.trials} trials, seed {a.seed})").save(out)
+    dataclasses.replace(gt, method=gt.method + f"; colour and shape erased from the ID-retrieval heads' values "
+                        f"(vismech.organism.erase, LEACE, rank {ranks}, {a.trials} trials, seed {a.seed})").save(out)
     source = Path(checkpoint_path(a.model))
     for name in KEPT:
         if (source / name).is_file():
