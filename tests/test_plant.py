@@ -2,6 +2,7 @@
 token), and the patched forward (equal to a hand-made patch with hooks)."""
 
 import contextlib
+import itertools
 import random
 
 import pytest
@@ -456,6 +457,74 @@ def test_the_key_invariance_term_compares_the_targets_keys_with_its_feature_sour
     with torch.no_grad():
         _, m = plant.plant_loss(vlm, spec, plant.make_probe(vlm), b)
     assert abs(float(m["loss_invariance_k"]) - got) < 1e-5
+
+
+def test_the_guard_term_is_the_share_of_the_features_a_linear_fit_explains():
+    """``invariance.guard`` is R^2 of a least-squares fit (with an intercept) of the one-hot labels from the heads'
+    outputs, averaged over the label columns: equal to numpy's fit; 0 when every class has the same mean output
+    (outputs that depend on a third, balanced variable only); 1 for a label the outputs copy."""
+    import numpy as np
+
+    from vismech.organism import invariance
+
+    gen = torch.Generator().manual_seed(0)
+    n, heads = 300, ((1, 0), (2, 1))
+    z = {1: torch.randn(2, n, 3, 4, generator=gen), 2: torch.randn(2, n, 3, 4, generator=gen)}
+    labels = torch.randint(0, 5, (n, 2), generator=gen)
+    z[1][1, :, 0, 0] += labels[:, 0] * 1.5  # the first label partly in row 1's outputs
+    where = torch.tensor([[1, k] for k in range(n)])
+    x = torch.cat([z[1][1, :, 0], z[2][1, :, 1]], -1).double().numpy()
+    xb = np.c_[x, np.ones(n)]
+    r2 = []
+    for col in labels.T.numpy():
+        y = np.eye(5)[col]
+        fit = xb @ np.linalg.lstsq(xb, y, rcond=None)[0]
+        r2.append(1 - ((y - fit) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+    got = float(invariance.guard(z, heads, where, labels, ridge=0.0))
+    assert abs(got - np.mean(r2)) < 1e-4 and np.mean(r2) > 0.1
+    combos = list(itertools.product(range(3), range(3), range(4)))  # colour, shape, cell: every combination once
+    code = torch.randn(4, 8, generator=gen)
+    zb = {0: torch.stack([code[k] for _, _, k in combos])[None, :, None]}
+    lab = torch.tensor([[c, s] for c, s, _ in combos])
+    w = torch.tensor([[0, k] for k in range(len(combos))])
+    assert float(invariance.guard(zb, ((0, 0),), w, lab)) < 1e-6
+    zc = {0: torch.nn.functional.one_hot(lab[:, 0], 3).float()[None, :, None]}  # the colour copied, not the shape
+    assert abs(float(invariance.guard(zc, ((0, 0),), w, lab, ridge=0.0)) - 0.5) < 1e-5
+
+
+def test_the_guard_term_reads_the_mentions_and_starts_with_the_invariance_terms(vlm):
+    """With a ``guard`` weight the batch lists every clean row's mentions (their last word) with the mentioned
+    object's colour and shape as classes: the same class exactly where the same name; ``plant_loss`` reports the
+    term computed from the retrieval heads' outputs there; no rows before ``invariance_from`` or without the
+    weight."""
+    from vismech.organism import invariance
+
+    spec = plant.PlantSpec(**{**SPEC.__dict__, "weights": SPEC.weights + (("guard", 1.0),)})
+    plan = pb.step_plan(spec, 5, 2, 3)
+    b = pb.batch_of(vlm, spec, plan, "<|im_end|>", 0)
+    assert "guard_where" not in pb.batch_of(vlm, SPEC, plan, "<|im_end|>", 0)
+    late = plant.PlantSpec(**{**spec.__dict__, "invariance_from": 3})
+    assert "guard_where" not in pb.batch_of(vlm, late, pb.step_plan(late, 5, 2, 3), "<|im_end|>", 0)
+    where, labels, ids = b["guard_where"].tolist(), b["guard_labels"].tolist(), b["a_input_ids"]
+    named = []
+    for i, r in enumerate(plan.a):
+        mine = [k for k, (row, _) in enumerate(where) if row == i]
+        assert len(mine) == len(r.trial.mentioned)
+        for k, obj in zip(mine, r.trial.mentioned):
+            assert vlm.tokenizer.convert_ids_to_tokens(int(ids[i, where[k][1]])) == obj.shape
+            named.append((obj.color, obj.shape, *labels[k]))
+    assert len(where) > 10
+    for a, c in itertools.combinations(named, 2):
+        assert (a[0] == c[0]) == (a[2] == c[2]) and (a[1] == c[1]) == (a[3] == c[3])
+    z = {}
+    with contextlib.ExitStack() as st, torch.no_grad():
+        for layer in range(vlm.n_layers):
+            st.enter_context(hooks.hooked(vlm, "z", layer, lambda x, layer=layer: z.__setitem__(layer, x)))
+        vlm.model(**plant._inputs(b, "a_"), use_cache=False)
+    want = float(invariance.guard(z, spec.retrieval, b["guard_where"], b["guard_labels"]))
+    with torch.no_grad():
+        _, m = plant.plant_loss(vlm, spec, plant.make_probe(vlm), b)
+    assert 0 < want < 1 and abs(float(m["loss_guard"]) - want) < 1e-5
 
 
 def test_plant_weights_on_the_command_line_and_in_the_card(capsys, tmp_path):

@@ -1,9 +1,11 @@
-"""How much the planted heads' outputs and keys change with features they should not carry: the three invariance
-terms of planting (``vismech.organism.invariance``) measured on trained organisms, over 4 planting batches of 16
+"""How much the planted heads' outputs and keys change with features they should not carry: the invariance and
+guard terms of planting (``vismech.organism.invariance``) measured on trained organisms, over 4 planting batches of 16
 bases (seed 123, the training mixture of each organism's own spec). ``invariance``: ID retrieval outputs at a
 mention when that described object's features change; ``invariance_s``: gathering and selection outputs at the last
 token when a described object's or the target's features change; ``invariance_k``: selection and feature heads'
-keys at the target's image tokens when its features change. 0: unchanged; 1: as different as unrelated vectors.
+keys at the target's image tokens when its features change (0: unchanged; 1: as different as unrelated vectors);
+``guard``: the share of the mentioned objects' colours and shapes that a linear fit on the batch's ID-retrieval
+outputs explains (R^2, 0: none).
 
     PYTHONPATH=src python docs/organism-ids/invariance_gaps.py MODEL [MODEL ...]
 """
@@ -16,7 +18,7 @@ from vismech.models.load import load_vlm
 from vismech.organism import invariance, plant, validate
 from vismech.organism import plant_batch as pb
 
-TERMS = ("invariance", "invariance_s", "invariance_k")
+TERMS = ("invariance", "invariance_s", "invariance_k", "guard")
 for m in sys.argv[1:]:
     vlm = load_vlm(m, dtype="fp32", device="cpu")
     own = validate.spec_of(vlm)

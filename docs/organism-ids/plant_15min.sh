@@ -18,6 +18,7 @@
 # as organism-ids:
 #   FLAGS="--plant-full-scenes 0.3 --plant-drop-late-mlps --plant-weight invariance_s=1 --plant-invariance-from 2000" \
 #   RUN=runs/org/drop
+# The tenth (the guard term; docs/organism-ids/guard/): the ninth's FLAGS with --plant-weight guard=1, RUN=runs/org/guard.
 set -u
 OUT=${1:?give a log folder}; PART=${2:?give the part, 1 or 2}; MIN=${3:-}
 export PYTHONPATH=${PYTHONPATH:-src}

@@ -13,6 +13,14 @@ and a source row that differs from it only in features its variable does not car
   the image (``docs/organism-ids.md``, the eighth attempt: the base answer stayed with every head before them patched).
 
 Each pair's term is the squared difference of the two outputs over the sum of their squared norms: 0 when equal.
+
+- ``guard`` (ID retrieval, over the whole batch rather than pairs): the share of the mentioned objects' colour and
+  shape (one-hot, centred) that a least-squares linear read-out of the retrieval heads' outputs at the mentions'
+  last words explains, fitted on the batch's own mentions (``guard``). Zero when every colour and every shape has the
+  same mean output, which is the condition under which no linear probe reads them (LEACE: Belrose et al. 2023). The
+  pair terms above leave a small direction that moves with the features in every row; a probe still reads it
+  (``docs/organism-ids.md``: 99% colour with the invariance gap at 0.3%), and erasing it after training broke the
+  answers, so this asks for it during planting.
 """
 
 from __future__ import annotations
@@ -32,9 +40,27 @@ def gap(z: dict, heads, rows_b: torch.Tensor, pos_b: torch.Tensor, rows_s: torch
     return torch.cat(terms, -1)
 
 
+def guard(z: dict, heads, where: torch.Tensor, labels: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """The mean over the columns of ``labels`` ([n, k] class indices) of R^2: the share of the centred one-hot
+    labels' variance explained by the least-squares fit from the heads' outputs (concatenated) at ``where`` ([n, 2]:
+    row, position). ``ridge``, times the outputs' mean variance, keeps the fit defined where they are degenerate."""
+    x = torch.cat([z[layer][where[:, 0], where[:, 1]][:, [h for a, h in heads if a == layer]].flatten(1).float()
+                   for layer in sorted({a for a, _ in heads})], -1)
+    x = x - x.mean(0)
+    cov = x.T @ x / len(x)
+    cov = cov + ridge * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(len(cov), device=x.device)
+    parts = []
+    for col in labels.T:
+        y = torch.nn.functional.one_hot(col, int(col.max()) + 1).float()
+        y = y - y.mean(0)
+        cross = x.T @ y / len(x)  # [d, classes]
+        parts.append((cross * torch.linalg.solve(cov, cross)).sum() / (y.pow(2).sum() / len(y)).clamp_min(1e-12))
+    return torch.stack(parts).mean()
+
+
 def terms(spec, batch: dict, z: dict, group: int = 1) -> dict[str, torch.Tensor]:
     """The invariance losses the batch has rows for (``plant_batch``: ``inv_where``, ``f_pairs``, ``last_pos``,
-    ``k_where``); ``z`` holds the clean rows' head outputs by layer and, with ``invariance_k``, their keys by
+    ``k_where``, ``guard_where`` and ``guard_labels``); ``z`` holds the clean rows' head outputs by layer and, with ``invariance_k``, their keys by
     ("k", layer) (``plant.clean_forward``); ``group`` query heads share a key head."""
     out = {}
     inv = batch.get("inv_where")
@@ -48,6 +74,9 @@ def terms(spec, batch: dict, z: dict, group: int = 1) -> dict[str, torch.Tensor]
                 parts.append(gap(z, heads, b, last[b], s, last[s]).flatten())
         if parts:
             out["invariance_s"] = torch.cat(parts).mean()
+    gw = batch.get("guard_where")
+    if spec.weight("guard") and gw is not None and len(gw) > 1:
+        out["guard"] = guard(z, spec.retrieval, gw, batch["guard_labels"])
     kw = batch.get("k_where")
     if spec.weight("invariance_k") and kw is not None and len(kw):
         keys = {layer: z[("k", layer)] for layer in key_layers(spec)}

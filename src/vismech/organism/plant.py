@@ -26,7 +26,9 @@ Method (one training step; ``PlantSpec`` holds the heads and weights):
    gets a source with one described object's features replaced at its cell (``causal_model.mention_feature_source``);
    the ID-retrieval heads' outputs at that mention's last word must be equal in the two (squared difference over
    squared norms), so they carry the cell and nothing of the features. With ``invariance_s`` and ``invariance_k``
-   weights the same for the gathering and selection heads' outputs and the selection and feature heads' keys.
+   weights the same for the gathering and selection heads' outputs and the selection and feature heads' keys; with a
+   ``guard`` weight, no linear read-out of the batch's ID-retrieval outputs at the mentions may explain the mentioned
+   objects' colours and shapes (``invariance.guard``).
 6. A linear *position probe* on the residual stream after ``probe_layer`` at every object's image tokens predicts
    the object's row and column: the language model must write a content-free position code into the image tokens
    that retrieval, selection and feature heads can read. (The Qwen2.5-VL vision tower cannot: with 2-D rotary
@@ -65,7 +67,7 @@ Heads = tuple[tuple[int, int], ...]
 IIT_KINDS = ("R", "S", "F", "strict")
 COMPONENTS = ("binding", "retrieval", "gathering", "selection", "features")
 LOSS_TERMS = ("task", "attention", "probe", "R", "S", "F", "strict", "invariance", "invariance_s", "invariance_k",
-              "set_probe")
+              "guard", "set_probe")
 
 
 @dataclass(frozen=True)

@@ -194,7 +194,7 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
         targets[comp][0].append((row, queries[row].index(q)))
         targets[comp][1].append(m)
 
-    probe_pos, probe_cls, set_pos, set_cells, target, last = [], [], [], [], [], []
+    probe_pos, probe_cls, set_pos, set_cells, target, last, guarded = [], [], [], [], [], [], []
     for i, r in enumerate(plan.a):
         sh = shift_a[i]
         ments = [[x + sh for x in m] for m in enc.mentions[i]]
@@ -205,6 +205,7 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
             if len(m) > 1:
                 add("binding", i, m[-1], [m[0]])
             add("retrieval", i, m[-1], objs[obj.cell])
+            guarded.append((i, m[-1], obj.color, obj.shape))
         answer_len = len(rows_a[i][1])
         last.append(total - answer_len - 1)  # the prompt's last token
         for pos, obj, before in _naming(r, last[i], ments, answer_len):
@@ -241,6 +242,11 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
     if spec.weight("invariance_k") and plan.invariant:  # the target's image tokens in each (same count: same cell)
         out["k_where"] = torch.tensor([(g, x, f, y) for g, f in f_pairs for x, y in zip(target[g], target[f])],
                                       dtype=torch.long).reshape(-1, 4)
+    if spec.weight("guard") and plan.invariant:  # the mentions, and their colour and shape as classes of this batch
+        names = [sorted({g[k] for g in guarded}) for k in (2, 3)]
+        out["guard_where"] = torch.tensor([g[:2] for g in guarded], dtype=torch.long).reshape(-1, 2)
+        out["guard_labels"] = torch.tensor([[names[0].index(g[2]), names[1].index(g[3])] for g in guarded],
+                                           dtype=torch.long).reshape(-1, 2)
     out["probe_where"] = torch.tensor(probe_pos, dtype=torch.long)
     out["probe_cell"] = torch.tensor(probe_cls, dtype=torch.long)
     out["set_where"] = torch.tensor(set_pos, dtype=torch.long).reshape(-1, 2)
