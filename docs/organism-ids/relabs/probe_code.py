@@ -71,10 +71,13 @@ def outputs(vlm, trials, heads, where, batch_size=32):
 
 
 def main():
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    args = sys.argv[1:]
+    out_json = None
+    if "--json" in args:  # the flag and its value, wherever they stand
+        k = args.index("--json")
+        out_json, args = args[k + 1], args[:k] + args[k + 2:]
     model = args[0] if args else "organism-ids"
     n_train = int(args[1]) if len(args) > 1 else 480
-    out_json = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
     vlm = load_vlm(model, device="cpu")
     gt = vlm.ground_truth
     stages = {"S (selection heads, last token)": (gt.stages["id_selection"].parts.get("selection")
