@@ -527,6 +527,37 @@ def test_the_guard_term_reads_the_mentions_and_starts_with_the_invariance_terms(
     assert 0 < want < 1 and abs(float(m["loss_guard"]) - want) < 1e-5
 
 
+def test_every_planting_option_goes_from_the_card_back_to_the_same_spec():
+    """The model card's command, parsed by the command's own parser, gives back the spec it was written from, for
+    specs that between them move every option of ``plant_flags.FLAGS`` off its default (some exclude each other),
+    with weights and heads changed, and with nothing changed."""
+    import shlex
+
+    from vismech.app.cli import build_parser
+    from vismech.app.train_cli import plant_heads
+    from vismech.organism import plant_flags
+    from vismech.organism.card import reproduce_command
+
+    default = plant.PlantSpec()
+    specs = [default,
+             plant.PlantSpec(full_scenes=0.3, ring_probe=True, drop_late_mlps=True, invariance_from=2000,
+                             weights=default.weights + (("guard", 3.0),), selection=((4, 0), (4, 1), (4, 2))),
+             plant.PlantSpec(gathering_share=0.1, cell_code=True, strict_late_mlps=True),
+             plant.PlantSpec(split_gathering=True)]
+    moved = {f.field for f in plant_flags.FLAGS for spec in specs
+             if getattr(spec, f.field) != getattr(default, f.field)}
+    assert moved == {f.field for f in plant_flags.FLAGS}
+    for spec in specs:
+        info = {"arch": "qwen2_5_vl", "out": "runs/x", "planned_steps": 10, "seed": 0, "batch_size": 4,
+                "lr": 0.001, "plant": spec, "device": "cuda"}
+        args = build_parser().parse_args(shlex.split(reproduce_command(info))[1:])
+        weights = dict(default.weights)
+        weights.update((k, float(v)) for k, v in (w.split("=") for w in args.plant_weight or []))
+        back = plant.PlantSpec(weights=tuple(weights.items()), **plant_flags.spec_fields(args),
+                               **plant_heads(args.plant_heads))
+        assert back == spec
+
+
 def test_plant_weights_on_the_command_line_and_in_the_card(capsys, tmp_path):
     from vismech.app.cli import main
     from vismech.organism.card import reproduce_command

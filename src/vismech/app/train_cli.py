@@ -8,6 +8,7 @@ import argparse
 from vismech.app.arguments import DEVICE_HELP
 from vismech.errors import UserError
 from vismech.experiments.options import BATCH, COUNT, SEED, TRIALS, Opt, arg_type
+from vismech.organism import plant_flags
 from vismech.store.rundir import output_dir
 
 
@@ -49,24 +50,17 @@ def cmd_train_organism(args) -> int:
         raise UserError("--early-weight needs --early-steps N: the step before which those weights apply")
     if args.early_steps:
         kw["early"] = (args.early_steps, reweighted(weights(args.early_weight, "--early-weight"), kw["mixture"]))
-    if (args.plant_weight or args.plant_full_scenes is not None or args.plant_split_gathering
-            or args.plant_heads or args.plant_gathering_share or args.plant_cell_code or args.plant_ring_probe
-            or args.plant_strict_late_mlps or args.plant_drop_late_mlps or args.plant_invariance_from) \
-            and not args.plant:
-        raise UserError("--plant-weight, --plant-full-scenes, --plant-split-gathering, --plant-gathering-share, "
-                        "--plant-cell-code, --plant-ring-probe, --plant-strict-late-mlps, --plant-drop-late-mlps, "
-                        "--plant-invariance-from and --plant-heads set options of planting: give --plant ids too")
+    extra = plant_flags.given(args) + [f for f, v in (("--plant-weight", args.plant_weight),
+                                                     ("--plant-heads", args.plant_heads)) if v]
+    if extra and not args.plant:
+        raise UserError(f"{', '.join(extra)}: {'an option' if len(extra) == 1 else 'options'} of planting; give "
+                        f"--plant ids too")
     if args.plant:
         from vismech.organism.plant import PlantSpec
 
         w = dict(PlantSpec().weights)
         w.update(weights(args.plant_weight, "--plant-weight"))
-        full = {} if args.plant_full_scenes is None else {"full_scenes": args.plant_full_scenes}
-        kw["plant"] = PlantSpec(weights=tuple(w.items()), split_gathering=args.plant_split_gathering, **full,
-                                gathering_share=args.plant_gathering_share or 0.0, cell_code=args.plant_cell_code,
-                                ring_probe=args.plant_ring_probe, strict_late_mlps=args.plant_strict_late_mlps,
-                                drop_late_mlps=args.plant_drop_late_mlps,
-                                invariance_from=args.plant_invariance_from or 0,
+        kw["plant"] = PlantSpec(weights=tuple(w.items()), **plant_flags.spec_fields(args),
                                 **plant_heads(args.plant_heads))
     if args.snapshots == "analysis":
         from vismech.organism.snapshot import AnalysisSnapshot
@@ -139,29 +133,13 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    "heads by interchange intervention training (vismech.organism.plant) and declare them in "
                    "ground_truth.json, instead of training on the task mixture")
     s.add_argument("--plant-weight", action="append", metavar="TERM=W", help="a loss weight of planting (terms: "
-                   "task, attention, probe, R, S, F, strict, invariance, set_probe; 0 drops a term); repeatable")
-    s.add_argument("--plant-full-scenes", type=arg_type(Opt("float", 0, 1), "--plant-full-scenes"), default=None,
-                   metavar="P", help="with --plant ids: the share of descriptions that fill the grid and describe "
-                   "every object but one (default 0: 2 to all objects, 1 to all but one described, uniformly)")
-    s.add_argument("--plant-split-gathering", action="store_true", help="with --plant ids: the ID-selection "
-                   "gathering heads share out the described objects' mentions instead of each averaging all of them")
-    s.add_argument("--plant-gathering-share", type=arg_type(Opt("float", 0, 0.125), "--plant-gathering-share"),
-                   default=None, metavar="S", help="with --plant ids: each gathered mention gets this share of a "
-                   "gathering head's attention and the first token the rest (a sum of the described IDs, not their "
-                   "mean; at most 1/8)")
-    s.add_argument("--plant-cell-code", action="store_true", help="with --plant ids: the position probe is a cosine "
-                   "classifier of the grid's nine cells over fixed orthogonal directions (nine IDs) instead of a "
-                   "trained row-and-column probe (which the organisms satisfied with a planar map of the grid)")
-    s.add_argument("--plant-ring-probe", action="store_true", help="with --plant ids: the row-and-column probe also "
-                   "reads each cell's ring (centre, edge, corner), which a planar map of the grid cannot give: a code "
-                   "in which every cell, the centre included, can be singled out")
-    s.add_argument("--plant-strict-late-mlps", action="store_true", help="with --plant ids: the strict term also "
-                   "resamples the MLPs of the layers after the feature heads (it resamples undeclared heads only)")
-    s.add_argument("--plant-drop-late-mlps", action="store_true", help="with --plant ids: remove the MLPs of the "
-                   "layers after the feature heads (zero and frozen): only heads run after the planted read-out")
-    s.add_argument("--plant-invariance-from", type=arg_type(Opt("int", 0), "--plant-invariance-from"), metavar="STEP",
-                   help="with --plant ids: start the invariance terms at this step, once R and S can become causal "
-                   "without it (default 0)")
+                   f"{', '.join(plant_flags.LOSS_TERMS)}; 0 drops a term); repeatable")
+    for f in plant_flags.FLAGS:
+        if f.rule is None:
+            s.add_argument(f.name, action="store_true", help="with --plant ids: " + f.help)
+        else:
+            s.add_argument(f.name, type=arg_type(f.rule, f.name), default=None, metavar=f.metavar,
+                           help="with --plant ids: " + f.help)
     s.add_argument("--plant-heads", action="append", metavar="STAGE=L:H,...", help="with --plant ids: the heads "
                    "declared for one stage (binding, retrieval, gathering, selection, features) instead of the "
                    "default, e.g. gathering=3:0,3:1,3:2,3:3; repeatable")

@@ -6,8 +6,17 @@ model card. The output is an ordinary HF
 checkpoint that ``vismech.models.load.load_vlm(DIR)`` loads like any real model.
 """
 
-from .config import ARCHS, MAX_BYTES, SMALL_SIZES, build_organism, count_params, organism_bytes, organism_config
-from .train import TrainResult, train_organism
 
-__all__ = ["ARCHS", "MAX_BYTES", "SMALL_SIZES", "build_organism", "count_params", "organism_bytes",
-           "organism_config", "train_organism", "TrainResult"]
+import importlib
+
+# loaded on first use, so that the torch-free parts (``plant_flags``, read by the command-line parser) stay light
+_WHERE = {**dict.fromkeys(("ARCHS", "MAX_BYTES", "SMALL_SIZES", "build_organism", "count_params", "organism_bytes",
+                           "organism_config"), "config"),
+          **dict.fromkeys(("train_organism", "TrainResult"), "train")}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

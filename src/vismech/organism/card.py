@@ -36,6 +36,7 @@ def reproduce_command(info: dict) -> str:
     if info.get("label_mentions"):
         cmd += " --label-mentions"
     if info.get("plant") is not None:
+        from . import plant_flags
         from .plant import COMPONENTS, PlantSpec
 
         cmd += " --plant ids"
@@ -43,22 +44,7 @@ def reproduce_command(info: dict) -> str:
         for term, w in info["plant"].weights:
             if default.get(term) != w:
                 cmd += f" --plant-weight {term}={w:g}"
-        if info["plant"].full_scenes:
-            cmd += f" --plant-full-scenes {info['plant'].full_scenes:g}"
-        if info["plant"].split_gathering:
-            cmd += " --plant-split-gathering"
-        if info["plant"].gathering_share:
-            cmd += f" --plant-gathering-share {info['plant'].gathering_share:g}"
-        if info["plant"].cell_code:
-            cmd += " --plant-cell-code"
-        if info["plant"].ring_probe:
-            cmd += " --plant-ring-probe"
-        if info["plant"].strict_late_mlps:
-            cmd += " --plant-strict-late-mlps"
-        if info["plant"].drop_late_mlps:
-            cmd += " --plant-drop-late-mlps"
-        if info["plant"].invariance_from:
-            cmd += f" --plant-invariance-from {info['plant'].invariance_from}"
+        cmd += "".join(" " + w for w in plant_flags.command_words(info["plant"], PlantSpec()))
         for stage in COMPONENTS:
             heads = getattr(info["plant"], stage)
             if heads != getattr(PlantSpec(), stage):

@@ -59,9 +59,10 @@ def guard(z: dict, heads, where: torch.Tensor, labels: torch.Tensor, ridge: floa
 
 
 def terms(spec, batch: dict, z: dict, group: int = 1) -> dict[str, torch.Tensor]:
-    """The invariance losses the batch has rows for (``plant_batch``: ``inv_where``, ``f_pairs``, ``last_pos``,
-    ``k_where``, ``guard_where`` and ``guard_labels``); ``z`` holds the clean rows' head outputs by layer and, with ``invariance_k``, their keys by
-    ("k", layer) (``plant.clean_forward``); ``group`` query heads share a key head."""
+    """The invariance and guard losses the batch has rows for (``plant_batch``: ``inv_where``, ``f_pairs``,
+    ``last_pos``, ``k_where``, ``guard_where`` and ``guard_labels``); ``z`` holds the clean rows' head outputs by
+    layer and, with ``invariance_k``, their keys by ("k", layer) (``plant.clean_forward``); ``group`` query heads
+    share a key head."""
     out = {}
     inv = batch.get("inv_where")
     if inv is not None and len(inv):

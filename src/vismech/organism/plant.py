@@ -61,13 +61,12 @@ from vismech.engine import hooks
 from vismech.errors import UserError
 from vismech.models.vlm import VLM
 from vismech.organism import invariance
+from vismech.organism.plant_flags import LOSS_TERMS
 
 
 Heads = tuple[tuple[int, int], ...]
 IIT_KINDS = ("R", "S", "F", "strict")
 COMPONENTS = ("binding", "retrieval", "gathering", "selection", "features")
-LOSS_TERMS = ("task", "attention", "probe", "R", "S", "F", "strict", "invariance", "invariance_s", "invariance_k",
-              "guard", "set_probe")
 
 
 @dataclass(frozen=True)
