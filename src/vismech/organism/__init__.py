@@ -6,7 +6,6 @@ model card. The output is an ordinary HF
 checkpoint that ``vismech.models.load.load_vlm(DIR)`` loads like any real model.
 """
 
-
 import importlib
 
 # loaded on first use, so that the torch-free parts (``plant_flags``, read by the command-line parser) stay light
