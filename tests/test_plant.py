@@ -15,6 +15,7 @@ from vismech.models.vlm import VLM
 from vismech.organism import causal_model as cm
 from vismech.organism import plant
 from vismech.organism import plant_batch as pb
+from vismech.organism import position_probe
 from vismech.organism.config import build_organism
 from vismech.scenes.core import Obj
 
@@ -191,7 +192,7 @@ def test_patched_rows_equal_a_patch_made_by_hand(arch, request):
 
 def test_a_few_steps_lower_the_loss_and_reach_every_declared_head(vlm):
     torch.manual_seed(0)
-    probe = plant.make_probe(vlm)
+    probe = position_probe.make_probe(vlm)
     opt = torch.optim.AdamW(list(vlm.model.parameters()) + list(probe.parameters()), lr=3e-3)
     vlm.model.train()
     batch = pb.make_batch(vlm, SPEC, seed=0, step=0, n=3, end_token="<|im_end|>")
@@ -368,7 +369,7 @@ def test_the_invariance_term_is_zero_for_a_copy_and_positive_for_other_features(
     for g, i, pos in b["inv_where"].tolist():  # the position is the changed mention's shape word in both rows
         assert vlm.tokenizer.convert_ids_to_tokens(int(ids[g, pos])) in {o.shape for o in plan.a[g].trial.mentioned}
         assert ids[g, pos] != ids[i, pos] or ids[g, pos - 1] != ids[i, pos - 1]
-    probe = plant.make_probe(vlm)
+    probe = position_probe.make_probe(vlm)
     with torch.no_grad():
         _, m = plant.plant_loss(vlm, spec, probe, b)
         assert m["loss_invariance"] > 0
@@ -413,7 +414,7 @@ def test_the_selection_invariance_term_pairs_bases_with_their_feature_sources(vl
     assert abs(float(got["invariance_s"]) - sum(want) / len(want)) < 1e-6 and float(got["invariance_s"]) > 0
     same = dict(b, f_pairs=b["f_pairs"][:, [0, 0]], inv_where=b["inv_where"][:, [0, 0, 2]])
     assert float(invariance.terms(spec, same, z)["invariance_s"]) == 0.0
-    probe = plant.make_probe(vlm)
+    probe = position_probe.make_probe(vlm)
     with torch.no_grad():
         _, m = plant.plant_loss(vlm, spec, probe, b)
     assert abs(float(m["loss_invariance_s"]) - float(got["invariance_s"])) < 1e-5
@@ -455,7 +456,7 @@ def test_the_key_invariance_term_compares_the_targets_keys_with_its_feature_sour
     assert abs(got - sum(want) / len(want)) < 1e-6 and got > 0
     assert float(invariance.terms(spec, dict(b, k_where=kw[:, [0, 1, 0, 1]]), z, 2)["invariance_k"]) == 0.0
     with torch.no_grad():
-        _, m = plant.plant_loss(vlm, spec, plant.make_probe(vlm), b)
+        _, m = plant.plant_loss(vlm, spec, position_probe.make_probe(vlm), b)
     assert abs(float(m["loss_invariance_k"]) - got) < 1e-5
 
 
@@ -523,7 +524,7 @@ def test_the_guard_term_reads_the_mentions_and_starts_with_the_invariance_terms(
         vlm.model(**plant._inputs(b, "a_"), use_cache=False)
     want = float(invariance.guard(z, spec.retrieval, b["guard_where"], b["guard_labels"]))
     with torch.no_grad():
-        _, m = plant.plant_loss(vlm, spec, plant.make_probe(vlm), b)
+        _, m = plant.plant_loss(vlm, spec, position_probe.make_probe(vlm), b)
     assert 0 < want < 1 and abs(float(m["loss_guard"]) - want) < 1e-5
 
 
@@ -543,7 +544,7 @@ def test_every_planting_option_goes_from_the_card_back_to_the_same_spec():
              plant.PlantSpec(full_scenes=0.3, ring_probe=True, drop_late_mlps=True, invariance_from=2000,
                              weights=default.weights + (("guard", 3.0),), selection=((4, 0), (4, 1), (4, 2))),
              plant.PlantSpec(gathering_share=0.1, cell_code=True, strict_late_mlps=True),
-             plant.PlantSpec(split_gathering=True)]
+             plant.PlantSpec(split_gathering=True, balanced_probe=True)]
     moved = {f.field for f in plant_flags.FLAGS for spec in specs
              if getattr(spec, f.field) != getattr(default, f.field)}
     assert moved == {f.field for f in plant_flags.FLAGS}
@@ -639,7 +640,7 @@ def test_split_gathering_gives_each_gathering_head_its_share_of_the_mentions(vlm
     for k, v in plain.items():
         if k != "att_gathering_keys" and torch.is_tensor(v):
             assert torch.equal(v, split[k]), k
-    probe = plant.make_probe(vlm)
+    probe = position_probe.make_probe(vlm)
     batch = {k: v for k, v in split.items()}
     _, metrics = plant.plant_loss(vlm, spec, probe, batch)
     assert 0 < float(metrics["att_gathering"]) < 1
@@ -671,8 +672,8 @@ def test_set_probe_reads_the_gathered_cells_where_selection_reads(vlm):
         t = plan.a[i].trial
         assert got == {tuple(o.cell) for o in t.mentioned}, (t.task, pos)
     assert len(last) == len(plan.a)
-    probe = plant.make_probe(vlm, spec)
-    assert probe.out_features == 15 and plant.make_probe(vlm, SPEC).out_features == 6
+    probe = position_probe.make_probe(vlm, spec)
+    assert probe.out_features == 15 and position_probe.make_probe(vlm, SPEC).out_features == 6
     loss, m = plant.plant_loss(vlm, spec, probe, b)
     assert float(m["loss_set_probe"]) > 0 and 0 <= float(m["set_probe_acc"]) <= 1
     probe.zero_grad()
@@ -685,7 +686,7 @@ def test_set_probe_reads_the_gathered_cells_where_selection_reads(vlm):
     plant.plant_loss(vlm, only, probe, b)[0].backward()
     assert probe.weight.grad[6:].abs().sum() > 0 and probe.weight.grad[:6].abs().sum() == 0
     assert float(m2["loss_set_probe"]) == pytest.approx(float(m["loss_set_probe"]))
-    assert "loss_set_probe" not in plant.plant_loss(vlm, SPEC, plant.make_probe(vlm, SPEC), b)[1]
+    assert "loss_set_probe" not in plant.plant_loss(vlm, SPEC, position_probe.make_probe(vlm, SPEC), b)[1]
 
 
 def test_gathering_share_targets_a_sum_of_the_mentions(vlm, capsys, tmp_path):
@@ -708,7 +709,7 @@ def test_gathering_share_targets_a_sum_of_the_mentions(vlm, capsys, tmp_path):
     want = -(0.8 * torch.log(torch.tensor(0.5 + 1e-6)) + 0.1 * torch.log(torch.tensor(0.2 + 1e-6))
              + 0.1 * torch.log(torch.tensor(0.1 + 1e-6)) + torch.log(torch.tensor(0.6 + 1e-6))) / 2
     assert float(plant.share_loss(p, keys, 0.1)) == pytest.approx(float(want), rel=1e-5)
-    loss, _ = plant.plant_loss(vlm, spec, plant.make_probe(vlm, spec), shared)
+    loss, _ = plant.plant_loss(vlm, spec, position_probe.make_probe(vlm, spec), shared)
     assert torch.isfinite(loss)
     info = {"arch": "qwen2_5_vl", "out": "o", "planned_steps": 1, "seed": 0, "batch_size": 1, "lr": 0.001,
             "plant": spec, "device": "cuda"}
@@ -795,19 +796,19 @@ def test_ring_probe_reads_row_column_and_ring_which_no_planar_code_gives(vlm, ca
     from vismech.organism.card import reproduce_command
 
     cells = torch.tensor([[r, c] for r in range(3) for c in range(3)])
-    assert plant.ring_of(cells).tolist() == [2, 1, 2, 1, 0, 1, 2, 1, 2]
+    assert position_probe.ring_of(cells).tolist() == [2, 1, 2, 1, 0, 1, 2, 1, 2]
     spec = plant.PlantSpec(**{**SPEC.__dict__, "ring_probe": True})
-    probe = plant.make_probe(vlm, spec)
+    probe = position_probe.make_probe(vlm, spec)
     assert probe.out_features == 9
     set_spec = plant.PlantSpec(**{**spec.__dict__, "weights": spec.weights + (("set_probe", 1.0),)})
-    assert plant.make_probe(vlm, set_spec).out_features == 18
+    assert position_probe.make_probe(vlm, set_spec).out_features == 18
     b = pb.batch_of(vlm, spec, pb.step_plan(spec, 9, 1, 3), "<|im_end|>", 0)
     _, m = plant.plant_loss(vlm, spec, probe, b)
     with torch.no_grad():
         feats = plant.clean_forward(vlm, spec, b)[3][b["probe_where"][:, 0], b["probe_where"][:, 1]].float()
         out, cell = probe(feats), b["probe_cell"]
     ce = torch.nn.functional.cross_entropy
-    want = ce(out[:, :3], cell[:, 0]) + ce(out[:, 3:6], cell[:, 1]) + ce(out[:, 6:9], plant.ring_of(cell))
+    want = ce(out[:, :3], cell[:, 0]) + ce(out[:, 3:6], cell[:, 1]) + ce(out[:, 6:9], position_probe.ring_of(cell))
     assert float(m["loss_probe"]) == pytest.approx(float(want), rel=1e-4)
     # a linear classifier of the rings, fitted on each code of the nine cells
     x, y = cells[:, 0].float() - 1, cells[:, 1].float() - 1
@@ -818,9 +819,9 @@ def test_ring_probe_reads_row_column_and_ring_which_no_planar_code_gives(vlm, ca
         opt = torch.optim.Adam(lin.parameters(), lr=0.1)
         for _ in range(500):
             opt.zero_grad()
-            ce(lin(code), plant.ring_of(cells)).backward()
+            ce(lin(code), position_probe.ring_of(cells)).backward()
             opt.step()
-        return float((lin(code).argmax(-1) == plant.ring_of(cells)).float().mean())
+        return float((lin(code).argmax(-1) == position_probe.ring_of(cells)).float().mean())
 
     assert ring_accuracy(torch.stack([x, y], 1)) <= 8 / 9  # no line puts the centre apart from all four edges
     assert ring_accuracy(torch.stack([x, y, x * x + y * y], 1)) == 1.0
@@ -834,6 +835,39 @@ def test_ring_probe_reads_row_column_and_ring_which_no_planar_code_gives(vlm, ca
     assert len(err) == 1 and "--plant ids" in err[0] and not (tmp_path / "o").exists()
 
 
+def test_balanced_probe_reads_rows_and_columns_and_prefers_them_alike(vlm):
+    """With ``balanced_probe`` the position probe projects on 6 fixed orthonormal directions (3 rows, 3 columns),
+    normalises the six together and scales by one learned temperature; its loss is the row's plus the column's
+    cross-entropy (checked by hand on a step's features); a code a * row + b * column scores best with a = b, worse
+    with either three times the other; it excludes the cell code and the ring probe."""
+    spec = plant.PlantSpec(**{**SPEC.__dict__, "balanced_probe": True})
+    probe = position_probe.make_probe(vlm, spec)
+    d = probe.directions
+    assert d.shape == (6, 32) and torch.allclose(d @ d.T, torch.eye(6), atol=1e-5)
+    assert [n for n, _ in probe.named_parameters()] == ["log_scale"]
+    b = pb.batch_of(vlm, spec, pb.step_plan(spec, 9, 1, 3), "<|im_end|>", 0)
+    _, m = plant.plant_loss(vlm, spec, probe, b)
+    with torch.no_grad():
+        resid = plant.clean_forward(vlm, spec, b)[3]
+    feats = resid[b["probe_where"][:, 0], b["probe_where"][:, 1]].float()
+    logits = torch.nn.functional.normalize(feats @ d.T, dim=-1) * 10.0
+    ce = torch.nn.functional.cross_entropy
+    want = ce(logits[:, :3], b["probe_cell"][:, 0]) + ce(logits[:, 3:], b["probe_cell"][:, 1])
+    assert float(m["loss_probe"]) == pytest.approx(float(want), rel=1e-4)
+    cells = torch.tensor([[r, c] for r in range(3) for c in range(3)])
+
+    def loss(a, b_):
+        with torch.no_grad():
+            return float(position_probe.probe_loss(spec, probe(a * d[cells[:, 0]] + b_ * d[3 + cells[:, 1]]),
+                                                   cells)[0])
+    assert loss(1, 1) < loss(3, 1) and loss(1, 1) < loss(1, 3)
+    at_45 = 2 * float(ce(torch.tensor([[10 / 2 ** 0.5, 0, 0]]), torch.tensor([0])))  # each part: cosine 1/sqrt 2
+    assert loss(1, 1) == pytest.approx(at_45, rel=1e-4)
+    for other in ("cell_code", "ring_probe"):
+        with pytest.raises(UserError, match="balanced"):
+            plant.PlantSpec(balanced_probe=True, **{other: True})
+
+
 def test_cell_code_probe_reads_nine_cells_along_fixed_directions(vlm, capsys, tmp_path):
     """With ``cell_code`` the position probe projects on 9 fixed orthonormal directions (never trained), normalises,
     and scales by one learned temperature; its loss is the 9-way cross-entropy of the object's cell (checked by hand
@@ -842,12 +876,13 @@ def test_cell_code_probe_reads_nine_cells_along_fixed_directions(vlm, capsys, tm
     from vismech.organism.card import reproduce_command
 
     spec = plant.PlantSpec(**{**SPEC.__dict__, "cell_code": True})
-    probe = plant.make_probe(vlm, spec)
+    probe = position_probe.make_probe(vlm, spec)
     d = probe.directions
     assert d.shape == (9, 32) and torch.allclose(d @ d.T, torch.eye(9), atol=1e-5)
     assert [n for n, _ in probe.named_parameters()] == ["log_scale"]
-    assert torch.equal(plant.make_probe(vlm, spec).directions, d)  # the same directions every time
-    with_set = plant.make_probe(vlm, plant.PlantSpec(**{**spec.__dict__, "weights": spec.weights + (("set_probe", 1.0),)}))
+    assert torch.equal(position_probe.make_probe(vlm, spec).directions, d)  # the same directions every time
+    with_set = position_probe.make_probe(vlm, plant.PlantSpec(**{**spec.__dict__,
+                                                                  "weights": spec.weights + (("set_probe", 1.0),)}))
     assert with_set.out_features == 18 and with_set(torch.randn(2, 32)).shape == (2, 18)
     plan = pb.step_plan(spec, 9, 1, 3)
     b = pb.batch_of(vlm, spec, plan, "<|im_end|>", 0)

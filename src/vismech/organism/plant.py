@@ -35,8 +35,9 @@ Method (one training step; ``PlantSpec`` holds the heads and weights):
    positions only, a plain background gives it no absolute position, so the code comes from the language model's
    M-RoPE.) The probe is discarded after training. Rows and columns are satisfied by a planar map of the cells (what
    both planted organisms learned: ``docs/organism-ids.md``); ``cell_code`` asks for nine distinct IDs instead (a
-   cosine classifier over fixed orthonormal directions, ``CellProbe``), ``ring_probe`` for each cell's ring as well
-   (``ring_of``), a third dimension of a code that keeps the grid's distances.
+   cosine classifier over fixed orthonormal directions), ``ring_probe`` for each cell's ring as well, a third
+   dimension of a code that keeps the grid's distances, ``balanced_probe`` rows and columns of about equal size in
+   the code (``position_probe``).
 7. A linear *set probe* (with a ``set_probe`` weight; 0 in the default spec) on the residual stream entering the
    selection layer at every naming position predicts, for each cell, whether a mention gathered there names it:
    the described set made linearly explicit where the selection heads' queries read it (with eight objects
@@ -52,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -61,6 +61,7 @@ from vismech.engine import hooks
 from vismech.errors import UserError
 from vismech.models.vlm import VLM
 from vismech.organism import invariance
+from vismech.organism.position_probe import position_width, probe_loss
 from vismech.organism.plant_flags import LOSS_TERMS
 
 
@@ -92,13 +93,16 @@ class PlantSpec:
     # > 0: each gathered mention gets this share of a gathering head's attention and the first token the rest, so
     # the heads pass on the sum of the described IDs (scaled), not their mean, whose size falls as 1/k
     gathering_share: float = 0.0
-    # the position probe is a cosine classifier of the 9 cells over fixed orthonormal directions (``CellProbe``)
+    # the position probe is a cosine classifier of the 9 cells over fixed orthonormal directions (``CosineProbe``)
     # instead of rows and columns with trained weights: an ID per cell rather than a planar map of the grid
     cell_code: bool = False
     # the row-and-column probe also reads the cell's ring (0 the centre, 1 an edge, 2 a corner of the 3x3 grid), which
     # no linear read-out of a planar map can: the code gains the third dimension that lets a dot product single out
-    # any cell, the centre included, and keeps the grid's distances (``ring_of``)
+    # any cell, the centre included, and keeps the grid's distances (``position_probe.ring_of``)
     ring_probe: bool = False
+    # rows and columns read by a cosine classifier over six fixed directions normalised together: the code must give
+    # the column about as much room as the row (the trained read-out let the row take 3-8 times the column's variance)
+    balanced_probe: bool = False
     # the strict term also resamples the MLPs after the feature heads (``strict_p``, every position): a last-layer MLP
     # was seen to override the planted read-out, which only heads were resampled (the seventh attempt)
     strict_late_mlps: bool = False
@@ -117,6 +121,9 @@ class PlantSpec:
         if self.cell_code and self.ring_probe:
             raise UserError("give either the cell code or the ring probe, not both: the ring is read with the "
                             "row-and-column probe, which the cell code replaces")
+        if self.balanced_probe and (self.cell_code or self.ring_probe):
+            raise UserError("give --plant-balanced-probe without --plant-cell-code and --plant-ring-probe: each sets "
+                            "what the position probe reads")
         if self.strict_late_mlps and self.drop_late_mlps:
             raise UserError("give either --plant-strict-late-mlps or --plant-drop-late-mlps: a dropped MLP leaves "
                             "nothing to resample")
@@ -295,16 +302,8 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
     losses["attention"] = torch.stack(att_terms).mean()
     feats = resid[batch["probe_where"][:, 0], batch["probe_where"][:, 1]].float()
     cells = batch["probe_cell"]
-    width = _position_width(spec)
-    if spec.cell_code:  # one of nine cells
-        cell_logits, cell = probe(feats)[:, :width], cells[:, 0] * 3 + cells[:, 1]
-        losses["probe"] = torch.nn.functional.cross_entropy(cell_logits, cell)
-        metrics["probe_acc"] = (cell_logits.argmax(-1) == cell).float().mean()
-    else:  # its row and its column (and with ``ring_probe`` its ring)
-        parts = probe(feats)[:, :width].split(3, -1)
-        want = [cells[:, 0], cells[:, 1]] + ([ring_of(cells)] if spec.ring_probe else [])
-        losses["probe"] = sum(torch.nn.functional.cross_entropy(x, y) for x, y in zip(parts, want))
-        metrics["probe_acc"] = torch.stack([x.argmax(-1) == y for x, y in zip(parts, want)]).all(0).float().mean()
+    width = position_width(spec)
+    losses["probe"], metrics["probe_acc"] = probe_loss(spec, probe(feats), cells)
     if spec.weight("set_probe"):  # which cells the gathered mentions name, read linearly where selection reads
         sw, want = batch["set_where"], batch["set_cells"].float()
         set_logits = probe(z_a["set_resid"][sw[:, 0], sw[:, 1], 0].float())[:, width:]
@@ -345,50 +344,6 @@ def ground_truth(spec: PlantSpec):
         helpers={"binding": Declared(spec.binding, "mentions", "the mention's colour word, moved to its shape word "
                                      "(text only: no CMA condition changes it)")},
         method=METHOD + ("; the MLPs after the feature heads' layer removed (zero)" if spec.drop_late_mlps else ""))
-
-
-def _position_width(spec: PlantSpec | None) -> int:
-    """The position probe's outputs: 9 cells with ``cell_code``, else 3 rows and 3 columns (and 3 rings)."""
-    return 9 if spec is not None and (spec.cell_code or spec.ring_probe) else 6
-
-
-def ring_of(cells: torch.Tensor) -> torch.Tensor:
-    """The ring of each (row, column) of a 3x3 grid: 0 the centre, 1 an edge, 2 a corner (the squared distance to
-    the centre, in cells). Nothing linear in a planar map of the grid separates the centre from the edges around it;
-    with the ring added, the cells lie on a paraboloid, every one of them a vertex of the code's convex hull."""
-    return (cells[..., 0] != 1).long() + (cells[..., 1] != 1).long()
-
-
-class CellProbe(torch.nn.Module):
-    """The position probe of ``PlantSpec.cell_code``: the residual stream is projected on nine orthonormal
-    directions (drawn once from a fixed seed, never trained), the projection is normalised, and cell c's logit is
-    its coordinate c times one learned scale (a cosine classifier). Without the normalisation a planar map of the
-    grid with offsets could be read out as well as nine IDs (a linear read-out of a plane separates a 3x3 grid);
-    with it, the cross-entropy is lowest where each cell's projection points along its own direction (orthogonal
-    codes). With ``set_probe``, a linear set probe follows (outputs 9-17)."""
-
-    def __init__(self, hidden: int, set_probe: bool = False):
-        super().__init__()
-        q, _ = torch.linalg.qr(torch.randn(hidden, 9, generator=torch.Generator().manual_seed(0)))
-        self.register_buffer("directions", q.T.contiguous())  # [9, hidden], orthonormal rows
-        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))  # a cosine classifier's usual temperature
-        self.set = torch.nn.Linear(hidden, 9) if set_probe else None
-        self.out_features = 18 if set_probe else 9
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cells = torch.nn.functional.normalize(x @ self.directions.T, dim=-1) * self.log_scale.exp()
-        return cells if self.set is None else torch.cat([cells, self.set(x)], -1)
-
-
-def make_probe(vlm: VLM, spec: PlantSpec | None = None) -> torch.nn.Module:
-    """The auxiliary probes, fp32: first the position probe on the residual stream after ``probe_layer`` (outputs
-    0-5, the row and column of a 3x3 grid, and 6-8 its ring with ``ring_probe``; with ``cell_code``, outputs 0-8,
-    its cell: ``CellProbe``); then, with a ``set_probe`` weight, the set probe (for each cell of a 3x3 grid, whether
-    a mention gathered at a naming position names it, from the residual stream entering the selection layer)."""
-    hidden, with_set = vlm.text_config.hidden_size, spec is not None and bool(spec.weight("set_probe"))
-    if spec is not None and spec.cell_code:
-        return CellProbe(hidden, with_set)
-    return torch.nn.Linear(hidden, _position_width(spec) + (9 if with_set else 0))
 
 
 def set_layer(spec: PlantSpec) -> int:

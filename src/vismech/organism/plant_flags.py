@@ -51,6 +51,9 @@ FLAGS = (
          "planar map of the grid)"),
     Flag("ring_probe", "the row-and-column probe also reads each cell's ring (centre, edge, corner), which a planar "
          "map of the grid cannot give: a code in which every cell, the centre included, can be singled out"),
+    Flag("balanced_probe", "the row-and-column probe is a cosine classifier over six fixed orthogonal directions "
+         "normalised together, so that the code gives the column about as much room as the row (the trained probe "
+         "let the row carry 3-8 times the column's variance)"),
     Flag("strict_late_mlps", "the strict term also resamples the MLPs of the layers after the feature heads (it "
          "resamples undeclared heads only)"),
     Flag("drop_late_mlps", "remove the MLPs of the layers after the feature heads (zero and frozen): only heads run "

@@ -213,7 +213,8 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
     vlm = VLM(model, tok, proc, spec, f"organism:{arch}", "chat")
     probe = None
     if plant is not None:
-        from .plant import drop_mlps, make_probe
+        from .plant import drop_mlps
+        from .position_probe import make_probe
 
         plant.check(vlm.n_layers, vlm.n_heads)
         drop_mlps(vlm, plant)  # before the optimizer is built: it leaves them out
