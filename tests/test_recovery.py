@@ -22,7 +22,8 @@ def _result(found: dict, shape=(4, 3)) -> CMAResult:
             mask[h] = True
         res.mean[c] = np.where(mask, 5.0, 0.0)
         res.scores[c] = res.mean[c][..., None].repeat(6, -1)
-        res.significance[c] = {"mask": mask}
+        p_adjusted = np.where(mask, 0.01, 0.5) + np.arange(mask.size).reshape(shape) / 1000
+        res.significance[c] = {"mask": mask, "p_adjusted": p_adjusted}
     return res
 
 
@@ -41,6 +42,14 @@ def test_precision_recall_wrong_conditions_and_layer_order_by_hand():
                                                         "feature_retrieval": 3.0}
     assert out["layer_order"]["ordered"] is False  # retrieval's median layer (1) is above selection's (0.5)
     assert {(r["stage"], r["measure"]): r["value"] for r in rows}[("id_selection", "precision")] == 0.5
+    # the declared head not found, with how near it came (score 0, p_adjusted 0.5 + its index 1 / 1000)
+    assert out["id_retrieval"]["missed"] == [{"head": [0, 1], "mean_score": 0.0, "p_adjusted": 0.501}]
+    assert out["id_selection"]["missed"] == [] and out["feature_retrieval"]["missed"] == []
+    text = recovery.caption({"cma": out, "cma_n": 8, "q": 0.05})
+    assert "ID retrieval: precision 0.50, recall 0.50; missed L0H1 (score 0.00, p_adj 0.501)" in text
+    none = recovery.cma_recovery(_result({"id_retrieval": [], "id_selection": [], "feature_retrieval": []}), gt)[1]
+    text = recovery.caption({"cma": none, "cma_n": 8, "q": 0.05})
+    assert "recall 0.00 (declared heads' smallest p_adj 0.500)" in text
     nothing = recovery.cma_recovery(_result({"id_retrieval": [], "id_selection": [], "feature_retrieval": []}),
                                     gt)[1]
     assert nothing["id_retrieval"]["precision"] is None and nothing["id_retrieval"]["recall"] == 0.0

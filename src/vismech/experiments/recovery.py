@@ -6,8 +6,9 @@ Against it, with numbers and their uncertainty:
 
 - **CMA** (``cma_scores``, the re-paired null, BH at ``q``): per stage, the heads significant in the stage's
   condition vs the declared heads: precision (found and declared / found) and recall (found and declared /
-  declared); declared heads significant in another stage's condition; the layers found per condition, and
-  whether their order is ID retrieval < ID selection < feature retrieval (median found layer).
+  declared); each declared head not found, with its mean score and adjusted p (how near it came); declared heads
+  significant in another stage's condition; the layers found per condition, and whether their order is ID
+  retrieval < ID selection < feature retrieval (median found layer).
 - **RSA** on random-vocabulary scenes (``rsa_grid``, ``rsa_objects`` objects of any colours and shapes, all but
   one described): position at each mention's last token, position at the last token and features at the last
   token, by layer (bootstrap intervals, permutation null), each read at the declared stage's last layer (the
@@ -108,6 +109,10 @@ def cma_recovery(res, gt) -> tuple[list[dict], dict]:
                "declared_of_other_stages_found_here": wrong,
                "found_layers": sorted({a for a, _ in found}), "declared_layers": list(gt.stages[c].layers),
                "declared_mean_score": float(np.mean([res.mean[c][h] for h in declared])),
+               # each declared head the test did not find: how near it came
+               "missed": [{"head": list(h), "mean_score": float(res.mean[c][h]),
+                           "p_adjusted": float(res.significance[c]["p_adjusted"][h])}
+                          for h in sorted(declared - found)],
                "max_other_mean_score": float(max((res.mean[c][a, b] for a in range(res.mean[c].shape[0])
                                                   for b in range(res.mean[c].shape[1]) if (a, b) not in declared),
                                                  default=float("nan")))}
@@ -323,7 +328,13 @@ def caption(summary: dict) -> str:
         r = summary["cma"].get(c)
         if r:
             p = "n/a (none found)" if r["precision"] is None else f"{r['precision']:.2f}"
-            parts.append(f"{LABELS[c]}: precision {p}, recall {r['recall']:.2f}")
+            missed, miss = r.get("missed", []), ""
+            if missed and r["recall"]:  # a partial recall: which declared heads, and how near they came
+                miss = "; missed " + ", ".join(f"L{m['head'][0]}H{m['head'][1]} (score {m['mean_score']:.2f}, "
+                                               f"p_adj {m['p_adjusted']:.3f})" for m in missed)
+            elif missed:
+                miss = f" (declared heads' smallest p_adj {min(m['p_adjusted'] for m in missed):.3f})"
+            parts.append(f"{LABELS[c]}: precision {p}, recall {r['recall']:.2f}{miss}")
     order = summary["cma"]["layer_order"]["ordered"]
     ablated = summary.get("ablated_heads")
     head = f"Declared heads ablated ({len(ablated)} heads zeroed). " if ablated else ""
