@@ -266,12 +266,13 @@ class StopForward(Exception):
 
 
 @contextlib.contextmanager
-def capture_lm_inputs(vlm, stop: bool = False) -> Iterator[dict[str, object]]:
+def capture_lm_inputs(vlm, stop: bool = False, detach: bool = True) -> Iterator[dict[str, object]]:
     """Record every argument the language model is called with (by name; None values and ``RUN_CONTROL`` left
     out): embeddings with image features merged in, attention mask, position ids, and whatever else the family
-    passes (tensors detached, lists, tuples and dicts of them, other values as given). With them the text backbone
-    can be rerun without the vision tower. With ``stop``, the forward ends there (``StopForward`` is raised from
-    the language model's call: the caller catches it), so the text backbone does not run at all."""
+    passes (tensors detached, or with ``detach=False`` kept in the autograd graph; lists, tuples and dicts of them,
+    other values as given). With them the text backbone can be rerun without the vision tower. With ``stop``, the
+    forward ends there (``StopForward`` is raised from the language model's call: the caller catches it), so the
+    text backbone does not run at all."""
     store: dict[str, object] = {}
 
     def pre(module, args, kwargs):
@@ -280,7 +281,7 @@ def capture_lm_inputs(vlm, stop: bool = False) -> Iterator[dict[str, object]]:
             kwargs = {**inspect.signature(module.forward).bind_partial(*args).arguments, **kwargs}
         for k, v in kwargs.items():
             if v is not None and k not in RUN_CONTROL:
-                store[k] = _detached(v)
+                store[k] = _detached(v) if detach else v
         if stop:
             raise StopForward
 

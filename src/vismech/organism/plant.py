@@ -206,12 +206,9 @@ def clean_forward(vlm: VLM, spec: PlantSpec, batch: dict, autocast=contextlib.nu
     z: dict[int, torch.Tensor] = {}
     resid: dict[str, torch.Tensor] = {}
 
-    def keep_embeddings(module, args, kwargs):  # the language model's input: text embeddings and image features
-        z["embeddings"] = kwargs["inputs_embeds"]
-
-    handle = hooks.language_model(vlm).register_forward_pre_hook(keep_embeddings, with_kwargs=True)
     with contextlib.ExitStack() as stack:
-        stack.callback(handle.remove)
+        # the language model's input (text embeddings and image features), in the graph: the patched rows reuse it
+        lm_in = stack.enter_context(hooks.capture_lm_inputs(vlm, detach=False))
         for layer in range(vlm.n_layers):
             stack.enter_context(hooks.hooked(vlm, "z", layer, lambda x, layer=layer: z.__setitem__(layer, x)))
         stack.enter_context(hooks.hooked(vlm, "resid", spec.probe_layer, lambda x: resid.__setitem__("x", x)))
@@ -225,6 +222,7 @@ def clean_forward(vlm: VLM, spec: PlantSpec, batch: dict, autocast=contextlib.nu
         att = stack.enter_context(hooks.attention_weights(vlm, _attention_layers(spec), batch["att_qpos"]))
         with autocast():
             logits = vlm.model(**_inputs(batch, "a_"), use_cache=False).logits
+    z["embeddings"] = lm_in["inputs_embeds"]
     return logits, z, att, resid["x"][:, :, 0]
 
 
