@@ -11,6 +11,7 @@ from conftest import FAMILIES, tiny
 from vismech.app.runner import run_one
 from vismech.engine import hooks
 from vismech.engine import interventions as iv
+from vismech.errors import UserError
 from vismech.experiments import cma, counting_ablation, id_intervention, key_intervention
 from vismech.experiments.common import Context, resolve_options
 from vismech.scenes.sets import scene_description_set
@@ -66,6 +67,9 @@ def test_id_vectors_are_label_means_of_plain_captures(family):
             torch.testing.assert_close(vec.d(lab)[j], want, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="one ID label per trial"):
         iv.id_vectors(vlm, trials, labels[:2], "z", [(0, 0)], lambda b: [[b.last]] * len(b))
+    # a label the estimation trials never had (too few of them to cover every cell): one line that says what to do
+    with pytest.raises(UserError, match=r"no ID vector for \(9, 9\).*raise n_estimate \(--set n_estimate=N\)"):
+        vec.diff((9, 9), vec.labels[0])
 
 
 @pytest.mark.parametrize("family", TWO)

@@ -36,6 +36,7 @@ import torch
 
 from vismech.engine import cascade, hooks, patching, replay
 from vismech.engine.evaluate import batches
+from vismech.errors import UserError
 from vismech.models.answers import AnswerSet
 from vismech.models.vlm import VLM, Batch
 from vismech.scenes.core import Trial
@@ -53,7 +54,9 @@ class IDVectors:
 
     def d(self, label: Hashable) -> torch.Tensor:
         if label not in self.labels:
-            raise ValueError(f"no ID vector for label {label!r}: the estimation set had only {self.labels}")
+            raise UserError(f"no ID vector for {label!r}: the trials the ID vectors were estimated on never had it "
+                            f"(only {', '.join(map(repr, self.labels))}); raise n_estimate (--set n_estimate=N) so "
+                            f"that every cell occurs")
         return self.vectors[self.labels.index(label)]
 
     def diff(self, target: Hashable, original: Hashable) -> torch.Tensor:
