@@ -91,3 +91,32 @@ def test_stage_map():
     np.testing.assert_allclose(rgb[..., 1], [[1, 0], [0, 0.5]])
     assert np.all(rgb[..., 2] == 0)
     np.testing.assert_allclose(stage_map(np.stack([a, b])), rgb)
+
+
+def test_paired_significance_is_an_exact_sign_flip_test_for_few_pairs():
+    """With 2^n <= n_perm every sign pattern is used: p is the share of patterns whose mean is at least the observed
+    one (counted here by brute force); BH over heads; the floor removes heads whose mean score is not above it;
+    with many pairs the sampled test is seeded and its p at least 1 / (n_perm + 1)."""
+    import itertools
+
+    from vismech.analysis.cma import paired_significance
+    from vismech.analysis.stats import benjamini_hochberg
+
+    scores = np.array([[[1.0, 2.0, 3.0, 4.0], [0.5, -0.5, 0.4, -0.6]], [[2.0, 2.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])
+    null = np.array([[[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], [[1.0, 1.0, 1.0, 1.5], [0.0, 0.0, 0.0, 0.0]]])
+    got = paired_significance(scores, null, q=0.2, n_perm=64)
+    d = scores - null
+    want = np.zeros((2, 2))
+    for i, j in itertools.product(range(2), range(2)):
+        means = [np.mean(np.array(sg) * d[i, j]) for sg in itertools.product([1, -1], repeat=4)]
+        want[i, j] = np.mean([m >= d[i, j].mean() - 1e-12 for m in means])
+    assert np.allclose(got["pvalues"], want) and want[0, 0] == 1 / 16
+    mask, adj = benjamini_hochberg(want, 0.2)
+    assert np.array_equal(got["mask"], mask) and np.allclose(got["p_adjusted"], adj)
+    assert np.allclose(got["effect"], d.mean(-1)) and np.allclose(got["mean"], scores.mean(-1))
+    floored = paired_significance(scores, null, q=0.2, n_perm=64, floor=2.0)
+    assert np.array_equal(floored["mask"], mask & (scores.mean(-1) > 2.0))
+    rng = np.random.default_rng(0)
+    big, big_null = rng.normal(0, 1, (2, 2, 30)), rng.normal(0, 1, (2, 2, 30))
+    a, b = paired_significance(big, big_null, seed=3), paired_significance(big, big_null, seed=3)
+    assert np.array_equal(a["pvalues"], b["pvalues"]) and a["pvalues"].min() >= 1 / 2001 == a["min_pvalue"]

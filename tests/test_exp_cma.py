@@ -161,6 +161,41 @@ def test_significance_finds_a_planted_head(tmp_path, monkeypatch):
     assert res.null_means["id_selection"].shape == (2000,)
 
 
+def test_paired_test_measures_each_head_against_its_own_control_patches(tmp_path, monkeypatch):
+    """With ``test="paired"`` a head whose control patches move the answer a lot (another variable: the feature heads'
+    in ID selection) no longer raises the bar for the others: a planted head that the pooled null misses passes, the
+    head with the large control scores does not, and nothing else does; the scores are the same stored unit as the
+    pooled test's (computed once, the test left out of its key), and its significance equals
+    ``analysis.cma.paired_significance`` with the pooled null's quantile as the floor."""
+    from vismech.analysis.cma import paired_significance
+
+    vlm = tiny("llava")
+    L, H, n = 8, 8, 40  # scores of a model of organism-ids' shape (the sweep itself is replaced)
+    calls = []
+
+    def planted(vlm, pairs, condition, *a, **k):
+        calls.append(condition)
+        rng = np.random.default_rng(len(calls))
+        s, nl = rng.normal(0, 0.1, (L, H, n)), rng.normal(0, 0.1, (L, H, n))
+        s[1, 2] += 6.0  # the planted head: real scores 6, its control patches 0.5
+        nl[1, 2] += 0.5
+        nl[6, 0] += 6.0  # two heads whose control patches carry another variable (real scores 0)
+        nl[6, 1] += 6.0
+        return s, nl
+
+    monkeypatch.setattr(cma, "condition_scores", planted)
+    opts = {"n": n, "conditions": ["id_selection"]}
+    pooled = cma.cma_scores(_ctx(vlm, tmp_path), opts)
+    assert not pooled.significance["id_selection"]["mask"][1, 2]  # the pooled null's tail hides it
+    paired = cma.cma_scores(_ctx(vlm, tmp_path), {**opts, "test": "paired"})
+    sig = paired.significance["id_selection"]
+    assert sig["mask"][1, 2] and sig["count"] == 1 and not sig["mask"][6].any()
+    assert calls == ["id_selection"]  # the second test read the stored scores
+    want = paired_significance(paired.scores["id_selection"], paired.null_scores["id_selection"], 0.05,
+                               floor=pooled.significance["id_selection"]["threshold"], seed=0)
+    assert np.array_equal(sig["mask"], want["mask"]) and np.allclose(sig["p_adjusted"], want["p_adjusted"])
+
+
 def test_cma_scores_is_computed_once_and_downstream_options_apply(tmp_path, monkeypatch):
     vlm = tiny("llava")
     calls = []

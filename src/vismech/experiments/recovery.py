@@ -24,7 +24,8 @@ so they add nothing on any path; the weights are restored afterwards): a sound a
 
 Summary, tables (``recovery_cma``, ``recovery_rsa``, ``recovery_interventions``) and one figure. Options:
 ``ground_truth`` (None: the model's own), ``stages`` (None: every declared stage; or a list of them),
-``ablate_declared`` (False), ``cma_n`` (50 pairs per condition), ``cma_grid`` ((2, 2)), ``q``
+``ablate_declared`` (False), ``cma_n`` (50 pairs per condition), ``cma_grid`` ((2, 2)), ``cma_test`` ("pooled"
+or "paired": ``cma``'s significance test), ``q``
 (0.05), ``null_samples`` (2,000), ``rsa_grid`` ((3, 3)), ``rsa_objects`` (5), ``rsa_n`` (192 trials), ``n_boot`` (200), ``n_null`` (20),
 ``n`` (64 held-out trials), ``n_estimate`` (64), ``grid`` ((2, 2)), ``alphas``, ``key_alpha`` (2), ``random_sets``
 (3).
@@ -56,13 +57,15 @@ from vismech.scenes.sets import scene_description_set
 NAME = "recovery"
 DESCRIPTION = ("Positive control: CMA precision/recall, RSA and interventions against the model's declared ground "
                "truth (ground_truth.json)")
-DEFAULTS = {"ground_truth": None, "stages": None, "ablate_declared": False, "cma_n": 50, "cma_grid": (2, 2), "q": 0.05, "null_samples": 2000, "rsa_grid": (3, 3), "rsa_objects": 5,
+DEFAULTS = {"ground_truth": None, "stages": None, "ablate_declared": False, "cma_n": 50, "cma_grid": (2, 2),
+            "cma_test": "pooled", "q": 0.05, "null_samples": 2000, "rsa_grid": (3, 3), "rsa_objects": 5,
             "rsa_n": 192, "n_boot": 200, "n_null": 20, "n": 64, "n_estimate": 64, "grid": (2, 2),
             "alphas": [1, 2, 5, 10, 20, 50], "key_alpha": 2.0, "random_sets": 3}
 LIMITS = {"ground_truth": Opt("str", none=True), "q": Opt("float", 0, 1, open=True),
           "stages": Opt("list", none=True, length=(1, len(STAGES)), each=Opt("str", choices=STAGES)),
           "rsa_objects": Opt("int", 3, 81), "rsa_n": Opt("int", 3, MAX_TRIALS), "n_estimate": Opt("int", 4, MAX_TRIALS),
-          "key_alpha": Opt("float"), "random_sets": Opt("int", 1, 100)}
+          "key_alpha": Opt("float"), "random_sets": Opt("int", 1, 100),
+          "cma_test": Opt("str", choices=("pooled", "paired"))}
 #: The RSA curve that reads each stage's variable.
 CURVES = {"id_retrieval": ("position_mentions", "position"), "id_selection": ("position_last", "position"),
           "feature_retrieval": ("features_last", "features")}
@@ -306,7 +309,8 @@ def run(ctx: Context) -> dict:
     gt = ground_truth_of(ctx)
     ablated = sorted(declared_ground_truth(ctx).heads()) if ctx.opt("ablate_declared") else []
     cma_options = {"n": int(ctx.opt("cma_n")), "grid": tuple(ctx.opt("cma_grid")), "q": float(ctx.opt("q")),
-                   "null_samples": int(ctx.opt("null_samples")), "conditions": [c for c in STAGES if c in gt.stages]}
+                   "null_samples": int(ctx.opt("null_samples")), "test": ctx.opt("cma_test"),
+                   "conditions": [c for c in STAGES if c in gt.stages]}
     if ablated:  # scores of the ablated model: never shared with the intact model's (``cma._same_scores``)
         cma_options["ablated_heads"] = [list(h) for h in ablated]
     with iv.ablated_heads(ctx.vlm, ablated):
@@ -318,7 +322,8 @@ def run(ctx: Context) -> dict:
     ctx.save_table("recovery_rsa", rsa_rows)
     ctx.save_table("recovery_interventions", int_rows)
     return {"ground_truth": gt.to_json(), "ablated_heads": [list(h) for h in ablated], "cma": cma, "rsa": rsa,
-            "interventions": inter, "cma_n": int(ctx.opt("cma_n")), "q": float(ctx.opt("q")),
+            "interventions": inter, "cma_n": int(ctx.opt("cma_n")), "cma_test": ctx.opt("cma_test"),
+            "q": float(ctx.opt("q")),
             "rsa_n": rsa["n_trials"], "n": int(ctx.opt("n"))}
 
 
@@ -339,4 +344,5 @@ def caption(summary: dict) -> str:
     ablated = summary.get("ablated_heads")
     head = f"Declared heads ablated ({len(ablated)} heads zeroed). " if ablated else ""
     return head + "; ".join(parts) + f"; layer order R < S < F {'holds' if order else 'does not hold'} " \
-        f"(CMA n={summary['cma_n']} pairs, BH q={summary['q']})."
+        f"(CMA n={summary['cma_n']} pairs, BH q={summary['q']}" \
+        f"{', paired test' if summary.get('cma_test') == 'paired' else ''})."
