@@ -52,8 +52,8 @@ objects' places, feature retrieval replaces the target; ``photoreal`` sets the r
 first ``n`` pairs of each condition; the two ID conditions share pairs; conditions without pairs are left out).
 
 Options: ``n`` pairs per condition (50 as in the paper), ``grid`` (2x2), ``conditions``, ``null_samples`` (2,000),
-``q`` (0.05), ``test`` ("pooled", or "paired": above), ``top_k`` (heads listed in the summary, 10), ``engine`` ("fast": ``head_patch``, vision once and
-stacked rows; "naive": one full forward per head, the bit-exact reference). Other experiments call
+``q`` (0.05), ``test`` ("pooled", or "paired": above), ``top_k`` (heads listed in the summary, 10), ``engine``
+("fast": ``head_patch``, vision once and stacked rows; "naive": one full forward per head, the bit-exact reference). Other experiments call
 ``cma_scores(ctx)``, which computes once per run and set of options (cached in ``ctx.shared["cma"]``); called from
 another experiment it takes this module's defaults, overridden by that experiment's ``cma_*`` options (e.g. ``cma_n``). Each
 condition's scores are one resumable unit (``ctx.unit``).
