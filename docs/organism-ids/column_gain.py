@@ -11,14 +11,17 @@ validity's 3x3 scenes (every cell filled, all but one described) and on 3x3 scen
 (default 96). If the column's size is what limits full scenes, raising it should lift them. Runs on the CPU.
 """
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from vismech.engine import activations, hooks
-from vismech.models.load import load_vlm
-from vismech.organism import validate
-from vismech.scenes.sets import scene_description_set
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from row_column import object_codes  # noqa: E402  (each object's mean image-token code, one trial a forward)
+from vismech.engine import hooks  # noqa: E402
+from vismech.models.load import load_vlm  # noqa: E402
+from vismech.organism import validate  # noqa: E402
+from vismech.scenes.sets import scene_description_set  # noqa: E402
 
 model = sys.argv[1] if len(sys.argv) > 1 else "organism-ids"
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 96
@@ -31,16 +34,9 @@ layer = spec.probe_layer
 xs, cells = [], []
 for k in (4, 5, 6):
     for t in scene_description_set(48, (3, 3), n_objects=k, seed=50 + k, entropy=None):
-        one = vlm.encode([t])
-        order = sorted(one.objects[0])
-        pos = torch.tensor([[p for c in order for p in one.objects[0][c]]])
-        resid = activations.forward_positions(vlm, one, pos, with_z=False)[0][0, :, layer].numpy()
-        at = 0
-        for c in order:
-            k_ = len(one.objects[0][c])
-            xs.append(resid[at:at + k_].mean(0))
-            cells.append(c)
-            at += k_
+        got, means, _ = object_codes(vlm, t)
+        xs += list(means[:, layer])
+        cells += got
 x = np.stack(xs)
 mean = x.mean(0)
 
@@ -59,7 +55,6 @@ rng = np.random.default_rng(0)
 rand = rng.standard_normal((x.shape[1], 2))
 rand -= rows @ (rows.T @ rand) + cols @ (cols.T @ rand)
 rand, _ = np.linalg.qr(rand)
-lab_r, lab_c = np.array([c[0] for c in cells]), np.array([c[1] for c in cells])
 for name, u in (("rows", rows), ("columns", cols)):
     proj = (x - mean) @ u
     print(f"{name}: variance along its 2 directions {proj.var(0).sum():.3f} "

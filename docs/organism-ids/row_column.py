@@ -17,6 +17,20 @@ from vismech.models.load import load_vlm
 from vismech.scenes.sets import scene_description_set
 
 
+def object_codes(vlm, trial):
+    """One forward of ``trial`` alone (no padding): the cells of its objects, each object's mean residual stream over
+    its image tokens after every layer [objects, layers, hidden], and the forward's head outputs at the mentions'
+    last words [mentions, layers, heads, head_dim]."""
+    one = vlm.encode([trial])
+    cells = sorted(one.objects[0])
+    toks = [one.objects[0][c] for c in cells]
+    pos = torch.tensor([[x for ts in toks for x in ts] + [m[-1] for m in one.mentions[0]]])
+    resid, z, _ = activations.forward_positions(vlm, one, pos, with_z=True)
+    bounds = np.cumsum([0] + [len(ts) for ts in toks])
+    means = torch.stack([resid[0, a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])]).numpy()
+    return cells, means, z[0, bounds[-1]:].numpy()
+
+
 def shares(x: np.ndarray, cells: list) -> tuple[float, float]:
     """Between-row and between-column variance of ``x`` [n, d] over its total variance."""
     x = x - x.mean(0)
@@ -29,33 +43,28 @@ def shares(x: np.ndarray, cells: list) -> tuple[float, float]:
     return out[0], out[1]
 
 
-for model in sys.argv[1:] or ["organism-ids"]:
-    vlm = load_vlm(model, dtype="fp32", device="cpu")
-    gt = vlm.ground_truth
-    trials = [t for k in (4, 5, 6) for t in scene_description_set(32, (3, 3), n_objects=k, seed=5 + k, entropy=None)]
-    heads = gt.stages["id_retrieval"].heads
-    img = {layer: [] for layer in range(vlm.n_layers)}
-    r_out, img_cells, r_cells = [], [], []
-    for t in trials:
-        one = vlm.encode([t])  # one trial a forward: no padding to account for
-        cells = sorted(one.objects[0])
-        toks = [one.objects[0][c] for c in cells]
-        mentions = [m[-1] for m in one.mentions[0]]
-        pos = torch.tensor([[x for ts in toks for x in ts] + mentions])
-        resid, z, _ = activations.forward_positions(vlm, one, pos, with_z=True)
-        at = 0
-        for c, ts in zip(cells, toks):  # the mean over an object's image tokens
-            for layer in range(vlm.n_layers):
-                img[layer].append(resid[0, at:at + len(ts), layer].mean(0).numpy())
-            img_cells.append(c)
-            at += len(ts)
-        r_out += [np.concatenate([z[0, at + j, layer, head].numpy() for layer, head in heads])
-                  for j in range(len(mentions))]
-        r_cells += [o.cell for o in t.mentioned]
-    print(f"{model}: between-row / between-column share of the variance ({len(img_cells)} objects, "
-          f"{len(r_cells)} mentions)")
-    for layer in range(vlm.n_layers):
-        a, c = shares(np.stack(img[layer]), img_cells)
-        print(f"  image tokens, residual stream after layer {layer}: rows {a:.3f}, columns {c:.3f}")
-    a, c = shares(np.stack(r_out), r_cells)
-    print(f"  ID-retrieval heads' outputs at the mentions: rows {a:.3f}, columns {c:.3f}")
+def main(models):
+    for model in models:
+        vlm = load_vlm(model, dtype="fp32", device="cpu")
+        heads = vlm.ground_truth.stages["id_retrieval"].heads
+        trials = [t for k in (4, 5, 6) for t in scene_description_set(32, (3, 3), n_objects=k, seed=5 + k,
+                                                                       entropy=None)]
+        img, r_out, img_cells, r_cells = [], [], [], []
+        for t in trials:
+            cells, means, z = object_codes(vlm, t)
+            img.append(means)
+            img_cells += cells
+            r_out += [np.concatenate([zj[layer, head] for layer, head in heads]) for zj in z]
+            r_cells += [o.cell for o in t.mentioned]
+        img = np.concatenate(img)  # [objects, layers, hidden]
+        print(f"{model}: between-row / between-column share of the variance ({len(img_cells)} objects, "
+              f"{len(r_cells)} mentions)")
+        for layer in range(vlm.n_layers):
+            a, c = shares(img[:, layer], img_cells)
+            print(f"  image tokens, residual stream after layer {layer}: rows {a:.3f}, columns {c:.3f}")
+        a, c = shares(np.stack(r_out), r_cells)
+        print(f"  ID-retrieval heads' outputs at the mentions: rows {a:.3f}, columns {c:.3f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["organism-ids"])
