@@ -63,14 +63,16 @@ FLAGS = (
 )
 
 
-def given(args) -> list[str]:
-    """The table's flags set in parsed ``args`` (a switch that is on, a value that is given)."""
-    return [f.name for f in FLAGS if getattr(args, f.dest) not in (None, False)]
-
-
 def spec_fields(args) -> dict:
-    """``PlantSpec`` keyword arguments from parsed ``args``: the fields whose flags were given."""
+    """``PlantSpec`` keyword arguments from parsed ``args``: the fields whose flags were given (a switch that is on,
+    a value that is given)."""
     return {f.field: getattr(args, f.dest) for f in FLAGS if getattr(args, f.dest) not in (None, False)}
+
+
+def given(args) -> list[str]:
+    """The names of the table's flags given in parsed ``args``."""
+    fields = spec_fields(args)
+    return [f.name for f in FLAGS if f.field in fields]
 
 
 def command_words(spec, default) -> list[str]:
