@@ -104,7 +104,7 @@ def main():
     vlm, probe = None, None
     if a.plant:
         from vismech.models.vlm import VLM
-        from vismech.organism.plant import make_probe
+        from vismech.organism.position_probe import make_probe
         from vismech.organism.stages import is_vision
 
         for n, p in model.named_parameters():

@@ -72,3 +72,26 @@ def test_setup_benchmark_times_the_engine_choices_with_equal_scores():
     assert len(lines) == 4 and all("x the shipped time" in line for line in lines.values())
     diffs = [float(line.split("largest score difference ")[1].split(";")[0]) for line in lines.values()]
     assert max(diffs) < 1e-4
+
+
+def test_every_vismech_name_the_scripts_import_exists():
+    """The benchmark and docs scripts run on the GPU, not in this suite: each ``from vismech... import name`` in them
+    (function-level imports included) must still name something there (a benchmark that imported a function from
+    the module it had left failed on the GPU and the run that read its rate fell back to a guess)."""
+    import ast
+    import importlib
+
+    scripts = sorted(ROOT.glob("benchmarks/*.py")) + sorted(ROOT.glob("docs/**/*.py"))
+    missing, checked = [], 0
+    for path in scripts:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "vismech":
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    checked += 1
+                    if not hasattr(module, alias.name):
+                        try:
+                            importlib.import_module(f"{node.module}.{alias.name}")
+                        except ImportError:
+                            missing.append(f"{path.relative_to(ROOT)}: {node.module}.{alias.name}")
+    assert checked > 100 and not missing, missing

@@ -503,10 +503,10 @@ def test_the_guard_term_reads_the_mentions_and_starts_with_the_invariance_terms(
     spec = plant.PlantSpec(**{**SPEC.__dict__, "weights": SPEC.weights + (("guard", 1.0),)})
     plan = pb.step_plan(spec, 5, 2, 3)
     b = pb.batch_of(vlm, spec, plan, "<|im_end|>", 0)
-    assert "guard_where" not in pb.batch_of(vlm, SPEC, plan, "<|im_end|>", 0)
+    assert "guard_labels" not in pb.batch_of(vlm, SPEC, plan, "<|im_end|>", 0)
     late = plant.PlantSpec(**{**spec.__dict__, "invariance_from": 3})
-    assert "guard_where" not in pb.batch_of(vlm, late, pb.step_plan(late, 5, 2, 3), "<|im_end|>", 0)
-    where, labels, ids = b["guard_where"].tolist(), b["guard_labels"].tolist(), b["a_input_ids"]
+    assert "guard_labels" not in pb.batch_of(vlm, late, pb.step_plan(late, 5, 2, 3), "<|im_end|>", 0)
+    where, labels, ids = b["mention_where"].tolist(), b["guard_labels"].tolist(), b["a_input_ids"]
     named = []
     for i, r in enumerate(plan.a):
         mine = [k for k, (row, _) in enumerate(where) if row == i]
@@ -522,7 +522,7 @@ def test_the_guard_term_reads_the_mentions_and_starts_with_the_invariance_terms(
         for layer in range(vlm.n_layers):
             st.enter_context(hooks.hooked(vlm, "z", layer, lambda x, layer=layer: z.__setitem__(layer, x)))
         vlm.model(**plant._inputs(b, "a_"), use_cache=False)
-    want = float(invariance.guard(z, spec.retrieval, b["guard_where"], b["guard_labels"]))
+    want = float(invariance.guard(z, spec.retrieval, b["mention_where"], b["guard_labels"]))
     with torch.no_grad():
         _, m = plant.plant_loss(vlm, spec, position_probe.make_probe(vlm), b)
     assert 0 < want < 1 and abs(float(m["loss_guard"]) - want) < 1e-5

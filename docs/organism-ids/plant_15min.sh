@@ -19,6 +19,8 @@
 #   FLAGS="--plant-full-scenes 0.3 --plant-drop-late-mlps --plant-weight invariance_s=1 --plant-invariance-from 2000" \
 #   RUN=runs/org/drop
 # The tenth (the guard term; docs/organism-ids/guard/): the ninth's FLAGS with --plant-weight guard=1, RUN=runs/org/guard.
+# The eleventh (docs/organism-ids/balanced/): the ninth's FLAGS with --plant-balanced-probe,
+# RUN=runs/org/balanced.
 set -u
 OUT=${1:?give a log folder}; PART=${2:?give the part, 1 or 2}; MIN=${3:-}
 export PYTHONPATH=${PYTHONPATH:-src}
@@ -31,10 +33,13 @@ if [ "$PART" = 1 ]; then
   python benchmarks/organism_step.py --plant --batch-size 32 --steps 6 --workers 12 --loop-workers 12 \
     --loop-steps 40 > "$LOGS/organism_step.log" 2>&1
   rate=$(grep "training loop with 12" "$LOGS/organism_step.log" | awk '{print $(NF-1)}')
+  # no rate, no run: a guessed schedule once ended a run at 4,000 steps in 11.5 of its 15 minutes
+  [ -n "$rate" ] || { echo "the step benchmark failed, see $LOGS/organism_step.log:"; tail -3 "$LOGS/organism_step.log";
+    exit 1; }
   # 5% more steps than the measured rate buys: the benchmark has been 9% high and 16% low against the training loop,
   # and a run stopped by the time limit at 85% of its schedule has its rate at 15% of the peak (the schedule ends at
   # 10%), where one that ends early leaves minutes of the budget unused (the eighth attempt: 12.4 of 15)
-  python -c "print(int(float('${rate:-4.4}') * 1.05 * 14.6 * 60 / 100) * 100)" > "$RUN.steps"
+  python -c "print(int(float('$rate') * 1.05 * 14.6 * 60 / 100) * 100)" > "$RUN.steps"
   RES=
 else
   RES=--resume

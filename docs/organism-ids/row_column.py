@@ -14,6 +14,7 @@ import torch
 
 from vismech.engine import activations
 from vismech.models.load import load_vlm
+from vismech.organism.position_probe import row_column_shares
 from vismech.scenes.sets import scene_description_set
 
 
@@ -33,14 +34,8 @@ def object_codes(vlm, trial):
 
 def shares(x: np.ndarray, cells: list) -> tuple[float, float]:
     """Between-row and between-column variance of ``x`` [n, d] over its total variance."""
-    x = x - x.mean(0)
-    total = (x ** 2).sum() / len(x)
-    out = []
-    for k in (0, 1):
-        lab = np.array([c[k] for c in cells])
-        means = {v: x[lab == v].mean(0) for v in set(lab)}
-        out.append(sum((lab == v).sum() * (m ** 2).sum() for v, m in means.items()) / len(x) / total)
-    return out[0], out[1]
+    rows, cols = row_column_shares(torch.from_numpy(np.asarray(x, dtype=np.float64)), torch.tensor(cells))
+    return float(rows), float(cols)
 
 
 def main(models):

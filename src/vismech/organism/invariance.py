@@ -60,7 +60,7 @@ def guard(z: dict, heads, where: torch.Tensor, labels: torch.Tensor, ridge: floa
 
 def terms(spec, batch: dict, z: dict, group: int = 1) -> dict[str, torch.Tensor]:
     """The invariance and guard losses the batch has rows for (``plant_batch``: ``inv_where``, ``f_pairs``,
-    ``last_pos``, ``k_where``, ``guard_where`` and ``guard_labels``); ``z`` holds the clean rows' head outputs by
+    ``last_pos``, ``k_where``, ``mention_where`` and ``guard_labels``); ``z`` holds the clean rows' head outputs by
     layer and, with ``invariance_k``, their keys by ("k", layer) (``plant.clean_forward``); ``group`` query heads
     share a key head."""
     out = {}
@@ -75,7 +75,7 @@ def terms(spec, batch: dict, z: dict, group: int = 1) -> dict[str, torch.Tensor]
                 parts.append(gap(z, heads, b, last[b], s, last[s]).flatten())
         if parts:
             out["invariance_s"] = torch.cat(parts).mean()
-    gw = batch.get("guard_where")
+    gw = batch.get("mention_where")
     if spec.weight("guard") and gw is not None and len(gw) > 1:
         out["guard"] = guard(z, spec.retrieval, gw, batch["guard_labels"])
     kw = batch.get("k_where")

@@ -28,7 +28,9 @@ Method (one training step; ``PlantSpec`` holds the heads and weights):
    squared norms), so they carry the cell and nothing of the features. With ``invariance_s`` and ``invariance_k``
    weights the same for the gathering and selection heads' outputs and the selection and feature heads' keys; with a
    ``guard`` weight, no linear read-out of the batch's ID-retrieval outputs at the mentions may explain the mentioned
-   objects' colours and shapes (``invariance.guard``).
+   objects' colours and shapes (``invariance.guard``); with a ``balance`` weight, the ID-retrieval and selection
+   heads' outputs and the selection and feature heads' keys at the image tokens must separate the rows and the
+   columns alike (``position_probe.balance``).
 6. A linear *position probe* on the residual stream after ``probe_layer`` at every object's image tokens predicts
    the object's row and column: the language model must write a content-free position code into the image tokens
    that retrieval, selection and feature heads can read. (The Qwen2.5-VL vision tower cannot: with 2-D rotary
@@ -60,7 +62,7 @@ import torch
 from vismech.engine import hooks
 from vismech.errors import UserError
 from vismech.models.vlm import VLM
-from vismech.organism import invariance
+from vismech.organism import invariance, position_probe
 from vismech.organism.position_probe import position_width, probe_loss
 from vismech.organism.plant_flags import LOSS_TERMS
 
@@ -214,7 +216,7 @@ def clean_forward(vlm: VLM, spec: PlantSpec, batch: dict, autocast=contextlib.nu
         stack.enter_context(hooks.hooked(vlm, "resid", spec.probe_layer, lambda x: resid.__setitem__("x", x)))
         if spec.weight("set_probe"):  # the residual stream entering the selection layer, for the set probe
             stack.enter_context(hooks.hooked(vlm, "resid", set_layer(spec), lambda x: z.__setitem__("set_resid", x)))
-        for layer in invariance.key_layers(spec) if spec.weight("invariance_k") else ():
+        for layer in invariance.key_layers(spec) if spec.weight("invariance_k") or spec.weight("balance") else ():
             stack.enter_context(hooks.hooked(vlm, "k", layer, lambda x, layer=layer: z.__setitem__(("k", layer), x)))
         for layer in late_layers(spec, vlm.n_layers) if spec.strict_late_mlps else ():  # kept [rows, positions, hidden]
             keep = (lambda x, name=f"mlp{layer}": z.__setitem__(name, x[:, :, 0]))
@@ -308,6 +310,8 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
         losses["set_probe"] = torch.nn.functional.binary_cross_entropy_with_logits(set_logits, want)
         metrics["set_probe_acc"] = ((set_logits > 0) == (want > 0.5)).all(-1).float().mean()
     losses.update(invariance.terms(spec, batch, z_a, vlm.n_heads // vlm.n_kv_heads))
+    if spec.weight("balance") and "mention_cells" in batch:
+        losses["balance"] = position_probe.balance_loss(spec, batch, z_a, vlm.n_heads // vlm.n_kv_heads)
     logits_b = patched_forward(vlm, batch, z_a, autocast)
     ce_b, hits_b = _ce(logits_b, labels_b), answer_hits(logits_b, labels_b)
     kinds = set(batch["b_kinds"])  # which kinds the batch holds, known on the CPU (no device sync)

@@ -194,7 +194,7 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
         targets[comp][0].append((row, queries[row].index(q)))
         targets[comp][1].append(m)
 
-    probe_pos, probe_cls, set_pos, set_cells, target, last, guarded = [], [], [], [], [], [], []
+    probe_pos, probe_cls, set_pos, set_cells, target, last, guarded, named = [], [], [], [], [], [], [], []
     for i, r in enumerate(plan.a):
         sh = shift_a[i]
         ments = [[x + sh for x in m] for m in enc.mentions[i]]
@@ -205,7 +205,7 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
             if len(m) > 1:
                 add("binding", i, m[-1], [m[0]])
             add("retrieval", i, m[-1], objs[obj.cell])
-            guarded.append((i, m[-1], obj.color, obj.shape))
+            guarded.append((i, m[-1], obj.color, obj.shape, obj.cell))
         answer_len = len(rows_a[i][1])
         last.append(total - answer_len - 1)  # the prompt's last token
         for pos, obj, before in _naming(r, last[i], ments, answer_len):
@@ -220,6 +220,7 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
             add("selection", i, pos, objs[obj.cell])
             add("features", i, pos, objs[obj.cell])
             set_pos.append((i, pos))  # the set probe's target there: the cells of the mentions gathered
+            named.append(obj.cell)
             set_cells.append([any(tuple(o.cell) == (c // 3, c % 3) for o in r.trial.mentioned[:before])
                               for c in range(9)])
         for cell, toks in objs.items():
@@ -242,11 +243,15 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
     if spec.weight("invariance_k") and plan.invariant:  # the target's image tokens in each (same count: same cell)
         out["k_where"] = torch.tensor([(g, x, f, y) for g, f in f_pairs for x, y in zip(target[g], target[f])],
                                       dtype=torch.long).reshape(-1, 4)
-    if spec.weight("guard") and plan.invariant:  # the mentions, and their colour and shape as classes of this batch
+    if (spec.weight("guard") or spec.weight("balance")) and plan.invariant:  # the mentions' last words
+        out["mention_where"] = torch.tensor([g[:2] for g in guarded], dtype=torch.long).reshape(-1, 2)
+    if spec.weight("guard") and plan.invariant:  # the mentioned objects' colour and shape as classes of this batch
         names = [sorted({g[k] for g in guarded}) for k in (2, 3)]
-        out["guard_where"] = torch.tensor([g[:2] for g in guarded], dtype=torch.long).reshape(-1, 2)
         out["guard_labels"] = torch.tensor([[names[0].index(g[2]), names[1].index(g[3])] for g in guarded],
                                            dtype=torch.long).reshape(-1, 2)
+    if spec.weight("balance") and plan.invariant:  # their cells, and the cell named at each naming position
+        out["mention_cells"] = torch.tensor([g[4] for g in guarded], dtype=torch.long).reshape(-1, 2)
+        out["naming_cells"] = torch.tensor(named, dtype=torch.long).reshape(-1, 2)
     out["probe_where"] = torch.tensor(probe_pos, dtype=torch.long)
     out["probe_cell"] = torch.tensor(probe_cls, dtype=torch.long)
     out["set_where"] = torch.tensor(set_pos, dtype=torch.long).reshape(-1, 2)

@@ -14,7 +14,7 @@ from vismech.experiments.options import Opt
 
 # the loss terms of planting (``plant.plant_loss``), each weighted by ``PlantSpec.weights``
 LOSS_TERMS = ("task", "attention", "probe", "R", "S", "F", "strict", "invariance", "invariance_s", "invariance_k",
-              "guard", "set_probe")
+              "guard", "balance", "set_probe")
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,8 @@ FLAGS = (
          "resamples undeclared heads only)"),
     Flag("drop_late_mlps", "remove the MLPs of the layers after the feature heads (zero and frozen): only heads run "
          "after the planted read-out"),
-    Flag("invariance_from", "start the invariance and guard terms at this step, once R and S can become causal "
-         "without them (default 0)", Opt("int", 0), "STEP"),
+    Flag("invariance_from", "start the invariance, guard and balance terms at this step, once R and S can become "
+         "causal without them (default 0)", Opt("int", 0), "STEP"),
 )
 
 

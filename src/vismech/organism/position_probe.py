@@ -13,6 +13,12 @@ Which code the probe asks for is the spec's choice:
   together, so that the row and the column have to share the code's length about equally (the loss is least with
   the two components alike: for a code a*row + b*column, the two cross-entropies sum to f(cos t) + f(sin t) with
   tan t = b/a and f convex, least at a = b).
+
+The ``balance`` term (a planting weight) asks the same of the codes the ID heads pass on and match, where the probe
+cannot reach: the ID-retrieval heads' outputs at the mentions, the selection heads' outputs where they name an
+object, and the selection and feature heads' keys at the objects' image tokens. The retrieval heads' value path
+gave the row 7-10 times the column's variance in every organism, with the balanced probe as without it, where the
+image tokens it reads gave it 2-3 times (``docs/organism-ids.md``, the eleventh attempt).
 """
 
 from __future__ import annotations
@@ -79,3 +85,44 @@ def probe_loss(spec, out: torch.Tensor, cells: torch.Tensor) -> tuple[torch.Tens
     want = [cells[:, 0], cells[:, 1]] + ([ring_of(cells)] if spec.ring_probe else [])
     loss = sum(torch.nn.functional.cross_entropy(x, y) for x, y in zip(parts, want))
     return loss, torch.stack([x.argmax(-1) == y for x, y in zip(parts, want)]).all(0).float().mean()
+
+
+def row_column_shares(x: torch.Tensor, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The between-row and between-column variance of ``x`` [n, d] (summed over dimensions) over its total variance,
+    the rows and columns those of ``cells`` [n, 2] (0-2 each)."""
+    x = x - x.mean(0)
+    total = x.pow(2).sum() / len(x)
+    out = []
+    for k in (0, 1):
+        member = torch.nn.functional.one_hot(cells[:, k], 3).to(x.dtype)  # [n, 3]
+        count = member.sum(0)
+        means = member.T @ x / count.clamp_min(1)[:, None]
+        out.append((count * means.pow(2).sum(-1)).sum() / len(x) / total.clamp_min(1e-12))
+    return out[0], out[1]
+
+
+def balance(x: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """((rows - columns) / (rows + columns))^2 of ``row_column_shares``: 0 when the code separates the rows and the
+    columns alike, 1 when it separates only one of them; the code's scale and its other variance do not count."""
+    rows, cols = row_column_shares(x, cells)
+    return ((rows - cols) / (rows + cols).clamp_min(1e-12)).pow(2)
+
+
+def balance_loss(spec, batch: dict, z: dict, group: int) -> torch.Tensor:
+    """The ``balance`` term: the mean of ``balance`` over the ID-retrieval heads' outputs at the mentions' last words
+    (``mention_where``, ``mention_cells``), the selection heads' outputs at the naming positions (``set_where``,
+    ``naming_cells``: the cell each names), each with its heads concatenated, and each layer's keys of the
+    selection and feature heads at the objects' image tokens (``probe_where``, ``probe_cell``); ``z`` as in
+    ``plant.clean_forward`` (keys by ("k", layer)), ``group`` query heads to a key head."""
+    from vismech.organism.invariance import key_heads
+
+    def outputs(heads, where):
+        return torch.cat([z[layer][where[:, 0], where[:, 1]][:, [h]].flatten(1) for layer, h in heads], -1).float()
+
+    parts = [balance(outputs(spec.retrieval, batch["mention_where"]), batch["mention_cells"]),
+             balance(outputs(spec.selection, batch["set_where"]), batch["naming_cells"])]
+    pw = batch["probe_where"]
+    for layer in sorted({a for a, _ in key_heads(spec, group)}):
+        heads = [h for a, h in key_heads(spec, group) if a == layer]
+        parts.append(balance(z[("k", layer)][pw[:, 0], pw[:, 1]][:, heads].flatten(1).float(), batch["probe_cell"]))
+    return torch.stack(parts).mean()

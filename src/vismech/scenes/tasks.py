@@ -64,7 +64,7 @@ def with_articles(trial: Trial) -> Trial:
     shifted to match (only scene-description prompts name objects after an article)."""
     if trial.task != SCENE_DESCRIPTION:
         return trial
-    prompt, shift = trial.prompt, 0
+    prompt = trial.prompt
     inserts = []
     for a, _ in trial.mentions:
         if a >= 3 and prompt[a:a + 1].lower() in tuple("aeiou") and prompt[a - 3:a] == " a ":

@@ -1,0 +1,63 @@
+"""Where the ID-retrieval heads' outputs become mostly rows: for each object of row_column.py's trials (random 3x3
+descriptions of 4-6 objects, 96 trials), the residual stream entering the retrieval layer at its image tokens and
+what the retrieval heads' value path makes of it there (input norm, value projection of each head's key/value head,
+that head's slice of the output projection; summed over the heads, averaged over the object's tokens), each as
+between-row and between-column shares of the variance. The heads' outputs at a mention are this value path averaged
+by their attention, so a value path that keeps the row and drops the column gives row-dominated IDs whatever the
+image tokens carry. Then the same shares for the keys (before rotary positions) that the selection and feature
+heads match there: the key/value head each pair shares, at its layer.
+
+    PYTHONPATH=src python docs/organism-ids/value_path.py [MODEL ...]
+"""
+import sys
+
+import numpy as np
+import torch
+
+from vismech.engine import activations
+from vismech.models.load import load_vlm
+from vismech.scenes.sets import scene_description_set
+
+from row_column import shares
+
+
+@torch.no_grad()
+def main(models):
+    for model in models:
+        vlm = load_vlm(model, dtype="fp32", device="cpu")
+        heads = vlm.ground_truth.stages["id_retrieval"].heads
+        layer = heads[0][0]
+        att, norm = vlm.attention(layer), vlm.layers[layer].input_layernorm
+        dh, group = vlm.head_dim, vlm.n_heads // vlm.n_kv_heads
+        trials = [t for k in (4, 5, 6) for t in scene_description_set(32, (3, 3), n_objects=k, seed=5 + k,
+                                                                       entropy=None)]
+        gt = vlm.ground_truth.stages
+        key_heads = sorted({(a, h // group) for a, h in gt["id_selection"].parts["selection"]
+                            + gt["feature_retrieval"].heads})
+        inputs, values, cells, keys = [], [], [], {kh: [] for kh in key_heads}
+        for t in trials:
+            one = vlm.encode([t])
+            cs = sorted(one.objects[0])
+            toks = [one.objects[0][c] for c in cs]
+            resid, _, _ = activations.forward_positions(vlm, one, torch.tensor([[x for ts in toks for x in ts]]),
+                                                        with_z=False)
+            x = resid[0, :, layer - 1]  # the residual stream entering the retrieval layer
+            v = att.v_proj(norm(x))
+            out = sum(v[:, (h // group) * dh:(h // group + 1) * dh] @ att.o_proj.weight[:, h * dh:(h + 1) * dh].T
+                      for _, h in heads)
+            bounds = np.cumsum([0] + [len(ts) for ts in toks])
+            inputs += [x[a:b].mean(0).numpy() for a, b in zip(bounds[:-1], bounds[1:])]
+            values += [out[a:b].mean(0).numpy() for a, b in zip(bounds[:-1], bounds[1:])]
+            cells += cs
+            for a, kv in key_heads:
+                k = vlm.attention(a).k_proj(vlm.layers[a].input_layernorm(resid[0, :, a - 1]))[:, kv * dh:(kv + 1) * dh]
+                keys[(a, kv)] += [k[x:y].mean(0).numpy() for x, y in zip(bounds[:-1], bounds[1:])]
+        print(f"{model}: between-row / between-column share of the variance ({len(cells)} objects)")
+        print("  image tokens entering layer %d: rows %.3f, columns %.3f" % (layer, *shares(np.stack(inputs), cells)))
+        print("  the retrieval heads' value path there: rows %.3f, columns %.3f" % shares(np.stack(values), cells))
+        for (a, kv), ks in keys.items():
+            print("  keys of layer %d, key/value head %d: rows %.3f, columns %.3f" % (a, kv, *shares(np.stack(ks), cells)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["organism-ids"])
