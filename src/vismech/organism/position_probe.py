@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from vismech.organism.invariance import key_heads
+
 
 def position_width(spec) -> int:
     """The position probe's outputs: 9 cells with ``cell_code``; else 3 rows and 3 columns (and 3 rings)."""
@@ -114,8 +116,6 @@ def balance_loss(spec, batch: dict, z: dict, group: int) -> torch.Tensor:
     ``naming_cells``: the cell each names), each with its heads concatenated, and each layer's keys of the
     selection and feature heads at the objects' image tokens (``probe_where``, ``probe_cell``); ``z`` as in
     ``plant.clean_forward`` (keys by ("k", layer)), ``group`` query heads to a key head."""
-    from vismech.organism.invariance import key_heads
-
     def outputs(heads, where):
         return torch.cat([z[layer][where[:, 0], where[:, 1]][:, [h]].flatten(1) for layer, h in heads], -1).float()
 
