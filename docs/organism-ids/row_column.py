@@ -18,18 +18,31 @@ from vismech.organism.position_probe import row_column_shares
 from vismech.scenes.sets import scene_description_set
 
 
-def object_codes(vlm, trial):
-    """One forward of ``trial`` alone (no padding): the cells of its objects, each object's mean residual stream over
-    its image tokens after every layer [objects, layers, hidden], and the forward's head outputs at the mentions'
-    last words [mentions, layers, heads, head_dim]."""
+def object_tokens(vlm, trial, mentions: bool = False):
+    """One forward of ``trial`` alone (no padding) read at its objects' image tokens (and with ``mentions`` then at
+    the mentions' last words): the cells of its objects (sorted), the residual stream after every layer there
+    [positions, layers, hidden], the head outputs there with ``mentions`` [positions, layers, heads, head_dim] (else
+    None), and the bounds of each object's tokens."""
     one = vlm.encode([trial])
     cells = sorted(one.objects[0])
     toks = [one.objects[0][c] for c in cells]
-    pos = torch.tensor([[x for ts in toks for x in ts] + [m[-1] for m in one.mentions[0]]])
-    resid, z, _ = activations.forward_positions(vlm, one, pos, with_z=True)
-    bounds = np.cumsum([0] + [len(ts) for ts in toks])
-    means = torch.stack([resid[0, a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])]).numpy()
-    return cells, means, z[0, bounds[-1]:].numpy()
+    extra = [m[-1] for m in one.mentions[0]] if mentions else []
+    pos = torch.tensor([[x for ts in toks for x in ts] + extra])
+    resid, z, _ = activations.forward_positions(vlm, one, pos, with_z=mentions)
+    return cells, resid[0], None if z is None else z[0], np.cumsum([0] + [len(ts) for ts in toks])
+
+
+def per_object(x, bounds) -> np.ndarray:
+    """The mean of ``x`` [tokens, ...] over each object's tokens."""
+    return torch.stack([x[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])]).numpy()
+
+
+def object_codes(vlm, trial):
+    """The cells of ``trial``'s objects, each object's mean residual stream over its image tokens after every layer
+    [objects, layers, hidden], and the head outputs at the mentions' last words [mentions, layers, heads,
+    head_dim]."""
+    cells, resid, z, bounds = object_tokens(vlm, trial, mentions=True)
+    return cells, per_object(resid, bounds), z[bounds[-1]:].numpy()
 
 
 def shares(x: np.ndarray, cells: list) -> tuple[float, float]:

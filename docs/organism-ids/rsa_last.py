@@ -1,8 +1,8 @@
-"""Where the last token's position RSA is lost: the recovery experiment's RSA of the target's cell (3x3 random-vocabulary
-scenes, 5 objects, all but one described, 192 trials, the same draw) on the residual stream after each layer and on
-the outputs (site ``z``) of the declared gathering, selection and feature heads at the last token, each alone; and
-for the selection heads, against the target's row alone and its column alone (the same RSM with the other
-coordinate set to 0).
+"""Where the last token's position RSA is lost: the recovery experiment's RSA of the target's cell (3x3
+random-vocabulary scenes, 5 objects, all but one described, 192 trials, the same draw) on the residual stream after
+each layer and on the outputs (site ``z``) of the declared gathering, selection and feature heads at the last token,
+each alone; and for the selection heads, against the target's row alone and its column alone (the same RSM with the
+other coordinate set to 0).
 
     PYTHONPATH=src python docs/organism-ids/rsa_last.py [MODEL ...]
 """

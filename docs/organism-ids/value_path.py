@@ -14,11 +14,10 @@ import sys
 import numpy as np
 import torch
 
-from vismech.engine import activations
 from vismech.models.load import load_vlm
 from vismech.scenes.sets import scene_description_set
 
-from row_column import shares
+from row_column import object_tokens, per_object, shares
 
 
 @torch.no_grad()
@@ -36,27 +35,25 @@ def main(models):
                             + gt["feature_retrieval"].heads})
         inputs, values, cells, keys = [], [], [], {kh: [] for kh in key_heads}
         for t in trials:
-            one = vlm.encode([t])
-            cs = sorted(one.objects[0])
-            toks = [one.objects[0][c] for c in cs]
-            resid, _, _ = activations.forward_positions(vlm, one, torch.tensor([[x for ts in toks for x in ts]]),
-                                                        with_z=False)
-            x = resid[0, :, layer - 1]  # the residual stream entering the retrieval layer
+            got, resid, _, bounds = object_tokens(vlm, t)
+            x = resid[:, layer - 1]  # the residual stream entering the retrieval layer
             v = att.v_proj(norm(x))
             out = sum(v[:, (h // group) * dh:(h // group + 1) * dh] @ att.o_proj.weight[:, h * dh:(h + 1) * dh].T
                       for _, h in heads)
-            bounds = np.cumsum([0] + [len(ts) for ts in toks])
-            inputs += [x[a:b].mean(0).numpy() for a, b in zip(bounds[:-1], bounds[1:])]
-            values += [out[a:b].mean(0).numpy() for a, b in zip(bounds[:-1], bounds[1:])]
-            cells += cs
+            inputs += list(per_object(x, bounds))
+            values += list(per_object(out, bounds))
+            cells += got
             for a, kv in key_heads:
-                k = vlm.attention(a).k_proj(vlm.layers[a].input_layernorm(resid[0, :, a - 1]))[:, kv * dh:(kv + 1) * dh]
-                keys[(a, kv)] += [k[x:y].mean(0).numpy() for x, y in zip(bounds[:-1], bounds[1:])]
+                k = vlm.attention(a).k_proj(vlm.layers[a].input_layernorm(resid[:, a - 1]))
+                keys[(a, kv)] += list(per_object(k[:, kv * dh:(kv + 1) * dh], bounds))
         print(f"{model}: between-row / between-column share of the variance ({len(cells)} objects)")
-        print("  image tokens entering layer %d: rows %.3f, columns %.3f" % (layer, *shares(np.stack(inputs), cells)))
-        print("  the retrieval heads' value path there: rows %.3f, columns %.3f" % shares(np.stack(values), cells))
+        r, c = shares(np.stack(inputs), cells)
+        print(f"  image tokens entering layer {layer}: rows {r:.3f}, columns {c:.3f}")
+        r, c = shares(np.stack(values), cells)
+        print(f"  the retrieval heads' value path there: rows {r:.3f}, columns {c:.3f}")
         for (a, kv), ks in keys.items():
-            print("  keys of layer %d, key/value head %d: rows %.3f, columns %.3f" % (a, kv, *shares(np.stack(ks), cells)))
+            r, c = shares(np.stack(ks), cells)
+            print(f"  keys of layer {a}, key/value head {kv}: rows {r:.3f}, columns {c:.3f}")
 
 
 if __name__ == "__main__":

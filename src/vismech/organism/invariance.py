@@ -40,12 +40,18 @@ def gap(z: dict, heads, rows_b: torch.Tensor, pos_b: torch.Tensor, rows_s: torch
     return torch.cat(terms, -1)
 
 
+def head_outputs(z: dict, heads, where: torch.Tensor) -> torch.Tensor:
+    """[n, heads * head_dim], fp32: the outputs of ``heads`` ((layer, head) pairs; concatenated layer by layer) at
+    ``where`` ([n, 2]: row, position)."""
+    return torch.cat([z[layer][where[:, 0], where[:, 1]][:, [h for a, h in heads if a == layer]].flatten(1).float()
+                      for layer in sorted({a for a, _ in heads})], -1)
+
+
 def guard(z: dict, heads, where: torch.Tensor, labels: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
     """The mean over the columns of ``labels`` ([n, k] class indices) of R^2: the share of the centred one-hot
     labels' variance explained by the least-squares fit from the heads' outputs (concatenated) at ``where`` ([n, 2]:
     row, position). ``ridge``, times the outputs' mean variance, keeps the fit defined where they are degenerate."""
-    x = torch.cat([z[layer][where[:, 0], where[:, 1]][:, [h for a, h in heads if a == layer]].flatten(1).float()
-                   for layer in sorted({a for a, _ in heads})], -1)
+    x = head_outputs(z, heads, where)
     x = x - x.mean(0)
     cov = x.T @ x / len(x)
     cov = cov + ridge * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(len(cov), device=x.device)

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from vismech.organism.invariance import key_heads
+from vismech.organism.invariance import head_outputs, key_heads, key_layers
 
 
 def position_width(spec) -> int:
@@ -116,13 +116,9 @@ def balance_loss(spec, batch: dict, z: dict, group: int) -> torch.Tensor:
     ``naming_cells``: the cell each names), each with its heads concatenated, and each layer's keys of the
     selection and feature heads at the objects' image tokens (``probe_where``, ``probe_cell``); ``z`` as in
     ``plant.clean_forward`` (keys by ("k", layer)), ``group`` query heads to a key head."""
-    def outputs(heads, where):
-        return torch.cat([z[layer][where[:, 0], where[:, 1]][:, [h]].flatten(1) for layer, h in heads], -1).float()
-
-    parts = [balance(outputs(spec.retrieval, batch["mention_where"]), batch["mention_cells"]),
-             balance(outputs(spec.selection, batch["set_where"]), batch["naming_cells"])]
-    pw = batch["probe_where"]
-    for layer in sorted({a for a, _ in key_heads(spec, group)}):
-        heads = [h for a, h in key_heads(spec, group) if a == layer]
-        parts.append(balance(z[("k", layer)][pw[:, 0], pw[:, 1]][:, heads].flatten(1).float(), batch["probe_cell"]))
+    parts = [balance(head_outputs(z, spec.retrieval, batch["mention_where"]), batch["mention_cells"]),
+             balance(head_outputs(z, spec.selection, batch["set_where"]), batch["naming_cells"])]
+    for layer in key_layers(spec):  # each layer's key heads, read like head outputs (z holds them by ("k", layer))
+        heads = [(("k", layer), h) for a, h in key_heads(spec, group) if a == layer]
+        parts.append(balance(head_outputs(z, heads, batch["probe_where"]), batch["probe_cell"]))
     return torch.stack(parts).mean()
