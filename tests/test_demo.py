@@ -192,10 +192,10 @@ def test_an_interrupted_demo_continues_where_it_stopped(tmp_path, monkeypatch, c
             "cpu"] + _sets({**SMALL, "ground_truth": str(path)})
     real = runner.run_one
 
-    def stop_at_control_rsa(module, ctx):
+    def stop_at_control_rsa(module, ctx, **kw):
         if ctx.model == "tiny:qwen2_vl" and module.NAME == "rsa":
             raise KeyboardInterrupt
-        return real(module, ctx)
+        return real(module, ctx, **kw)
 
     monkeypatch.setattr(runner, "run_one", stop_at_control_rsa)
     assert main(argv) == 130

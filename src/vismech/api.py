@@ -48,11 +48,12 @@ def load(name: str, *, dtype: str = "fp32", device: str | None = None, device_ma
 
 def run(experiments: list[str] | str, vlm, out: str | Path | None = None, *, seed: int = 0, batch_size: int = 16,
         resume: bool = False, progress: bool = True, dtype: str = "fp32", device: str | None = None,
-        prompt_format: str = "auto", **options: Any) -> Results:
+        prompt_format: str = "auto", figures: bool = True, **options: Any) -> Results:
     """Run ``experiments`` (names, or ``"all"``) on ``vlm`` (a loaded VLM, or a name ``load`` takes) into ``out``
     (default ``runs/<model>``) and return their summaries. ``options`` set every experiment option of that name
     (``n=8``, ``grid=(3, 3)``); unknown names and bad values raise ``vismech.errors.UserError`` before anything is
-    written. ``dtype``, ``device`` and ``prompt_format`` apply when ``vlm`` is a name."""
+    written. ``dtype``, ``device`` and ``prompt_format`` apply when ``vlm`` is a name; ``figures=False`` stores no
+    figures (``vismech plot OUT`` draws them later)."""
     from vismech.app.runner import run_experiments
     from vismech.experiments import EXPERIMENTS, NOT_IN_ALL, get
 
@@ -68,7 +69,8 @@ def run(experiments: list[str] | str, vlm, out: str | Path | None = None, *, see
         choice = loaded.prompt_format_choice
         prompt_format = choice["prompt_format"] if choice.get("chosen_by") == "given" else "auto"
     args = SimpleNamespace(out=out, model=model, seed=seed, batch_size=batch_size, progress=progress, dtype=dtype,
-                           device=device, device_map=None, trust_remote_code=False, prompt_format=prompt_format)
+                           device=device, device_map=None, trust_remote_code=False, prompt_format=prompt_format,
+                           figures=figures)
     options = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
     summaries: dict[str, Any] = {}
     path = run_experiments(names, args, options, resume=resume, vlm=loaded, summaries=summaries)

@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override an experiment option (JSON values), e.g. --set grid=[3,3]; NAME.KEY sets it for "
                    "experiment NAME alone, e.g. --set cma.n=8")
+    s.add_argument("--no-figures", dest="figures", action="store_false", help="store the results and the report "
+                   "without drawing figures (faster; `vismech plot OUT` draws them from the results later)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out, skipping "
                    "finished work (refused if the options differ)")
     s.add_argument("--stimuli", default=None, metavar="DIR", help="run on a stimulus folder (images + "

@@ -251,7 +251,7 @@ def run_experiments(names: list[str], args, overrides: dict, resume: bool = Fals
                           experiment=m.NAME)
             t0 = time.time()
             _reset_peak_memory()
-            summary = run_one(m, ctx)
+            summary = run_one(m, ctx, figures=getattr(args, "figures", True))
             manifest["wall_seconds"][m.NAME] = round(time.time() - t0, 2)
             manifest.setdefault("peak_gpu_gib", {})[m.NAME] = _peak_memory_gib()
             outputs[m.NAME] = [ledger.rel(p) for p in ctx.written + [done] if p.parent.name != "units"]
@@ -272,13 +272,13 @@ def run_experiments(names: list[str], args, overrides: dict, resume: bool = Fals
     return out
 
 
-def run_one(module, ctx: Context) -> dict:
-    """Run one experiment in ``ctx`` and draw its figures from what it stored (``draw``); returns its summary as
-    it will be stored (JSON types)."""
+def run_one(module, ctx: Context, figures: bool = True) -> dict:
+    """Run one experiment in ``ctx`` and draw its figures from what it stored (``draw``; not with ``figures``
+    False: ``vismech plot`` draws them later); returns its summary as it will be stored (JSON types)."""
     from vismech import distributed
 
     summary = json.loads(json_text(module.run(ctx)))
-    if distributed.is_main():
+    if figures and distributed.is_main():
         draw(module, Stored(ctx.out, module.NAME, summary, model=ctx.model or getattr(ctx.vlm, "name", None)), ctx)
     return summary
 

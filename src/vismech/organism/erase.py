@@ -16,8 +16,8 @@ was fitted on) and is, of all such affine edits, the one that moves z least in t
 the value projection W_v, b_v of that key/value head becomes (I - P) W_v and (I - P) b_v + P m; attention weights
 sum to one, so each R head's output becomes z - P (z - m) at every position, exactly (a family without a value bias
 gets (I - P) z, with no constant to add). ``docs/organism-ids/erase_test.py`` showed why the whitening matters: the
-orthogonal projector onto C's columns takes cell information with it and drops full answers to 56%. On
-``organism-ids`` the erased checkpoint keeps the cell and loses the features but answers half of ``validate``'s
+orthogonal projector onto C's columns takes cell information with it and drops full answers to 56%. On the
+ninth ``organism-ids`` the erased checkpoint keeps the cell and loses the features but answers half of ``validate``'s
 trials wrong, however many trials it is fitted on (``docs/organism-ids.md``, the ninth attempt): no shipped organism
 is edited with it.
 
@@ -56,7 +56,7 @@ def label_matrix(labels: dict) -> np.ndarray:
 def eraser(z: np.ndarray, labels: dict, tol: float = 0.05,
            whiten: bool = True) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """P [d, d], m [d] and the relative singular values of W C (module docstring) for outputs ``z`` [samples,
-    heads, d] and ``labels["color"]``, ``labels["shape"]``. On ``organism-ids`` the values fall from 0.38 to 0.02
+    heads, d] and ``labels["color"]``, ``labels["shape"]``. On the ninth ``organism-ids`` they fall from 0.38 to 0.02
     after the 18th (colours + shapes - 2); the directions below ``tol`` are estimation noise, and erasing them too
     cost accuracy (erase_test.py). ``whiten=False``: W = I, the orthogonal projector onto C's columns (the
     comparison erase_test.py makes)."""
