@@ -16,7 +16,8 @@ EXPERIMENTS = [n for n in EVERY if n not in NOT_IN_ALL]  # what "all" runs
 
 # cma_n equal to n: the head rankings reuse the cma experiment's stored scores (results depend on options alone)
 SMALL = ["--n", "2", "--set", "cma_n=2", "--set", "null_samples=200", "--set", "max_new_tokens=4",
-         "--set", "n_boot=30", "--set", "grids=[[2,2]]", "--set", "n_null=5", "--batch-size", "32"]
+         "--set", "n_boot=30", "--set", "grids=[[2,2]]", "--set", "n_null=5", "--set", "n_estimate=2",
+         "--batch-size", "32"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -223,8 +223,9 @@ def run_experiments(names: list[str], args, overrides: dict, resume: bool = Fals
     opened = _agree(_open_run, out, identity, resume)
     old, lock, created = opened if opened else (None, Lock(out), False)
     try:
-        vlm = vlm if vlm is not None else load_vlm(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
-                       prompt_format=args.prompt_format, trust_remote_code=args.trust_remote_code, seed=args.seed)
+        vlm = vlm if vlm is not None else load_vlm(
+            args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+            prompt_format=args.prompt_format, trust_remote_code=args.trust_remote_code, seed=args.seed)
         identity["checkpoint"] = checkpoint_fingerprint(args.model)  # a hub model may be in the cache only now
         if old is not None and old.get("checkpoint") != identity["checkpoint"]:
             raise UserError(_OTHER_WEIGHTS.format(model=args.model, out=out))
