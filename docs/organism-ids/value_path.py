@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from vismech.models.load import load_vlm
+from vismech.organism.invariance import key_heads
+from vismech.organism.validate import spec_of
 from vismech.scenes.sets import scene_description_set
 
 from row_column import object_tokens, per_object, shares
@@ -30,10 +32,7 @@ def main(models):
         dh, group = vlm.head_dim, vlm.n_heads // vlm.n_kv_heads
         trials = [t for k in (4, 5, 6) for t in scene_description_set(32, (3, 3), n_objects=k, seed=5 + k,
                                                                        entropy=None)]
-        gt = vlm.ground_truth.stages
-        key_heads = sorted({(a, h // group) for a, h in gt["id_selection"].parts["selection"]
-                            + gt["feature_retrieval"].heads})
-        inputs, values, cells, keys = [], [], [], {kh: [] for kh in key_heads}
+        inputs, values, cells, keys = [], [], [], {kh: [] for kh in key_heads(spec_of(vlm), group)}
         for t in trials:
             got, resid, _, bounds = object_tokens(vlm, t)
             x = resid[:, layer - 1]  # the residual stream entering the retrieval layer
@@ -43,7 +42,7 @@ def main(models):
             inputs += list(per_object(x, bounds))
             values += list(per_object(out, bounds))
             cells += got
-            for a, kv in key_heads:
+            for a, kv in keys:
                 k = vlm.attention(a).k_proj(vlm.layers[a].input_layernorm(resid[:, a - 1]))
                 keys[(a, kv)] += list(per_object(k[:, kv * dh:(kv + 1) * dh], bounds))
         print(f"{model}: between-row / between-column share of the variance ({len(cells)} objects)")
