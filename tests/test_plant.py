@@ -544,7 +544,7 @@ def test_every_planting_option_goes_from_the_card_back_to_the_same_spec():
              plant.PlantSpec(full_scenes=0.3, ring_probe=True, drop_late_mlps=True, invariance_from=2000,
                              weights=default.weights + (("guard", 3.0),), selection=((4, 0), (4, 1), (4, 2))),
              plant.PlantSpec(gathering_share=0.1, cell_code=True, strict_late_mlps=True),
-             plant.PlantSpec(split_gathering=True, balanced_probe=True)]
+             plant.PlantSpec(split_gathering=True, balanced_probe=True, solo=0.5)]
     moved = {f.field for f in plant_flags.FLAGS for spec in specs
              if getattr(spec, f.field) != getattr(default, f.field)}
     assert moved == {f.field for f in plant_flags.FLAGS}

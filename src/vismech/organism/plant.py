@@ -113,6 +113,11 @@ class PlantSpec:
     drop_late_mlps: bool = False
     # the invariance terms start at this step: the runs with one from step 0 mostly never made R and S causal
     invariance_from: int = 0
+    # from ``invariance_from``, this share of the R, S and F rows patch one of their component's heads alone, its
+    # change from the base scaled by the component's head count (``solo_kind``): each declared head then carries an
+    # even share of its stage's write, so each moves the answer when patched alone, as CMA patches it (one gathering
+    # head of the twelfth attempt scored over 5 alone in 7 of 50 CMA pairs, its partner in 47)
+    solo: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.gathering_share <= 1 / 8:
@@ -126,6 +131,8 @@ class PlantSpec:
         if self.balanced_probe and (self.cell_code or self.ring_probe):
             raise UserError("give --plant-balanced-probe without --plant-cell-code and --plant-ring-probe: each sets "
                             "what the position probe reads")
+        if not 0 <= self.solo <= 1:
+            raise UserError(f"the share of solo rows must be in [0, 1], got {self.solo}")
         if self.strict_late_mlps and self.drop_late_mlps:
             raise UserError("give either --plant-strict-late-mlps or --plant-drop-late-mlps: a dropped MLP leaves "
                             "nothing to resample")
@@ -242,14 +249,18 @@ def drop_mlps(vlm: VLM, spec: PlantSpec) -> None:
 
 def patched_forward(vlm: VLM, batch: dict, z_a: dict, autocast=contextlib.nullcontext):
     """The intervened rows: row k runs its own inputs with the head outputs that ``b_patch[k]`` marks taken from
-    clean row ``b_source[k]`` (same positions). Row k shows the image of clean row ``b_base[k]``: its image
+    clean row ``b_source[k]`` (same positions; with ``b_gain``, the row's own output moved ``b_gain[k]`` times the
+    difference to the source's: 1 is the source's output). Row k shows the image of clean row ``b_base[k]``: its image
     features are taken from the clean forward (``z_a["embeddings"]``, the language model's input there) instead of
     running the vision tower again. With ``b_patch_mlp`` (``PlantSpec.strict_late_mlps``) the late layers' MLP
     outputs it marks are taken from the source row too."""
-    patch, source = batch["b_patch"], batch["b_source"]
+    patch, source, gain = batch["b_patch"], batch["b_source"], batch.get("b_gain")
 
     def fn(layer):
-        return lambda x: torch.where(patch[:, :, layer, :, None], z_a[layer][source], x)
+        if gain is None:
+            return lambda x: torch.where(patch[:, :, layer, :, None], z_a[layer][source], x)
+        g = gain[:, None, None, None]
+        return lambda x: torch.where(patch[:, :, layer, :, None], x + g.to(x.dtype) * (z_a[layer][source] - x), x)
 
     ids_a, ids_b, base = batch["a_input_ids"], batch["b_input_ids"], batch["b_base"]
     image = vlm.image_token_id
@@ -320,6 +331,8 @@ def plant_loss(vlm: VLM, spec: PlantSpec, probe: torch.nn.Module, batch: dict, a
         if k in kinds:
             losses[name] = ce_b[sel].mean()
             metrics[f"iit_{name}_acc"] = hits_b[sel].float().mean()
+    if batch.get("b_solo"):  # the solo rows' accuracy (they count in their kind's loss)
+        metrics["iit_solo_acc"] = hits_b[list(batch["b_solo"])].float().mean()
     total = sum(spec.weight(k) * v for k, v in losses.items())
     metrics.update({f"loss_{k}": v.detach() for k, v in losses.items()})
     return total, metrics
@@ -346,6 +359,16 @@ def ground_truth(spec: PlantSpec):
         helpers={"binding": Declared(spec.binding, "mentions", "the mention's colour word, moved to its shape word "
                                      "(text only: no CMA condition changes it)")},
         method=METHOD + ("; the MLPs after the feature heads' layer removed (zero)" if spec.drop_late_mlps else ""))
+
+
+def solo_kind(kind: str) -> tuple[str, int | None]:
+    """An intervened row's kind without its solo mark, and the solo head's index in its component (None: every
+    head): ``"S_gathering@1"`` is an ``S_gathering`` row that patches the component's second head alone. Other kinds
+    (validity's ``("resample", heads)``) are returned as they are."""
+    if not isinstance(kind, str):
+        return kind, None
+    base, _, j = kind.partition("@")
+    return base, int(j) if j else None
 
 
 def set_layer(spec: PlantSpec) -> int:

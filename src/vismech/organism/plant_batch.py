@@ -20,7 +20,10 @@ from vismech.scenes.core import Trial
 
 from . import causal_model as cm
 from .data import answer_tokens, rope_positions
-from .plant import COMPONENTS, IIT_KINDS, PlantSpec, _split, late_layers
+from .plant import COMPONENTS, IIT_KINDS, PlantSpec, _split, late_layers, solo_kind
+
+# the component whose declared heads an interchange row of each kind patches
+COMPONENT_OF = {"R": "retrieval", "S_gathering": "gathering", "S_selection": "selection", "F": "features"}
 
 
 # -- rows of one step ------------------------------------------------------------------------------------------
@@ -73,6 +76,12 @@ def step_plan(spec: PlantSpec, seed: int, step: int, n: int) -> Plan:
         plan.b.append((Row(base, base.answer, False, g), "strict", res_i))
     # the invariance rows are drawn last, so that the other rows are those of the spec without them
     plan.invariant = step >= spec.invariance_from
+    if spec.solo and plan.invariant:  # its own generator: every row's draw stays that of the spec without it
+        solo_rng = random.Random(seed * 1_000_000_007 + step + 1)
+        for k, (row, kind, src) in enumerate(plan.b):
+            n_heads = len(getattr(spec, COMPONENT_OF[kind])) if kind in COMPONENT_OF else 0
+            if n_heads > 1 and solo_rng.random() < spec.solo:
+                plan.b[k] = (row, f"{kind}@{solo_rng.randrange(n_heads)}", src)
     if (spec.weight("invariance") or spec.weight("invariance_s")) and plan.invariant:
         for g, base in enumerate(bases):
             drawn = cm.mention_feature_source(base, rng)
@@ -236,7 +245,7 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
         out[f"att_{comp}_keys"] = torch.stack(masks) if masks else torch.zeros(0, total, dtype=torch.bool)
     out["inv_where"] = torch.tensor([(g, i, enc.mentions[g][j][-1] + shift_a[g]) for g, i, j in plan.inv],
                                     dtype=torch.long).reshape(-1, 3)
-    f_pairs = [(r.group, src) for r, kind, src in plan.b if kind == "F"]  # each base and its F source
+    f_pairs = [(r.group, src) for r, kind, src in plan.b if solo_kind(kind)[0] == "F"]  # each base, its F source
     if spec.weight("invariance_s") and plan.invariant:
         out["f_pairs"] = torch.tensor(f_pairs, dtype=torch.long).reshape(-1, 2)
         out["last_pos"] = torch.tensor(last)
@@ -259,7 +268,8 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
 
     # intervened rows: which (position, layer, head) take the source row's value
     patch = torch.zeros(len(plan.b), total, L, H, dtype=torch.bool)
-    src_rows, kinds = [], []
+    src_rows, kinds, solo_rows = [], [], []
+    gain = torch.ones(len(plan.b))
     gen = torch.Generator().manual_seed(seed)
     declared = _declared_positions(spec, plan, enc, shift_b, rows_b, total)
     for k, (r, kind, src) in enumerate(plan.b):
@@ -269,6 +279,7 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
             for layer, head in kind[1]:
                 patch[k, :, layer, head] = mask_b[k].bool()
             continue
+        kind, solo = solo_kind(kind)
         kinds.append(IIT_KINDS.index(kind.split("_")[0]))
         if kind == "strict":
             p = torch.rand(L, H, generator=gen) < spec.strict_p
@@ -279,11 +290,15 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
             m[~mask_b[k].bool()] = False
             patch[k] = m
         else:
-            comp = {"R": "retrieval", "S_gathering": "gathering", "S_selection": "selection", "F": "features"}[kind]
-            pos, heads = declared[k][comp]
+            pos, heads = declared[k][COMPONENT_OF[kind]]
+            if solo is not None:  # one head alone, its change scaled by the component's head count
+                gain[k], heads = len(heads), heads[solo:solo + 1]
+                solo_rows.append(k)
             for layer, head in heads:
                 patch[k, pos, layer, head] = True
     out["b_patch"] = patch
+    if solo_rows:
+        out["b_gain"], out["b_solo"] = gain, tuple(solo_rows)
     if spec.strict_late_mlps:  # strict rows also take the late layers' MLP outputs from their source
         mlp = torch.zeros(len(plan.b), total, L, dtype=torch.bool)
         late = late_layers(spec, L)

@@ -58,6 +58,9 @@ FLAGS = (
          "resamples undeclared heads only)"),
     Flag("drop_late_mlps", "remove the MLPs of the layers after the feature heads (zero and frozen): only heads run "
          "after the planted read-out"),
+    Flag("solo", "from the invariance terms' step, this share of the R, S and F interchange rows patch one declared "
+         "head of the stage alone, its change scaled by the number of the stage's heads: each declared head carries "
+         "an even share and moves the answer alone (default 0)", Opt("float", 0, 1), "P"),
     Flag("invariance_from", "start the invariance, guard and balance terms at this step, once R and S can become "
          "causal without them (default 0)", Opt("int", 0), "STEP"),
 )
