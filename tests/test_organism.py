@@ -404,7 +404,21 @@ def test_a_second_stage_starts_from_a_trained_tower_keeps_it_frozen_and_its_card
     assert main(args[:4] + [str(third)] + args[5:-3] + ["--init-from", str(second), "--freeze-vision"]) == 0
     assert reproduce_of(str(third))[:2] == [blocks[1].strip(), blocks[3].strip()]
     assert f"--init-from {second} --freeze-vision" in reproduce_of(str(third))[2]
+    # a repair stage trains only the layers after --freeze-through (embeddings, tower and layer 0 kept)
+    fourth = tmp_path / "stage4"
+    assert main(args[:4] + [str(fourth)] + args[5:-3] + ["--init-from", str(third), "--freeze-through", "0"]) == 0
+    before = load_vlm(str(third), dtype="fp32", device="cpu").model.state_dict()
+    after = load_vlm(str(fourth), dtype="fp32", device="cpu").model.state_dict()
+    kept = [n for n in after if is_vision(n, "qwen2_5_vl") or "embed_tokens" in n or ".layers.0." in n]
+    trained = [n for n in after if ".layers.1." in n and after[n].ndim == 2]
+    assert trained and len(kept) > len(vision)
+    assert all(torch.equal(after[n], before[n]) for n in kept)
+    assert not any(torch.equal(after[n], before[n]) for n in trained)
+    assert f"--init-from {third} --freeze-through 0" in reproduce_of(str(fourth))[3]
+    assert "text embeddings and layers 0-0 frozen (only the later layers trained)" in (fourth / "README.md").read_text()
     capsys.readouterr()
+    assert main(args[:4] + [str(tmp_path / "x"), "--freeze-through", "1"]) == 2
+    assert "--freeze-through needs --init-from" in capsys.readouterr().err
     assert main(args[:4] + [str(tmp_path / "x"), "--freeze-vision"]) == 2
     assert "--freeze-vision needs --vision-from or --init-from" in capsys.readouterr().err
     assert main(args[:4] + [str(tmp_path / "x"), "--vision-from", str(first), "--init-from", str(first)]) == 2

@@ -70,6 +70,7 @@ def cmd_train_organism(args) -> int:
                          batch_size=args.batch_size, lr=args.lr, resume=args.resume, sizes=sizes,
                          label_mentions=args.label_mentions, vision_from=args.vision_from,
                          init_from=args.init_from, freeze_vision=args.freeze_vision,
+                         freeze_through=args.freeze_through,
                          packed_attention=False if args.no_packed_attention else None, **kw)
     s = res.summary
     accs = " ".join(f"{g}={a['value']:.3f}" for g, a in s.get("final_accuracy", {}).items())
@@ -127,6 +128,10 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    "organism (a continuation with a fresh optimizer and schedule)")
     s.add_argument("--freeze-vision", action="store_true", help="with --vision-from or --init-from: train the "
                    "language model only (a second stage on a tower trained before)")
+    s.add_argument("--freeze-through", type=arg_type(Opt("int", 0), "--freeze-through"), default=None, metavar="LAYER",
+                   help="with --init-from: keep the vision tower, the projector, the text embeddings and the language "
+                   "model's layers 0 to LAYER fixed, and train the later layers (a repair after an edit of that "
+                   "layer, such as python -m vismech.organism.erase)")
     s.add_argument("--no-packed-attention", action="store_true", help="on CUDA, run the Qwen2.5-VL vision "
                    "tower with HF's own attention instead of vismech's packed one (slower; a check)")
     s.add_argument("--plant", choices=["ids"], default=None, help="ids: plant the paper's three stages in declared "

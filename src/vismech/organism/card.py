@@ -65,7 +65,9 @@ def reproduce_command(info: dict) -> str:
     for flag in ("vision_from", "init_from"):
         if info.get(flag):
             cmd += f" --{flag.replace('_', '-')} {_source_out(info)}"
-    if info.get("freeze_vision"):
+    if info.get("freeze_through") is not None:  # it implies --freeze-vision
+        cmd += f" --freeze-through {info['freeze_through']}"
+    elif info.get("freeze_vision"):
         cmd += " --freeze-vision"
     if info.get("sizes") not in (None, "{}", {}):
         cmd += f" --sizes '{info['sizes']}'"
@@ -195,7 +197,9 @@ def card_text(info: dict, model=None) -> str:
               *([(f"- vision tower and projector: started from the trained organism `{info['vision_from']}`"
                   if info.get("vision_from") else
                   f"- every weight: started from the trained organism `{info['init_from']}`")
-                 + ("; vision tower and projector frozen (only the language model trained)"
+                 + (f"; vision tower, projector, text embeddings and layers 0-{info['freeze_through']} frozen "
+                    "(only the later layers trained)" if info.get("freeze_through") is not None else
+                    "; vision tower and projector frozen (only the language model trained)"
                     if info.get("freeze_vision") else "")]
                 if info.get("vision_from") or info.get("init_from") else []),
               f"- batch {info['batch_size']}, AdamW (0.9, 0.95), peak lr {info['lr']}, warmup {info['warmup']} "

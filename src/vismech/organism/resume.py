@@ -37,7 +37,7 @@ def load_state(path: Path, model, opt, run: dict, probe=None) -> tuple[int, floa
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state["run"]
     keys = ("arch", "seed", "batch_size", "lr", "sizes", "label_mentions", "early", "vision_from", "init_from",
-            "freeze_vision", "plant")
+            "freeze_vision", "freeze_through", "plant")
     keys += ("mixture",) if "mixture" in saved else ()  # states saved before it was recorded have none
     for key in keys:
         if not same_setting(key, saved.get(key), run.get(key)):

@@ -3,9 +3,12 @@ weight); ``card.reproduce_of`` reads the commands of the stages before from its 
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from vismech.errors import UserError
+
 
 def is_vision(name: str, arch: str) -> bool:
     """Whether parameter ``name`` belongs to the vision tower or projector of an ``arch`` organism (the modules
@@ -13,6 +16,13 @@ def is_vision(name: str, arch: str) -> bool:
     from vismech.models.families import FAMILIES
 
     return any(name.startswith(f"model.{m}.") for m in FAMILIES[arch].vision_modules)
+
+
+def is_frozen_through(name: str, layer: int) -> bool:
+    """Whether language-model parameter ``name`` lies at or before ``layer``: the text embeddings and layers 0 to
+    ``layer`` (what a repair after an edit of that layer keeps: ``train_organism``'s ``freeze_through``)."""
+    m = re.match(r"model\.language_model\.layers\.(\d+)\.", name)
+    return "embed_tokens" in name or (m is not None and int(m.group(1)) <= layer)
 
 
 def load_weights(model, arch: str, source: str, everything: bool = False) -> int:

@@ -48,7 +48,7 @@ from .card import reproduce_of
 from .config import END_TOKEN, MAX_BYTES, build_organism, check_arch
 from vismech.models.packed_attention import cached_vision_tables, packed_vision_attention
 from .resume import STATE, load_state, save_state, truncate_log
-from .stages import is_vision, load_weights
+from .stages import is_frozen_through, is_vision, load_weights
 
 LOG = "train_log.jsonl"
 EMERGENCE = "emergence.jsonl"
@@ -152,7 +152,7 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
                    progress: bool = True, sizes: dict | None = None, packed_attention: bool | None = None,
                    mixture: tuple = data.MIXTURE, label_mentions: bool = False,
                    early: tuple[int, tuple] | None = None, vision_from: str | None = None,
-                   init_from: str | None = None, freeze_vision: bool = False,
+                   init_from: str | None = None, freeze_vision: bool = False, freeze_through: int | None = None,
                    command: str | None = None, plant=None) -> TrainResult:
     """Train the ``arch`` organism for ``steps`` steps into ``out`` (see the module docstring).
 
@@ -167,7 +167,9 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
     name or folder) starts the vision tower and projector from that trained organism's, and ``freeze_vision`` keeps
     them fixed: a second stage that trains a fresh language model on a tower trained before, as real VLMs are built
     on a pretrained image encoder. ``init_from`` starts every weight from that organism's (a continuation with a
-    fresh optimizer and schedule). ``plant`` (a ``plant.PlantSpec``) trains by planting instead of the task mixture:
+    fresh optimizer and schedule); ``freeze_through`` (with ``init_from``) keeps the vision tower, the projector,
+    the text embeddings and the language model's layers up to it fixed: a repair of the later layers after an edit
+    of that layer (``erase``). ``plant`` (a ``plant.PlantSpec``) trains by planting instead of the task mixture:
     declared heads are trained to carry ``causal_model``'s variables, and the checkpoint declares them in
     ``ground_truth.json``."""
     check_arch(arch)
@@ -194,6 +196,11 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
             raise UserError("--freeze-vision needs --vision-from or --init-from: freezing a random vision tower "
                             "trains nothing useful")
         run["freeze_vision"] = True
+    if freeze_through is not None:
+        if init_from is None:
+            raise UserError("--freeze-through needs --init-from: it keeps the early layers of a trained organism")
+        freeze_vision = True
+        run["freeze_vision"], run["freeze_through"] = True, freeze_through
     if plant is not None:
         run["plant"] = plant.to_json()
     if early:
@@ -207,7 +214,8 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
         load_weights(model, arch, str(source), everything=init_from is not None)
     source_commands = reproduce_of(str(source)) if source is not None else []
     for n, p in model.named_parameters():
-        p.requires_grad_(not (freeze_vision and is_vision(n, arch)))
+        p.requires_grad_(not (freeze_vision and is_vision(n, arch))
+                         and not (freeze_through is not None and is_frozen_through(n, freeze_through)))
     model.to(dev)
     spec = family_for_config(model.config)
     vlm = VLM(model, tok, proc, spec, f"organism:{arch}", "chat")
@@ -318,7 +326,7 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
     summary.update(_finish(vlm, out, dev, heldout, summary, run, dict(
         warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
         eval_n=eval_n, mixture=mixture, early=early, command=command, vision_from=vision_from,
-        init_from=init_from, freeze_vision=freeze_vision, source_commands=source_commands, stopped_early=stopped_early,
+        init_from=init_from, freeze_vision=freeze_vision, freeze_through=freeze_through, source_commands=source_commands, stopped_early=stopped_early,
         max_minutes=max_minutes, plant=plant)))
     return TrainResult(out, vlm, summary)
 
