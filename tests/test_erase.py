@@ -83,8 +83,15 @@ def test_the_command_writes_a_checkpoint_that_declares_the_erasure(tmp_path, cap
     vlm.image_processor.save_pretrained(src)
     plant.ground_truth(SPEC).save(src)
     (src / "train_log.jsonl").write_text('{"step": 1}\n')
+    (src / "README.md").write_text("# src\n\n## Reproduce\n\n```\nvismech train-organism --out src\n```\n")
     out = tmp_path / "erased"
     assert erase.main([str(src), "--out", str(out), "--trials", "8", "--device", "cpu"]) == 0
+    # its card chains the source's command and the erasure's, as a later stage's card reads them
+    from vismech.organism.card import _source_out, reproduce_of
+
+    assert reproduce_of(str(out)) == ["vismech train-organism --out src",
+                                      f"python -m vismech.organism.erase {src} --out {out} --trials 8 --seed 0"]
+    assert _source_out({"source_commands": reproduce_of(str(out)), "init_from": "x"}) == str(out)
     assert "erased colour and shape from layer 1" in capsys.readouterr().out
     loaded = load_vlm(str(out), dtype="fp32", device="cpu")
     assert loaded.ground_truth.stages == plant.ground_truth(SPEC).stages

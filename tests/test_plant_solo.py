@@ -1,6 +1,7 @@
 """Solo rows of planting (``PlantSpec.solo``): an interchange row that patches one declared head of its component
 alone, its change from the base scaled by the component's head count."""
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -36,11 +37,10 @@ def test_solo_kind_reads_the_mark():
 
 
 def test_solo_rows_mark_one_head_and_leave_every_other_draw_as_without_them():
-    plain = pb.step_plan(plant.PlantSpec(**{**SPEC.__dict__, "solo": 0.0}), 5, 3, 4)
-    solo = pb.step_plan(SPEC, 5, 3, 4)
-    before = pb.step_plan(SPEC, 5, 0, 4)  # step 0 < invariance_from: no solo row
-    assert [k for _, k, _ in before.b] == [k for _, k, _ in pb.step_plan(plant.PlantSpec(**{**SPEC.__dict__,
-                                                                                         "solo": 0.0}), 5, 0, 4).b]
+    without = dataclasses.replace(SPEC, solo=0.0)
+    plain, solo = pb.step_plan(without, 5, 3, 4), pb.step_plan(SPEC, 5, 3, 4)
+    # step 0 < invariance_from: no solo row
+    assert [k for _, k, _ in pb.step_plan(SPEC, 5, 0, 4).b] == [k for _, k, _ in pb.step_plan(without, 5, 0, 4).b]
     assert [(r.trial.prompt, r.answer, s) for r, _, s in plain.b] == [(r.trial.prompt, r.answer, s)
                                                                        for r, _, s in solo.b]
     assert [r.trial.prompt for r in plain.a] == [r.trial.prompt for r in solo.a]

@@ -20,7 +20,10 @@
 #   RUN=runs/org/drop
 # The tenth (the guard term; docs/organism-ids/guard/): the ninth's FLAGS with --plant-weight guard=1, RUN=runs/org/guard.
 # The eleventh (docs/organism-ids/balanced/): the ninth's FLAGS with --plant-balanced-probe,
-# RUN=runs/org/balanced.
+# RUN=runs/org/balanced. The twelfth (shipped): the ninth's FLAGS with --plant-weight balance=1, SCALE=0.92. The
+# thirteenth (docs/organism-ids/thirteenth/): the twelfth's with --plant-weight guard=1 --plant-solo 0.5, SCALE=0.88.
+# BUDGET (default 14.8): the minutes of training loop the two parts share; less leaves time for a later stage
+# (erase_repair.sh).
 set -u
 OUT=${1:?give a log folder}; PART=${2:?give the part, 1 or 2}; MIN=${3:-}
 export PYTHONPATH=${PYTHONPATH:-src}
@@ -40,13 +43,13 @@ if [ "$PART" = 1 ]; then
   # and a run stopped by the time limit at 85% of its schedule has its rate at 15% of the peak (the schedule ends at
   # 10%), where one that ends early leaves minutes of the budget unused (the eighth attempt: 12.4 of 15)
   # SCALE (default 1.05): a term that slows the steps after --plant-invariance-from (balance: 0.92) lowers it
-  python -c "print(int(float('$rate') * ${SCALE:-1.05} * 14.6 * 60 / 100) * 100)" > "$RUN.steps"
+  python -c "print(int(float('$rate') * ${SCALE:-1.05} * (${BUDGET:-14.8} - 0.2) * 60 / 100) * 100)" > "$RUN.steps"
   RES=
 else
   RES=--resume
-  # what is left of 14.8 minutes of training loop after part 1 (the log's seconds count every part)
+  # what is left of BUDGET minutes of training loop after part 1 (the log's seconds count every part)
   MIN=${MIN:-$(python -c "import json; r = [json.loads(l) for l in open('$RUN/train_log.jsonl')]; \
-print(round(max(0.5, 14.8 - r[-1]['seconds'] / 60), 2))")}
+print(round(max(0.5, ${BUDGET:-14.8} - r[-1]['seconds'] / 60), 2))")}
 fi
 STEPS=$(cat "$RUN.steps")
 echo "part $PART: $STEPS steps planned, $MIN minutes" | tee -a "$LOGS/steps.txt"
