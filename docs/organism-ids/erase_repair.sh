@@ -6,18 +6,19 @@
 # without the repair kept the cell and removed the features but broke 3x3 descriptions (the twelfth: 18.8%).
 # The logs come back as OUT/repair.tgz, the repaired organism (without its training state) as OUT/repaired.tgz.
 #
-#   BUDGET=12.3 FLAGS="..." RUN=runs/org/x bash docs/organism-ids/plant_15min.sh OUT 1 6.0   # then part 2
-#   FLAGS="..." RUN=runs/org/x bash docs/organism-ids/erase_repair.sh OUT 2.2
+#   BUDGET=12.4 SCALE=0.92 FLAGS="..." RUN=runs/org/x bash docs/organism-ids/plant_15min.sh OUT 1 6.2   # then part 2
+#   FLAGS="..." RUN=runs/org/x bash docs/organism-ids/erase_repair.sh OUT 2.0
 #
 # The second argument: the repair's minutes of training loop (what the planting left of the 15-minute budget, less
-# the erasure's time). FLAGS: the planting flags of RUN (the repair keeps them; its position probe is off: layer 1
-# is frozen). LR (3e-4), STEPS (400: the schedule the repair would need at full speed), LAYER (2: the retrieval
-# layer). For a check on the CPU: DEVICE=cpu WORKERS=0 TRIALS=16 BATCH=2 N=4 STEPS=2.
+# the erasure's time). FLAGS: the planting flags of RUN (the repair keeps them but --plant-invariance-from; its
+# position probe is off: layer 1 is frozen). LR (5e-4), STEPS (500: about what 2 minutes buy on an H200), LAYER (2:
+# the retrieval layer). For a check on the CPU: DEVICE=cpu WORKERS=0 TRIALS=16 BATCH=2 N=4 STEPS=2 EVAL_N=2.
 set -u
 OUT=${1:?give a log folder}; MIN=${2:?give the repair minutes}
 export PYTHONPATH=${PYTHONPATH:-src}
 RUN=${RUN:?give the planted run folder}
-FLAGS=${FLAGS:-}
+# the late terms run from the repair's first step: it starts from a trained organism
+FLAGS=$(echo "${FLAGS:-}" | sed -E 's/--plant-invariance-from [0-9]+//')
 DEVICE=${DEVICE:-cuda}; N=${N:-128}
 LOGS=$RUN.repair.logs
 mkdir -p "$OUT" "$LOGS"
@@ -27,8 +28,8 @@ python -m vismech.organism.erase "$RUN" --out "$RUN-erased" --trials "${TRIALS:-
 echo "erasure: $(( $(date +%s) - start )) s" | tee "$LOGS/minutes.txt"
 python -m vismech.app.cli train-organism --arch qwen2_5_vl --out "$RUN-repaired" --batch-size "${BATCH:-32}" \
   --plant ids $FLAGS --plant-weight probe=0 --init-from "$RUN-erased" --freeze-through "${LAYER:-2}" \
-  --eval-every 500 --workers "${WORKERS:-12}" --device "$DEVICE" --steps "${STEPS:-400}" --eval-n 64 \
-  --lr "${LR:-0.0003}" --seed 0 --max-minutes "$MIN" > "$LOGS/train.log" 2>&1
+  --eval-every 500 --workers "${WORKERS:-12}" --device "$DEVICE" --steps "${STEPS:-500}" --eval-n "${EVAL_N:-64}" \
+  --lr "${LR:-0.0005}" --seed 0 --max-minutes "$MIN" > "$LOGS/train.log" 2>&1
 grep "^organism qwen" "$LOGS/train.log" || tail -3 "$LOGS/train.log"
 cp "$RUN-repaired/train_log.jsonl" "$LOGS/" 2>/dev/null
 cp "$RUN-erased/erasure.json" "$LOGS/" 2>/dev/null
