@@ -326,8 +326,8 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
     summary.update(_finish(vlm, out, dev, heldout, summary, run, dict(
         warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
         eval_n=eval_n, mixture=mixture, early=early, command=command, vision_from=vision_from,
-        init_from=init_from, freeze_vision=freeze_vision, freeze_through=freeze_through, source_commands=source_commands, stopped_early=stopped_early,
-        max_minutes=max_minutes, plant=plant)))
+        init_from=init_from, freeze_vision=freeze_vision, freeze_through=freeze_through,
+        source_commands=source_commands, stopped_early=stopped_early, max_minutes=max_minutes, plant=plant)))
     return TrainResult(out, vlm, summary)
 
 
