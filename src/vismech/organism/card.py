@@ -86,6 +86,11 @@ def reproduce_of(source: str) -> list[str]:
     return [b.strip() for b in blocks[1:-1:2] if b.strip()]
 
 
+def command_blocks(commands: list[str]) -> list[str]:
+    """Card lines that hold each of ``commands`` in a code block of its own, as ``reproduce_of`` reads them."""
+    return [x for c in commands for x in ("```", c, "```", "")]
+
+
 def _source_out(info: dict) -> str:
     """Where the organism this one started from is written by its own command (else its name as given)."""
     words = ((info.get("source_commands") or [""])[-1]).split()
@@ -225,7 +230,7 @@ def card_text(info: dict, model=None) -> str:
               f"vlm = load_vlm({info['out']!r})  # offline, through the same adapter as any real model", "```", "",
               "## Reproduce", "",
               *(["First the organism this one starts from, as its card gives it,", ""]
-                + [x for c in info["source_commands"] for x in ("```", c, "```", "")] + ["then this one:", ""]
+                + command_blocks(info["source_commands"]) + ["then this one:", ""]
                 if info.get("source_commands") else []),
               "```", reproduce_command(info), "```", "",
               "The training log is `train_log.jsonl`; per-step emergence snapshots are in `emergence.jsonl`.", ""]

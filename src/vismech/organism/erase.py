@@ -112,19 +112,18 @@ def erase_retrieval_features(vlm: VLM, spec, n: int = 512, seed: int = 0, batch_
     return {"layer": layer, "heads": heads, "mentions": len(z), "trials": n, "seed": seed, "kv_heads": done}
 
 
-def card(source: str, command: str, ranks: str, info: dict) -> str:
-    """The edited checkpoint's model card: what was erased, and in its Reproduce section the commands of the source
-    organism (``card.reproduce_of``) followed by this edit's, so that a later stage's card chains them all."""
-    from .card import reproduce_of
+def card(name: str, source: str, command: str, ranks: str, info: dict) -> str:
+    """The edited checkpoint's model card (``name``: its folder's): what was erased, and in its Reproduce section the
+    commands of the source organism (``card.reproduce_of``) followed by this edit's, so that a later stage's card
+    chains them all."""
+    from .card import command_blocks, reproduce_of
 
-    blocks = [x for c in reproduce_of(source) + [command] for x in ("```", c, "```", "")]
-    return "\n".join([f"# {Path(command.split('--out ')[1].split()[0]).name}: `{source}` with its ID-retrieval "
-                      "heads' features erased", "",
+    return "\n".join([f"# {name}: `{source}` with its ID-retrieval heads' features erased", "",
                       f"Colour and shape erased from the values of layer {info['layer']}'s ID-retrieval heads "
                       f"(LEACE, rank {ranks}, fitted on {info['mentions']} mentions of {info['trials']} 3x3 "
                       "description trials; `erasure.json`). Its held-out accuracy and validity are not measured "
                       "here: run `python -m vismech.organism.validate` on it.", "",
-                      "## Reproduce", "", *blocks])
+                      "## Reproduce", "", *command_blocks(reproduce_of(source) + [command])])
 
 
 def main(argv=None) -> int:
@@ -162,7 +161,7 @@ def main(argv=None) -> int:
             shutil.copy(source / name, out / name)
     (out / "erasure.json").write_text(json.dumps({"source": a.model, **info}, indent=1) + "\n")
     command = f"python -m vismech.organism.erase {a.model} --out {a.out} --trials {a.trials} --seed {a.seed}"
-    (out / "README.md").write_text(card(a.model, command, ranks, info))
+    (out / "README.md").write_text(card(out.name, a.model, command, ranks, info))
     print(f"erased colour and shape from layer {info['layer']}'s ID-retrieval values (rank {ranks}, "
           f"{info['mentions']} mentions of {a.trials} trials) -> {out}")
     return 0
