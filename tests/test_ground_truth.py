@@ -95,9 +95,43 @@ def test_shipped_planted_organisms_declare_the_default_spec_heads_and_meet_their
     assert vlm.family.name == {"organism-ids": "qwen2_5_vl", "organism-llava-ids": "llava"}[name]
     # organism-ids was planted with its MLPs after the feature heads removed, which its declared method says
     dropped = name == "organism-ids"
-    assert vlm.ground_truth == ground_truth(PlantSpec(drop_late_mlps=dropped))
+    planted = ground_truth(PlantSpec(drop_late_mlps=dropped))
+    assert (vlm.ground_truth.stages, vlm.ground_truth.helpers) == (planted.stages, planted.helpers)
+    assert vlm.ground_truth.method.startswith(planted.method)
     late = [p for p in vlm.layers[-1].mlp.parameters()]  # the one layer after the feature heads' (6 of 8)
     assert all(bool((p == 0).all()) == dropped for p in late)
     v = json.loads((organism_dir(name) / "validity.json").read_text())
     assert v["ablation"]["declared_resampled"]["rate"] < v["ablation"]["chance"]
     assert v["interchange"]["F"]["rate"] >= 0.9
+    if name == "organism-ids":  # erased, then repaired: its ID-retrieval outputs carry the cell and no features
+        assert vlm.ground_truth.method.endswith("erased from the ID-retrieval heads' values (vismech.organism.erase, "
+                                                "LEACE, rank 18, 2048 trials, seed 0); then trained again by "
+                                                "vismech.organism.plant with layers 0-2 frozen")
+        probes = v["probes"]
+        assert probes["cell"]["rate"] >= 0.9
+        assert all(probes[k]["rate"] - probes[k]["chance"] < 0.1 for k in ("color", "shape"))
+
+
+@pytest.mark.parametrize("name", ["organism", "organism-llava", "organism-ids", "organism-llava-ids"])
+def test_each_shipped_card_reproduces_through_commands_that_parse_and_chain(name):
+    """Every command of a shipped card's Reproduce section is one the CLI accepts, and each stage starts from a
+    folder an earlier stage wrote (or a shipped organism)."""
+    import shlex
+
+    from vismech.app.cli import build_parser
+    from vismech.models.load import organism_dir
+    from vismech.organism.card import reproduce_of
+
+    commands = [line for block in reproduce_of(str(organism_dir(name))) for line in block.splitlines()]
+    assert commands
+    written, parser = set(), build_parser()
+    for cmd in commands:
+        argv = shlex.split(cmd)
+        if argv[:3] == ["python", "-m", "vismech.organism.erase"]:
+            source, out = argv[3], argv[argv.index("--out") + 1]
+        else:
+            assert argv[0] == "vismech"
+            a = parser.parse_args(argv[1:])
+            source, out = a.init_from or a.vision_from, a.out
+        assert source is None or source in written or (organism_dir(source) / "config.json").is_file(), cmd
+        written.add(out)

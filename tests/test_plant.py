@@ -249,6 +249,15 @@ def test_the_readme_commands_plant_an_organism_and_validate_it(tmp_path, capsys)
     assert validate.main([str(out), "--measures", "ablation,probe", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown measure(s) probe" in err[0]
+    # a later stage from this checkpoint (a repair: layers 0-1 frozen) declares the same heads and says its history
+    again = tmp_path / "repaired"
+    assert main(["train-organism", "--arch", "llava", "--out", str(again), "--plant", "ids", "--steps", "1",
+                 "--batch-size", "1", "--eval-n", "2", "--device", "cpu", "--sizes", json.dumps(sizes),
+                 "--init-from", str(out), "--freeze-through", "1"]) == 0
+    gt = load_ground_truth(again)
+    assert gt.stages == load_ground_truth(out).stages
+    assert gt.method == (load_ground_truth(out).method
+                         + "; then trained again by vismech.organism.plant with layers 0-1 frozen")
 
 
 def test_a_planting_state_saved_before_a_spec_field_existed_resumes_and_another_spec_is_refused(tmp_path):

@@ -20,8 +20,10 @@
 #   RUN=runs/org/drop
 # The tenth (the guard term; docs/organism-ids/guard/): the ninth's FLAGS with --plant-weight guard=1, RUN=runs/org/guard.
 # The eleventh (docs/organism-ids/balanced/): the ninth's FLAGS with --plant-balanced-probe,
-# RUN=runs/org/balanced. The twelfth (shipped): the ninth's FLAGS with --plant-weight balance=1, SCALE=0.92. The
-# thirteenth (docs/organism-ids/thirteenth/): the twelfth's with --plant-weight guard=1 --plant-solo 0.5, SCALE=0.88.
+# RUN=runs/org/balanced. The twelfth (the planted stage of the shipped organism-ids, then erase_repair.sh): the ninth's
+# FLAGS with --plant-weight balance=1, SCALE=0.92. The thirteenth (docs/organism-ids/thirteenth/): the twelfth's with
+# --plant-weight guard=1 --plant-solo 0.5, SCALE=0.88. The fourteenth (docs/organism-ids/fourteenth/): the twelfth's
+# with --plant-solo 0.5, BUDGET=12.4, part 1 with 6.2 minutes.
 # BUDGET (default 14.8): the minutes of training loop the two parts share; less leaves time for a later stage
 # (erase_repair.sh).
 set -u

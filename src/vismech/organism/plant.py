@@ -343,9 +343,16 @@ METHOD = ("planted by vismech.organism.plant: attention supervision of the decla
           "resampling of every other head (SIIT); a linear probe trained a position code into the image tokens")
 
 
-def ground_truth(spec: PlantSpec):
-    """The ``models.ground_truth.GroundTruth`` that planting with ``spec`` declares."""
+def ground_truth(spec: PlantSpec, prior=None, freeze_through: int | None = None):
+    """The ``models.ground_truth.GroundTruth`` that planting with ``spec`` declares. ``prior``: the ground truth of
+    the organism the run started from (``--init-from``), whose method (how it was planted, erased...) the new one
+    continues, naming the layers ``freeze_through`` kept fixed."""
     from vismech.models.ground_truth import Declared, GroundTruth
+
+    method = METHOD + ("; the MLPs after the feature heads' layer removed (zero)" if spec.drop_late_mlps else "")
+    if prior is not None:
+        method = (f"{prior.method}; then trained again by vismech.organism.plant"
+                  + (f" with layers 0-{freeze_through} frozen" if freeze_through is not None else ""))
 
     return GroundTruth(
         stages={
@@ -358,7 +365,7 @@ def ground_truth(spec: PlantSpec):
             "feature_retrieval": Declared(spec.features, "last", "F: colour and shape of the object at cell S")},
         helpers={"binding": Declared(spec.binding, "mentions", "the mention's colour word, moved to its shape word "
                                      "(text only: no CMA condition changes it)")},
-        method=METHOD + ("; the MLPs after the feature heads' layer removed (zero)" if spec.drop_late_mlps else ""))
+        method=method)
 
 
 def solo_kind(kind: str) -> tuple[str, int | None]:

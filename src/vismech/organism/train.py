@@ -340,9 +340,13 @@ def _finish(vlm: VLM, out: Path, dev: torch.device, heldout: HeldOut, summary: d
     model = copy.deepcopy(vlm.model).to(torch.bfloat16)
     model.save_pretrained(out)
     if extra.get("plant") is not None:
+        from vismech.models.ground_truth import find_ground_truth
+        from vismech.models.load import checkpoint_path
+
         from .plant import ground_truth
 
-        ground_truth(extra["plant"]).save(out)
+        prior = find_ground_truth(checkpoint_path(run["init_from"])) if run.get("init_from") else None
+        ground_truth(extra["plant"], prior, run.get("freeze_through")).save(out)
     vlm.tokenizer.save_pretrained(out)
     vlm.image_processor.save_pretrained(out)
     del model
