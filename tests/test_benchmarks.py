@@ -95,3 +95,13 @@ def test_every_vismech_name_the_scripts_import_exists():
                         except ImportError:
                             missing.append(f"{path.relative_to(ROOT)}: {node.module}.{alias.name}")
     assert checked > 100 and not missing, missing
+
+
+def test_plant_data_benchmark_times_one_worker_in_both_regimes(tmp_path):
+    out = tmp_path / "pd.json"
+    p = _run(["benchmarks/plant_data.py", "--batch-size", "2", "--batches", "1", "--rounds", "1",
+              "--invariance-from", "4", "--json", str(out)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res["trees"]["this tree"]) == {"before", "after"} and min(res["trees"]["this tree"].values()) > 0
+    assert "this tree    before step 4:" in p.stdout

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -192,31 +193,37 @@ class VLM:
         text, added = fam.expand_placeholder(text, at, n_image_tokens, extra, processor=not fw.vismech)
         return text, start + (added if at < start else 0)
 
-    def encode(self, trials: list[Trial], images: list[Image.Image] | None = None) -> Batch:
+    def encode(self, trials: list[Trial], images: list[Image.Image] | None = None, image_inputs=None) -> Batch:
         """Left-padded model inputs for ``trials`` and the token positions of objects, mentions and commas.
 
         ``images``: one per trial, each the size ``render`` gives (other sizes are refused: the processor would
-        resize them and objects would leave their tokens). Prompts are read with this model's articles
+        resize them and objects would leave their tokens). ``image_inputs``: those images already processed (the
+        family's ``process_images`` or ``packed_images``). Prompts are read with this model's articles
         (``as_read``); ``Batch.trials`` keeps the trials as given."""
         if not trials:
             raise ValueError("no trials to encode")
         if images is not None:
             self._check_images(trials, images)
         images = images if images is not None else [self.render(t) for t in trials]
-        img = self.family.process_images(self.image_processor, images)
+        img = image_inputs if image_inputs is not None else self.family.process_images(self.image_processor, images)
         rows, texts = [], []
+        tokenized: dict[str, tuple] = {}  # text -> its tokens (below): rows that share a text share them
         for i, t0 in enumerate(trials):
             t = self.as_read(t0)
             text, start = self.frame(t, img.n_tokens[i], img.extra[i])
-            enc = framing_.tokenize(self.tokenizer, text, return_offsets_mapping=True)
-            ids, offs = enc["input_ids"], enc["offset_mapping"]
-            image_pos = [j for j, x in enumerate(ids) if x == self.image_token_id]
+            if text not in tokenized:
+                enc = framing_.tokenize(self.tokenizer, text, return_offsets_mapping=True)
+                ids, offs = enc["input_ids"], np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+                live = np.flatnonzero(offs[:, 1] > offs[:, 0])  # the tokens that cover characters, and their spans
+                tokenized[text] = (ids, [j for j, x in enumerate(ids) if x == self.image_token_id], live,
+                                   offs[live, 0], offs[live, 1])
+            ids, image_pos, live, begins, ends = tokenized[text]
             if len(image_pos) != img.n_tokens[i]:
                 raise ValueError(f"expected {img.n_tokens[i]} image tokens, the tokenizer produced {len(image_pos)}")
 
             def span_tokens(a: int, b: int) -> list[int]:
                 a, b = a + start, b + start
-                hit = [j for j, (s, e) in enumerate(offs) if e > s and s < b and e > a]
+                hit = live[(begins < b) & (ends > a)].tolist()
                 if not hit:
                     raise ValueError(f"no token covers {text[a:b]!r} in the prompt")
                 return hit

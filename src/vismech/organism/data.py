@@ -42,6 +42,7 @@ distinct 2x2 high-entropy trials), so "held out" means an independent draw, not 
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass
 
@@ -262,29 +263,36 @@ class _Maker:
         if self.plant is not None:
             from .plant_batch import make_batch
 
-            batch = make_batch(self.vlm, self.plant, self.seed, step, self.n, self.end)
+            batch = make_batch(self.vlm, self.plant, self.seed, step, self.n, self.end, self.dtype or torch.float32)
+            for key in [k for k in batch if k.endswith(("pixel_frame", "pixel_repeat"))]:
+                batch[key] = batch.pop(key)  # last, where packing the batch's pixels puts them
         else:
             mixture = self.early[1] if self.early and step < self.early[0] else self.mixture
             batch = teacher_forcing(self.vlm, step_trials(self.seed, step, self.n, mixture), self.end,
                                     label_mentions=self.label_mentions)
             batch.update(rope_positions(self.vlm.model, batch))
-        if self.dtype is not None:
-            batch = {k: v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
-        proc = self.vlm.image_processor
-        return pack_pixels(batch, getattr(proc, "temporal_patch_size", None) or 1, getattr(proc, "patch_size", 0))
+        proc, dtype = self.vlm.image_processor, self.dtype
+        frames, patch = getattr(proc, "temporal_patch_size", None) or 1, getattr(proc, "patch_size", 0)
+        # packed before the cast, each frame cast as it is taken (the cast is per value: the frame of the cast
+        # pixels), then again after it, for pixels whose frames only the cast made equal: as casting, then packing
+        batch = pack_pixels(batch, frames, patch, dtype)
+        if dtype is not None:
+            batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+        return pack_pixels(batch, frames, patch)
 
 
-def pack_pixels(batch: dict, frames: int, patch: int) -> dict:
+def pack_pixels(batch: dict, frames: int, patch: int, dtype: torch.dtype | None = None) -> dict:
     """``batch`` with each ``*pixel_values`` [patches, channels * frames * patch**2] whose ``frames`` temporal copies
     are equal (a Qwen-family still image repeats over the temporal patch) replaced by one copy, ``*pixel_frame``
-    [patches, channels, patch**2], and the count, ``*pixel_repeat``: half of what crosses from a data worker and
-    then to the device (in place). ``to_device`` restores them exactly; other batches are returned as they are."""
+    [patches, channels, patch**2] (cast to ``dtype`` if given), and the count, ``*pixel_repeat``: half of what
+    crosses from a data worker and then to the device (in place). ``to_device`` restores them exactly; other
+    batches are returned as they are."""
     for key in [k for k in batch if k.endswith("pixel_values")] if frames > 1 and patch else ():
         x = batch[key]
         v = x.view(x.shape[0], -1, frames, patch * patch)  # HF's patch layout: channel, frame, row, column
-        if torch.equal(v, v[:, :, :1].expand_as(v)):
+        if all(torch.equal(v[:, :, 0], v[:, :, f]) for f in range(1, frames)):
             del batch[key]
-            batch[key.replace("pixel_values", "pixel_frame")] = v[:, :, 0].contiguous()
+            batch[key.replace("pixel_values", "pixel_frame")] = v[:, :, 0].to(dtype or v.dtype).contiguous()
             batch[key.replace("pixel_values", "pixel_repeat")] = frames
     return batch
 
@@ -310,17 +318,32 @@ def rope_positions(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     inner = getattr(model, "model", None)
     if not hasattr(inner, "get_rope_index") or "mm_token_type_ids" not in batch:
         return {}
-    positions, _ = inner.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
-                                        image_grid_thw=batch.get("image_grid_thw"),
-                                        attention_mask=batch["attention_mask"])
-    return {"position_ids": positions}
+    ids, types, mask, grids = (batch["input_ids"], batch["mm_token_type_ids"], batch["attention_mask"],
+                               batch.get("image_grid_thw"))
+    # A row's positions follow from its token types, its mask and its image's grid alone (not its token ids): where
+    # every row shows one image, rows that agree on those three are computed once (planting's rows share a few
+    # layouts); ``tests/test_plant_batch_speed.py`` holds this to the plain call.
+    starts = (types == 1) & (torch.nn.functional.pad(types[:, :-1], (1, 0)) != 1) & mask.bool()
+    if grids is not None and len(grids) == len(ids) and not (types == 2).any() and bool((starts.sum(1) == 1).all()):
+        key = torch.cat([types.long(), mask.long(), grids.long()], 1)
+        _, inverse = torch.unique(key, dim=0, return_inverse=True)
+        first = torch.full((int(inverse.max()) + 1,), len(ids), dtype=torch.long).scatter_reduce_(
+            0, inverse, torch.arange(len(ids)), "amin")
+        ids, types, mask, grids = ids[first], types[first], mask[first], grids[first]
+    else:
+        inverse = None
+    positions, _ = inner.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grids, attention_mask=mask)
+    return {"position_ids": positions if inverse is None else positions[:, inverse]}
 
 
 _MAKER: list[_Maker] = []  # the worker process's maker
 
 
 def _init_worker(*args) -> None:
+    # one core's worth of work per worker: no intra-op threads, and the tokenizer encodes on this thread instead of
+    # handing each text to a pool of one thread per core (a pool in each of a dozen workers)
     torch.set_num_threads(1)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _MAKER.append(_Maker(*args))
 
 

@@ -104,6 +104,9 @@ def informative_swap(base: Trial, rng: random.Random, tries: int = 6) -> Trial:
 
 
 # -- tensors ---------------------------------------------------------------------------------------------------
+_PIXELS = ("pixel_values", "pixel_frame", "pixel_repeat")  # the pixels, as processed or packed
+
+
 def _naming(row: Row, last: int, mentions: list[list[int]], answer_len: int) -> list[tuple[int, object, int]]:
     """(position, object named there, number of mentions before it) of the row's naming positions; ``last`` is the
     position of the prompt's last token and ``mentions`` the mentions' token positions, in the row's frame."""
@@ -117,52 +120,54 @@ def _naming(row: Row, last: int, mentions: list[list[int]], answer_len: int) -> 
     return out
 
 
-def make_batch(vlm: VLM, spec: PlantSpec, seed: int, step: int, n: int, end_token: str) -> dict:
-    """Every tensor one planting step needs (see the module docstring); built on the CPU."""
-    return batch_of(vlm, spec, step_plan(spec, seed, step, n), end_token, seed * 7919 + step)
+def make_batch(vlm: VLM, spec: PlantSpec, seed: int, step: int, n: int, end_token: str,
+               packed: torch.dtype | None = None) -> dict:
+    """Every tensor one planting step needs (see the module docstring); built on the CPU. ``packed``: the pixels
+    packed in this dtype (``batch_of``)."""
+    return batch_of(vlm, spec, step_plan(spec, seed, step, n), end_token, seed * 7919 + step, packed)
 
 
-def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 0) -> dict:
+def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 0,
+             packed: torch.dtype | None = None) -> dict:
     """The tensors of ``plan``: its clean rows, and its intervened rows, whose kind says what they patch from their
     source: ``R``, ``S_gathering``, ``S_selection``, ``F`` (the declared heads at the declared positions),
     ``strict`` (undeclared heads, each with probability ``spec.strict_p``, and declared heads outside their
-    positions), or ``("resample", heads)`` (those heads at every position)."""
+    positions), or ``("resample", heads)`` (those heads at every position). ``packed``: the pixels as
+    ``data.pack_pixels`` packs them, in this dtype, where the family builds them so (``Family.packed_images``)."""
     a_trials = [r.trial for r in plan.a]
     images = [vlm.render(t) for t in a_trials]
-    enc = vlm.encode(a_trials, images)
+    img = None if packed is None else vlm.family.packed_images(vlm.image_processor, images, packed)
+    enc = vlm.encode(a_trials, images, img)
     L, H = vlm.n_layers, vlm.n_heads
     pad = vlm.tokenizer.pad_token_id or 0
 
-    def prompt_of(i):  # unpadded prompt ids and the left padding of row i of ``enc``
-        mask = enc.inputs["attention_mask"][i].bool()
-        return enc.inputs["input_ids"][i, mask].tolist(), enc.length - int(mask.sum())
+    lengths = enc.inputs["attention_mask"].sum(1).tolist()
+    prompts = [ids[enc.length - n:] for ids, n in zip(enc.inputs["input_ids"].tolist(), lengths)]
+    answers: dict[tuple[str, str], list[int]] = {}  # (text, answer) -> answer ids: rows that share both share them
 
-    rows_a, rows_b = [], []
-    for i, r in enumerate(plan.a):
-        p, off = prompt_of(i)
-        rows_a.append((p, answer_tokens(vlm, enc.texts[i], r.answer, end_token, prefix=p)[1], off, i))
-    for r, kind, src in plan.b:
-        base_i = r.group  # bases are the first rows of a
-        p, off = prompt_of(base_i)
-        rows_b.append((p, answer_tokens(vlm, enc.texts[base_i], r.answer, end_token, prefix=p)[1], off, base_i))
+    def row(i, answer):  # unpadded prompt ids, answer ids (+ end) and left padding, from row i of ``enc``
+        key = enc.texts[i], answer
+        if key not in answers:
+            answers[key] = answer_tokens(vlm, enc.texts[i], answer, end_token, prefix=prompts[i])[1]
+        return prompts[i], answers[key], enc.length - lengths[i], i
+
+    rows_a = [row(i, r.answer) for i, r in enumerate(plan.a)]
+    rows_b = [row(r.group, r.answer) for r, _, _ in plan.b]  # bases are the first rows of a
     total = max(len(p) + len(a) for p, a, _, _ in rows_a + rows_b)
 
-    def tensors(rows, plan_rows):
-        ids = torch.full((len(rows), total), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
+    def tensors(rows, plan_rows):  # each row left-padded to ``total``: ids, mask, labels, and its shift from enc's
+        starts = [total - len(p) - len(a) for p, a, _, _ in rows]
+        ids = torch.tensor([[pad] * s + p + a for s, (p, a, _, _) in zip(starts, rows)], dtype=torch.long)
+        ids = ids.reshape(len(rows), total)
+        mask = (torch.arange(total) >= torch.tensor(starts, dtype=torch.long)[:, None]).long()
         labels = torch.full_like(ids, -100)
-        shift = []
-        for k, ((p, a, off, src_i), pr) in enumerate(zip(rows, plan_rows)):
-            start = total - len(p) - len(a)
-            ids[k, start:] = torch.tensor(p + a)
-            mask[k, start:] = 1
-            labels[k, total - len(a):] = torch.tensor(a)
-            sh = start - off  # enc position x of row src_i is position x + sh here
-            shift.append(sh)
-            if pr.mention_labels and pr.trial.task != "color_retrieval":
-                for m in enc.mentions[src_i]:
-                    for x in m:
-                        labels[k, x + sh] = ids[k, x + sh]
+        shift = [s - off for s, (_, _, off, _) in zip(starts, rows)]  # enc position x of a row: x + shift here
+        where = [(k, x) for k, (_, a, _, _) in enumerate(rows) for x in range(total - len(a), total)]  # answers
+        where += [(k, x + sh) for k, ((_, _, _, src_i), pr, sh) in enumerate(zip(rows, plan_rows, shift))
+                  if pr.mention_labels and pr.trial.task != "color_retrieval" for m in enc.mentions[src_i] for x in m]
+        if where:  # and the mentions' words of reading-order descriptions
+            k, x = torch.tensor(where, dtype=torch.long).T
+            labels[k, x] = ids[k, x]
         return ids, mask, labels, shift
 
     ids_a, mask_a, labels_a, shift_a = tensors(rows_a, plan.a)
@@ -181,11 +186,12 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
         out.update({prefix + k: v for k, v in vlm.family.extra_inputs(ids, vlm.image_token_id).items()})
         rows = _split(out, prefix)
         if prefix == "b_":  # the base images' grids place the rotary positions; the forward needs no more of them
-            assert all(len(v) == len(images) for k, v in per_image.items() if k != "pixel_values"), per_image.keys()
-            rows.update({k: v[out["b_base"]] for k, v in per_image.items() if k != "pixel_values"})
+            grids = {k: v for k, v in per_image.items() if k not in _PIXELS}
+            assert all(len(v) == len(images) for v in grids.values()), per_image.keys()
+            rows.update({k: v[out["b_base"]] for k, v in grids.items()})
         out.update({prefix + k: v for k, v in rope_positions(vlm.model, rows).items()})
 
-    # attention supervision on the clean rows: per component, (row, column of att_qpos) and a mask over keys
+    # attention supervision on the clean rows: per component, (row, column of att_qpos) and the keys (a mask)
     targets = {c: ([], []) for c in COMPONENTS}
     queries: list[list[int]] = [[] for _ in plan.a]
 
@@ -193,15 +199,8 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
         """``keys``: the target tokens, or a list of them per head of ``comp`` (a [heads, total] mask)."""
         if q not in queries[row]:
             queries[row].append(q)
-        per_head = keys and isinstance(keys[0], list)
-        m = torch.zeros((len(keys), total) if per_head else total, dtype=torch.bool)
-        if per_head:
-            for j, ks in enumerate(keys):
-                m[j, torch.tensor(ks)] = True
-        else:
-            m[torch.tensor(keys)] = True
         targets[comp][0].append((row, queries[row].index(q)))
-        targets[comp][1].append(m)
+        targets[comp][1].append(keys)
 
     probe_pos, probe_cls, set_pos, set_cells, target, last, guarded, named = [], [], [], [], [], [], [], []
     for i, r in enumerate(plan.a):
@@ -230,8 +229,8 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
             add("features", i, pos, objs[obj.cell])
             set_pos.append((i, pos))  # the set probe's target there: the cells of the mentions gathered
             named.append(obj.cell)
-            set_cells.append([any(tuple(o.cell) == (c // 3, c % 3) for o in r.trial.mentioned[:before])
-                              for c in range(9)])
+            cells = {tuple(o.cell) for o in r.trial.mentioned[:before]}
+            set_cells.append([(c // 3, c % 3) in cells for c in range(9)])
         for cell, toks in objs.items():
             probe_pos += [(i, x) for x in toks]
             probe_cls += [cell] * len(toks)
@@ -240,9 +239,9 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
     for i, qs in enumerate(queries):
         qpos[i, :len(qs)] = torch.tensor(qs)
     out["att_qpos"] = qpos
-    for comp, (where, masks) in targets.items():
+    for comp, (where, keys) in targets.items():
         out[f"att_{comp}_where"] = torch.tensor(where, dtype=torch.long).reshape(-1, 2)
-        out[f"att_{comp}_keys"] = torch.stack(masks) if masks else torch.zeros(0, total, dtype=torch.bool)
+        out[f"att_{comp}_keys"] = _key_masks(keys, total)
     out["inv_where"] = torch.tensor([(g, i, enc.mentions[g][j][-1] + shift_a[g]) for g, i, j in plan.inv],
                                     dtype=torch.long).reshape(-1, 3)
     f_pairs = [(r.group, src) for r, kind, src in plan.b if solo_kind(kind)[0] == "F"]  # each base, its F source
@@ -316,6 +315,24 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
     return out
 
 
+def _key_masks(keys: list, total: int) -> torch.Tensor:
+    """[targets, total] bool, True at each target's key tokens; [targets, heads, total] where each target lists its
+    keys per head."""
+    if not keys:
+        return torch.zeros(0, total, dtype=torch.bool)
+    per_head = isinstance(keys[0][0], list)
+    heads = keys if per_head else [[ks] for ks in keys]
+    target, head, token = [], [], []
+    for k, per in enumerate(heads):
+        for j, ks in enumerate(per):
+            target += [k] * len(ks)
+            head += [j] * len(ks)
+            token += ks
+    m = torch.zeros(len(keys), len(heads[0]), total, dtype=torch.bool)
+    m[torch.tensor(target), torch.tensor(head), torch.tensor(token)] = True
+    return m if per_head else m[:, 0]
+
+
 def _declared_positions(spec: PlantSpec, plan: Plan, enc, shift_b, rows_b, total) -> list[dict]:
     """For each intervened row: component -> (positions, heads) where the component's variable lives (the final
     naming positions for the last-token components; every mention token for retrieval and binding)."""
@@ -327,13 +344,12 @@ def _declared_positions(spec: PlantSpec, plan: Plan, enc, shift_b, rows_b, total
         answer_len = len(rows_b[k][1])
         last = total - answer_len - 1
         final = [last] + ([last + 1] if r.trial.task != "color_retrieval" and answer_len > 2 else [])
-        mention_tokens = [x for m in ments for x in m]
+        mention_tokens = torch.tensor([x for m in ments for x in m])
         named = list(final)
         if plan.a[g].mention_labels and r.trial.task != "color_retrieval":
             named += [x for m in ments for x in (m[0] - 1, m[0])]
-        out.append({"binding": (torch.tensor(mention_tokens), spec.binding),
-                    "retrieval": (torch.tensor(mention_tokens), spec.retrieval),
-                    "gathering": (torch.tensor(named if kind == "strict" else final), spec.gathering),
-                    "selection": (torch.tensor(named if kind == "strict" else final), spec.selection),
-                    "features": (torch.tensor(named if kind == "strict" else final), spec.features)})
+        naming = torch.tensor(named if kind == "strict" else final)
+        out.append({"binding": (mention_tokens, spec.binding), "retrieval": (mention_tokens, spec.retrieval),
+                    "gathering": (naming, spec.gathering), "selection": (naming, spec.selection),
+                    "features": (naming, spec.features)})
     return out

@@ -203,6 +203,12 @@ class Family:
     def process_images(self, image_processor, images) -> ImageInputs:
         raise NotImplementedError
 
+    def packed_images(self, image_processor, images, dtype) -> ImageInputs | None:
+        """``process_images`` with the pixels as ``organism.data.pack_pixels`` packs them (``pixel_frame`` in
+        ``dtype``, ``pixel_repeat``), built so directly (never the repeated frames), or None where the family does
+        not build them so."""
+        return None
+
     def _require_spatial(self, n_tokens: int) -> None:
         if not self.spatial_tokens:
             raise ValueError(

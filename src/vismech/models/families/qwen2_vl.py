@@ -194,12 +194,24 @@ class Qwen2VL(Family):
         return [View(rows, cols, t, (cols * t / image_size[0], rows * t / image_size[1]))]
 
     def process_images(self, image_processor, images) -> ImageInputs:
-        out = image_processor(images=images, return_tensors="pt")
+        from ..qwen_pixels import pixels  # the processor's exact output by table look-up, where it applies
+
+        out = pixels(image_processor, images) or image_processor(images=images, return_tensors="pt")
+        return self._image_inputs(image_processor, {"pixel_values": out["pixel_values"],
+                                                    "image_grid_thw": out["image_grid_thw"]})
+
+    def packed_images(self, image_processor, images, dtype) -> ImageInputs | None:
+        from ..qwen_pixels import pixels
+
+        out = pixels(image_processor, images, frame_dtype=dtype)
+        return None if out is None else self._image_inputs(image_processor, out)
+
+    def _image_inputs(self, image_processor, tensors: dict) -> ImageInputs:
         m = image_processor.merge_size
-        thw = out["image_grid_thw"]
+        thw = tensors["image_grid_thw"]
         grids = [(int(h) // m, int(w) // m) for _, h, w in thw.tolist()]
         n = [int(t) * r * c for (t, _, _), (r, c) in zip(thw.tolist(), grids)]
-        return ImageInputs({"pixel_values": out["pixel_values"], "image_grid_thw": thw}, n, grids, [None] * len(n))
+        return ImageInputs(tensors, n, grids, [None] * len(n))
 
     def extra_inputs(self, input_ids, image_token_id):
         # transformers 5.x builds Qwen's 3-D M-RoPE positions from this; without it, it silently uses 1-D ones
