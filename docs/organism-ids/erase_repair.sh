@@ -11,12 +11,13 @@
 #   BUDGET=12.4 SCALE=0.92 FLAGS="..." RUN=runs/org/x bash docs/organism-ids/plant_15min.sh OUT 1 6.2   # then part 2
 #   FLAGS="..." RUN=runs/org/x bash docs/organism-ids/erase_repair.sh OUT 2.0
 #
-# The second argument: the repair's minutes of training loop (what the planting left of the 15-minute budget, less
-# the erasure's time). FLAGS: the planting flags of RUN (the repair keeps them but --plant-invariance-from; its
-# position probe is off: layer 1 is frozen). LR (5e-4), STEPS (500: about what 2 minutes buy on an H200), LAYER (2:
-# the retrieval layer). For a check on the CPU: DEVICE=cpu WORKERS=0 TRIALS=16 BATCH=2 N=4 STEPS=2 EVAL_N=2.
+# The second argument: the repair's minutes of training loop (default: what RUN's training loop, read from its log,
+# and the erasure left of the 15-minute budget). FLAGS: the planting flags of RUN (the repair keeps them but
+# --plant-invariance-from; its position probe is off: layer 1 is frozen). LR (5e-4), STEPS (800: what 2.8 minutes
+# bought on an H200), LAYER (2: the retrieval layer). For a check on the CPU: DEVICE=cpu WORKERS=0 TRIALS=16 BATCH=2
+# N=4 STEPS=2 EVAL_N=2.
 set -u
-OUT=${1:?give a log folder}; MIN=${2:?give the repair minutes}
+OUT=${1:?give a log folder}; MIN=${2:-}
 export PYTHONPATH=${PYTHONPATH:-src}
 RUN=${RUN:?give the planted run folder}
 # the late terms run from the repair's first step: it starts from a trained organism
@@ -28,9 +29,13 @@ start=$(date +%s)
 python -m vismech.organism.erase "$RUN" --out "$RUN-erased" --trials "${TRIALS:-2048}" --device "$DEVICE" \
   > "$LOGS/erase.log" 2>&1 || { tail -3 "$LOGS/erase.log"; exit 1; }
 echo "erasure: $(( $(date +%s) - start )) s" | tee "$LOGS/minutes.txt"
+# no minutes given: what RUN's training loop (every part, from its log) and the erasure left of 15
+MIN=${MIN:-$(python -c "import json; r = [json.loads(l) for l in open('$RUN/train_log.jsonl')]; \
+print(round(max(0.5, 15 - r[-1]['seconds'] / 60 - $(( $(date +%s) - start )) / 60), 2))")}
+echo "repair: $MIN minutes" | tee -a "$LOGS/minutes.txt"
 python -m vismech.app.cli train-organism --arch qwen2_5_vl --out "$RUN-repaired" --batch-size "${BATCH:-32}" \
   --plant ids $FLAGS --plant-weight probe=0 --init-from "$RUN-erased" --freeze-through "${LAYER:-2}" \
-  --eval-every 500 --workers "${WORKERS:-12}" --device "$DEVICE" --steps "${STEPS:-500}" --eval-n "${EVAL_N:-64}" \
+  --eval-every 500 --workers "${WORKERS:-12}" --device "$DEVICE" --steps "${STEPS:-800}" --eval-n "${EVAL_N:-64}" \
   --lr "${LR:-0.0005}" --seed 0 --max-minutes "$MIN" > "$LOGS/train.log" 2>&1
 grep "^organism qwen" "$LOGS/train.log" || tail -3 "$LOGS/train.log"
 cp "$RUN-repaired/train_log.jsonl" "$LOGS/" 2>/dev/null
