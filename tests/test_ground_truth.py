@@ -135,3 +135,15 @@ def test_each_shipped_card_reproduces_through_commands_that_parse_and_chain(name
             source, out = a.init_from or a.vision_from, a.out
         assert source is None or source in written or (organism_dir(source) / "config.json").is_file(), cmd
         written.add(out)
+
+
+def test_a_continued_planting_keeps_the_history_and_adds_what_it_changed():
+    """A run from a planted organism (``--init-from``) declares the same heads; its method is the prior's, then this
+    run, and says the late MLPs were removed only where the history does not already say so."""
+    plain, dropped = ground_truth(PlantSpec()), ground_truth(PlantSpec(drop_late_mlps=True))
+    mlps = "; the MLPs after the feature heads' layer removed (zero)"
+    got = ground_truth(PlantSpec(drop_late_mlps=True), prior=plain, freeze_through=2)
+    assert got.stages == plain.stages
+    assert got.method == plain.method + "; then trained again by vismech.organism.plant with layers 0-2 frozen" + mlps
+    again = ground_truth(PlantSpec(drop_late_mlps=True), prior=dropped)
+    assert again.method == dropped.method + "; then trained again by vismech.organism.plant"

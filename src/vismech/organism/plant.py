@@ -349,10 +349,12 @@ def ground_truth(spec: PlantSpec, prior=None, freeze_through: int | None = None)
     continues, naming the layers ``freeze_through`` kept fixed."""
     from vismech.models.ground_truth import Declared, GroundTruth
 
-    method = METHOD + ("; the MLPs after the feature heads' layer removed (zero)" if spec.drop_late_mlps else "")
-    if prior is not None:
+    dropped = "; the MLPs after the feature heads' layer removed (zero)"
+    method = METHOD + (dropped if spec.drop_late_mlps else "")
+    if prior is not None:  # its history, then this run (and the MLPs it removed, if the history does not say so)
         method = (f"{prior.method}; then trained again by vismech.organism.plant"
-                  + (f" with layers 0-{freeze_through} frozen" if freeze_through is not None else ""))
+                  + (f" with layers 0-{freeze_through} frozen" if freeze_through is not None else "")
+                  + (dropped if spec.drop_late_mlps and dropped not in prior.method else ""))
 
     return GroundTruth(
         stages={
