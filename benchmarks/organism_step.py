@@ -1,6 +1,7 @@
 """Benchmark: one training step of each organism, split into data wait, forward and backward, with and without the
 packed vision attention, and the CUDA ops that take the time (torch.profiler); then the training loop as it runs
-(data workers producing while the model trains) for each worker count of ``--loop-workers``. The step is timed
+(data workers producing while the model trains) for each worker count of ``--loop-workers``, against the baseline
+loop that received each batch and moved it to the device itself (``transfer``). The step is timed
 with the vision tower's tables cached (``cached_vision_tables``, as the trainer runs) and without, in one process.
 
     PYTHONPATH=src python benchmarks/organism_step.py --arch qwen2_5_vl --steps 12 --workers 12 --loop-workers 3 15
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from vismech.models.families import family_for_config
-from vismech.organism import data
+from vismech.organism import data, transfer
 from vismech.organism.config import END_TOKEN, build_organism
 from vismech.models.packed_attention import cached_vision_tables, packed_vision_attention
 from vismech.organism.train import _autocast
@@ -49,25 +50,29 @@ def _step(a, model, vlm, probe, b, dev):
         return model(**b, use_cache=False).loss
 
 
-def _feeder(a, workers, seed):
+def _feeder(a, workers, seed, one_buffer=True):
     plant = None
     if a.plant:
         from vismech.organism.plant import PlantSpec
 
         plant = PlantSpec()
     return data.Feeder(a.arch, seed, a.batch_size, END_TOKEN[a.arch], workers=workers,
-                       pixel_dtype=torch.bfloat16 if a.device == "cuda" else None, label_mentions=True, plant=plant)
+                       pixel_dtype=torch.bfloat16 if a.device == "cuda" else None, label_mentions=True, plant=plant,
+                       one_buffer=one_buffer)
 
 
-def loop(a, model, vlm, probe, opt, dev, workers: int) -> float:
-    """Steps per second of the training loop as ``train_organism`` runs it, with ``workers`` data workers."""
-    with _feeder(a, workers, 1) as feeder, packed_vision_attention(model, dev.type == "cuda"), \
-            cached_vision_tables(model):
+def loop(a, model, vlm, probe, opt, dev, workers: int, ahead: bool = True) -> float:
+    """Steps per second of the training loop as ``train_organism`` runs it, with ``workers`` data workers; not
+    ``ahead``: the baseline, each batch received from the workers tensor by tensor and moved to the device in the
+    loop (as the trainer did until 2026-12-02)."""
+    with _feeder(a, workers, 1, ahead) as feeder, transfer.Ahead(feeder, lambda b: data.to_device(b, dev),
+                                                                 thread=workers > 0 and ahead) as batches, \
+            packed_vision_attention(model, dev.type == "cuda"), cached_vision_tables(model):
         for i in range(5 + a.loop_steps):
             if i == 5:
                 sync(dev)
                 t = time.perf_counter()
-            b = data.to_device(next(feeder), dev)
+            b = next(batches)
             loss = _step(a, model, vlm, probe, b, dev)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -153,7 +158,9 @@ def main():
               + ", ".join(f"{k} {v / n * 1000:.0f} ms" for k, v in times.items())
               + f"; {n / sum(times.values()):.2f} steps/s")
     for w in a.loop_workers:
-        print(f"training loop with {w} data workers: {loop(a, model, vlm, probe, opt, dev, w):.2f} steps/s",
+        base, rate = loop(a, model, vlm, probe, opt, dev, w, ahead=False), loop(a, model, vlm, probe, opt, dev, w)
+        print(f"training loop with {w} data workers: {rate:.2f} steps/s", flush=True)
+        print(f"  baseline (batches received and moved in the loop): {base:.2f} steps/s; ratio {rate / base:.2f}x",
               flush=True)
     if a.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -68,6 +68,10 @@ def child(a) -> dict:
             t = time.perf_counter()
             batch = data._make(step)
             out["seconds"][regime].append(time.perf_counter() - t)
+            if isinstance(batch, tuple):  # a worker's batch as one shared buffer (``transfer.pack``, from 2026-12-02)
+                from vismech.organism.transfer import unpack
+
+                batch = unpack(batch)
             out["digests"][regime].append(digest(batch))
     return out
 

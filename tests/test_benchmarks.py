@@ -105,3 +105,12 @@ def test_plant_data_benchmark_times_one_worker_in_both_regimes(tmp_path):
     res = json.loads(out.read_text())
     assert set(res["trees"]["this tree"]) == {"before", "after"} and min(res["trees"]["this tree"].values()) > 0
     assert "this tree    before step 4:" in p.stdout
+
+
+def test_feeder_transfer_benchmark_compares_both_ways_of_receiving_a_batch():
+    p = _run(["benchmarks/feeder_transfer.py", "--batch-size", "2", "--batches", "2", "--rounds", "1"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = {line.split(" ms")[0].rsplit(None, 1)[0].strip(): float(line.split(" ms")[0].rsplit(None, 1)[1])
+             for line in p.stdout.splitlines() if line.endswith(" ms")}
+    assert set(lines) == {"one buffer", "one tensor at a time"} and min(lines.values()) > 0
+    assert "ratio (one tensor at a time / one buffer):" in p.stdout

@@ -163,3 +163,13 @@ def test_worker_batch_is_the_batch_cast_then_packed(vlm, dtype):
         assert list(got) == list(want)
         for k, v in want.items():
             assert torch.equal(got[k], v) and got[k].dtype == v.dtype if torch.is_tensor(v) else got[k] == v, k
+
+
+def test_batches_from_a_worker_process_equal_those_built_in_place():
+    # one worker, its batches crossing as one shared buffer (the training loop's path): the golden batches of steps
+    # 1 and 5, bit for bit, keys in order
+    with data.Feeder("qwen2_5_vl", 0, 3, END, start=1, workers=1, pixel_dtype=torch.bfloat16, label_mentions=True,
+                     plant=SPECS["recipe"]) as feeder:
+        batches = [next(feeder) for _ in range(5)]
+    assert [_digest(batches[0]), _digest(batches[4])] == [GOLDEN["recipe|torch.bfloat16|1"],
+                                                          GOLDEN["recipe|torch.bfloat16|5"]]

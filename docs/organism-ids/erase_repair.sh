@@ -35,7 +35,7 @@ print(round(max(0.5, 15 - r[-1]['seconds'] / 60 - $(( $(date +%s) - start )) / 6
 echo "repair: $MIN minutes" | tee -a "$LOGS/minutes.txt"
 python -m vismech.app.cli train-organism --arch qwen2_5_vl --out "$RUN-repaired" --batch-size "${BATCH:-32}" \
   --plant ids $FLAGS --plant-weight probe=0 --init-from "$RUN-erased" --freeze-through "${LAYER:-2}" \
-  --eval-every 500 --workers "${WORKERS:-12}" --device "$DEVICE" --steps "${STEPS:-800}" --eval-n "${EVAL_N:-64}" \
+  --eval-every 500 --workers "${WORKERS:-15}" --device "$DEVICE" --steps "${STEPS:-800}" --eval-n "${EVAL_N:-64}" \
   --lr "${LR:-0.0005}" --seed 0 --max-minutes "$MIN" > "$LOGS/train.log" 2>&1
 grep "^organism qwen" "$LOGS/train.log" || tail -3 "$LOGS/train.log"
 cp "$RUN-repaired/train_log.jsonl" "$LOGS/" 2>/dev/null

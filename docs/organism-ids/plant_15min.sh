@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A Qwen planting run (issue 16) within the 15-minute budget, in two resumable parts on one warm GPU machine: part 1
-# measures the planting step's speed (benchmarks/organism_step.py, the loop with 12 workers), fixes the schedule
+# measures the planting step's speed (benchmarks/organism_step.py, the loop with WORKERS workers), fixes the schedule
 # from it (a little more than 14.6 minutes buy: the time limit stops it) and trains for MINUTES;
 # part 2 resumes for whatever is left of the 15 minutes (read from the training log), then measures validity
 # (n = 128) and recovery. The logs and results of each part come back packed as OUT/logsPART.tgz, and after part 2
@@ -25,19 +25,22 @@
 # --plant-weight guard=1 --plant-solo 0.5, SCALE=0.88. The fourteenth (docs/organism-ids/fourteenth/): the twelfth's
 # with --plant-solo 0.5, BUDGET=12.4, part 1 with 6.2 minutes.
 # BUDGET (default 14.8): the minutes of training loop the two parts share; less leaves time for a later stage
-# (erase_repair.sh).
+# (erase_repair.sh). WORKERS (default 15; 12 until the fifteenth): the data workers, in the benchmark and in training.
+# The fifteenth (docs/organism-ids/fifteenth/): the twelfth's FLAGS, BUDGET=11.6, part 1 with 5.8 minutes, then
+# erase_repair.sh with --plant-solo 0.5 and STEPS=1000.
 set -u
 OUT=${1:?give a log folder}; PART=${2:?give the part, 1 or 2}; MIN=${3:-}
 export PYTHONPATH=${PYTHONPATH:-src}
 FLAGS=${FLAGS:---plant-cell-code --plant-full-scenes 0.3 --plant-weight probe=3}
 RUN=${RUN:-runs/org/cells2}
+WORKERS=${WORKERS:-15}
 LOGS=$RUN.logs
 mkdir -p "$OUT" "$LOGS"
 if [ "$PART" = 1 ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$LOGS/gpu.txt"
-  python benchmarks/organism_step.py --plant --batch-size 32 --steps 6 --workers 12 --loop-workers 12 \
+  python benchmarks/organism_step.py --plant --batch-size 32 --steps 6 --workers 12 --loop-workers "$WORKERS" \
     --loop-steps 40 > "$LOGS/organism_step.log" 2>&1
-  rate=$(grep "training loop with 12" "$LOGS/organism_step.log" | awk '{print $(NF-1)}')
+  rate=$(grep "training loop with $WORKERS " "$LOGS/organism_step.log" | awk '{print $(NF-1)}')
   # no rate, no run: a guessed schedule once ended a run at 4,000 steps in 11.5 of its 15 minutes
   [ -n "$rate" ] || { echo "the step benchmark failed, see $LOGS/organism_step.log:"; tail -3 "$LOGS/organism_step.log";
     exit 1; }
@@ -56,8 +59,8 @@ fi
 STEPS=$(cat "$RUN.steps")
 echo "part $PART: $STEPS steps planned, $MIN minutes" | tee -a "$LOGS/steps.txt"
 python -m vismech.app.cli train-organism --arch qwen2_5_vl --out "$RUN" --batch-size 32 --plant ids $FLAGS \
-  --vision-from organism --freeze-vision --eval-every 500 --workers 12 --device cuda --steps "$STEPS" --eval-n 64 \
-  --lr 0.001 --seed "${SEED:-0}" --max-minutes "$MIN" $RES > "$LOGS/train$PART.log" 2>&1
+  --vision-from organism --freeze-vision --eval-every 500 --workers "$WORKERS" --device cuda --steps "$STEPS" \
+  --eval-n 64 --lr 0.001 --seed "${SEED:-0}" --max-minutes "$MIN" $RES > "$LOGS/train$PART.log" 2>&1
 grep "^organism qwen" "$LOGS/train$PART.log"
 cp "$RUN/train_log.jsonl" "$LOGS/"
 if [ "$PART" = 2 ]; then

@@ -1,8 +1,8 @@
 """Model organisms: tiny VLMs of real HF architectures (Qwen2.5-VL, LLaVA) trained from scratch on vismech's scenes.
 
 ``config`` defines the architectures and their size budget, ``data`` the task mixture fed through the analysis
-adapter, ``train`` the training loop (``train_organism``) and ``resume`` the state it resumes from, ``card`` the
-model card. The output is an ordinary HF
+adapter, ``transfer`` how its batches reach the device, ``train`` the training loop (``train_organism``) and
+``resume`` the state it resumes from, ``card`` the model card. The output is an ordinary HF
 checkpoint that ``vismech.models.load.load_vlm(DIR)`` loads like any real model.
 """
 

@@ -28,10 +28,10 @@ described objects in random order, answered by the first object in reading order
 objects are, so a model cannot answer by subtracting the prompt's features from the image's.
 
 "high" = every colour and every shape distinct, "low" = conjunctions of m colours x m shapes (objects share
-features), "any" = unique conjunctions with no constraint (``sets.scene_description_set``'s ``entropy``). Objects
-sit on random cells, so the 3x3 components include the paper's PCA layout (6 objects in the outer columns of a
-3x3 grid) and relative/absolute 2x2 sub-arrangements among their configurations. Colour retrieval and scene
-description use all 11 colours and 9 shapes, a superset of every analysis set's vocabulary.
+features), "any" = unique conjunctions with no constraint (``sets.scene_description_set``'s ``entropy``). Objects sit
+on random cells, so the 3x3 components include the paper's PCA layout (6 objects in the outer columns of a 3x3 grid)
+and relative/absolute 2x2 sub-arrangements. Colour retrieval and scene description use all 11 colours and 9 shapes
+(every analysis set's vocabulary).
 
 Determinism: the trials of training step ``s`` depend only on (seed, s) (``step_trials``), never on which process
 draws them or on earlier steps, so a resumed run sees the same data as a straight one. The held-out sets
@@ -50,6 +50,7 @@ import torch
 
 from vismech.errors import UserError
 from vismech.models.vlm import VLM
+from vismech.organism import transfer
 from vismech.scenes import sets
 from vismech.scenes.core import Trial
 
@@ -347,8 +348,8 @@ def _init_worker(*args) -> None:
     _MAKER.append(_Maker(*args))
 
 
-def _make(step: int) -> dict[str, torch.Tensor]:
-    return _MAKER[-1](step)
+def _make(step: int, one_buffer: bool = True):
+    return transfer.pack(_MAKER[-1](step)) if one_buffer else _MAKER[-1](step)
 
 
 class Feeder:
@@ -356,13 +357,13 @@ class Feeder:
     process), at most ``prefetch`` batches ahead; ``early`` = (steps, mixture): that mixture before that step;
     ``plant`` (a ``plant.PlantSpec``): planting batches (``plant_batch.make_batch``, ``batch_size`` bases) instead.
     ``pixel_dtype`` bf16 halves what crosses processes; it changes nothing under bf16 autocast, whose first vision
-    op casts the pixels to bf16 anyway."""
+    op casts the pixels to bf16 anyway. ``one_buffer``: a worker's batch crosses as one buffer (``transfer``)."""
 
     def __init__(self, arch: str, seed: int, batch_size: int, end_token: str, start: int = 0, workers: int = 0,
                  prefetch: int | None = None, pixel_dtype: torch.dtype | None = None, sizes: dict | None = None,
                  mixture: tuple[Component, ...] = MIXTURE, label_mentions: bool = False,
-                 early: tuple[int, tuple[Component, ...]] | None = None, plant=None):
-        self.step = start
+                 early: tuple[int, tuple[Component, ...]] | None = None, plant=None, one_buffer: bool = True):
+        self.step, self.one_buffer = start, one_buffer
         args = (arch, sizes, seed, batch_size, end_token, pixel_dtype, mixture, label_mentions, early, plant)
         self.pool = None
         if workers > 0:
@@ -382,8 +383,8 @@ class Feeder:
             batch = self.maker(self.step)
         else:
             while len(self.pending) < self.prefetch:
-                self.pending.append(self.pool.apply_async(_make, (self.step + len(self.pending),)))
-            batch = self.pending.pop(0).get()
+                self.pending.append(self.pool.apply_async(_make, (self.step + len(self.pending), self.one_buffer)))
+            batch = transfer.unpack(self.pending.pop(0).get()) if self.one_buffer else self.pending.pop(0).get()
         self.step += 1
         return batch
 
@@ -393,8 +394,7 @@ class Feeder:
             self.pool.join()
             self.pool = None
 
-    def __enter__(self):
-        return self
+    __enter__ = __iter__
 
     def __exit__(self, *exc):
         self.close()
