@@ -26,6 +26,7 @@
 # with --plant-solo 0.5, BUDGET=12.4, part 1 with 6.2 minutes.
 # BUDGET (default 14.8): the minutes of training loop the two parts share; less leaves time for a later stage
 # (erase_repair.sh). WORKERS (default 15; 12 until the fifteenth): the data workers, in the benchmark and in training.
+# BATCH (default 32): base trials a step, in the benchmark and in training.
 # The fifteenth (docs/organism-ids/fifteenth/): the twelfth's FLAGS, BUDGET=11.6, part 1 with 5.8 minutes, then
 # erase_repair.sh with --plant-solo 0.5 and STEPS=1000.
 set -u
@@ -34,11 +35,12 @@ export PYTHONPATH=${PYTHONPATH:-src}
 FLAGS=${FLAGS:---plant-cell-code --plant-full-scenes 0.3 --plant-weight probe=3}
 RUN=${RUN:-runs/org/cells2}
 WORKERS=${WORKERS:-15}
+BATCH=${BATCH:-32}
 LOGS=$RUN.logs
 mkdir -p "$OUT" "$LOGS"
 if [ "$PART" = 1 ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$LOGS/gpu.txt"
-  python benchmarks/organism_step.py --plant --batch-size 32 --steps 6 --workers 12 --loop-workers "$WORKERS" \
+  python benchmarks/organism_step.py --plant --batch-size "$BATCH" --steps 6 --workers 12 --loop-workers "$WORKERS" \
     --loop-steps 40 > "$LOGS/organism_step.log" 2>&1
   rate=$(grep "training loop with $WORKERS " "$LOGS/organism_step.log" | awk '{print $(NF-1)}')
   # no rate, no run: a guessed schedule once ended a run at 4,000 steps in 11.5 of its 15 minutes
@@ -58,7 +60,7 @@ print(round(max(0.5, ${BUDGET:-14.8} - r[-1]['seconds'] / 60), 2))")}
 fi
 STEPS=$(cat "$RUN.steps")
 echo "part $PART: $STEPS steps planned, $MIN minutes" | tee -a "$LOGS/steps.txt"
-python -m vismech.app.cli train-organism --arch qwen2_5_vl --out "$RUN" --batch-size 32 --plant ids $FLAGS \
+python -m vismech.app.cli train-organism --arch qwen2_5_vl --out "$RUN" --batch-size "$BATCH" --plant ids $FLAGS \
   --vision-from organism --freeze-vision --eval-every 500 --workers "$WORKERS" --device cuda --steps "$STEPS" \
   --eval-n 64 --lr 0.001 --seed "${SEED:-0}" --max-minutes "$MIN" $RES > "$LOGS/train$PART.log" 2>&1
 grep "^organism qwen" "$LOGS/train$PART.log"
