@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from vismech.models.families import family_for_config
-from vismech.organism import data, transfer
+from vismech.organism import data
 from vismech.organism.config import END_TOKEN, build_organism
 from vismech.models.packed_attention import cached_vision_tables, packed_vision_attention
 from vismech.organism.train import _autocast
@@ -67,8 +67,7 @@ def loop(a, model, vlm, probe, opt, dev, workers: int, ahead: bool = True, moved
     ``ahead``: the baseline, each batch received from the workers tensor by tensor and moved to the device in the
     loop (as the trainer did until 2026-12-02); ``moved``: every batch on the device before the clock starts (the
     loop without its data, each batch still new to the model: the bound that faster data could reach)."""
-    with _feeder(a, workers, 1, ahead) as feeder, transfer.Ahead(feeder, lambda b: data.to_device(b, dev),
-                                                                 thread=workers > 0 and ahead) as batches, \
+    with _feeder(a, workers, 1, ahead) as feeder, feeder.on_device(dev, ahead) as batches, \
             packed_vision_attention(model, dev.type == "cuda"), cached_vision_tables(model):
         if moved:
             batches = iter([next(batches) for _ in range(5 + a.loop_steps)])

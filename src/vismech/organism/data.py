@@ -356,8 +356,8 @@ class Feeder:
     """Training batches for steps ``start, start+1, ...`` in order, built by ``workers`` processes (0: in this
     process), at most ``prefetch`` batches ahead; ``early`` = (steps, mixture): that mixture before that step;
     ``plant`` (a ``plant.PlantSpec``): planting batches (``plant_batch.make_batch``, ``batch_size`` bases) instead.
-    ``pixel_dtype`` bf16 halves what crosses processes; it changes nothing under bf16 autocast, whose first vision
-    op casts the pixels to bf16 anyway. ``one_buffer``: a worker's batch crosses as one buffer (``transfer``)."""
+    ``pixel_dtype`` bf16 halves what crosses processes (no change under bf16 autocast, whose first vision op casts
+    the pixels to bf16 anyway); ``one_buffer``: a worker's batch crosses as one buffer (``transfer``)."""
 
     def __init__(self, arch: str, seed: int, batch_size: int, end_token: str, start: int = 0, workers: int = 0,
                  prefetch: int | None = None, pixel_dtype: torch.dtype | None = None, sizes: dict | None = None,
@@ -387,6 +387,10 @@ class Feeder:
             batch = transfer.unpack(self.pending.pop(0).get()) if self.one_buffer else self.pending.pop(0).get()
         self.step += 1
         return batch
+
+    def on_device(self, device, ahead: bool = True) -> transfer.Ahead:
+        """These batches on ``device`` (``to_device``), moved by a helper thread when workers build them (``ahead``)."""
+        return transfer.Ahead(self, lambda batch: to_device(batch, device), thread=ahead and self.pool is not None)
 
     def close(self) -> None:
         if self.pool is not None:

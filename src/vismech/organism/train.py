@@ -43,7 +43,7 @@ from vismech.errors import UserError
 from vismech.models.families import family_for_config
 from vismech.models.vlm import VLM
 
-from . import data, transfer
+from . import data
 from .card import reproduce_of
 from .config import END_TOKEN, MAX_BYTES, build_organism, check_arch
 from vismech.models.packed_attention import cached_vision_tables, packed_vision_attention
@@ -273,9 +273,8 @@ def train_organism(arch: str, out: str | Path, steps: int = DEFAULTS["steps"], s
     model.train()
     stopped_early = False
     try:
-        # the batches reach the device through a helper thread when workers build them (``transfer.Ahead``)
-        with feeder, transfer.Ahead(feeder, lambda b: data.to_device(b, dev), thread=workers > 0) as batches, \
-                packed_vision_attention(model, packed), cached_vision_tables(model):
+        with feeder, feeder.on_device(dev) as batches, packed_vision_attention(model, packed), \
+                cached_vision_tables(model):
             for step in range(start, end):
                 cur_lr = lr_at(step, steps, lr, warmup, min_lr_ratio)
                 for g in opt.param_groups:
