@@ -258,6 +258,7 @@ def test_the_readme_commands_plant_an_organism_and_validate_it(tmp_path, capsys)
     assert gt.stages == load_ground_truth(out).stages
     assert gt.method == (load_ground_truth(out).method
                          + "; then trained again by vismech.organism.plant with layers 0-1 frozen")
+    assert f"Method: {gt.method}. Position probe" in (again / "README.md").read_text()  # the card says the history
 
 
 def test_a_planting_state_saved_before_a_spec_field_existed_resumes_and_another_spec_is_refused(tmp_path):

@@ -73,10 +73,10 @@ def test_a_model_without_ground_truth_gets_one_line(tmp_path, capsys):
 
 def test_recovery_finds_the_planted_heads_and_not_deliberately_wrong_ones(tmp_path):
     """The README's command on organism-ids (fewer trials): the declared heads are what CMA finds (precision and
-    recall 1 for ID and feature retrieval even with 12 pairs) and edits at them work where random heads' do not;
+    recall 1 for ID and feature retrieval with the demo's 20 pairs) and edits at them work where random heads' do not;
     scored against deliberately wrong heads, the same CMA result gives precision and recall 0."""
     out = tmp_path / "recovery"
-    sets = {"stages": ["id_retrieval", "feature_retrieval"], "cma_n": 12, "rsa_n": 16, "n_boot": 20, "n_null": 2,
+    sets = {"stages": ["id_retrieval", "feature_retrieval"], "cma_n": 20, "rsa_n": 16, "n_boot": 20, "n_null": 2,
             "n": 8, "n_estimate": 24, "alphas": [5], "random_sets": 1}
     args = [x for k, v in sets.items() for x in ("--set", f"{k}={json.dumps(v)}")]
     assert main(["run", "recovery", "--model", "organism-ids", "--out", str(out), "--device", "cpu"] + args) == 0

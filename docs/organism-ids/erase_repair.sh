@@ -5,8 +5,9 @@
 # what the erasure made them while the later heads learn to read them; then validity (n = 128) and recovery. Erasing
 # without the repair kept the cell and removed the features but broke 3x3 descriptions (the twelfth: 18.8%).
 # The logs come back as OUT/repair.tgz, the repaired organism (without its training state) as OUT/repaired.tgz.
-# The shipped organism-ids is the twelfth attempt (RUN: a copy of it) with the twelfth's FLAGS (no
-# --plant-invariance-from) plus --plant-solo 0.5, STEPS=800, 2.8 minutes.
+# The shipped organism-ids is the sixteenth attempt (plant_15min.sh with BATCH=48, INV_FRAC=0.36) with the twelfth's
+# FLAGS (no --plant-invariance-from) plus --plant-solo 0.5, STEPS=800, 2.4 minutes; before it, the twelfth attempt
+# with the same FLAGS and STEPS, 2.8 minutes.
 #
 #   BUDGET=12.4 SCALE=0.92 FLAGS="..." RUN=runs/org/x bash docs/organism-ids/plant_15min.sh OUT 1 6.2   # then part 2
 #   FLAGS="..." RUN=runs/org/x bash docs/organism-ids/erase_repair.sh OUT 2.0

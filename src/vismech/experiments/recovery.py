@@ -267,7 +267,7 @@ def _bars(ax, x, values, width, label, colour, err=None):
     above = err[1] if err is not None else [0.0] * len(vals)  # labels sit above the error bar
     for xi, v, up in zip(x, vals, above):
         ax.text(xi, (0 if np.isnan(v) else v + up) + 0.02, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center",
-                fontsize=7)
+                fontsize=6)
 
 
 @F.paper_style
@@ -280,26 +280,26 @@ def plot(st) -> dict:
 
 def _figure(model: str, cma: dict, rsa: dict, inter: dict):
     stages = [c for c in STAGES if c in cma]
-    fig, axes = F.figure(3, 1, w=2.6, h=2.4)
+    fig, axes = F.figure(3, 1, w=3.0, h=2.6)
     axes = axes[0]
     x = np.arange(len(stages))
     _bars(axes[0], x - 0.2, [cma[c]["precision"] for c in stages], 0.4, "precision", F.PALETTE["blue"])
     _bars(axes[0], x + 0.2, [cma[c]["recall"] for c in stages], 0.4, "recall", F.PALETTE["orange"])
-    axes[0].set_title("CMA: significant vs declared heads", fontsize=9)
+    axes[0].set_title("CMA: significant vs\ndeclared heads", fontsize=9)
     r = [rsa[c].get("r_at_declared", np.nan) for c in stages]
     err = [[max(0.0, v - rsa[c]["ci_at_declared"][0]) for v, c in zip(r, stages)],
            [max(0.0, rsa[c]["ci_at_declared"][1] - v) for v, c in zip(r, stages)]]
     _bars(axes[1], x, r, 0.5, "bootstrap 95% CI", F.PALETTE["green"], err)
-    axes[1].set_title("RSA at the declared layer (position, position, features)", fontsize=9)
+    axes[1].set_title("RSA at the declared layer\n(position, position, features)", fontsize=9)
     _bars(axes[2], x - 0.2, [inter[c]["declared"]["value"] if c in inter else None for c in stages], 0.4,
           "declared heads", F.ROLE["edit"])
     _bars(axes[2], x + 0.2, [inter[c]["random_heads"]["value"] if c in inter else None for c in stages], 0.4,
           "random heads, same layers", F.ROLE["control"])
-    axes[2].set_title("ID intervention efficacy", fontsize=9)
+    axes[2].set_title("ID intervention\nefficacy", fontsize=9)
     for ax in axes:
-        ax.set_xticks(x, [LABELS[c] for c in stages], fontsize=7)
+        ax.set_xticks(x, [LABELS[c].replace(" ", "\n") for c in stages], fontsize=7)
         ax.set_ylim(0, 1.12)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
     fig.suptitle(f"Recovery of the declared ground truth ({model})", fontsize=9)
     fig.tight_layout()
     return fig

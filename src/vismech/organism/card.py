@@ -98,10 +98,11 @@ def _source_out(info: dict) -> str:
     return words[words.index("--out") + 1] if "--out" in words[:-1] else str(given)
 
 
-def _planting(spec) -> list[str]:
+def _planting(spec, gt=None) -> list[str]:
+    """The planting sections; ``gt``: the ground truth the run saved (with the prior stages' method), else the spec's."""
     from .plant import ground_truth
 
-    gt = ground_truth(spec)
+    gt = gt or ground_truth(spec)
     heads = lambda hs: ", ".join(f"L{layer}H{head}" for layer, head in hs)  # noqa: E731
     lines = ["## Ground truth (planted)", "",
              "This organism is a positive control: declared heads were trained to carry the paper's three stages "
@@ -193,7 +194,8 @@ def card_text(info: dict, model=None) -> str:
         lines.append("- parameters: " + ", ".join(f"{k} {n:,}" for k, n in split.items()))
     lines += [f"- total parameters: {info['params']:,} ({2 * info['params'] / 1e6:.2f} MB in bf16); weights, configs "
               f"and tokenizer on disk: {info.get('bytes', 0) / 1e6:.2f} MB", ""]
-    lines += _planting(info["plant"]) if info.get("plant") is not None else _mixture(info)
+    lines += (_planting(info["plant"], info.get("ground_truth")) if info.get("plant") is not None
+              else _mixture(info))
     lines += ["## Training", "",
               f"- steps: {info['steps']} of {info['planned_steps']} planned"
               + (" (stopped early by the time limit)" if info.get("stopped_early") else ""),

@@ -347,7 +347,8 @@ def _finish(vlm: VLM, out: Path, dev: torch.device, heldout: HeldOut, summary: d
         from .plant import ground_truth
 
         prior = find_ground_truth(checkpoint_path(run["init_from"])) if run.get("init_from") else None
-        ground_truth(extra["plant"], prior, run.get("freeze_through")).save(out)
+        extra["ground_truth"] = ground_truth(extra["plant"], prior, run.get("freeze_through"))
+        extra["ground_truth"].save(out)
     vlm.tokenizer.save_pretrained(out)
     vlm.image_processor.save_pretrained(out)
     del model
