@@ -102,7 +102,7 @@ def _planting(spec, gt=None) -> list[str]:
     """The planting sections; ``gt``: the ground truth the run saved (with the prior stages' method), else the spec's."""
     from .plant import ground_truth
 
-    gt = gt or ground_truth(spec)
+    gt = ground_truth(spec) if gt is None else gt
     heads = lambda hs: ", ".join(f"L{layer}H{head}" for layer, head in hs)  # noqa: E731
     lines = ["## Ground truth (planted)", "",
              "This organism is a positive control: declared heads were trained to carry the paper's three stages "
