@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from vismech.models.families import family_for_config
-from vismech.organism import data
+from vismech.organism import data, transfer
 from vismech.organism.config import END_TOKEN, build_organism
 from vismech.models.packed_attention import cached_vision_tables, packed_vision_attention
 from vismech.organism.train import _autocast
@@ -131,7 +131,7 @@ def main():
           + str({k: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__ for k, v in batches[0].items()}))
     with packed_vision_attention(model, True), cached_vision_tables(model):  # every batch once, untimed: kernels,
         for b in batches:  # autotuning and the allocator see each batch's shapes before any configuration is timed
-            b = data.to_device(b, dev)
+            b = transfer.to_device(b, dev)
             _step(a, model, vlm, probe, b, dev).backward()
             opt.zero_grad(set_to_none=True)
     for packed, tables in ((True, True), (True, False), (False, False), (True, True)):
@@ -139,7 +139,7 @@ def main():
         cached = cached_vision_tables(model) if tables else contextlib.nullcontext()
         with packed_vision_attention(model, packed), cached:
             for i, b in enumerate(batches):
-                b = data.to_device(b, dev)
+                b = transfer.to_device(b, dev)
                 sync(dev)
                 t0 = time.perf_counter()
                 loss = _step(a, model, vlm, probe, b, dev)
@@ -173,7 +173,7 @@ def main():
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with packed_vision_attention(model, True), cached_vision_tables(model), profile(activities=acts) as prof:
             for b in batches[:3]:
-                b = data.to_device(b, dev)
+                b = transfer.to_device(b, dev)
                 loss = _step(a, model, vlm, probe, b, dev)
                 loss.backward()
                 sync(dev)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vismech.models.vlm import VLM
-from vismech.organism import data
+from vismech.organism import data, transfer
 from vismech.organism.config import (ARCHS, END_TOKEN, MAX_BYTES, SMALL_SIZES, count_params, organism_bytes,
                                      organism_config)
 from vismech.models.packed_attention import (PLAN, _packed_sdpa, cached_vision_tables, packed_vision_attention,
@@ -264,7 +264,7 @@ def test_precomputed_rope_positions_give_the_same_loss():
 
     for arch in ("qwen2_5_vl", "llava"):
         maker = data._Maker(arch, SMALL_SIZES[arch], 0, 6, END_TOKEN[arch], None, data.MIXTURE, True)
-        batch = data.to_device(maker(3), "cpu")
+        batch = transfer.to_device(maker(3), "cpu")
         assert "pixel_values" in batch and not any(k.startswith("pixel_frame") for k in batch)
         assert ("position_ids" in batch) == (arch == "qwen2_5_vl")
         model, _, _ = build_organism(arch, 0, **SMALL_SIZES[arch])
@@ -290,14 +290,14 @@ def test_pixels_cross_to_the_device_as_one_frame_and_come_back_exactly():
     planting = make_batch(data.adapter_without_weights("qwen2_5_vl"), PlantSpec(), 0, 1, 2, END_TOKEN["qwen2_5_vl"])
     for batch, key in ((plain, "pixel_values"), (planting, "a_pixel_values")):
         want = batch[key].clone()
-        packed = data.pack_pixels(dict(batch), 2, 8)
+        packed = transfer.pack_pixels(dict(batch), 2, 8)
         frame = packed[key.replace("pixel_values", "pixel_frame")]
         assert key not in packed and frame.shape == (want.shape[0], 3, 64) and frame.numel() * 2 == want.numel()
-        assert torch.equal(data.to_device(packed, "cpu")[key], want)
+        assert torch.equal(transfer.to_device(packed, "cpu")[key], want)
     video = dict(plain)
     video["pixel_values"] = plain["pixel_values"].clone()
     video["pixel_values"][0, 64] += 1.0  # the second frame of the first patch's first channel differs
-    assert torch.equal(data.pack_pixels(dict(video), 2, 8)["pixel_values"], video["pixel_values"])
+    assert torch.equal(transfer.pack_pixels(dict(video), 2, 8)["pixel_values"], video["pixel_values"])
     llava = data._Maker("llava", SMALL_SIZES["llava"], 0, 2, END_TOKEN["llava"], None, data.MIXTURE, True)(0)
     assert "pixel_values" in llava and "pixel_frame" not in llava
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vismech.organism import data
+from vismech.organism import data, transfer
 from vismech.organism import plant_batch as pb
 from vismech.organism.config import END_TOKEN
 from vismech.organism.plant import PlantSpec
@@ -100,7 +100,7 @@ def test_pixels_by_look_up_equal_the_image_processor(vlm):
     for k in got:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
     for dtype in (torch.bfloat16, torch.float32):  # packed: as packing the processed pixels, cast
-        packed = data.pack_pixels({"pixel_values": want["pixel_values"].to(dtype)}, proc.temporal_patch_size,
+        packed = transfer.pack_pixels({"pixel_values": want["pixel_values"].to(dtype)}, proc.temporal_patch_size,
                                   proc.patch_size)
         frames = pixels(proc, images, frame_dtype=dtype)
         assert frames["pixel_repeat"] == packed["pixel_repeat"] and torch.equal(frames["image_grid_thw"],
@@ -158,7 +158,7 @@ def test_worker_batch_is_the_batch_cast_then_packed(vlm, dtype):
         want = pb.make_batch(vlm, SPECS["recipe"], 0, step, 3, END)
         if dtype is not None:
             want = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in want.items()}
-        want = data.pack_pixels(want, proc.temporal_patch_size, proc.patch_size)
+        want = transfer.pack_pixels(want, proc.temporal_patch_size, proc.patch_size)
         got = maker(step)
         assert list(got) == list(want)
         for k, v in want.items():

@@ -101,7 +101,7 @@ def _table(proc) -> torch.Tensor | None:
 def pixels(proc, images, frame_dtype: torch.dtype | None = None) -> dict | None:
     """``{"pixel_values", "image_grid_thw"}`` exactly as ``proc(images=images, return_tensors="pt")`` gives them, or
     None where the look-up does not apply (then call the processor). With ``frame_dtype``, the pixels as
-    ``organism.data.pack_pixels`` packs them, cast to that dtype, in place of ``pixel_values``: ``pixel_frame``
+    ``organism.transfer.pack_pixels`` packs them, cast to that dtype, in place of ``pixel_values``: ``pixel_frame``
     [patches, 3, patch**2] (one temporal frame) and ``pixel_repeat`` (the number of frames)."""
     if type(proc).__name__ != _CLASS or not images or (frame_dtype is not None and proc.temporal_patch_size < 2):
         return None

@@ -51,6 +51,7 @@ import torch
 from vismech.errors import UserError
 from vismech.models.vlm import VLM
 from vismech.organism import transfer
+from vismech.organism.transfer import pack_pixels, to_device
 from vismech.scenes import sets
 from vismech.scenes.core import Trial
 
@@ -280,33 +281,6 @@ class _Maker:
         if dtype is not None:
             batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
         return pack_pixels(batch, frames, patch)
-
-
-def pack_pixels(batch: dict, frames: int, patch: int, dtype: torch.dtype | None = None) -> dict:
-    """``batch`` with each ``*pixel_values`` [patches, channels * frames * patch**2] whose ``frames`` temporal copies
-    are equal (a Qwen-family still image repeats over the temporal patch) replaced by one copy, ``*pixel_frame``
-    [patches, channels, patch**2] (cast to ``dtype`` if given), and the count, ``*pixel_repeat``: half of what
-    crosses from a data worker and then to the device (in place). ``to_device`` restores them exactly; other
-    batches are returned as they are."""
-    for key in [k for k in batch if k.endswith("pixel_values")] if frames > 1 and patch else ():
-        x = batch[key]
-        v = x.view(x.shape[0], -1, frames, patch * patch)  # HF's patch layout: channel, frame, row, column
-        if all(torch.equal(v[:, :, 0], v[:, :, f]) for f in range(1, frames)):
-            del batch[key]
-            batch[key.replace("pixel_values", "pixel_frame")] = v[:, :, 0].to(dtype or v.dtype).contiguous()
-            batch[key.replace("pixel_values", "pixel_repeat")] = frames
-    return batch
-
-
-def to_device(batch: dict, device) -> dict:
-    """The tensors of a training batch on ``device`` (without waiting), packed pixels (``pack_pixels``) restored
-    there."""
-    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    for key in [k for k in out if k.endswith("pixel_frame")]:
-        x, frames = out.pop(key), out.pop(key.replace("pixel_frame", "pixel_repeat"))
-        out[key.replace("pixel_frame", "pixel_values")] = x.unsqueeze(2).expand(-1, -1, frames, -1).reshape(
-            x.shape[0], -1)
-    return out
 
 
 def rope_positions(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -133,7 +133,7 @@ def batch_of(vlm: VLM, spec: PlantSpec, plan: Plan, end_token: str, seed: int = 
     source: ``R``, ``S_gathering``, ``S_selection``, ``F`` (the declared heads at the declared positions),
     ``strict`` (undeclared heads, each with probability ``spec.strict_p``, and declared heads outside their
     positions), or ``("resample", heads)`` (those heads at every position). ``packed``: the pixels as
-    ``data.pack_pixels`` packs them, in this dtype, where the family builds them so (``Family.packed_images``)."""
+    ``transfer.pack_pixels`` packs them, in this dtype, where the family builds them so (``Family.packed_images``)."""
     a_trials = [r.trial for r in plan.a]
     images = [vlm.render(t) for t in a_trials]
     img = None if packed is None else vlm.family.packed_images(vlm.image_processor, images, packed)

@@ -2,7 +2,10 @@
 
 A model organism's training step is short (tens of milliseconds of GPU work, launched from Python), so whatever the
 training process does per batch besides launching it slows the loop: receiving the batch from a worker, freeing it,
-touching its pages and copying it to the device. Two remedies:
+touching its pages and copying it to the device. Three remedies:
+
+- ``pack_pixels`` / ``to_device``: a Qwen-family still image crosses as one of its temporal frames, not the equal
+  copies the model reads, and ``to_device`` restores them on the device (half of the pixels to send and copy).
 
 - ``pack`` / ``unpack``: a batch crosses processes as one shared-memory buffer, not as a few dozen tensors (each of
   which costs the receiving process a file descriptor, a mapping, an unpickling, and an unmapping when freed). The
@@ -14,7 +17,7 @@ touching its pages and copying it to the device. Two remedies:
   depend on it.
 
 ``benchmarks/feeder_transfer.py`` measures what receiving a batch costs the training process;
-``tests/test_transfer.py`` holds both remedies to the plain path.
+``tests/test_transfer.py`` and ``tests/test_organism.py`` hold the remedies to the plain path.
 """
 
 from __future__ import annotations
@@ -24,6 +27,34 @@ import threading
 from typing import Callable, Iterator
 
 import torch
+
+
+def pack_pixels(batch: dict, frames: int, patch: int, dtype: torch.dtype | None = None) -> dict:
+    """``batch`` with each ``*pixel_values`` [patches, channels * frames * patch**2] whose ``frames`` temporal copies
+    are equal (a Qwen-family still image repeats over the temporal patch) replaced by one copy, ``*pixel_frame``
+    [patches, channels, patch**2] (cast to ``dtype`` if given), and the count, ``*pixel_repeat``: half of what
+    crosses from a data worker and then to the device (in place). ``to_device`` restores them exactly; other
+    batches are returned as they are."""
+    for key in [k for k in batch if k.endswith("pixel_values")] if frames > 1 and patch else ():
+        x = batch[key]
+        v = x.view(x.shape[0], -1, frames, patch * patch)  # HF's patch layout: channel, frame, row, column
+        if all(torch.equal(v[:, :, 0], v[:, :, f]) for f in range(1, frames)):
+            del batch[key]
+            batch[key.replace("pixel_values", "pixel_frame")] = v[:, :, 0].to(dtype or v.dtype).contiguous()
+            batch[key.replace("pixel_values", "pixel_repeat")] = frames
+    return batch
+
+
+def to_device(batch: dict, device) -> dict:
+    """The tensors of a training batch on ``device`` (without waiting), packed pixels (``pack_pixels``) restored
+    there."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    for key in [k for k in out if k.endswith("pixel_frame")]:
+        x, frames = out.pop(key), out.pop(key.replace("pixel_frame", "pixel_repeat"))
+        out[key.replace("pixel_frame", "pixel_values")] = x.unsqueeze(2).expand(-1, -1, frames, -1).reshape(
+            x.shape[0], -1)
+    return out
+
 
 ALIGN = 64  # bytes: a multiple of every dtype's size, so that each slice can be viewed as its dtype
 

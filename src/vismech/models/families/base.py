@@ -204,7 +204,7 @@ class Family:
         raise NotImplementedError
 
     def packed_images(self, image_processor, images, dtype) -> ImageInputs | None:
-        """``process_images`` with the pixels as ``organism.data.pack_pixels`` packs them (``pixel_frame`` in
+        """``process_images`` with the pixels as ``organism.transfer.pack_pixels`` packs them (``pixel_frame`` in
         ``dtype``, ``pixel_repeat``), built so directly (never the repeated frames), or None where the family does
         not build them so."""
         return None
