@@ -221,6 +221,40 @@ def test_permutation_null_equals_rsa_of_explicitly_permuted_targets():
     assert np.allclose(got, ref, atol=1e-12)
 
 
+def test_permutation_null_of_few_kinds_equals_explicitly_permuted_targets():
+    """Targets of few kinds of trials (colours, grid cells) take the path through the kinds' sums of the
+    activations; a target that is not symmetric the full correlation: both equal the explicit RSA."""
+    from vismech.analysis.rsa import _kinds, cosine_rsm, feature_rsm, identity_rsm, permutation_null, position_rsm
+
+    rng = np.random.default_rng(2)
+    n = 40
+    X = [rng.normal(size=(3, n, 6)) for _ in range(2)]
+    X[0][1, 5, :] = 0.0  # a zero row: similarity 0, also to itself
+    cells = rng.integers(0, 3, size=(n, 2))
+    targets = {"position": [position_rsm(cells), position_rsm(cells[::-1])],
+               "color": [identity_rsm(rng.integers(0, 4, n)) for _ in X], "skew": list(rng.normal(size=(2, n, n))),
+               "features": [feature_rsm(rng.integers(0, 2, n), rng.integers(0, 3, n))] * 2}
+    assert len(_kinds(targets["position"][0])[1]) <= 9 and len(_kinds(targets["color"][0])[1]) <= 4
+    m = rng.normal(size=(n, n))
+    assert _kinds(targets["skew"][0]) is None and len(_kinds(m + m.T)[1]) == n  # every trial its own kind
+    got = permutation_null(X, targets, 4, seed=7)
+    r = np.random.default_rng(7)
+    perms = [r.permutation(n) for _ in range(4)]
+    for k, t in targets.items():
+        ref = [[rsa_score([cosine_rsm(g[layer]) for g in X], [u[np.ix_(p, p)] for u in t]) for layer in range(3)]
+               for p in perms]
+        if k == "skew":  # not symmetric: each group's lower triangle of the permuted matrix, as gathered
+            a, b = np.tril_indices(n, -1)
+            ref = [[np.corrcoef(np.concatenate([cosine_rsm(g[layer])[a, b] for g in X]),
+                                np.concatenate([u[p[a], p[b]] for u in t]))[0, 1] for layer in range(3)]
+                   for p in perms]
+        assert np.allclose(got[k], ref, atol=1e-12), k
+    constant = permutation_null(X[0], {"c": np.ones((n, n))}, 2)["c"]
+    assert np.isnan(constant).all()
+    with pytest.raises(ValueError, match="one target RSM per described object"):
+        permutation_null(X, {"position": targets["position"][0]}, 2)
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision", "idefics2"])
 def test_rsa_smoke_on_every_family(tmp_path, family):
     """RSA needs no object image tokens, so it runs on Idefics2 too (the paper's Fig. 19)."""

@@ -201,6 +201,28 @@ def test_replay_tolerance_follows_the_dtype_and_the_logit_scale():
     assert replay.replay_tolerance(torch.float32) == 1e-3
     assert replay.replay_tolerance(torch.float16) == 8 * 2 ** -10
     assert replay.replay_tolerance(torch.bfloat16) == 2 ** -4
+    # deeper models round more: 4x the depth of 8 layers allows 2x the steps; up to 8 layers nothing changes
+    assert replay.replay_tolerance(torch.bfloat16, 32) == 2 ** -3
+    assert replay.replay_tolerance(torch.bfloat16, 2) == 2 ** -4
+    assert replay.replay_tolerance(torch.float32, 64) == 1e-3
+
+
+def test_replay_check_allows_a_deep_models_rounding():
+    from conftest import tiny
+    from vismech.errors import UserError
+
+    vlm = tiny("llava")
+    full = torch.tensor([[0.5, -40.0, 3.0]])  # scale 40
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(UserError, match="tolerance 2.5 at bfloat16"):  # 8 steps of 2^-7 at scale 40
+            replay.check_replay(vlm, full, full + 2.6)
+        vlm.n_layers, shallow = 32, vlm.n_layers  # as deep as a 7-8B model: twice the steps
+        try:
+            assert replay.check_replay(vlm, full, full + 2.6) == pytest.approx(2.6, abs=1e-5)
+            with pytest.raises(UserError, match="tolerance 5 at bfloat16"):
+                replay.check_replay(vlm, full, full + 5.1)
+        finally:
+            vlm.n_layers = shallow
 
 
 def test_a_replay_that_fails_outright_is_a_user_error_naming_the_family():

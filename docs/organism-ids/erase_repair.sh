@@ -14,9 +14,9 @@
 #
 # The second argument: the repair's minutes of training loop (default: what RUN's training loop, read from its log,
 # and the erasure left of the 15-minute budget). FLAGS: the planting flags of RUN (the repair keeps them but
-# --plant-invariance-from; its position probe is off: layer 1 is frozen). LR (5e-4), STEPS (800: what 2.8 minutes
-# bought on an H200), LAYER (2: the retrieval layer). For a check on the CPU: DEVICE=cpu WORKERS=0 TRIALS=16 BATCH=2
-# N=4 STEPS=2 EVAL_N=2.
+# --plant-invariance-from; its position probe is off: layer 1 is frozen). SEED (0): the repair's. LR (5e-4),
+# STEPS (800: what 2.8 minutes bought on an H200), LAYER (2: the retrieval layer). For a check on the CPU: DEVICE=cpu
+# WORKERS=0 TRIALS=16 BATCH=2 N=4 STEPS=2 EVAL_N=2.
 set -u
 OUT=${1:?give a log folder}; MIN=${2:-}
 export PYTHONPATH=${PYTHONPATH:-src}
@@ -37,7 +37,7 @@ echo "repair: $MIN minutes" | tee -a "$LOGS/minutes.txt"
 python -m vismech.app.cli train-organism --arch qwen2_5_vl --out "$RUN-repaired" --batch-size "${BATCH:-32}" \
   --plant ids $FLAGS --plant-weight probe=0 --init-from "$RUN-erased" --freeze-through "${LAYER:-2}" \
   --eval-every 500 --workers "${WORKERS:-15}" --device "$DEVICE" --steps "${STEPS:-800}" --eval-n "${EVAL_N:-64}" \
-  --lr "${LR:-0.0005}" --seed 0 --max-minutes "$MIN" > "$LOGS/train.log" 2>&1
+  --lr "${LR:-0.0005}" --seed "${SEED:-0}" --max-minutes "$MIN" > "$LOGS/train.log" 2>&1
 grep "^organism qwen" "$LOGS/train.log" || tail -3 "$LOGS/train.log"
 cp "$RUN-repaired/train_log.jsonl" "$LOGS/" 2>/dev/null
 cp "$RUN-erased/erasure.json" "$LOGS/" 2>/dev/null

@@ -43,15 +43,19 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------- RSMs
-def cosine_rsm(X) -> np.ndarray:
-    """Cosine similarity across trials: X [..., n, d] -> [..., n, n] (float64). A zero row has similarity 0."""
+def _unit_rows(X) -> np.ndarray:
+    """Rows of ``X`` [..., n, d] scaled to unit length (float64); a zero row stays zero."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim < 2:
         raise ValueError(f"cosine_rsm needs activations of shape [..., n, d], got {X.shape}")
     norm = np.linalg.norm(X, axis=-1, keepdims=True)
-    Xn = X / np.where(norm > 0, norm, 1.0)
-    S = Xn @ np.swapaxes(Xn, -1, -2)
-    return np.clip(S, -1.0, 1.0)
+    return X / np.where(norm > 0, norm, 1.0)
+
+
+def cosine_rsm(X) -> np.ndarray:
+    """Cosine similarity across trials: X [..., n, d] -> [..., n, n] (float64). A zero row has similarity 0."""
+    Xn = _unit_rows(X)
+    return np.clip(Xn @ np.swapaxes(Xn, -1, -2), -1.0, 1.0)
 
 
 def position_rsm(coords) -> np.ndarray:
@@ -286,21 +290,75 @@ def rsa_bootstrap(X, targets, n_boot: int = 1000, seed: int = 0, ci: float = 0.9
     return out if named else out["_"]
 
 
+def _kinds(T: np.ndarray):
+    """``T`` [n, n] as E C E^T, E the one-hot kinds of trials (equal rows, found by a random projection and
+    checked): (kind of each trial [n], C [K, K]), or None where T is not symmetric (or the projection failed)."""
+    n = T.shape[0]
+    if not np.array_equal(T, T.T):
+        return None
+    _, first, kind = np.unique(T @ np.random.default_rng(0).normal(size=n), return_index=True, return_inverse=True)
+    kind = kind.ravel()
+    if not np.array_equal(T, T[np.ix_(first[kind], first[kind])]):
+        return None
+    return kind, T[np.ix_(first, first)]
+
+
+def _cross(U, kinds, T, p, x, a, b):
+    """sum over pairs a > b of M[a, b] T[p[a], p[b]] for one group: M = U U^T (the cosine RSM) given by its unit
+    rows ``U`` [n, d] and its lower triangle ``x``. Where T = E C E^T (``kinds``, K kinds), by the kinds' sums of
+    the rows of U, O(d (n + K^2)), when that is less than gathering T's permuted lower triangle, O(n^2)."""
+    n = len(U)
+    if kinds is None or U.shape[1] * (n + len(kinds[1]) ** 2) > n * n / 2:
+        return float(x @ T.ravel()[p[a] * n + p[b]])
+    kind, C = kinds
+    k = kind[p]
+    order = np.argsort(k, kind="stable")
+    ks = k[order]
+    starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
+    S = np.zeros((len(C), U.shape[1]))
+    S[ks[starts]] = np.add.reduceat(U[order], starts, axis=0)  # each kind's sum of rows
+    full = float(np.sum(C * (S @ S.T)))  # every ordered pair a, b, the diagonal included
+    return 0.5 * (full - float(np.einsum("nd,nd,n->", U, U, C[k, k])))
+
+
 def permutation_null(X, targets: dict, n_perm: int, seed: int = 0) -> dict[str, np.ndarray]:
     """The permutation null of layerwise RSA: the RSA of ``X`` (one [L, n, d] array or a list of groups) with each
     target's trial labels permuted, ``n_perm`` times: dict name -> [n_perm, L]. The model RSMs are built once per
-    layer, and permuted targets are gathered pair by pair."""
+    layer. A symmetric target's lower triangle keeps its mean and spread under a permutation, so only the cross
+    term of Pearson's r is computed per permutation (``_cross``: for a target of few kinds of trials, such as
+    colours or grid cells, from the activations without the n x n matrices); a target that is not symmetric is
+    gathered pair by pair and correlated in full."""
     groups = X if isinstance(X, (list, tuple)) else [X]
-    tg = {k: (v if isinstance(v, (list, tuple)) else [v]) for k, v in targets.items()}
+    tg = {k: [np.asarray(t, dtype=np.float64) for t in (v if isinstance(v, (list, tuple)) else [v])]
+          for k, v in targets.items()}
     L, n = groups[0].shape[0], groups[0].shape[-2]
+    for ts in tg.values():
+        _match([g[0] for g in groups], ts)
     rng = np.random.default_rng(seed)
     perms = [rng.permutation(n) for _ in range(n_perm)]
     a, b = np.tril_indices(n, -1)
     out = {k: np.empty((n_perm, L)) for k in tg}
-    for layer in range(L):  # permuted targets are gathered pair by pair: never n_perm x n x n in memory
-        x = np.concatenate([cosine_rsm(g[layer])[a, b] for g in groups])
+    kinds = {k: [_kinds(t) for t in ts] for k, ts in tg.items()}
+    ystats = {}  # a symmetric target's lower triangles: mean, centred sum of squares, not constant
+    for k, ts in tg.items():
+        if all(kd is not None for kd in kinds[k]):
+            y = np.concatenate([t[a, b] for t in ts])
+            ystats[k] = (y.mean(), float(((y - y.mean()) ** 2).sum()), y.size > 0 and y.max() > y.min())
+    for layer in range(L):  # permuted targets are never n_perm x n x n in memory
+        us = [_unit_rows(g[layer]) for g in groups]
+        xs = [np.clip((u @ u.T)[a, b], -1.0, 1.0) for u in us]
+        x = np.concatenate(xs)
+        mx = x.mean() if x.size else np.nan
+        sxx = float(((x - mx) ** 2).sum())
+        x_ok = x.size > 0 and x.max() > x.min()
         for k, ts in tg.items():
+            if k not in ystats:
+                for i, p in enumerate(perms):
+                    out[k][i, layer] = _pearson(x, np.concatenate([t[p[a], p[b]] for t in ts]))
+                continue
+            my, syy, y_ok = ystats[k]
+            ok = x_ok and y_ok and sxx * syy > 0
             for i, p in enumerate(perms):
-                y = np.concatenate([np.asarray(t, dtype=np.float64)[p[a], p[b]] for t in ts])
-                out[k][i, layer] = _pearson(x, y)
+                sxy = sum(_cross(u, kd, t, p, xg, a, b) for u, kd, t, xg in zip(us, kinds[k], ts, xs))
+                out[k][i, layer] = np.clip((sxy - x.size * mx * my) / np.sqrt(sxx * syy), -1, 1) if ok else np.nan
     return out

@@ -192,16 +192,19 @@ def _cache_kv(out) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache))  # older transformers
 
 
-def replay_tolerance(dtype: torch.dtype) -> float:
+def replay_tolerance(dtype: torch.dtype, layers: int = 8) -> float:
     """Largest difference allowed between the replayed and the full forward's clean logits, as a fraction of the
     logit scale (max |logit|, at least 1): 8 rounding steps of ``dtype`` (``torch.finfo(dtype).eps``; the step
-    ``experiments.cma.resolution`` reports), at least 1e-3. A replay given every input computes the same function
-    and only rounds differently where the fast engine splits the work (a cached prefix, shared-prefix attention in
-    float32): float32 differs by ~1e-6 of the scale, so 1e-3 leaves a wide margin; bfloat16 (eps 2^-7: bound
-    0.0625) and float16 (eps 2^-10: bound 0.0078) differ by 0.0072 and 0.0008 on the shipped organism, rounding that
-    grows with depth. A dropped input moves logits by far more: Qwen3-VL without its DeepStack features 0.275 on a
-    tiny model (issue 20), Qwen2.5-VL without its M-RoPE positions 0.0022 on a tiny model of logit scale 0.47."""
-    return max(1e-3, 8 * torch.finfo(dtype).eps)
+    ``experiments.cma.resolution`` reports) for a language model of up to 8 ``layers``, growing with the square
+    root of the depth beyond that (independent roundings of each layer add up in quadrature), at least 1e-3. A
+    replay given every input computes the same function and only rounds differently where the fast engine splits
+    the work (a cached prefix, shared-prefix attention in float32): float32 differs by ~1e-6 of the scale, so 1e-3
+    leaves a wide margin; bfloat16 (eps 2^-7: bound 0.0625 up to 8 layers) and float16 (eps 2^-10: bound 0.0078)
+    differ by 0.0072 and 0.0008 on the shipped 8-layer organism, and bfloat16 by 0.065 of the scale on random
+    weights of Qwen2.5-VL-32B's 64 layers (bound 0.177; on one H200, 2026-12-02). A dropped input moves logits by
+    far more: Qwen3-VL without its DeepStack features 0.275 on a tiny model (issue 20), Qwen2.5-VL without its
+    M-RoPE positions 0.0022 on a tiny model of logit scale 0.47."""
+    return max(1e-3, 8 * torch.finfo(dtype).eps * max(1.0, layers / 8) ** 0.5)
 
 
 def compute_dtype(vlm: VLM) -> torch.dtype:
@@ -224,7 +227,7 @@ def check_replay(vlm: VLM, full: torch.Tensor, replayed: torch.Tensor) -> float:
     full, replayed = full.float().cpu(), replayed.float().cpu()
     diff = float((full - replayed).abs().max())
     dtype = compute_dtype(vlm)
-    tol = replay_tolerance(dtype) * max(1.0, float(full.abs().max()))
+    tol = replay_tolerance(dtype, vlm.n_layers) * max(1.0, float(full.abs().max()))
     if not diff <= tol:
         raise UserError(f"the fast engine's replay of the {vlm.family.name} language model differs from the full "
                         f"forward by {diff:.4g} (tolerance {tol:.3g} at {str(dtype).replace('torch.', '')}): it "
