@@ -114,3 +114,11 @@ def test_feeder_transfer_benchmark_compares_both_ways_of_receiving_a_batch():
              for line in p.stdout.splitlines() if line.endswith(" ms")}
     assert set(lines) == {"one buffer", "one tensor at a time"} and min(lines.values()) > 0
     assert "ratio (one tensor at a time / one buffer):" in p.stdout
+
+
+def test_rsa_null_benchmark_equals_the_pair_by_pair_reference():
+    p = _run(["benchmarks/rsa_null.py", "--n", "64", "--layers", "2", "--d", "16", "--perm", "3"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith("permutation_null:") and "ratio" in last
+    assert float(last.rsplit("largest difference ", 1)[1]) < 1e-12
