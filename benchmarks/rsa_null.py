@@ -56,7 +56,8 @@ def main() -> None:
     diff = max(float(np.abs(got[k] - ref[k]).max()) for k in targets)
     print(f"{args.n} trials, {args.layers} layers x {args.d}, {args.perm} permutations, targets {list(targets)}")
     print(f"reference (gathered pair by pair): {t_ref:.2f} s")
-    print(f"permutation_null:                  {t_new:.2f} s   ratio {t_ref / t_new:.1f}x; largest difference {diff:.1e}")
+    print(f"permutation_null:                  {t_new:.2f} s   ratio {t_ref / t_new:.1f}x; "
+          f"largest difference {diff:.1e}")
 
 
 if __name__ == "__main__":
