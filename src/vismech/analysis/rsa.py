@@ -303,10 +303,12 @@ def _kinds(T: np.ndarray):
     return kind, T[np.ix_(first, first)]
 
 
-def _cross(U, kinds, T, p, x, a, b):
-    """sum over pairs a > b of M[a, b] T[p[a], p[b]] for one group: M = U U^T (the cosine RSM) given by its unit
-    rows ``U`` [n, d] and its lower triangle ``x``. Where T = E C E^T (``kinds``, K kinds), by the kinds' sums of
-    the rows of U, O(d (n + K^2)), when that is less than gathering T's permuted lower triangle, O(n^2)."""
+def _cross(group, kinds, T, p, a, b):
+    """sum over pairs a > b of M[a, b] T[p[a], p[b]] for one group: M = U U^T (the cosine RSM) given by ``group`` =
+    (its unit rows U [n, d], their squared norms [n], its lower triangle). Where T = E C E^T (``kinds``, K kinds),
+    by the kinds' sums of the rows of U, O(d (n + K^2)), when that is less than gathering T's permuted lower
+    triangle, O(n^2)."""
+    U, sq, x = group
     n = len(U)
     if kinds is None or U.shape[1] * (n + len(kinds[1]) ** 2) > n * n / 2:
         return float(x @ T.ravel()[p[a] * n + p[b]])
@@ -317,8 +319,8 @@ def _cross(U, kinds, T, p, x, a, b):
     starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
     S = np.zeros((len(C), U.shape[1]))
     S[ks[starts]] = np.add.reduceat(U[order], starts, axis=0)  # each kind's sum of rows
-    full = float(np.sum(C * (S @ S.T)))  # every ordered pair a, b, the diagonal included
-    return 0.5 * (full - float(np.einsum("nd,nd,n->", U, U, C[k, k])))
+    full = float(np.sum(C * (S @ S.T)))  # every ordered pair a, b, the diagonal (M[a, a] = sq[a]) included
+    return 0.5 * (full - float(sq @ C[k, k]))
 
 
 def permutation_null(X, targets: dict, n_perm: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -346,8 +348,8 @@ def permutation_null(X, targets: dict, n_perm: int, seed: int = 0) -> dict[str, 
             ystats[k] = (y.mean(), float(((y - y.mean()) ** 2).sum()), y.size > 0 and y.max() > y.min())
     for layer in range(L):  # permuted targets are never n_perm x n x n in memory
         us = [_unit_rows(g[layer]) for g in groups]
-        xs = [np.clip((u @ u.T)[a, b], -1.0, 1.0) for u in us]
-        x = np.concatenate(xs)
+        per = [(u, np.einsum("nd,nd->n", u, u), np.clip((u @ u.T)[a, b], -1.0, 1.0)) for u in us]
+        x = np.concatenate([xg for _, _, xg in per])
         mx = x.mean() if x.size else np.nan
         sxx = float(((x - mx) ** 2).sum())
         x_ok = x.size > 0 and x.max() > x.min()
@@ -359,6 +361,6 @@ def permutation_null(X, targets: dict, n_perm: int, seed: int = 0) -> dict[str, 
             my, syy, y_ok = ystats[k]
             ok = x_ok and y_ok and sxx * syy > 0
             for i, p in enumerate(perms):
-                sxy = sum(_cross(u, kd, t, p, xg, a, b) for u, kd, t, xg in zip(us, kinds[k], ts, xs))
+                sxy = sum(_cross(grp, kd, t, p, a, b) for grp, kd, t in zip(per, kinds[k], ts))
                 out[k][i, layer] = np.clip((sxy - x.size * mx * my) / np.sqrt(sxx * syy), -1, 1) if ok else np.nan
     return out
